@@ -1,1 +1,20 @@
+//! seedance: a streaming LLM inference server.
+//!
+//! # Layout (in data-path order)
+//! - [`config`]   file + env + flags → `ServerConfig`, `SessionConfig`, `EngineConfig`
+//! - [`server`]   start-up, one pinned monoio runtime per core (`shard`), one task per
+//!   connection (`conn`), its output queue and writer (`out`), signals (`shutdown`)
+//! - [`http`]     request heads parsed in place, routes, error table, the upgrade hand-off
+//! - [`ws`]       RFC 6455: handshake, frames, masking, close codes, UTF-8, message decoder
+//! - [`session`]  above the frames: state machine, JSON protocol, heartbeat, per-request
+//!   streaming (detokenize → chunk → frame)
+//! - [`engine`]   the boundary queues, the engine thread loop, the generators (null model)
+//! - [`metrics`]  every metric, per shard, merged at scrape
 
+pub mod config;
+pub mod engine;
+pub mod http;
+pub mod metrics;
+pub mod server;
+pub mod session;
+pub mod ws;

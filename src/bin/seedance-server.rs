@@ -1,1 +1,51 @@
-fn main(){}
+//! `seedance-server`: parse flags, start logging, run the server until SIGTERM/SIGINT.
+
+use clap::Parser;
+use seedance::config::{Cli, Command, Config};
+use seedance::server;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn main() {
+    server::shutdown::block_signals();
+    let cli = Cli::parse();
+    let config = match Config::load(&cli) {
+        Ok(c) => c,
+        Err(e) => fail(2, &e.to_string()),
+    };
+    if cli.print_config {
+        print!("{}", config.to_yaml());
+        return;
+    }
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.settings.log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        None | Some(Command::Serve) => serve(config),
+    }
+}
+
+fn serve(config: Config) {
+    if config.engine.model == "null" {
+        tracing::info!("model: null (fixed text, no weights) — measures the serving path only");
+    }
+    let server = match server::start(config) {
+        Ok(s) => s,
+        Err(e) => fail(1, &e.to_string()),
+    };
+    server::shutdown::watch(server.stopper());
+    eprintln!("listening on {}", server.addr);
+    server.join();
+    tracing::info!("shut down cleanly");
+}
+
+fn fail(code: i32, msg: &str) -> ! {
+    eprintln!("seedance-server: {msg}");
+    std::process::exit(code);
+}

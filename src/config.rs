@@ -1,0 +1,387 @@
+//! Configuration: built-in defaults < YAML file (`--config`) < `SEEDANCE_*` env < flags.
+//!
+//! Every key exists once, in the [`keys!`] table below, which generates the command-line
+//! flags (with their env names and defaults in `--help`), the YAML file schema (unknown keys are
+//! an error) and the resolved [`Settings`]. The per-layer structs ([`ServerConfig`],
+//! [`SessionConfig`], [`EngineConfig`]) are cut from `Settings` once and validated there.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use serde::{Deserialize, Serialize};
+
+/// Which protocols the listener serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// WebSocket (`GET /v1/chat`) plus the plain HTTP routes.
+    Websocket,
+    /// HTTP only (OpenAI-compatible routes, health, metrics).
+    Http,
+    /// Both on one port.
+    All,
+}
+
+/// Where the model runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Device {
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+/// Defines every configuration key once: `name: Type = default, "ENV_NAME", "help"`.
+macro_rules! keys {
+    ($( $(#[$doc:meta])* $name:ident : $ty:ty = $default:expr, $env:literal; )*) => {
+        /// Command-line flags; every field is also a YAML key and a `SEEDANCE_*` variable.
+        #[derive(Parser, Debug, Default)]
+        #[command(name = "seedance-server", version, about = "Streaming LLM inference server")]
+        pub struct Cli {
+            /// YAML configuration file (keys as below, snake_case).
+            #[arg(long, env = "SEEDANCE_CONFIG")]
+            pub config: Option<PathBuf>,
+            /// Print the resolved configuration as YAML and exit.
+            #[arg(long)]
+            pub print_config: bool,
+            $( $(#[$doc])* #[arg(long, env = $env, help_heading = "Settings",
+                 long_help = None, default_value = None)]
+               pub $name: Option<$ty>, )*
+            #[command(subcommand)]
+            pub command: Option<Command>,
+        }
+
+        /// The YAML file: the same keys, all optional; unknown keys are an error.
+        #[derive(Deserialize, Debug, Default)]
+        #[serde(deny_unknown_fields)]
+        struct FileConfig {
+            $( $name: Option<$ty>, )*
+        }
+
+        /// Every key resolved.
+        #[derive(Serialize, Debug, Clone)]
+        pub struct Settings {
+            $( $(#[$doc])* pub $name: $ty, )*
+        }
+
+        impl Default for Settings {
+            fn default() -> Self {
+                Self { $( $name: $default, )* }
+            }
+        }
+
+        impl Settings {
+            fn layer(mut self, cli: &Cli, file: FileConfig) -> Self {
+                $( if let Some(v) = file.$name { self.$name = v; } )*
+                $( if let Some(v) = &cli.$name { self.$name = v.clone(); } )*
+                self
+            }
+
+            /// (key, default) pairs, for docs/configuration.md and `--help`.
+            pub fn defaults_table() -> Vec<(&'static str, String)> {
+                let d = Settings::default();
+                vec![ $( (stringify!($name), format!("{:?}", d.$name)), )* ]
+            }
+        }
+    };
+}
+
+keys! {
+    /// Address every shard listens on (SO_REUSEPORT).
+    listen: String = "127.0.0.1:8080".into(), "SEEDANCE_LISTEN";
+    /// Protocols served: websocket | http | all.
+    mode: Mode = Mode::All, "SEEDANCE_MODE";
+    /// Network shards (one pinned monoio runtime each); 0 = all cores minus the engine's.
+    cores: usize = 0, "SEEDANCE_CORES";
+    /// Model: a checkpoint directory, `synthetic:<shape>`, or `null` (fixed text, no weights).
+    model: String = "null".into(), "SEEDANCE_MODEL";
+    /// Name the model is served as (X-Model-ID, "model" fields); empty = derived from --model.
+    served_model_name: String = String::new(), "SEEDANCE_SERVED_MODEL_NAME";
+    /// auto | cpu | cuda.
+    device: Device = Device::Auto, "SEEDANCE_DEVICE";
+    /// Redis URL for session state; empty = embedded in-memory store.
+    redis_url: String = String::new(), "SEEDANCE_REDIS_URL";
+    /// Null model pace per sequence; 0 = as fast as possible.
+    null_tokens_per_s: f64 = 0.0, "SEEDANCE_NULL_TOKENS_PER_S";
+    /// Largest HTTP request head (request line + headers); larger is 431.
+    max_head_bytes: usize = 16 * 1024, "SEEDANCE_MAX_HEAD_BYTES";
+    /// Largest HTTP request body; larger is 413.
+    max_body_bytes: usize = 4 * 1024 * 1024, "SEEDANCE_MAX_BODY_BYTES";
+    /// Largest WebSocket frame payload accepted; larger closes with 1009.
+    max_frame_bytes: usize = 1024 * 1024, "SEEDANCE_MAX_FRAME_BYTES";
+    /// Largest reassembled WebSocket message; larger closes with 1009.
+    max_message_bytes: usize = 4 * 1024 * 1024, "SEEDANCE_MAX_MESSAGE_BYTES";
+    /// Time allowed for a complete request head / WebSocket handshake (slow-loris guard).
+    handshake_timeout_ms: u64 = 10_000, "SEEDANCE_HANDSHAKE_TIMEOUT_MS";
+    /// A connection with no request in flight and no traffic for this long is closed.
+    idle_timeout_ms: u64 = 300_000, "SEEDANCE_IDLE_TIMEOUT_MS";
+    /// Interval between server PINGs (RTT samples).
+    heartbeat_interval_ms: u64 = 15_000, "SEEDANCE_HEARTBEAT_INTERVAL_MS";
+    /// A PONG overdue by this many RTOs marks the peer dead.
+    heartbeat_dead_rtos: u32 = 4, "SEEDANCE_HEARTBEAT_DEAD_RTOS";
+    /// Connections one shard accepts before answering 503.
+    max_connections_per_core: usize = 65_536, "SEEDANCE_MAX_CONNECTIONS_PER_CORE";
+    /// Concurrent generations on one WebSocket connection.
+    max_requests_per_connection: usize = 64, "SEEDANCE_MAX_REQUESTS_PER_CONNECTION";
+    /// Outgoing bytes queued on a connection above which its sequences pause in the engine.
+    max_send_backlog_bytes: usize = 256 * 1024, "SEEDANCE_MAX_SEND_BACKLOG_BYTES";
+    /// Capacity of each shard → engine request queue.
+    request_queue_capacity: usize = 4096, "SEEDANCE_REQUEST_QUEUE_CAPACITY";
+    /// Capacity of each engine → shard event queue (a full queue pauses generation).
+    event_queue_capacity: usize = 65_536, "SEEDANCE_EVENT_QUEUE_CAPACITY";
+    /// Sequences the engine runs at once; more are refused as `overloaded`.
+    max_running: usize = 4096, "SEEDANCE_MAX_RUNNING";
+    /// Default max_tokens when a request gives none.
+    default_max_tokens: u32 = 256, "SEEDANCE_DEFAULT_MAX_TOKENS";
+    /// Upper bound on max_tokens.
+    max_tokens_limit: u32 = 32_768, "SEEDANCE_MAX_TOKENS_LIMIT";
+    /// Time given to running generations on SIGTERM/SIGINT before exit.
+    shutdown_timeout_ms: u64 = 10_000, "SEEDANCE_SHUTDOWN_TIMEOUT_MS";
+    /// Log filter (tracing EnvFilter syntax).
+    log: String = "info".into(), "SEEDANCE_LOG";
+}
+
+/// Sub-commands besides serving.
+#[derive(clap::Subcommand, Debug)]
+pub enum Command {
+    /// Serve (the default).
+    Serve,
+}
+
+/// Network layer: listener, shards, HTTP limits.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub mode: Mode,
+    pub cores: usize,
+    pub max_head_bytes: usize,
+    pub max_body_bytes: usize,
+    pub max_connections_per_core: usize,
+    pub handshake_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub shutdown_timeout: Duration,
+}
+
+/// Per-connection session layer: WebSocket limits, heartbeat, request limits.
+#[derive(Clone, Debug)]
+pub struct SessionConfig {
+    pub max_frame_bytes: usize,
+    pub max_message_bytes: usize,
+    pub heartbeat_interval: Duration,
+    pub heartbeat_dead_rtos: u32,
+    pub max_requests_per_connection: usize,
+    pub max_send_backlog_bytes: usize,
+    pub default_max_tokens: u32,
+    pub max_tokens_limit: u32,
+}
+
+/// Engine thread: model, device, queues.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    pub model: String,
+    pub served_model_name: String,
+    pub device: Device,
+    pub null_tokens_per_s: f64,
+    pub request_queue_capacity: usize,
+    pub event_queue_capacity: usize,
+    pub max_running: usize,
+}
+
+/// Everything the server needs, validated.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub session: SessionConfig,
+    pub engine: EngineConfig,
+    pub settings: Settings,
+}
+
+/// A configuration problem, reported as one line at start-up.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("config file {path}: {source}")]
+    Parse { path: String, source: serde_yaml::Error },
+    #[error("invalid {key}: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key, reason: reason.into() }
+}
+
+impl Config {
+    /// Resolves file + env + flags (already parsed into `cli`).
+    pub fn load(cli: &Cli) -> Result<Config, ConfigError> {
+        let file = match &cli.config {
+            None => FileConfig::default(),
+            Some(path) => {
+                let name = path.display().to_string();
+                let text = std::fs::read_to_string(path)
+                    .map_err(|source| ConfigError::Read { path: name.clone(), source })?;
+                if text.trim().is_empty() {
+                    FileConfig::default()
+                } else {
+                    serde_yaml::from_str(&text)
+                        .map_err(|source| ConfigError::Parse { path: name, source })?
+                }
+            }
+        };
+        Config::from_settings(Settings::default().layer(cli, file))
+    }
+
+    pub fn from_settings(s: Settings) -> Result<Config, ConfigError> {
+        let listen: SocketAddr = s
+            .listen
+            .parse()
+            .map_err(|e| invalid("listen", format!("{:?}: {e}", s.listen)))?;
+        let cores = if s.cores == 0 { default_cores() } else { s.cores };
+        if cores > 1024 {
+            return Err(invalid("cores", "at most 1024"));
+        }
+        if s.max_head_bytes < 256 {
+            return Err(invalid("max_head_bytes", "at least 256"));
+        }
+        if s.max_frame_bytes < 125 || s.max_message_bytes < s.max_frame_bytes {
+            return Err(invalid(
+                "max_message_bytes",
+                "max_frame_bytes must be ≥ 125 and ≤ max_message_bytes",
+            ));
+        }
+        if s.heartbeat_interval_ms == 0 {
+            return Err(invalid("heartbeat_interval_ms", "must be > 0"));
+        }
+        if !(s.null_tokens_per_s >= 0.0 && s.null_tokens_per_s.is_finite()) {
+            return Err(invalid("null_tokens_per_s", "must be ≥ 0"));
+        }
+        if s.request_queue_capacity == 0 || s.event_queue_capacity < 16 {
+            return Err(invalid("event_queue_capacity", "queues must hold at least 16 events"));
+        }
+        if s.default_max_tokens == 0 || s.default_max_tokens > s.max_tokens_limit {
+            return Err(invalid("default_max_tokens", "must be in 1..=max_tokens_limit"));
+        }
+        let served_model_name = if s.served_model_name.is_empty() {
+            derive_model_name(&s.model)
+        } else {
+            s.served_model_name.clone()
+        };
+        let ms = Duration::from_millis;
+        Ok(Config {
+            server: ServerConfig {
+                listen,
+                mode: s.mode,
+                cores,
+                max_head_bytes: s.max_head_bytes,
+                max_body_bytes: s.max_body_bytes,
+                max_connections_per_core: s.max_connections_per_core,
+                handshake_timeout: ms(s.handshake_timeout_ms),
+                idle_timeout: ms(s.idle_timeout_ms),
+                shutdown_timeout: ms(s.shutdown_timeout_ms),
+            },
+            session: SessionConfig {
+                max_frame_bytes: s.max_frame_bytes,
+                max_message_bytes: s.max_message_bytes,
+                heartbeat_interval: ms(s.heartbeat_interval_ms),
+                heartbeat_dead_rtos: s.heartbeat_dead_rtos.max(1),
+                max_requests_per_connection: s.max_requests_per_connection.max(1),
+                max_send_backlog_bytes: s.max_send_backlog_bytes.max(4096),
+                default_max_tokens: s.default_max_tokens,
+                max_tokens_limit: s.max_tokens_limit,
+            },
+            engine: EngineConfig {
+                model: s.model.clone(),
+                served_model_name,
+                device: s.device,
+                null_tokens_per_s: s.null_tokens_per_s,
+                request_queue_capacity: s.request_queue_capacity,
+                event_queue_capacity: s.event_queue_capacity,
+                max_running: s.max_running.max(1),
+            },
+            settings: s,
+        })
+    }
+
+    /// The resolved configuration as YAML (for `--print-config`).
+    pub fn to_yaml(&self) -> String {
+        let mut s = self.settings.clone();
+        s.cores = self.server.cores;
+        s.served_model_name = self.engine.served_model_name.clone();
+        serde_yaml::to_string(&s).unwrap_or_default()
+    }
+}
+
+/// All cores minus one for the engine thread, at least one.
+fn default_cores() -> usize {
+    let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+    n.saturating_sub(1).max(1)
+}
+
+/// The served name of a model spec: `null`, `synthetic-<shape>`, or the checkpoint directory's
+/// last component, restricted to the model-id alphabet of SPEC 4.
+pub fn derive_model_name(model: &str) -> String {
+    let raw = if let Some(shape) = model.strip_prefix("synthetic:") {
+        format!("synthetic-{shape}")
+    } else {
+        let trimmed = model.trim_end_matches('/');
+        trimmed.rsplit('/').next().unwrap_or(trimmed).to_string()
+    };
+    let mut name: String = raw
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '-' })
+        .take(64)
+        .collect();
+    while name.len() < 3 {
+        name.push('-');
+    }
+    name
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cli(args: &[&str]) -> Cli {
+        let mut v = vec!["seedance-server"];
+        v.extend_from_slice(args);
+        Cli::try_parse_from(v).expect("flags parse")
+    }
+
+    #[test]
+    fn flags_win_over_file() {
+        let dir = std::env::temp_dir().join(format!("seedance-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("tmp dir");
+        let path = dir.join("c.yaml");
+        std::fs::write(&path, "listen: 127.0.0.1:9000\ncores: 3\nmodel: null\n").expect("write");
+        let p = path.to_str().expect("utf8 path");
+        let c = Config::load(&cli(&["--config", p, "--cores", "2"])).expect("config");
+        assert_eq!(c.server.cores, 2);
+        assert_eq!(c.server.listen.port(), 9000);
+    }
+
+    #[test]
+    fn unknown_file_key_is_an_error_naming_it() {
+        let dir = std::env::temp_dir().join(format!("seedance-cfg2-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("tmp dir");
+        let path = dir.join("c.yaml");
+        std::fs::write(&path, "listne: 127.0.0.1:9000\n").expect("write");
+        let p = path.to_str().expect("utf8 path");
+        let err = Config::load(&cli(&["--config", p])).expect_err("must fail");
+        assert!(err.to_string().contains("listne"), "{err}");
+    }
+
+    #[test]
+    fn bad_listen_address_is_rejected() {
+        let err = Config::load(&cli(&["--listen", "nowhere"])).expect_err("must fail");
+        assert!(err.to_string().starts_with("invalid listen"), "{err}");
+    }
+
+    #[test]
+    fn model_names_follow_the_id_alphabet() {
+        assert_eq!(derive_model_name("null"), "null");
+        assert_eq!(derive_model_name("synthetic:qwen2.5-0.5b"), "synthetic-qwen2.5-0.5b");
+        assert_eq!(derive_model_name("/models/Llama 3/"), "Llama-3");
+    }
+}

@@ -1,0 +1,111 @@
+//! The engine thread: owns the model, the scheduler and (for real models) the KV cache.
+//!
+//! Shards talk to it only through [`queue`]: they push [`EngineMsg`]s (token-level requests,
+//! cancels, pause/resume for backpressure) and receive [`TokenEvent`]s (one generated token id,
+//! or the end of a sequence). Text never crosses this boundary: shards tokenize and detokenize.
+
+pub mod null;
+pub mod queue;
+pub mod thread;
+
+/// Identifies one sequence: the shard that owns it, the shard's request slot and that slot's
+/// generation (so a late event for a reused slot is recognised and dropped).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SeqKey {
+    pub shard: u16,
+    pub slot: u32,
+    pub gen: u32,
+}
+
+/// Sampling and stopping parameters the engine needs (text-level stops live on the shard).
+#[derive(Clone, Debug, PartialEq)]
+pub struct GenParams {
+    pub max_tokens: u32,
+    pub temperature: f32,
+    pub top_p: f32,
+    pub top_k: u32,
+    pub seed: Option<u64>,
+}
+
+impl Default for GenParams {
+    fn default() -> Self {
+        Self {
+            max_tokens: 256,
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            seed: None,
+        }
+    }
+}
+
+/// A token-level generation request, built on a shard.
+#[derive(Debug)]
+pub struct GenerateRequest {
+    pub key: SeqKey,
+    /// Prompt token ids (already templated and tokenized on the shard).
+    pub prompt: Vec<u32>,
+    pub params: GenParams,
+}
+
+/// Shard → engine.
+#[derive(Debug)]
+pub enum EngineMsg {
+    Generate(Box<GenerateRequest>),
+    /// Stop the sequence and free its KV blocks; the engine answers with `Done(Cancelled)`.
+    Cancel(SeqKey),
+    /// The client cannot take more output: skip the sequence in decode steps, keep its KV.
+    Pause(SeqKey),
+    Resume(SeqKey),
+}
+
+/// Why a sequence ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    Stop,
+    Length,
+    Cancelled,
+    Error,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Cancelled => "cancelled",
+            FinishReason::Error => "error",
+        }
+    }
+}
+
+/// What the engine reports for a sequence.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    Token(u32),
+    Done(FinishReason),
+    /// The request was refused (queue full, prompt too long); the sequence is gone.
+    Rejected(RejectReason),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RejectReason {
+    Overloaded,
+    PromptTooLong,
+}
+
+impl RejectReason {
+    pub fn code(self) -> &'static str {
+        match self {
+            RejectReason::Overloaded => "overloaded",
+            RejectReason::PromptTooLong => "prompt_too_long",
+        }
+    }
+}
+
+/// Engine → shard, 20 bytes, `Copy`: no allocation per token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TokenEvent {
+    pub key: SeqKey,
+    pub kind: EventKind,
+}

@@ -1,0 +1,294 @@
+//! The `null` model (SPEC 8): no weights; every request streams a fixed English text, one
+//! whitespace-separated word per token, at `--null-tokens-per-s` (0 = as fast as possible).
+//! It exercises the whole serving path — queues, wake-ups, detokenizing on the shard, framing,
+//! backpressure — with the model's cost taken out.
+
+use std::collections::HashMap;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use super::thread::{EventSink, Generator, StepOutcome};
+use super::{EngineMsg, EventKind, FinishReason, RejectReason, SeqKey, TokenEvent};
+
+/// The text the null model streams (written for this project).
+const NULL_TEXT: &str = "The river town woke slowly that autumn morning, and the baker was the \
+first to open his shutters. Steam rose from the loaves he set on the sill, and the smell drifted \
+down the lane toward the harbour where the fishing boats were coming in. A boy ran along the quay \
+with a basket of rope, calling to his father, who waved from the deck of a blue boat with a patched \
+sail. Up the hill, the schoolteacher unlocked the door of the single classroom and opened every \
+window, because the stove had smoked all night and the room still smelled of ash. She wrote the \
+date on the board in careful letters, then a question for the older children: why does a river \
+always find the sea? By nine the market square was full. Farmers had brought apples, late plums, \
+cheese wrapped in cloth, and jars of honey that glowed in the low sun. An old woman sold knitted \
+hats from a folding table and told anyone who stopped that winter would come early this year. \
+Nobody argued with her; she had been right for forty years. At noon the church bell rang twice, \
+once for the hour and once, people said, for the sailors who had not come home. The fishermen \
+took off their caps when they heard it. In the afternoon clouds gathered over the western hills, \
+grey at first and then nearly purple, and the wind turned cold. Shopkeepers carried their \
+baskets inside. The schoolteacher closed the windows one by one and told the children to hurry \
+home before the rain. The boy with the rope basket helped his father tie the blue boat to the \
+iron rings of the quay, doubling every knot. When the first drops fell, the whole town seemed to \
+pause and listen. Then the rain came properly, drumming on roofs and rushing down the gutters \
+into the river, which carried it patiently, as it always had, all the way to the sea.";
+
+/// The null model's vocabulary: token `i` is word `i` with a leading space (except word 0).
+pub fn vocab() -> &'static [String] {
+    static VOCAB: OnceLock<Vec<String>> = OnceLock::new();
+    VOCAB.get_or_init(|| {
+        NULL_TEXT
+            .split_whitespace()
+            .enumerate()
+            .map(|(i, w)| if i == 0 { w.to_string() } else { format!(" {w}") })
+            .collect()
+    })
+}
+
+/// Text of a null-model token (empty for an id outside the vocabulary).
+pub fn piece(id: u32) -> &'static str {
+    vocab().get(id as usize).map_or("", String::as_str)
+}
+
+/// Prompt "tokens" of the null model: one per whitespace-separated word (ids are arbitrary).
+pub fn tokenize(text: &str) -> Vec<u32> {
+    text.split_whitespace().map(|_| 0).collect()
+}
+
+struct NullSeq {
+    key: SeqKey,
+    next: u32,
+    max_tokens: u32,
+    paused: bool,
+    due: Instant,
+}
+
+/// The null generator: each step emits the next word of every runnable sequence.
+pub struct NullModel {
+    seqs: Vec<NullSeq>,
+    index: HashMap<SeqKey, usize>,
+    /// Time between two tokens of one sequence; `None` = as fast as possible.
+    interval: Option<Duration>,
+    max_running: usize,
+    /// Terminal events that found their shard's queue full, retried first on the next step.
+    pending: Vec<TokenEvent>,
+}
+
+impl NullModel {
+    pub fn new(tokens_per_s: f64, max_running: usize) -> Self {
+        let interval = (tokens_per_s > 0.0).then(|| Duration::from_secs_f64(1.0 / tokens_per_s));
+        Self {
+            seqs: Vec::new(),
+            index: HashMap::new(),
+            interval,
+            max_running,
+            pending: Vec::new(),
+        }
+    }
+
+    fn emit_final(&mut self, sink: &mut EventSink<'_>, key: SeqKey, kind: EventKind) {
+        let ev = TokenEvent { key, kind };
+        if !sink.push(ev) {
+            self.pending.push(ev);
+        }
+    }
+
+    fn remove(&mut self, key: SeqKey) -> bool {
+        let Some(i) = self.index.remove(&key) else {
+            return false;
+        };
+        self.seqs.swap_remove(i);
+        if let Some(moved) = self.seqs.get(i) {
+            self.index.insert(moved.key, i);
+        }
+        true
+    }
+}
+
+impl Generator for NullModel {
+    fn handle(&mut self, msg: EngineMsg, sink: &mut EventSink<'_>) {
+        match msg {
+            EngineMsg::Generate(req) => {
+                if self.seqs.len() >= self.max_running || self.index.contains_key(&req.key) {
+                    let kind = EventKind::Rejected(RejectReason::Overloaded);
+                    self.emit_final(sink, req.key, kind);
+                    return;
+                }
+                self.index.insert(req.key, self.seqs.len());
+                self.seqs.push(NullSeq {
+                    key: req.key,
+                    next: 0,
+                    max_tokens: req.params.max_tokens,
+                    paused: false,
+                    due: Instant::now(),
+                });
+            }
+            EngineMsg::Cancel(key) => {
+                if self.remove(key) {
+                    self.emit_final(sink, key, EventKind::Done(FinishReason::Cancelled));
+                }
+            }
+            EngineMsg::Pause(key) | EngineMsg::Resume(key) => {
+                let paused = matches!(msg, EngineMsg::Pause(_));
+                if let Some(&i) = self.index.get(&key) {
+                    self.seqs[i].paused = paused;
+                }
+            }
+        }
+    }
+
+    fn step(&mut self, sink: &mut EventSink<'_>) -> StepOutcome {
+        self.pending.retain(|ev| !sink.push(*ev));
+        let words = vocab().len() as u32;
+        let now = self.interval.map(|_| Instant::now());
+        let mut earliest: Option<Instant> = None;
+        let mut emitted = false;
+        let mut blocked = false;
+        let mut i = 0;
+        while i < self.seqs.len() {
+            let s = &mut self.seqs[i];
+            if s.paused {
+                i += 1;
+                continue;
+            }
+            if let (Some(now), Some(iv)) = (now, self.interval) {
+                if s.due > now {
+                    earliest = Some(earliest.map_or(s.due, |e| e.min(s.due)));
+                    i += 1;
+                    continue;
+                }
+                s.due += iv;
+                if s.due < now {
+                    s.due = now;
+                }
+            }
+            // Keep one slot for the terminal event so a sequence never ends half-reported.
+            if sink.room(s.key.shard) < 2 {
+                blocked = true;
+                i += 1;
+                continue;
+            }
+            let finish = if s.next >= s.max_tokens {
+                Some(FinishReason::Length)
+            } else if s.next >= words {
+                Some(FinishReason::Stop)
+            } else {
+                None
+            };
+            let key = s.key;
+            if let Some(reason) = finish {
+                sink.push(TokenEvent { key, kind: EventKind::Done(reason) });
+                self.remove(key);
+                continue;
+            }
+            sink.push(TokenEvent { key, kind: EventKind::Token(s.next) });
+            s.next += 1;
+            emitted = true;
+            i += 1;
+        }
+        if emitted && self.interval.is_none() {
+            StepOutcome::Busy
+        } else if let Some(t) = earliest {
+            StepOutcome::WaitUntil(t)
+        } else if blocked || !self.pending.is_empty() {
+            StepOutcome::WaitUntil(Instant::now() + Duration::from_micros(200))
+        } else if self.seqs.iter().any(|s| !s.paused) {
+            StepOutcome::Busy
+        } else {
+            StepOutcome::Idle
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::queue::links;
+    use crate::engine::{GenParams, GenerateRequest};
+
+    fn key(slot: u32) -> SeqKey {
+        SeqKey { shard: 0, slot, gen: 1 }
+    }
+
+    fn run_until_idle(model: &mut NullModel, sink: &mut EventSink<'_>) {
+        for _ in 0..10_000 {
+            if model.step(sink) == StepOutcome::Idle {
+                return;
+            }
+        }
+        panic!("null model never went idle");
+    }
+
+    #[test]
+    fn vocab_rebuilds_the_text() {
+        let joined: String = vocab().concat();
+        let normalized = NULL_TEXT.split_whitespace().collect::<Vec<_>>().join(" ");
+        assert_eq!(joined, normalized);
+        assert!(vocab().len() > 256, "benchmarks stream 256-token generations");
+    }
+
+    #[test]
+    fn streams_max_tokens_then_length() {
+        let (mut shard, mut engine, _) = links(1, 16, 1024);
+        let mut model = NullModel::new(0.0, 8);
+        let mut sink = EventSink::for_tests(&mut engine);
+        let params = GenParams { max_tokens: 5, ..GenParams::default() };
+        let req = GenerateRequest { key: key(3), prompt: vec![0; 4], params };
+        model.handle(EngineMsg::Generate(Box::new(req)), &mut sink);
+        run_until_idle(&mut model, &mut sink);
+        let mut got = Vec::new();
+        while let Ok(ev) = shard[0].events.pop() {
+            got.push(ev.kind);
+        }
+        let expected: Vec<EventKind> = (0..5)
+            .map(EventKind::Token)
+            .chain([EventKind::Done(FinishReason::Length)])
+            .collect();
+        assert_eq!(got, expected);
+    }
+
+    #[test]
+    fn cancel_confirms_and_forgets_the_sequence() {
+        let (mut shard, mut engine, _) = links(1, 16, 1024);
+        let mut model = NullModel::new(0.0, 8);
+        let mut sink = EventSink::for_tests(&mut engine);
+        let req = GenerateRequest { key: key(1), prompt: vec![], params: GenParams::default() };
+        model.handle(EngineMsg::Generate(Box::new(req)), &mut sink);
+        model.step(&mut sink);
+        model.handle(EngineMsg::Cancel(key(1)), &mut sink);
+        assert_eq!(model.step(&mut sink), StepOutcome::Idle);
+        let kinds: Vec<_> = std::iter::from_fn(|| shard[0].events.pop().ok().map(|e| e.kind)).collect();
+        assert_eq!(kinds, vec![EventKind::Token(0), EventKind::Done(FinishReason::Cancelled)]);
+    }
+
+    #[test]
+    fn full_event_queue_pauses_instead_of_dropping() {
+        let (mut shard, mut engine, _) = links(1, 16, 4);
+        let mut model = NullModel::new(0.0, 8);
+        let mut sink = EventSink::for_tests(&mut engine);
+        let params = GenParams { max_tokens: 10, ..GenParams::default() };
+        let req = GenerateRequest { key: key(1), prompt: vec![], params };
+        model.handle(EngineMsg::Generate(Box::new(req)), &mut sink);
+        let mut seen = Vec::new();
+        for _ in 0..100 {
+            model.step(&mut sink);
+            while let Ok(ev) = shard[0].events.pop() {
+                seen.push(ev.kind);
+            }
+        }
+        assert_eq!(seen.len(), 11);
+        assert_eq!(seen[10], EventKind::Done(FinishReason::Length));
+    }
+
+    #[test]
+    fn over_capacity_is_rejected_as_overloaded() {
+        let (mut shard, mut engine, _) = links(1, 16, 64);
+        let mut model = NullModel::new(0.0, 1);
+        let mut sink = EventSink::for_tests(&mut engine);
+        for slot in 0..2 {
+            let req = GenerateRequest { key: key(slot), prompt: vec![], params: GenParams::default() };
+            model.handle(EngineMsg::Generate(Box::new(req)), &mut sink);
+        }
+        let ev = shard[0].events.pop().expect("a rejection");
+        assert_eq!(ev.key, key(1));
+        assert_eq!(ev.kind, EventKind::Rejected(RejectReason::Overloaded));
+    }
+}

@@ -1,0 +1,192 @@
+//! The HTTP/1.1 side of a connection: keep-alive and pipelined requests, head and body limits,
+//! and the WebSocket upgrade (validated before any `101`).
+
+use std::rc::Rc;
+use std::time::Instant;
+
+use bytes::{Buf, BytesMut};
+use monoio::io::AsyncReadRent;
+
+use super::error::HttpError;
+use super::request::{parse_head, BodyKind, ChunkedDecoder, Head};
+use super::routes;
+use crate::server::conn::{read_more, Conn};
+use crate::server::shard::Shard;
+use crate::ws::handshake::{self, Accepted, HandshakeContext, HandshakeRequest};
+
+/// Bytes asked of the socket per read while a request head or body is incoming.
+const READ_CHUNK: usize = 4096;
+
+/// What the request head said, owned, so the body can be read into the same buffer.
+pub struct RequestInfo {
+    pub method: String,
+    pub path: String,
+    pub query: Option<String>,
+    pub keep_alive: bool,
+    pub body: BodyKind,
+    pub expect_continue: bool,
+}
+
+impl RequestInfo {
+    fn from_head(h: &Head<'_>) -> Self {
+        Self {
+            method: h.method.to_owned(),
+            path: h.path.to_owned(),
+            query: h.query.map(str::to_owned),
+            keep_alive: h.keep_alive,
+            body: h.body,
+            expect_continue: h
+                .header("expect")
+                .is_some_and(|v| v.eq_ignore_ascii_case(b"100-continue")),
+        }
+    }
+}
+
+/// Serves requests until the connection closes (`None`) or upgrades to WebSocket.
+pub async fn serve<R: AsyncReadRent>(
+    shard: &Rc<Shard>,
+    conn: &Rc<Conn>,
+    rd: &mut R,
+    buf: &mut BytesMut,
+) -> Option<Accepted> {
+    let max_head = shard.shared.config.server.max_head_bytes;
+    loop {
+        if conn.is_closing() {
+            return None;
+        }
+        let parsed = parse_head(buf, max_head);
+        let info = match parsed {
+            Err(e) => {
+                fail(shard, conn, &e, true);
+                return None;
+            }
+            Ok(None) => {
+                if !buf.is_empty() && conn.head_started.get().is_none() {
+                    conn.head_started.set(Some(Instant::now()));
+                }
+                match read_more(rd, buf, READ_CHUNK).await {
+                    Ok(n) if n > 0 => continue,
+                    _ => return None,
+                }
+            }
+            Ok(Some(head)) => {
+                conn.head_started.set(None);
+                conn.last_active.set(Instant::now());
+                shard.metrics.http_requests.inc();
+                if routes::is_upgrade(shard, &head) {
+                    let len = head.len;
+                    let result = upgrade(shard, &head);
+                    return match result {
+                        Ok(accepted) => {
+                            buf.advance(len);
+                            handshake::write_response_101(&mut conn.out.borrow_mut().buf, &accepted);
+                            conn.wake_writer.notify();
+                            Some(accepted)
+                        }
+                        Err(e) => {
+                            shard.metrics.handshake_failure(e.label());
+                            handshake::write_error_response(&mut conn.out.borrow_mut().buf, &e);
+                            conn.close_after_flush(shard);
+                            None
+                        }
+                    };
+                }
+                let info = RequestInfo::from_head(&head);
+                buf.advance(head.len);
+                info
+            }
+        };
+        let body = match read_body(shard, conn, rd, buf, &info).await {
+            Ok(Some(b)) => b,
+            Ok(None) => return None,
+            Err(e) => {
+                fail(shard, conn, &e, false);
+                return None;
+            }
+        };
+        let close = {
+            let mut out = conn.out.borrow_mut();
+            let close = routes::handle(shard, &info, &body, &mut out.buf);
+            close || !info.keep_alive
+        };
+        conn.wake_writer.notify();
+        if close {
+            conn.close_after_flush(shard);
+            return None;
+        }
+    }
+}
+
+fn fail(shard: &Shard, conn: &Conn, e: &HttpError, in_head: bool) {
+    if in_head {
+        let label = if matches!(e, HttpError::HeadTooLarge) { "head_too_large" } else { "bad_request" };
+        shard.metrics.handshake_failure(label);
+    }
+    e.write(&mut conn.out.borrow_mut().buf);
+    conn.close_after_flush(shard);
+}
+
+fn upgrade(shard: &Shard, head: &Head<'_>) -> Result<Accepted, handshake::HandshakeError> {
+    let req = HandshakeRequest {
+        method: head.method,
+        path: head.path,
+        query: head.query,
+        http_version_minor: head.version_minor,
+        headers: &head.headers,
+    };
+    let ctx = HandshakeContext {
+        models: &shard.shared.models,
+        tenants: &shard.shared.tenants,
+        compression_allowed: false,
+    };
+    handshake::validate(&req, &ctx)
+}
+
+/// Reads the body the head announced. `Ok(None)`: the connection ended first.
+async fn read_body<R: AsyncReadRent>(
+    shard: &Shard,
+    conn: &Conn,
+    rd: &mut R,
+    buf: &mut BytesMut,
+    info: &RequestInfo,
+) -> Result<Option<Vec<u8>>, HttpError> {
+    let max = shard.shared.config.server.max_body_bytes;
+    let mut continued = false;
+    let mut send_continue = |conn: &Conn| {
+        if info.expect_continue && !continued {
+            continued = true;
+            conn.out.borrow_mut().buf.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
+            conn.wake_writer.notify();
+        }
+    };
+    match info.body {
+        BodyKind::None => Ok(Some(Vec::new())),
+        BodyKind::Length(n) => {
+            if n > max {
+                return Err(HttpError::PayloadTooLarge);
+            }
+            while buf.len() < n {
+                send_continue(conn);
+                if read_more(rd, buf, (n - buf.len()).min(1 << 20)).await.unwrap_or(0) == 0 {
+                    return Ok(None);
+                }
+            }
+            Ok(Some(buf.split_to(n).to_vec()))
+        }
+        BodyKind::Chunked => {
+            let mut dec = ChunkedDecoder::default();
+            let mut body = Vec::new();
+            loop {
+                let used = dec.feed(buf, &mut body, max)?;
+                buf.advance(used);
+                if dec.is_done() {
+                    return Ok(Some(body));
+                }
+                send_continue(conn);
+                if read_more(rd, buf, READ_CHUNK).await.unwrap_or(0) == 0 {
+                    return Ok(None);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,282 @@
+//! Every metric, one place, one prefix (`seedance_`), Prometheus text at `/metrics`.
+//!
+//! Counters are per shard: each [`ShardMetrics`] is written by its own shard thread only, with
+//! plain relaxed load + store (no read-modify-write, no shared cache line), and read by whichever
+//! shard serves a scrape, which merges them. The engine thread has its own [`EngineMetrics`].
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A counter written by one thread only.
+#[derive(Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    #[inline]
+    pub fn add(&self, n: u64) {
+        let v = self.0.load(Ordering::Relaxed);
+        self.0.store(v.wrapping_add(n), Ordering::Relaxed);
+    }
+    #[inline]
+    pub fn inc(&self) {
+        self.add(1);
+    }
+    /// For gauges kept as counters of ups and downs by one writer.
+    #[inline]
+    pub fn sub(&self, n: u64) {
+        let v = self.0.load(Ordering::Relaxed);
+        self.0.store(v.saturating_sub(n), Ordering::Relaxed);
+    }
+    #[inline]
+    pub fn set(&self, n: u64) {
+        self.0.store(n, Ordering::Relaxed);
+    }
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Bucket bounds (seconds) shared by the latency histograms.
+pub const LATENCY_BUCKETS: [f64; 16] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0,
+];
+
+/// A fixed-bucket histogram written by one thread.
+#[derive(Default)]
+pub struct Histogram {
+    buckets: [Counter; LATENCY_BUCKETS.len()],
+    count: Counter,
+    sum_ns: Counter,
+}
+
+impl Histogram {
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        if let Some(i) = LATENCY_BUCKETS.iter().position(|&b| secs <= b) {
+            self.buckets[i].inc();
+        }
+        self.count.inc();
+        self.sum_ns.add(d.as_nanos() as u64);
+    }
+}
+
+/// Handshake failure reasons, in label order (SPEC 6: classified).
+pub const HANDSHAKE_REASONS: &[&str] = &[
+    "bad_method",
+    "bad_version",
+    "missing_upgrade",
+    "missing_connection",
+    "bad_key",
+    "bad_model_id",
+    "model_not_found",
+    "bad_stream_mode",
+    "bad_compression",
+    "unknown_tenant",
+    "bad_credentials",
+    "model_not_allowed",
+    "head_too_large",
+    "timeout",
+    "bad_request",
+    "over_capacity",
+];
+
+/// Request outcomes, in label order.
+pub const OUTCOMES: &[&str] = &["stop", "length", "cancelled", "error", "rejected"];
+
+/// WebSocket close codes sent by the server, by reason label.
+pub const CLOSE_REASONS: &[&str] = &["normal", "going_away", "protocol", "invalid_payload", "too_big", "dead_peer", "idle"];
+
+/// Connection states (SPEC 4 state machine).
+pub const STATES: &[&str] = &["init", "handshaking", "active", "graceful_closing", "closed"];
+
+/// One shard's counters.
+#[derive(Default)]
+pub struct ShardMetrics {
+    pub active_connections: Counter,
+    pub accepted_connections: Counter,
+    pub handshake_failures: [Counter; 16],
+    pub http_requests: Counter,
+    pub ws_messages_in: Counter,
+    pub deltas_out: Counter,
+    pub frames_out: Counter,
+    pub bytes_out: Counter,
+    pub requests: [Counter; 5],
+    pub generated_tokens: Counter,
+    pub closes: [Counter; 7],
+    pub state_time_ns: [Counter; 5],
+    pub backpressure_pauses: Counter,
+    pub ws_rtt: Histogram,
+    pub ttft: Histogram,
+    pub itl: Histogram,
+    pub e2e: Histogram,
+}
+
+impl ShardMetrics {
+    pub fn handshake_failure(&self, label: &str) {
+        let i = HANDSHAKE_REASONS.iter().position(|r| *r == label).unwrap_or(14);
+        self.handshake_failures[i].inc();
+    }
+    pub fn outcome(&self, label: &str) {
+        let i = OUTCOMES.iter().position(|r| *r == label).unwrap_or(3);
+        self.requests[i].inc();
+    }
+    pub fn close(&self, label: &str) {
+        if let Some(i) = CLOSE_REASONS.iter().position(|r| *r == label) {
+            self.closes[i].inc();
+        }
+    }
+}
+
+/// The engine thread's gauges and counters.
+#[derive(Default)]
+pub struct EngineMetrics {
+    pub batch_size: Counter,
+    pub running: Counter,
+    pub queue_depth: Counter,
+    pub kv_usage_permille: Counter,
+    pub steps: Counter,
+}
+
+/// Everything `/metrics` shows.
+pub struct Registry {
+    pub shards: Vec<Arc<ShardMetrics>>,
+    pub engine: Arc<EngineMetrics>,
+    /// "io_uring" or "epoll", per shard, set when the shard's runtime starts.
+    pub io_driver: Vec<std::sync::OnceLock<&'static str>>,
+    pub model: String,
+}
+
+fn sum<'a>(it: impl Iterator<Item = &'a Counter>) -> u64 {
+    it.map(Counter::get).sum()
+}
+
+impl Registry {
+    /// Prometheus text exposition format 0.0.4.
+    pub fn render(&self) -> String {
+        let mut o = String::with_capacity(8192);
+        let sh = &self.shards;
+        let w = &mut o;
+        for driver in ["io_uring", "epoll"] {
+            let n = self.io_driver.iter().filter(|d| d.get() == Some(&driver)).count();
+            metric(w, "seedance_io_driver", "gauge", "Shards using each I/O driver.");
+            let _ = writeln!(w, "seedance_io_driver{{driver=\"{driver}\"}} {n}");
+        }
+        header(w, "seedance_active_connections", "gauge", "Open connections per core.");
+        for (i, s) in sh.iter().enumerate() {
+            let _ = writeln!(w, "seedance_active_connections{{core=\"{i}\"}} {}", s.active_connections.get());
+        }
+        simple(w, "seedance_connections_accepted_total", "counter", "Connections accepted.",
+            sum(sh.iter().map(|s| &s.accepted_connections)));
+        header(w, "seedance_handshake_failures_total", "counter", "Failed HTTP/WebSocket handshakes by reason.");
+        for (i, r) in HANDSHAKE_REASONS.iter().enumerate() {
+            let _ = writeln!(w, "seedance_handshake_failures_total{{reason=\"{r}\"}} {}",
+                sum(sh.iter().map(|s| &s.handshake_failures[i])));
+        }
+        header(w, "seedance_requests_total", "counter", "Generation requests by outcome.");
+        for (i, r) in OUTCOMES.iter().enumerate() {
+            let _ = writeln!(w, "seedance_requests_total{{tenant=\"\",model=\"{}\",outcome=\"{r}\"}} {}",
+                self.model, sum(sh.iter().map(|s| &s.requests[i])));
+        }
+        simple(w, "seedance_generated_tokens_total", "counter", "Tokens delivered to clients.",
+            sum(sh.iter().map(|s| &s.generated_tokens)));
+        simple(w, "seedance_http_requests_total", "counter", "HTTP requests served.",
+            sum(sh.iter().map(|s| &s.http_requests)));
+        simple(w, "seedance_ws_messages_received_total", "counter", "WebSocket data messages received.",
+            sum(sh.iter().map(|s| &s.ws_messages_in)));
+        simple(w, "seedance_ws_deltas_sent_total", "counter", "Delta messages sent.",
+            sum(sh.iter().map(|s| &s.deltas_out)));
+        simple(w, "seedance_ws_frames_sent_total", "counter", "WebSocket frames sent.",
+            sum(sh.iter().map(|s| &s.frames_out)));
+        simple(w, "seedance_bytes_sent_total", "counter", "Bytes written to sockets.",
+            sum(sh.iter().map(|s| &s.bytes_out)));
+        simple(w, "seedance_backpressure_pauses_total", "counter", "Sequences paused because a client could not keep up.",
+            sum(sh.iter().map(|s| &s.backpressure_pauses)));
+        header(w, "seedance_ws_closes_total", "counter", "WebSocket closes initiated by the server, by reason.");
+        for (i, r) in CLOSE_REASONS.iter().enumerate() {
+            let _ = writeln!(w, "seedance_ws_closes_total{{reason=\"{r}\"}} {}", sum(sh.iter().map(|s| &s.closes[i])));
+        }
+        header(w, "seedance_connection_state_seconds_total", "counter", "Time connections spent in each state.");
+        for (i, r) in STATES.iter().enumerate() {
+            let ns = sum(sh.iter().map(|s| &s.state_time_ns[i]));
+            let _ = writeln!(w, "seedance_connection_state_seconds_total{{state=\"{r}\"}} {:.6}", ns as f64 / 1e9);
+        }
+        histogram(w, "seedance_ws_rtt_seconds", "WebSocket PING→PONG round-trip time.", sh, |s| &s.ws_rtt);
+        histogram(w, "seedance_time_to_first_token_seconds", "Time to first token.", sh, |s| &s.ttft);
+        histogram(w, "seedance_inter_token_latency_seconds", "Time between tokens of a stream.", sh, |s| &s.itl);
+        histogram(w, "seedance_e2e_request_latency_seconds", "Request latency, arrival to done.", sh, |s| &s.e2e);
+        let e = &self.engine;
+        simple(w, "seedance_engine_batch_size", "gauge", "Sequences in the last engine step.", e.batch_size.get());
+        simple(w, "seedance_engine_running", "gauge", "Sequences admitted to the engine.", e.running.get());
+        simple(w, "seedance_queue_depth", "gauge", "Requests waiting for admission.", e.queue_depth.get());
+        let kv = e.kv_usage_permille.get() as f64 / 1000.0;
+        let _ = write!(w, "# HELP seedance_kv_cache_usage_ratio Fraction of KV blocks in use.\n# TYPE seedance_kv_cache_usage_ratio gauge\nseedance_kv_cache_usage_ratio {kv}\n");
+        simple(w, "seedance_engine_steps_total", "counter", "Engine steps run.", e.steps.get());
+        o
+    }
+}
+
+fn header(w: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = write!(w, "# HELP {name} {help}\n# TYPE {name} {kind}\n");
+}
+
+fn metric(w: &mut String, name: &str, kind: &str, help: &str) {
+    if !w.contains(&format!("# TYPE {name} ")) {
+        header(w, name, kind, help);
+    }
+}
+
+fn simple(w: &mut String, name: &str, kind: &str, help: &str, v: u64) {
+    header(w, name, kind, help);
+    let _ = writeln!(w, "{name} {v}");
+}
+
+fn histogram(
+    w: &mut String,
+    name: &str,
+    help: &str,
+    shards: &[Arc<ShardMetrics>],
+    pick: impl Fn(&ShardMetrics) -> &Histogram,
+) {
+    header(w, name, "histogram", help);
+    let mut cumulative = 0;
+    for (i, b) in LATENCY_BUCKETS.iter().enumerate() {
+        cumulative += shards.iter().map(|s| pick(s).buckets[i].get()).sum::<u64>();
+        let _ = writeln!(w, "{name}_bucket{{le=\"{b}\"}} {cumulative}");
+    }
+    let count: u64 = shards.iter().map(|s| pick(s).count.get()).sum();
+    let sum_ns: u64 = shards.iter().map(|s| pick(s).sum_ns.get()).sum();
+    let _ = writeln!(w, "{name}_bucket{{le=\"+Inf\"}} {count}");
+    let _ = writeln!(w, "{name}_sum {:.6}", sum_ns as f64 / 1e9);
+    let _ = writeln!(w, "{name}_count {count}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::OnceLock;
+
+    #[test]
+    fn scrape_merges_shards() {
+        let a = Arc::new(ShardMetrics::default());
+        let b = Arc::new(ShardMetrics::default());
+        a.generated_tokens.add(3);
+        b.generated_tokens.add(4);
+        b.handshake_failure("bad_version");
+        a.ttft.observe(Duration::from_millis(3));
+        let r = Registry {
+            shards: vec![a, b],
+            engine: Arc::default(),
+            io_driver: vec![OnceLock::from("io_uring"), OnceLock::from("io_uring")],
+            model: "null".into(),
+        };
+        let text = r.render();
+        assert!(text.contains("seedance_generated_tokens_total 7\n"), "{text}");
+        assert!(text.contains("seedance_handshake_failures_total{reason=\"bad_version\"} 1\n"));
+        assert!(text.contains("seedance_io_driver{driver=\"io_uring\"} 2\n"));
+        assert!(text.contains("seedance_time_to_first_token_seconds_bucket{le=\"0.005\"} 1\n"));
+        assert!(text.contains("seedance_time_to_first_token_seconds_count 1\n"));
+    }
+}

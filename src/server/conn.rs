@@ -1,0 +1,240 @@
+//! One task per connection: it starts as HTTP/1.1 and may upgrade to a WebSocket session. A
+//! second task, the writer, drains the connection's [`OutQueue`]. Both live on the shard that
+//! accepted the socket and share the [`Conn`] through an `Rc`.
+
+use std::cell::{Cell, RefCell};
+use std::os::fd::{AsRawFd, RawFd};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use monoio::io::{AsyncReadRent, AsyncWriteRent, Splitable};
+use monoio::net::TcpStream;
+
+use crate::engine::EngineMsg;
+use crate::http::error::HttpError;
+use crate::server::notify::Notify;
+use crate::server::out::{self, OutQueue};
+use crate::server::shard::Shard;
+use crate::session::state::{ConnState, StateMachine};
+use crate::session::ws::WsState;
+
+/// Output capacity a connection keeps when it goes idle (bounds idle memory).
+const IDLE_OUT_CAPACITY: usize = 4096;
+/// How long a closing connection may take to flush before its socket is shut down hard.
+const CLOSE_LINGER: Duration = Duration::from_secs(5);
+
+/// A connection's shared state (reader task, writer task, dispatcher, tick).
+pub struct Conn {
+    pub key: Cell<usize>,
+    pub fd: RawFd,
+    pub state: StateMachine,
+    pub out: RefCell<OutQueue>,
+    pub wake_writer: Notify,
+    /// Already queued in the shard's dirty list for this dispatch.
+    pub dirty: Cell<bool>,
+    /// Present once the connection is a WebSocket session.
+    pub ws: RefCell<Option<WsState>>,
+    /// When the first byte of a still-incomplete request head arrived (slow-loris guard).
+    pub head_started: Cell<Option<Instant>>,
+    /// Last client data (requests, messages): idle timeout.
+    pub last_active: Cell<Instant>,
+    /// When closing began: the writer flushes, shuts the write side down and stops.
+    pub closing_since: Cell<Option<Instant>>,
+    /// Sequences of this connection are paused in the engine (send backlog too large).
+    pub paused: Cell<bool>,
+}
+
+impl Conn {
+    fn new(fd: RawFd, now: Instant) -> Self {
+        Self {
+            key: Cell::new(usize::MAX),
+            fd,
+            state: StateMachine::new(now),
+            out: RefCell::new(OutQueue::default()),
+            wake_writer: Notify::default(),
+            dirty: Cell::new(false),
+            ws: RefCell::new(None),
+            head_started: Cell::new(None),
+            last_active: Cell::new(now),
+            closing_since: Cell::new(None),
+            paused: Cell::new(false),
+        }
+    }
+
+    pub fn is_closing(&self) -> bool {
+        self.closing_since.get().is_some()
+    }
+
+    /// Flush what is queued, then close (idempotent).
+    pub fn close_after_flush(&self, shard: &Shard) {
+        if self.closing_since.get().is_none() {
+            self.closing_since.set(Some(Instant::now()));
+            self.state.advance(ConnState::GracefulClosing, Instant::now(), &shard.metrics);
+        }
+        self.wake_writer.notify();
+    }
+
+    /// Stops all I/O at once: pending reads return EOF, pending writes fail.
+    pub fn abort(&self) {
+        // SAFETY: shutdown(2) on a descriptor this connection owns; it does not close it.
+        unsafe {
+            libc::shutdown(self.fd, libc::SHUT_RDWR);
+        }
+        self.wake_writer.notify();
+    }
+}
+
+/// Serves one accepted socket until it closes.
+pub async fn serve(shard: Rc<Shard>, stream: TcpStream, over_capacity: bool) {
+    let _ = stream.set_nodelay(true);
+    let now = Instant::now();
+    let conn = Rc::new(Conn::new(stream.as_raw_fd(), now));
+    let key = shard.conns.borrow_mut().insert(conn.clone());
+    conn.key.set(key);
+    shard.metrics.active_connections.inc();
+    conn.state.advance(ConnState::Handshaking, now, &shard.metrics);
+    let (mut rd, wr) = stream.into_split();
+    let writer = monoio::spawn(write_loop(shard.clone(), conn.clone(), wr));
+    if over_capacity {
+        shard.metrics.handshake_failure("over_capacity");
+        HttpError::OverCapacity.write(&mut conn.out.borrow_mut().buf);
+    } else {
+        let mut buf = BytesMut::new();
+        if let Some(accepted) = crate::http::conn::serve(&shard, &conn, &mut rd, &mut buf).await {
+            crate::session::ws::run(&shard, &conn, &mut rd, buf, accepted).await;
+        }
+    }
+    finish(&shard, &conn);
+    writer.await;
+    conn.state.advance(ConnState::Closed, Instant::now(), &shard.metrics);
+    shard.conns.borrow_mut().try_remove(key);
+    shard.metrics.active_connections.sub(1);
+}
+
+/// The reader is done: cancel this connection's generations and let the writer finish.
+fn finish(shard: &Shard, conn: &Rc<Conn>) {
+    if let Some(ws) = conn.ws.borrow_mut().as_mut() {
+        for (_, key) in ws.reqs.drain(..) {
+            shard.send_control(EngineMsg::Cancel(key));
+        }
+    }
+    conn.close_after_flush(shard);
+}
+
+/// Reads more bytes into `buf` (appending). Returns 0 at end of stream.
+pub async fn read_more<R: AsyncReadRent>(rd: &mut R, buf: &mut BytesMut, want: usize) -> std::io::Result<usize> {
+    use monoio::buf::IoBufMut;
+    buf.reserve(want);
+    let len = buf.len();
+    let cap = buf.capacity();
+    let owned = std::mem::take(buf);
+    let (res, slice) = rd.read(owned.slice_mut(len..cap)).await;
+    *buf = slice.into_inner();
+    res
+}
+
+async fn write_loop<W: AsyncWriteRent>(shard: Rc<Shard>, conn: Rc<Conn>, mut wr: W) {
+    let mut segs: Vec<Bytes> = Vec::new();
+    loop {
+        if conn.out.borrow().is_empty() {
+            if conn.is_closing() {
+                break;
+            }
+            conn.out.borrow_mut().shrink_if_idle(IDLE_OUT_CAPACITY);
+            conn.wake_writer.notified().await;
+            continue;
+        }
+        conn.out.borrow_mut().take(&mut segs);
+        match out::write_all(&mut wr, &mut segs).await {
+            Ok(n) => shard.metrics.bytes_out.add(n as u64),
+            Err(e) => {
+                tracing::debug!("write: {e}");
+                segs.clear();
+                conn.out.borrow_mut().take(&mut segs);
+                segs.clear();
+                conn.abort();
+                if conn.closing_since.get().is_none() {
+                    conn.closing_since.set(Some(Instant::now()));
+                }
+                return;
+            }
+        }
+        segs.clear();
+        relieve_backpressure(&shard, &conn);
+    }
+    let _ = wr.shutdown().await;
+}
+
+/// Pauses the connection's sequences in the engine when its send backlog passes the bound.
+pub fn apply_backpressure(shard: &Shard, conn: &Conn) {
+    if conn.paused.get() || conn.out.borrow().len() <= shard.shared.config.session.max_send_backlog_bytes {
+        return;
+    }
+    if let Some(ws) = conn.ws.borrow().as_ref() {
+        conn.paused.set(true);
+        shard.metrics.backpressure_pauses.inc();
+        for (_, key) in &ws.reqs {
+            shard.send_control(EngineMsg::Pause(*key));
+        }
+    }
+}
+
+/// Resumes paused sequences once the backlog drained below a quarter of the bound.
+fn relieve_backpressure(shard: &Shard, conn: &Conn) {
+    if !conn.paused.get() || conn.out.borrow().len() > shard.shared.config.session.max_send_backlog_bytes / 4 {
+        return;
+    }
+    conn.paused.set(false);
+    if let Some(ws) = conn.ws.borrow().as_ref() {
+        for (_, key) in &ws.reqs {
+            shard.send_control(EngineMsg::Resume(*key));
+        }
+    }
+}
+
+/// Per-connection timers, every 100 ms.
+pub fn on_tick(shard: &Shard, conn: &Rc<Conn>, now: Instant, now_us: u64) {
+    let cfg = &shard.shared.config.server;
+    if let Some(since) = conn.closing_since.get() {
+        if now.duration_since(since) > CLOSE_LINGER {
+            conn.abort();
+        }
+        return;
+    }
+    if let Some(started) = conn.head_started.get() {
+        if now.duration_since(started) > cfg.handshake_timeout {
+            shard.metrics.handshake_failure("timeout");
+            HttpError::Timeout.write(&mut conn.out.borrow_mut().buf);
+            conn.head_started.set(None);
+            conn.close_after_flush(shard);
+            return;
+        }
+    }
+    if conn.ws.borrow().is_some() {
+        crate::session::ws::on_tick(shard, conn, now, now_us);
+    } else if conn.head_started.get().is_none() && now.duration_since(conn.last_active.get()) > cfg.idle_timeout {
+        conn.close_after_flush(shard);
+        conn.abort();
+    }
+}
+
+/// SIGTERM: idle connections close now; busy WebSocket sessions get a final `session` note
+/// and a 1001 close once their generations finish (or at the shutdown deadline).
+pub fn begin_shutdown(shard: &Shard, conn: &Rc<Conn>) {
+    if conn.ws.borrow().is_some() {
+        crate::session::ws::on_shutdown(shard, conn);
+    } else {
+        conn.close_after_flush(shard);
+        conn.abort();
+    }
+}
+
+/// The shutdown deadline passed: close with 1001 now.
+pub fn force_close(shard: &Shard, conn: &Rc<Conn>, reason: &str) {
+    if conn.ws.borrow().is_some() {
+        crate::session::ws::close_with(shard, conn, crate::ws::close::CloseCode::GOING_AWAY, "server shutting down", reason);
+    }
+    conn.close_after_flush(shard);
+    conn.wake_writer.notify();
+}

@@ -1,0 +1,209 @@
+//! Start-up and the thread layout: one engine thread, `cores` shard threads (each a pinned
+//! monoio runtime with its own `SO_REUSEPORT` listener), one signal thread.
+
+pub mod conn;
+pub mod notify;
+pub mod out;
+pub mod shard;
+pub mod shutdown;
+
+use std::cell::{Cell, RefCell};
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, OnceLock};
+use std::thread::JoinHandle;
+
+use slab::Slab;
+
+use crate::config::Config;
+use crate::engine::queue::{self, ShardLink};
+use crate::engine::thread::Generator;
+use crate::metrics::{EngineMetrics, Registry, ShardMetrics};
+use shard::{Shard, Shared};
+
+/// Why the server could not start (printed as one line, exit code 1).
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("cannot start shard {shard}: {source}")]
+    Runtime { shard: usize, source: std::io::Error },
+    #[error("model {model}: {reason}")]
+    Model { model: String, reason: String },
+    #[error("cannot spawn thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// A running server (for tests and the binary).
+pub struct Server {
+    pub addr: SocketAddr,
+    shared: Arc<Shared>,
+    shards: Vec<JoinHandle<()>>,
+    engine: Option<JoinHandle<()>>,
+    engine_stop: Arc<AtomicBool>,
+}
+
+impl Server {
+    /// Asks every shard to stop accepting and drain (what SIGTERM does).
+    pub fn shutdown(&self) {
+        self.shared.shutdown.store(true, Ordering::Release);
+    }
+
+    /// A handle that starts the drain from another thread (the signal thread).
+    pub fn stopper(&self) -> Arc<dyn Fn() + Send + Sync> {
+        let shared = self.shared.clone();
+        Arc::new(move || shared.shutdown.store(true, Ordering::Release))
+    }
+
+    /// Waits until every shard has drained, then stops the engine.
+    pub fn join(mut self) {
+        for h in self.shards.drain(..) {
+            let _ = h.join();
+        }
+        self.engine_stop.store(true, Ordering::Release);
+        if let Some(e) = self.engine.take() {
+            e.thread().unpark();
+            let _ = e.join();
+        }
+    }
+}
+
+/// CPUs this process may run on (respects `taskset` / cgroup cpusets).
+fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; sched_getaffinity fills at most its size.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect();
+        }
+        (0..libc::CPU_SETSIZE as usize).filter(|&c| libc::CPU_ISSET(c, &set)).collect()
+    }
+}
+
+/// Builds the generator the engine thread runs.
+fn build_generator(config: &Config) -> Result<Box<dyn Generator>, StartError> {
+    let e = &config.engine;
+    if e.model == "null" {
+        return Ok(Box::new(crate::engine::null::NullModel::new(e.null_tokens_per_s, e.max_running)));
+    }
+    Err(StartError::Model { model: e.model.clone(), reason: "only the null model is available in this build".into() })
+}
+
+/// Starts the engine and every shard; returns once every shard accepts connections.
+pub fn start(config: Config) -> Result<Server, StartError> {
+    let generator = build_generator(&config)?;
+    let n = config.server.cores;
+    let cpus = allowed_cpus();
+    let (shard_links, engine_links, parker) =
+        queue::links(n, config.engine.request_queue_capacity, config.engine.event_queue_capacity);
+    let shard_metrics: Vec<Arc<ShardMetrics>> = (0..n).map(|_| Arc::default()).collect();
+    let registry = Arc::new(Registry {
+        shards: shard_metrics.clone(),
+        engine: Arc::new(EngineMetrics::default()),
+        io_driver: (0..n).map(|_| OnceLock::new()).collect(),
+        model: config.engine.served_model_name.clone(),
+    });
+    let shared = Arc::new(Shared {
+        models: vec![config.engine.served_model_name.clone()],
+        codec: crate::session::codec::Codec::Null,
+        registry,
+        ready: AtomicBool::new(false),
+        shutdown: AtomicBool::new(false),
+        tenants: crate::ws::tenant::Tenants::default(),
+        config,
+    });
+    let engine_stop = Arc::new(AtomicBool::new(false));
+    let engine = {
+        let stop = engine_stop.clone();
+        let engine_cpu = (n < cpus.len()).then(|| cpus[n]);
+        std::thread::Builder::new()
+            .name("engine".into())
+            .spawn(move || {
+                if let Some(cpu) = engine_cpu {
+                    let _ = monoio::utils::bind_to_cpu_set([cpu]);
+                }
+                crate::engine::thread::run(generator, engine_links, parker, stop)
+            })
+            .map_err(StartError::Thread)?
+    };
+    let mut addr = shared.config.server.listen;
+    let mut handles = Vec::with_capacity(n);
+    for (i, link) in shard_links.into_iter().enumerate() {
+        let (tx, rx) = mpsc::channel();
+        let cpu = cpus.get(i % cpus.len().max(1)).copied();
+        let h = spawn_shard(i, cpu, addr, link, shared.clone(), shard_metrics[i].clone(), tx)?;
+        handles.push(h);
+        match rx.recv() {
+            Ok(Ok(bound)) => addr = bound,
+            Ok(Err(e)) => {
+                shared.shutdown.store(true, Ordering::Release);
+                return Err(e);
+            }
+            Err(_) => return Err(StartError::Runtime { shard: i, source: std::io::Error::other("shard thread died") }),
+        }
+    }
+    shared.ready.store(true, Ordering::Release);
+    Ok(Server { addr, shared, shards: handles, engine: Some(engine), engine_stop })
+}
+
+fn spawn_shard(
+    i: usize,
+    cpu: Option<usize>,
+    addr: SocketAddr,
+    link: ShardLink,
+    shared: Arc<Shared>,
+    metrics: Arc<ShardMetrics>,
+    ready: mpsc::Sender<Result<SocketAddr, StartError>>,
+) -> Result<JoinHandle<()>, StartError> {
+    std::thread::Builder::new()
+        .name(format!("shard-{i}"))
+        .spawn(move || {
+            if let Some(cpu) = cpu {
+                if monoio::utils::bind_to_cpu_set([cpu]).is_err() {
+                    tracing::warn!(shard = i, cpu, "could not pin shard to its core");
+                }
+            }
+            let rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+                .enable_timer()
+                .with_entries(4096)
+                .build();
+            let mut rt = match rt {
+                Ok(rt) => rt,
+                Err(source) => {
+                    let _ = ready.send(Err(StartError::Runtime { shard: i, source }));
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                let driver = if monoio::utils::is_legacy() { "epoll" } else { "io_uring" };
+                let _ = shared.registry.io_driver[i].set(driver);
+                let listener = match shard::bind(addr) {
+                    Ok(l) => l,
+                    Err(source) => {
+                        let _ = ready.send(Err(StartError::Bind { addr, source }));
+                        return;
+                    }
+                };
+                let bound = listener.local_addr().unwrap_or(addr);
+                tracing::info!(shard = i, cpu = ?cpu, driver, "shard accepting on {bound}");
+                let shard = Rc::new(Shard {
+                    id: i as u16,
+                    shared,
+                    metrics,
+                    link: RefCell::new(link),
+                    conns: RefCell::new(Slab::new()),
+                    requests: RefCell::new(Slab::new()),
+                    slot_gens: RefCell::new(Vec::new()),
+                    dirty: RefCell::new(Vec::new()),
+                    backlog: RefCell::new(Vec::new()),
+                    epoch: std::time::Instant::now(),
+                    accept_cancel: RefCell::new(monoio::io::Canceller::new()),
+                    draining: Cell::new(false),
+                });
+                let _ = ready.send(Ok(bound));
+                shard::run(shard, listener).await;
+            });
+        })
+        .map_err(StartError::Thread)
+}

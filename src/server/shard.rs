@@ -1,0 +1,208 @@
+//! One network shard: a monoio runtime pinned to one core with its own `SO_REUSEPORT` listener.
+//!
+//! Everything a shard owns — connections, in-flight requests, its queue ends to the engine — is
+//! behind `Rc`/`RefCell`/`Cell`: a connection never leaves the shard that accepted it, so nothing
+//! here needs a lock. Three tasks run besides the connections: the accept loop, the dispatcher
+//! (drains the engine's token events, one wake-up per engine batch) and the tick (timeouts,
+//! heartbeats, chunk latency caps, shutdown).
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use monoio::io::Canceller;
+use monoio::net::{ListenerOpts, TcpListener};
+use slab::Slab;
+
+use crate::config::Config;
+use crate::engine::queue::ShardLink;
+use crate::engine::{EngineMsg, SeqKey};
+use crate::metrics::{Registry, ShardMetrics};
+use crate::server::conn::{self, Conn};
+use crate::session::codec::Codec;
+use crate::session::request::ReqEntry;
+
+/// Interval of the shard's timer tick.
+pub const TICK: Duration = Duration::from_millis(10);
+
+/// Process-wide facts every shard reads (immutable after start, or atomics).
+pub struct Shared {
+    pub config: Config,
+    pub registry: Arc<Registry>,
+    pub models: Vec<String>,
+    pub codec: Codec,
+    pub ready: AtomicBool,
+    pub shutdown: AtomicBool,
+    pub tenants: crate::ws::tenant::Tenants,
+}
+
+/// A shard's state, owned by its thread.
+pub struct Shard {
+    pub id: u16,
+    pub shared: Arc<Shared>,
+    pub metrics: Arc<ShardMetrics>,
+    pub link: RefCell<ShardLink>,
+    pub conns: RefCell<Slab<Rc<Conn>>>,
+    /// In-flight generations, indexed by `SeqKey::slot`.
+    pub requests: RefCell<Slab<ReqEntry>>,
+    /// Generation of each request slot, bumped on reuse.
+    pub slot_gens: RefCell<Vec<u32>>,
+    /// Connections with output queued during the current dispatch, woken once at its end.
+    pub dirty: RefCell<Vec<Rc<Conn>>>,
+    /// Control messages that found the engine queue full, retried on every tick.
+    pub backlog: RefCell<Vec<EngineMsg>>,
+    pub epoch: Instant,
+    pub accept_cancel: RefCell<Canceller>,
+    pub draining: Cell<bool>,
+}
+
+impl Shard {
+    /// Microseconds since the shard started (heartbeat timestamps).
+    pub fn now_us(&self) -> u64 {
+        self.epoch.elapsed().as_micros() as u64
+    }
+
+    /// Sends a control message to the engine; a full queue defers it to the next tick.
+    pub fn send_control(&self, msg: EngineMsg) {
+        let mut link = self.link.borrow_mut();
+        if let Err(m) = link.send(msg) {
+            self.backlog.borrow_mut().push(m);
+        }
+    }
+
+    /// Allocates a request slot; the key names it on the engine side.
+    pub fn insert_request(&self, entry: ReqEntry) -> SeqKey {
+        let mut reqs = self.requests.borrow_mut();
+        let slot = reqs.insert(entry);
+        let mut gens = self.slot_gens.borrow_mut();
+        if gens.len() <= slot {
+            gens.resize(slot + 1, 0);
+        }
+        gens[slot] = gens[slot].wrapping_add(1);
+        let key = SeqKey { shard: self.id, slot: slot as u32, gen: gens[slot] };
+        if let Some(e) = reqs.get_mut(slot) {
+            e.key = key;
+        }
+        key
+    }
+
+    /// Queues a connection for a writer wake-up at the end of the current dispatch.
+    pub fn mark_dirty(&self, conn: &Rc<Conn>) {
+        if !conn.dirty.replace(true) {
+            self.dirty.borrow_mut().push(conn.clone());
+        }
+    }
+
+    /// Wakes the writers of every connection that got output, once each.
+    pub fn flush_dirty(&self) {
+        let mut dirty = self.dirty.borrow_mut();
+        for c in dirty.drain(..) {
+            c.dirty.set(false);
+            c.wake_writer.notify();
+            conn::apply_backpressure(self, &c);
+        }
+    }
+}
+
+/// Binds this shard's listener (SO_REUSEPORT, so every shard has its own accept queue).
+pub fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let opts = ListenerOpts::new().reuse_port(true).reuse_addr(true).backlog(4096);
+    TcpListener::bind_with_config(addr, &opts)
+}
+
+/// The shard's main task.
+pub async fn run(shard: Rc<Shard>, listener: TcpListener) {
+    monoio::spawn(dispatch(shard.clone()));
+    monoio::spawn(tick(shard.clone()));
+    let max = shard.shared.config.server.max_connections_per_core;
+    loop {
+        let accepted = {
+            let handle = shard.accept_cancel.borrow().handle();
+            listener.cancelable_accept(handle).await
+        };
+        if shard.draining.get() {
+            break;
+        }
+        let (stream, _) = match accepted {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(shard = shard.id, "accept: {e}");
+                // EMFILE and friends: back off instead of spinning.
+                monoio::time::sleep(Duration::from_millis(5)).await;
+                continue;
+            }
+        };
+        shard.metrics.accepted_connections.inc();
+        let over = shard.conns.borrow().len() >= max;
+        monoio::spawn(conn::serve(shard.clone(), stream, over));
+    }
+    drain(&shard).await;
+}
+
+/// After accepting stops: close idle connections, let running generations finish until
+/// `shutdown_timeout`, then close what is left with 1001.
+async fn drain(shard: &Rc<Shard>) {
+    let deadline = Instant::now() + shard.shared.config.server.shutdown_timeout;
+    let conns: Vec<Rc<Conn>> = shard.conns.borrow().iter().map(|(_, c)| c.clone()).collect();
+    for c in conns {
+        conn::begin_shutdown(shard, &c);
+    }
+    while !shard.conns.borrow().is_empty() && Instant::now() < deadline {
+        monoio::time::sleep(TICK).await;
+    }
+    let conns: Vec<Rc<Conn>> = shard.conns.borrow().iter().map(|(_, c)| c.clone()).collect();
+    for c in conns {
+        conn::force_close(shard, &c, "going_away");
+    }
+    let until = Instant::now() + Duration::from_millis(500);
+    while !shard.conns.borrow().is_empty() && Instant::now() < until {
+        monoio::time::sleep(TICK).await;
+    }
+}
+
+/// Drains token events from the engine and routes them to connections.
+async fn dispatch(shard: Rc<Shard>) {
+    let wake = shard.link.borrow().wake.clone();
+    loop {
+        wake.wait().await;
+        loop {
+            let ev = shard.link.borrow_mut().events.pop();
+            let Ok(ev) = ev else { break };
+            crate::session::request::on_event(&shard, ev);
+        }
+        shard.flush_dirty();
+    }
+}
+
+/// Timeouts, heartbeats, chunk latency caps, deferred control messages, shutdown.
+async fn tick(shard: Rc<Shard>) {
+    let mut conns: Vec<Rc<Conn>> = Vec::new();
+    let mut n: u64 = 0;
+    loop {
+        monoio::time::sleep(TICK).await;
+        n += 1;
+        let backlog: Vec<EngineMsg> = shard.backlog.borrow_mut().drain(..).collect();
+        for m in backlog {
+            shard.send_control(m);
+        }
+        if shard.shared.shutdown.load(Ordering::Acquire) && !shard.draining.get() {
+            shard.draining.set(true);
+            std::mem::replace(&mut *shard.accept_cancel.borrow_mut(), Canceller::new()).cancel();
+        }
+        let now = Instant::now();
+        // Connection timers need 100 ms resolution; chunk latency caps need the 10 ms tick.
+        if n % 10 == 0 || shard.draining.get() {
+            let now_us = shard.now_us();
+            conns.clear();
+            conns.extend(shard.conns.borrow().iter().map(|(_, c)| c.clone()));
+            for c in &conns {
+                conn::on_tick(&shard, c, now, now_us);
+            }
+            conns.clear();
+        }
+        crate::session::request::flush_stale_chunks(&shard, now);
+        shard.flush_dirty();
+    }
+}

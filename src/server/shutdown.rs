@@ -1,0 +1,48 @@
+//! SIGTERM / SIGINT: both signals are blocked in every thread and taken by one signal thread
+//! with `sigwait`, which flips the shared shutdown flag; shards notice it on their next tick.
+
+use std::sync::Arc;
+
+fn signal_set() -> libc::sigset_t {
+    // SAFETY: sigemptyset/sigaddset initialise and fill a local sigset_t.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        set
+    }
+}
+
+/// Blocks SIGTERM/SIGINT in the calling thread; threads spawned afterwards inherit the mask.
+/// Call first thing in `main`.
+pub fn block_signals() {
+    let set = signal_set();
+    // SAFETY: pthread_sigmask with a valid, initialised set.
+    unsafe {
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+}
+
+/// Spawns the thread that waits for a signal and sets `flag`; a second signal exits at once.
+pub fn watch(flag: Arc<dyn Fn() + Send + Sync>) {
+    let _ = std::thread::Builder::new().name("signals".into()).spawn(move || {
+        let set = signal_set();
+        let mut first = true;
+        loop {
+            let mut sig: libc::c_int = 0;
+            // SAFETY: sigwait on a valid set that is blocked in every thread.
+            if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+                return;
+            }
+            if !first {
+                eprintln!("second signal: exiting now");
+                std::process::exit(130);
+            }
+            first = false;
+            tracing::info!(signal = sig, "shutting down: no new connections, draining");
+            flag();
+        }
+    });
+}
+

@@ -1,0 +1,313 @@
+//! A WebSocket session: after the `101`, this task reads frames, answers control frames, turns
+//! client messages into engine requests and keeps the heartbeat. Output (deltas, `done`,
+//! errors, PINGs) goes to the connection's queue and leaves through its writer task.
+
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use monoio::io::AsyncReadRent;
+use serde_json::json;
+
+use super::heartbeat::{Beat, Heartbeat};
+use super::json::write_json_frame;
+use super::protocol::{self, ClientMsg, ProtocolError};
+use super::request;
+use super::state::ConnState;
+use crate::engine::{EngineMsg, SeqKey};
+use crate::server::conn::{read_more, Conn};
+use crate::server::shard::Shard;
+use crate::ws::close::CloseCode;
+use crate::ws::codec::{Decoder, Message};
+use crate::ws::frame::{write_frame, Limits, OpCode, Role};
+use crate::ws::handshake::{Accepted, StreamMode};
+
+/// Flow-control window announced in the `session` message (SPEC 4, enforced by the flow layer).
+pub const INITIAL_WINDOW: u64 = 65_536;
+/// Bytes asked of the socket per read on an established session.
+const READ_CHUNK: usize = 1024;
+/// How long to keep reading (and discarding) after the server sent a close frame.
+const CLOSE_LINGER: Duration = Duration::from_secs(2);
+
+/// Session state of a WebSocket connection.
+pub struct WsState {
+    pub session: String,
+    pub token: String,
+    pub model: String,
+    pub mode: StreamMode,
+    /// Generations in flight on this connection: client id → engine key.
+    pub reqs: Vec<(Box<str>, SeqKey)>,
+    pub hb: Heartbeat,
+    pub close_sent: bool,
+    /// SIGTERM arrived: close with 1001 when the last generation ends.
+    pub shutting_down: bool,
+}
+
+/// Runs the session until the connection closes.
+pub async fn run<R: AsyncReadRent>(
+    shard: &Rc<Shard>,
+    conn: &Rc<Conn>,
+    rd: &mut R,
+    mut buf: BytesMut,
+    accepted: Accepted,
+) {
+    let now = Instant::now();
+    conn.state.advance(ConnState::Active, now, &shard.metrics);
+    let cfg = &shard.shared.config.session;
+    let (session, token) = new_ids();
+    {
+        let mut out = conn.out.borrow_mut();
+        let msg = json!({
+            "type": "session", "session": session, "token": token,
+            "heartbeat_ms": cfg.heartbeat_interval.as_millis() as u64,
+            "window": INITIAL_WINDOW, "model": accepted.model,
+            "stream_mode": accepted.stream_mode.as_str(),
+        });
+        write_json_frame(&mut out.buf, &msg);
+    }
+    conn.wake_writer.notify();
+    *conn.ws.borrow_mut() = Some(WsState {
+        session,
+        token,
+        model: accepted.model,
+        mode: accepted.stream_mode,
+        reqs: Vec::new(),
+        hb: Heartbeat::new(shard.now_us(), cfg.heartbeat_interval, cfg.heartbeat_dead_rtos),
+        close_sent: false,
+        shutting_down: false,
+    });
+    if shard.draining.get() {
+        on_shutdown(shard, conn);
+    }
+    let limits = Limits {
+        max_frame_size: cfg.max_frame_bytes as u64,
+        max_message_size: cfg.max_message_bytes as u64,
+        allowed_rsv: 0,
+    };
+    let mut dec = Decoder::new(Role::Server, limits);
+    loop {
+        loop {
+            match dec.decode(&mut buf) {
+                Ok(Some(msg)) => {
+                    if !on_message(shard, conn, msg) {
+                        shard.flush_dirty();
+                        return;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    close_with(shard, conn, e.close_code(), &e.to_string(), close_label(e.close_code()));
+                    shard.flush_dirty();
+                    linger(rd, &mut buf).await;
+                    return;
+                }
+            }
+        }
+        shard.flush_dirty();
+        if conn.is_closing() {
+            linger(rd, &mut buf).await;
+            return;
+        }
+        if buf.is_empty() && buf.capacity() > 4 * READ_CHUNK {
+            buf = BytesMut::new();
+        }
+        match read_more(rd, &mut buf, READ_CHUNK).await {
+            Ok(n) if n > 0 => {}
+            _ => return,
+        }
+    }
+}
+
+fn close_label(code: CloseCode) -> &'static str {
+    match code {
+        CloseCode::INVALID_PAYLOAD => "invalid_payload",
+        CloseCode::TOO_BIG => "too_big",
+        CloseCode::GOING_AWAY => "going_away",
+        CloseCode::NORMAL => "normal",
+        _ => "protocol",
+    }
+}
+
+/// Reads and discards until the peer closes or the linger time passes, so our close frame is
+/// not destroyed by a reset (closing a socket with unread data sends RST).
+async fn linger<R: AsyncReadRent>(rd: &mut R, buf: &mut BytesMut) {
+    let deadline = Instant::now() + CLOSE_LINGER;
+    loop {
+        buf.clear();
+        let left = deadline.saturating_duration_since(Instant::now());
+        match monoio::time::timeout(left, read_more(rd, buf, READ_CHUNK)).await {
+            Ok(Ok(n)) if n > 0 => continue,
+            _ => return,
+        }
+    }
+}
+
+/// Handles one message; false ends the session.
+fn on_message(shard: &Rc<Shard>, conn: &Rc<Conn>, msg: Message) -> bool {
+    match msg {
+        Message::Text(text) => {
+            shard.metrics.ws_messages_in.inc();
+            conn.last_active.set(Instant::now());
+            let result = match protocol::parse(&text, &shard.shared.config.session) {
+                Ok(m) => on_client_message(shard, conn, m),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = result {
+                send_error(shard, conn, &e);
+            }
+        }
+        Message::Binary(_) => {
+            shard.metrics.ws_messages_in.inc();
+            let e = ProtocolError::new(None, "binary_not_supported", "send JSON text frames");
+            send_error(shard, conn, &e);
+        }
+        Message::Ping(payload) => {
+            write_frame(&mut conn.out.borrow_mut().buf, OpCode::Pong, &payload);
+            shard.mark_dirty(conn);
+        }
+        Message::Pong(payload) => {
+            let now_us = shard.now_us();
+            let rtt = conn.ws.borrow_mut().as_mut().and_then(|ws| ws.hb.pong(&payload, now_us));
+            if let Some(rtt) = rtt {
+                shard.metrics.ws_rtt.observe(rtt);
+            }
+        }
+        Message::Close(close) => {
+            let (code, reason) = match &close {
+                Some((code, reason)) => (*code, String::from_utf8_lossy(reason).into_owned()),
+                None => (CloseCode::NORMAL, String::new()),
+            };
+            // Echo the peer's code (RFC 6455 §5.5.1); an empty close is answered empty.
+            let already = conn.ws.borrow().as_ref().is_some_and(|w| w.close_sent);
+            if !already {
+                if let Some(ws) = conn.ws.borrow_mut().as_mut() {
+                    ws.close_sent = true;
+                }
+                let mut out = conn.out.borrow_mut();
+                if close.is_some() {
+                    let mut payload = BytesMut::new();
+                    crate::ws::close::encode_close_payload(&mut payload, code, &reason);
+                    write_frame(&mut out.buf, OpCode::Close, &payload);
+                } else {
+                    write_frame(&mut out.buf, OpCode::Close, &[]);
+                }
+                shard.metrics.close("normal");
+            }
+            conn.close_after_flush(shard);
+            return false;
+        }
+    }
+    true
+}
+
+fn on_client_message(shard: &Rc<Shard>, conn: &Rc<Conn>, msg: ClientMsg) -> Result<(), ProtocolError> {
+    match msg {
+        ClientMsg::Generate(g) => request::start_ws(shard, conn, *g),
+        ClientMsg::Cancel { id } => {
+            let key = conn
+                .ws
+                .borrow()
+                .as_ref()
+                .and_then(|ws| ws.reqs.iter().find(|(i, _)| **i == *id).map(|(_, k)| *k));
+            match key {
+                Some(key) => {
+                    shard.send_control(EngineMsg::Cancel(key));
+                    Ok(())
+                }
+                None => Err(ProtocolError::new(Some(&id), "unknown_id", format!("no generation {id:?} is running"))),
+            }
+        }
+        // Accepted now; the resume store (trimming) and flow control act on them.
+        ClientMsg::Ack { .. } | ClientMsg::WindowUpdate { .. } => Ok(()),
+        ClientMsg::Resume { session, .. } => Err(ProtocolError::new(
+            None,
+            "unknown_session",
+            format!("session {session:?} cannot be resumed on this server"),
+        )),
+        ClientMsg::Ping => {
+            write_json_frame(&mut conn.out.borrow_mut().buf, &json!({"type": "pong"}));
+            shard.mark_dirty(conn);
+            Ok(())
+        }
+    }
+}
+
+pub fn send_error(shard: &Shard, conn: &Rc<Conn>, e: &ProtocolError) {
+    write_json_frame(&mut conn.out.borrow_mut().buf, &e.to_json());
+    shard.mark_dirty(conn);
+}
+
+/// Sends a close frame (once) and closes after the flush.
+pub fn close_with(shard: &Shard, conn: &Conn, code: CloseCode, reason: &str, label: &str) {
+    let mut ws = conn.ws.borrow_mut();
+    if let Some(ws) = ws.as_mut() {
+        if !ws.close_sent {
+            ws.close_sent = true;
+            let mut payload = BytesMut::new();
+            let reason = crate::ws::close::truncate_reason(reason);
+            crate::ws::close::encode_close_payload(&mut payload, code, reason);
+            write_frame(&mut conn.out.borrow_mut().buf, OpCode::Close, &payload);
+            shard.metrics.close(label);
+        }
+    }
+    drop(ws);
+    conn.close_after_flush(shard);
+}
+
+/// Heartbeat and idle timeout, every 100 ms.
+pub fn on_tick(shard: &Shard, conn: &Rc<Conn>, now: Instant, now_us: u64) {
+    let (beat, idle) = {
+        let mut ws = conn.ws.borrow_mut();
+        let Some(ws) = ws.as_mut() else { return };
+        let idle = ws.reqs.is_empty()
+            && now.duration_since(conn.last_active.get()) > shard.shared.config.server.idle_timeout;
+        (ws.hb.tick(now_us), idle)
+    };
+    match beat {
+        Beat::Ping(stamp) => {
+            write_frame(&mut conn.out.borrow_mut().buf, OpCode::Ping, &stamp.to_be_bytes());
+            shard.mark_dirty(conn);
+        }
+        Beat::Dead => {
+            tracing::debug!(conn = conn.key.get(), "peer missed its PONG: closing");
+            shard.metrics.close("dead_peer");
+            conn.close_after_flush(shard);
+            conn.abort();
+            return;
+        }
+        Beat::Nothing => {}
+    }
+    if idle {
+        close_with(shard, conn, CloseCode::NORMAL, "idle timeout", "idle");
+    }
+}
+
+/// SIGTERM: tell the client (a final `session` note with the resume token), then close with
+/// 1001 at once if nothing runs, or when the last generation ends.
+pub fn on_shutdown(shard: &Shard, conn: &Rc<Conn>) {
+    let idle = {
+        let mut ws = conn.ws.borrow_mut();
+        let Some(ws) = ws.as_mut() else { return };
+        if ws.shutting_down {
+            return;
+        }
+        ws.shutting_down = true;
+        let note = json!({"type": "session", "session": ws.session, "token": ws.token,
+            "closing": true, "reason": "server shutting down"});
+        write_json_frame(&mut conn.out.borrow_mut().buf, &note);
+        ws.reqs.is_empty()
+    };
+    shard.mark_dirty(conn);
+    if idle {
+        close_with(shard, conn, CloseCode::GOING_AWAY, "server shutting down", "going_away");
+    }
+}
+
+/// A session id and a resume token, both random.
+fn new_ids() -> (String, String) {
+    use ring::rand::{SecureRandom, SystemRandom};
+    let mut b = [0u8; 24];
+    let _ = SystemRandom::new().fill(&mut b);
+    let hex = |s: &[u8]| s.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    (format!("s-{}", hex(&b[..8])), hex(&b[8..]))
+}
