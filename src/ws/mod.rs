@@ -21,8 +21,14 @@
 pub mod close;
 pub mod codec;
 pub mod error;
+pub mod fields;
 pub mod frame;
+#[cfg(test)]
+mod fuzz;
+pub mod handshake;
 pub mod mask;
+pub mod reject;
+pub mod tenant;
 pub mod utf8;
 
 pub use close::CloseCode;
@@ -32,5 +38,10 @@ pub use frame::{
     encode_header, parse_header, write_fragment, write_frame, write_frame_masked, FrameHeader,
     Limits, OpCode, Role,
 };
+pub use handshake::{
+    validate, write_error_response, write_response_101, Accepted, Compression, HandshakeContext,
+    HandshakeError, HandshakeRequest, StreamMode,
+};
 pub use mask::{apply_mask, apply_mask_offset};
+pub use tenant::{Tenant, Tenants};
 pub use utf8::Utf8Validator;
