@@ -360,6 +360,12 @@ fn tenants_and_credentials() {
         (ok.subprotocol, ok.tenant.as_deref()),
         (None, Some("acme-corp"))
     );
+    // An empty Bearer header does not hide the bearer subprotocol.
+    let h = [
+        proto(b"acme-corp.v2, bearer.acme-secret"),
+        ("Authorization", b"Bearer "),
+    ];
+    assert!(run("GET", 1, None, &with(&h), &t).is_ok());
 }
 
 #[test]

@@ -184,19 +184,17 @@ fn tenant_offer(entry: &[u8]) -> Option<(&str, &str)> {
 /// `bearer.<key>` subprotocol, `?api_key=`.
 fn presented_key<'a>(req: &HandshakeRequest<'a>) -> Option<Cow<'a, [u8]>> {
     let from_header = fields::all(req.headers, "authorization").find_map(|v| {
-        let v = fields::trim(v);
-        let (scheme, rest) = v.split_at_checked(7)?;
-        scheme
-            .eq_ignore_ascii_case(b"bearer ")
-            .then(|| fields::trim(rest))
+        let (scheme, rest) = fields::trim(v).split_at_checked(7)?;
+        let key = fields::trim(rest);
+        (scheme.eq_ignore_ascii_case(b"bearer ") && !key.is_empty()).then_some(key)
     });
     let from_protocol = || {
-        fields::list(req.headers, "sec-websocket-protocol").find_map(|e| e.strip_prefix(b"bearer."))
+        fields::list(req.headers, "sec-websocket-protocol")
+            .find_map(|e| e.strip_prefix(b"bearer.").filter(|k| !k.is_empty()))
     };
     from_header
         .or_else(from_protocol)
-        .filter(|k| !k.is_empty())
-        .map(Into::into)
+        .map(Cow::Borrowed)
         .or_else(|| fields::query_param(req.query, "api_key").filter(|k| !k.is_empty()))
 }
 
