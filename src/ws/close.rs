@@ -9,6 +9,7 @@ use std::fmt;
 use bytes::{BufMut, BytesMut};
 
 use super::error::WsError;
+use super::frame::{write_fragment, OpCode};
 
 /// Longest reason that fits in a control frame after the 2-byte code.
 pub const MAX_REASON_LEN: usize = 123;
@@ -127,6 +128,15 @@ pub fn close_payload_into(dst: &mut [u8; 125], code: CloseCode, reason: &str) ->
     2 + reason.len()
 }
 
+/// Appends a whole close frame (code + reason, masked when `mask` is given):
+/// what a connection sends to fail with [`WsError::close_code`] or to say
+/// goodbye with [`CloseCode::GOING_AWAY`].
+pub fn write_close_frame(dst: &mut BytesMut, code: CloseCode, reason: &str, mask: Option<[u8; 4]>) {
+    let mut payload = [0u8; 125];
+    let n = close_payload_into(&mut payload, code, reason);
+    write_fragment(dst, true, OpCode::Close, &payload[..n], mask);
+}
+
 /// The longest prefix of `reason` that fits in a close frame and ends on a
 /// character boundary.
 pub fn truncate_reason(reason: &str) -> &str {
@@ -215,6 +225,22 @@ mod tests {
             parse_close_payload(&dst),
             Ok(Some((CloseCode::TOO_BIG, "too big")))
         );
+    }
+
+    #[test]
+    fn close_frame_bytes() {
+        let mut dst = BytesMut::new();
+        let err = WsError::InvalidUtf8;
+        write_close_frame(&mut dst, err.close_code(), err.label(), None);
+        assert_eq!(&dst[..], b"\x88\x0e\x03\xefinvalid_utf8");
+        dst.clear();
+        write_close_frame(
+            &mut dst,
+            CloseCode::GOING_AWAY,
+            &"x".repeat(200),
+            Some([1, 2, 3, 4]),
+        );
+        assert_eq!(&dst[..2], &[0x88, 0xfd]); // 125 bytes, masked
     }
 
     #[test]

@@ -349,6 +349,18 @@ mod tests {
     }
 
     #[test]
+    fn decoder_is_small() {
+        // Per-connection state for 10k+ connections: no heap, two cache lines (96 B today).
+        assert!(
+            std::mem::size_of::<Decoder>() <= 128,
+            "{}",
+            std::mem::size_of::<Decoder>()
+        );
+    }
+
+    /// Also pins a bug found before the first commit: the still-arriving part of
+    /// a text frame was unmasked at twice its key offset.
+    #[test]
     fn byte_by_byte_feeding() {
         let bytes = [
             frame(false, OpCode::Text, "κό".as_bytes()),

@@ -87,7 +87,10 @@ pub struct Limits {
     /// this bounds the memory one connection can make us buffer.
     pub max_message_size: u64,
     /// RSV bits (first-byte position, e.g. [`RSV1`]) an extension negotiated
-    /// at handshake allows on data frames; 0 without extensions.
+    /// at handshake allows on data frames; 0 without extensions. Only the
+    /// header check uses it so far: `Decoder` does not yet report RSV1 per
+    /// message nor skip UTF-8 checks on compressed text, which
+    /// permessage-deflate will need.
     pub allowed_rsv: u8,
 }
 

@@ -31,7 +31,7 @@ pub mod reject;
 pub mod tenant;
 pub mod utf8;
 
-pub use close::CloseCode;
+pub use close::{write_close_frame, CloseCode};
 pub use codec::{encode_message, Decoder, Message};
 pub use error::WsError;
 pub use frame::{
