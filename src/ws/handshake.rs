@@ -10,6 +10,7 @@
 //! 3. `Sec-WebSocket-Version: 13` (426 + `Sec-WebSocket-Version: 13`)
 //! 4. `Sec-WebSocket-Key` sent once, base64 of 16 bytes (400 `bad_key`)
 //! 5. model (`X-Model-ID` header, else `?model=`): format (400), served (404)
+//!    — none named: the first served model the tenant may use
 //! 6. stream mode (`X-Stream-Mode`, else `?stream_mode=`), compression
 //!    (`X-Compression`, else `?compression=`) (400)
 //! 7. tenant and key (403 `unknown_tenant`, 401 `bad_credentials`), then

@@ -70,6 +70,11 @@ impl HandshakeError {
         }
     }
 
+    /// The human-readable `error.message` of the JSON body.
+    pub fn message(&self) -> String {
+        self.to_string()
+    }
+
     /// The `error.code` of the JSON body. Same strings as [`label`](Self::label)
     /// today; kept apart because one is API and the other is metrics.
     pub const fn code(&self) -> &'static str {
@@ -83,7 +88,7 @@ impl HandshakeError {
 /// `www-authenticate` (RFC 9110).
 pub fn write_error_response(dst: &mut BytesMut, err: &HandshakeError) {
     let body =
-        serde_json::json!({"error": {"code": err.code(), "message": err.to_string()}}).to_string();
+        serde_json::json!({"error": {"code": err.code(), "message": err.message()}}).to_string();
     let status = err.status();
     let head = format!(
         "HTTP/1.1 {status} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n",
