@@ -1,0 +1,177 @@
+//! `HandshakeError`: why an upgrade is refused, and the plain HTTP response
+//! that says so (status, a JSON body `{"error":{"code","message"}}`, and the
+//! headers each status requires).
+
+use bytes::BytesMut;
+
+/// Why an upgrade was refused: each has a status, a JSON error code and a
+/// metric label (`seedance_handshake_failures_total{reason}`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HandshakeError {
+    #[error("a WebSocket upgrade must be a GET request")]
+    BadMethod,
+    #[error("a WebSocket upgrade needs HTTP/1.1 or later")]
+    BadHttpVersion,
+    #[error("missing `Upgrade: websocket` header")]
+    MissingUpgrade,
+    #[error("missing `Connection: Upgrade` header")]
+    MissingConnection,
+    #[error("unsupported Sec-WebSocket-Version; this server speaks version 13")]
+    BadVersion,
+    #[error("Sec-WebSocket-Key must be sent once and be the base64 of 16 bytes")]
+    BadKey,
+    #[error("model id must match ^[A-Za-z0-9._-]{{3,64}}$")]
+    BadModelId,
+    #[error("model `{0}` is not served here")]
+    ModelNotFound(String),
+    #[error("no model is being served")]
+    NoModelServed,
+    #[error("stream mode must be `full`, `token` or `chunk`")]
+    BadStreamMode,
+    #[error("compression must be `zstd` or `none`")]
+    BadCompression,
+    #[error("no known tenant: offer a `<tenant>.<version>` subprotocol or an API key")]
+    UnknownTenant,
+    #[error("missing or invalid API key")]
+    BadCredentials,
+    #[error("this tenant may not use model `{0}`")]
+    ModelNotAllowed(String),
+}
+
+impl HandshakeError {
+    /// HTTP status of the refusal.
+    pub const fn status(&self) -> u16 {
+        match self {
+            HandshakeError::BadMethod => 405,
+            HandshakeError::BadVersion => 426,
+            HandshakeError::ModelNotFound(_) | HandshakeError::NoModelServed => 404,
+            HandshakeError::UnknownTenant | HandshakeError::ModelNotAllowed(_) => 403,
+            HandshakeError::BadCredentials => 401,
+            _ => 400,
+        }
+    }
+
+    /// Metric label; one per failure class.
+    pub const fn label(&self) -> &'static str {
+        match self {
+            HandshakeError::BadMethod => "bad_method",
+            HandshakeError::BadHttpVersion => "bad_http_version",
+            HandshakeError::MissingUpgrade => "missing_upgrade",
+            HandshakeError::MissingConnection => "missing_connection",
+            HandshakeError::BadVersion => "bad_version",
+            HandshakeError::BadKey => "bad_key",
+            HandshakeError::BadModelId => "bad_model_id",
+            HandshakeError::ModelNotFound(_) | HandshakeError::NoModelServed => "model_not_found",
+            HandshakeError::BadStreamMode => "bad_stream_mode",
+            HandshakeError::BadCompression => "bad_compression",
+            HandshakeError::UnknownTenant => "unknown_tenant",
+            HandshakeError::BadCredentials => "bad_credentials",
+            HandshakeError::ModelNotAllowed(_) => "model_not_allowed",
+        }
+    }
+
+    /// The human-readable `error.message` of the JSON body.
+    pub fn message(&self) -> String {
+        self.to_string()
+    }
+
+    /// The `error.code` of the JSON body. Same strings as [`label`](Self::label)
+    /// today; kept apart because one is API and the other is metrics.
+    pub const fn code(&self) -> &'static str {
+        self.label()
+    }
+}
+
+/// Appends the refusal: status, JSON body `{"error":{"code","message"}}`,
+/// `connection: close`. Adds the headers the status requires: 426 names the
+/// version we speak (RFC 6455 §4.4) and `upgrade`, 405 `allow`, 401
+/// `www-authenticate` (RFC 9110).
+pub fn write_error_response(dst: &mut BytesMut, err: &HandshakeError) {
+    let body =
+        serde_json::json!({"error": {"code": err.code(), "message": err.message()}}).to_string();
+    let status = err.status();
+    let head = format!(
+        "HTTP/1.1 {status} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n",
+        reason_phrase(status),
+        body.len()
+    );
+    dst.extend_from_slice(head.as_bytes());
+    dst.extend_from_slice(match status {
+        426 => b"sec-websocket-version: 13\r\nupgrade: websocket\r\n".as_slice(),
+        405 => b"allow: GET\r\n",
+        401 => b"www-authenticate: Bearer\r\n",
+        _ => b"",
+    });
+    dst.extend_from_slice(b"connection: close\r\n\r\n");
+    dst.extend_from_slice(body.as_bytes());
+}
+
+fn reason_phrase(status: u16) -> &'static str {
+    match status {
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        426 => "Upgrade Required",
+        _ => "Error",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_responses() {
+        let mut dst = BytesMut::new();
+        write_error_response(&mut dst, &HandshakeError::BadVersion);
+        let text = std::str::from_utf8(&dst).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(
+            head.starts_with("HTTP/1.1 426 Upgrade Required\r\ncontent-type: application/json\r\n")
+        );
+        assert!(head.contains("\r\nsec-websocket-version: 13\r\n"));
+        assert!(head.ends_with("\r\nconnection: close"));
+        assert!(head.contains(&format!("content-length: {}\r\n", body.len())));
+        let json: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(json["error"]["code"], "bad_version");
+
+        // Messages are escaped JSON, whatever they contain.
+        dst.clear();
+        write_error_response(&mut dst, &HandshakeError::ModelNotFound("a\"b\\c\n".into()));
+        let text = std::str::from_utf8(&dst).unwrap();
+        assert!(text.starts_with("HTTP/1.1 404 Not Found\r\n"));
+        let json: serde_json::Value =
+            serde_json::from_str(text.split_once("\r\n\r\n").unwrap().1).unwrap();
+        assert_eq!(
+            json["error"]["message"],
+            "model `a\"b\\c\n` is not served here"
+        );
+        assert_eq!(json["error"]["code"], "model_not_found");
+    }
+
+    #[test]
+    fn every_error_has_status_label_and_reason() {
+        let all = [
+            HandshakeError::BadMethod,
+            HandshakeError::BadHttpVersion,
+            HandshakeError::MissingUpgrade,
+            HandshakeError::MissingConnection,
+            HandshakeError::BadVersion,
+            HandshakeError::BadKey,
+            HandshakeError::BadModelId,
+            HandshakeError::ModelNotFound("m".into()),
+            HandshakeError::NoModelServed,
+            HandshakeError::BadStreamMode,
+            HandshakeError::BadCompression,
+            HandshakeError::UnknownTenant,
+            HandshakeError::BadCredentials,
+            HandshakeError::ModelNotAllowed("m".into()),
+        ];
+        for e in all {
+            assert_ne!(reason_phrase(e.status()), "Error", "{e:?}");
+            assert!(!e.label().is_empty() && !e.code().is_empty());
+        }
+    }
+}
