@@ -1,0 +1,137 @@
+#!/usr/bin/env bash
+# The one test command: `bash scripts/test.sh` (CI runs it through .ci/run).
+#
+# On a fresh Debian machine (root, no GPU) it installs what the tests need, then runs, failing
+# fast at the first broken stage:
+#   deps     pip requirements (tests/e2e/requirements.txt) and npm ci (tests/e2e)
+#   fmt      cargo fmt --check
+#   clippy   cargo clippy --all-targets -- -D warnings
+#   build    cargo build --all-targets (debug; dependencies at opt-level 2)
+#   test     cargo test --workspace (unit, integration and property tests)
+#   pytest   tests/e2e with the Python websockets client against the built server
+#   node     tests/e2e with the Node ws client (node --test)
+#
+# `bash scripts/test.sh pytest node` runs only the named stages (in the order above).
+# Environment: SEEDANCE_BIN (server binary for the e2e stages; default the debug build),
+# PYTEST_ARGS (extra pytest arguments), CARGO_TERM_COLOR, CI.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT=$PWD
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+export SEEDANCE_BIN="${SEEDANCE_BIN:-$ROOT/target/debug/seedance-server}"
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+export PYTHONDONTWRITEBYTECODE=1
+
+ALL_STAGES=(deps fmt clippy build test pytest node)
+if (($# > 0)); then
+    for s in "$@"; do
+        [[ " ${ALL_STAGES[*]} " == *" $s "* ]] || { echo "unknown stage '$s' (stages: ${ALL_STAGES[*]})" >&2; exit 2; }
+    done
+    WANTED=" $* "
+else
+    WANTED=" ${ALL_STAGES[*]} "
+fi
+
+SUMMARY=()
+T_START=$SECONDS
+CURRENT=""
+
+summary() {
+    local rc=$?
+    echo
+    echo "==================== test summary ===================="
+    local line
+    for line in "${SUMMARY[@]}"; do echo "  $line"; done
+    if ((rc != 0)) && [[ -n $CURRENT ]]; then
+        printf '  %-8s FAILED (exit %d)\n' "$CURRENT" "$rc"
+    fi
+    printf '  total    %ds\n' $((SECONDS - T_START))
+    if ((rc != 0)); then
+        echo "FAILED at stage '${CURRENT:-setup}': see the output above; rerun it alone with: bash scripts/test.sh ${CURRENT}"
+    else
+        echo "all stages passed"
+    fi
+}
+trap summary EXIT
+
+# stage NAME COMMAND...: runs one stage if wanted, timing it.
+stage() {
+    local name=$1
+    shift
+    [[ $WANTED == *" $name "* ]] || return 0
+    CURRENT=$name
+    echo
+    echo "==> [$name] $*"
+    local t0=$SECONDS
+    "$@"
+    SUMMARY+=("$(printf '%-8s ok %4ds' "$name" $((SECONDS - t0)))")
+    CURRENT=""
+}
+
+die() {
+    echo "error: $*" >&2
+    exit 1
+}
+
+APT_UPDATED=0
+# ensure_apt PKG...: installs the Debian packages that are not installed yet (root, apt-get).
+ensure_apt() {
+    local missing=() p
+    for p in "$@"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    done
+    ((${#missing[@]} == 0)) && return 0
+    command -v apt-get >/dev/null || die "need Debian packages ${missing[*]} but apt-get is missing"
+    local sudo=()
+    ((EUID == 0)) || sudo=(sudo)
+    if ((APT_UPDATED == 0)); then
+        "${sudo[@]}" apt-get update -qq
+        APT_UPDATED=1
+    fi
+    echo "installing Debian packages: ${missing[*]}"
+    DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}"
+}
+
+# need CMD HINT: fails with a clear message when a tool is missing.
+need() {
+    command -v "$1" >/dev/null || die "'$1' not found: $2"
+}
+
+deps() {
+    need cargo "install the Rust toolchain (rustup)"
+    need python3 "install Python 3.11+ with pip"
+    need node "install Node.js 20+ with npm"
+    need npm "install npm"
+    # Debian packages the tests need: none yet (later: redis-server, chromium, ...).
+    ensure_apt
+    python3 -m pip install -q --root-user-action=ignore -r tests/e2e/requirements.txt
+    npm ci --prefix tests/e2e --no-audit --no-fund --loglevel=error
+}
+
+fmt() { cargo fmt --all -- --check --color never; }
+clippy() { cargo clippy --locked --all-targets -- -D warnings; }
+build() { cargo build --locked --all-targets; }
+rust_tests() { cargo test --locked --workspace; }
+
+pytest_e2e() {
+    [[ -x $SEEDANCE_BIN ]] || die "server binary $SEEDANCE_BIN missing: run the build stage"
+    # 1,000 concurrent connections need ~2,000 descriptors (client + server ends).
+    ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+    # shellcheck disable=SC2086
+    python3 -m pytest tests/e2e -p no:cacheprovider --durations=10 ${PYTEST_ARGS:-}
+}
+
+node_e2e() {
+    [[ -x $SEEDANCE_BIN ]] || die "server binary $SEEDANCE_BIN missing: run the build stage"
+    [[ -d tests/e2e/node_modules/ws ]] || die "tests/e2e/node_modules missing: run the deps stage"
+    node --test tests/e2e/
+}
+
+stage deps deps
+stage fmt fmt
+stage clippy clippy
+stage build build
+stage test rust_tests
+stage pytest pytest_e2e
+stage node node_e2e
