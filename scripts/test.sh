@@ -19,7 +19,9 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$PWD
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
-export SEEDANCE_BIN="${SEEDANCE_BIN:-$ROOT/target/debug/seedance-server}"
+TARGET_DIR=${CARGO_TARGET_DIR:-target}
+[[ $TARGET_DIR == /* ]] || TARGET_DIR=$ROOT/$TARGET_DIR
+export SEEDANCE_BIN="${SEEDANCE_BIN:-$TARGET_DIR/debug/seedance-server}"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 export PYTHONDONTWRITEBYTECODE=1
 
