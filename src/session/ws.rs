@@ -25,7 +25,7 @@ use crate::ws::handshake::{Accepted, StreamMode};
 /// Flow-control window announced in the `session` message (SPEC 4, enforced by the flow layer).
 pub const INITIAL_WINDOW: u64 = 65_536;
 /// Bytes asked of the socket per read on an established session.
-const READ_CHUNK: usize = 1024;
+const READ_CHUNK: usize = 512;
 /// How long to keep reading (and discarding) after the server sent a close frame.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
 
@@ -85,6 +85,10 @@ pub async fn run<R: AsyncReadRent>(
         allowed_rsv: 0,
     };
     let mut dec = Decoder::new(Role::Server, limits);
+    if buf.is_empty() {
+        // The handshake's read buffer is larger than an idle session needs.
+        buf = BytesMut::new();
+    }
     loop {
         loop {
             match dec.decode(&mut buf) {
@@ -108,7 +112,7 @@ pub async fn run<R: AsyncReadRent>(
             linger(rd, &mut buf).await;
             return;
         }
-        if buf.is_empty() && buf.capacity() > 4 * READ_CHUNK {
+        if buf.is_empty() && buf.capacity() > 8 * READ_CHUNK {
             buf = BytesMut::new();
         }
         match read_more(rd, &mut buf, READ_CHUNK).await {
