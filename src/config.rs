@@ -91,7 +91,7 @@ macro_rules! keys {
 keys! {
     /// Address every shard listens on (SO_REUSEPORT).
     listen: String = "127.0.0.1:8080".into(), "SEEDANCE_LISTEN";
-    /// Protocols served: websocket | http | all.
+    /// Protocols served: websocket, http or all.
     mode: Mode = Mode::All, "SEEDANCE_MODE";
     /// Network shards (one pinned monoio runtime each); 0 = all cores minus the engine's.
     cores: usize = 0, "SEEDANCE_CORES";
@@ -99,7 +99,7 @@ keys! {
     model: String = "null".into(), "SEEDANCE_MODEL";
     /// Name the model is served as (X-Model-ID, "model" fields); empty = derived from --model.
     served_model_name: String = String::new(), "SEEDANCE_SERVED_MODEL_NAME";
-    /// auto | cpu | cuda.
+    /// auto, cpu or cuda (auto: CUDA when a driver and device answer, else CPU).
     device: Device = Device::Auto, "SEEDANCE_DEVICE";
     /// Redis URL for session state; empty = embedded in-memory store.
     redis_url: String = String::new(), "SEEDANCE_REDIS_URL";
@@ -383,5 +383,18 @@ mod tests {
         assert_eq!(derive_model_name("null"), "null");
         assert_eq!(derive_model_name("synthetic:qwen2.5-0.5b"), "synthetic-qwen2.5-0.5b");
         assert_eq!(derive_model_name("/models/Llama 3/"), "Llama-3");
+    }
+}
+
+#[cfg(test)]
+mod doc_tests {
+    use super::Settings;
+
+    #[test]
+    fn configuration_doc_lists_every_key() {
+        let doc = include_str!("../docs/configuration.md");
+        for (key, _) in Settings::defaults_table() {
+            assert!(doc.contains(&format!("| `{key}` |")), "docs/configuration.md lacks {key}");
+        }
     }
 }
