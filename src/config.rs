@@ -202,15 +202,24 @@ pub struct Config {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("config file {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("config file {path}: {source}")]
-    Parse { path: String, source: serde_yaml::Error },
+    Parse {
+        path: String,
+        source: serde_yaml::Error,
+    },
     #[error("invalid {key}: {reason}")]
     Invalid { key: &'static str, reason: String },
 }
 
 fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { key, reason: reason.into() }
+    ConfigError::Invalid {
+        key,
+        reason: reason.into(),
+    }
 }
 
 impl Config {
@@ -220,8 +229,10 @@ impl Config {
             None => FileConfig::default(),
             Some(path) => {
                 let name = path.display().to_string();
-                let text = std::fs::read_to_string(path)
-                    .map_err(|source| ConfigError::Read { path: name.clone(), source })?;
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: name.clone(),
+                    source,
+                })?;
                 if text.trim().is_empty() {
                     FileConfig::default()
                 } else {
@@ -238,7 +249,11 @@ impl Config {
             .listen
             .parse()
             .map_err(|e| invalid("listen", format!("{:?}: {e}", s.listen)))?;
-        let cores = if s.cores == 0 { default_cores() } else { s.cores };
+        let cores = if s.cores == 0 {
+            default_cores()
+        } else {
+            s.cores
+        };
         if cores > 1024 {
             return Err(invalid("cores", "at most 1024"));
         }
@@ -258,10 +273,16 @@ impl Config {
             return Err(invalid("null_tokens_per_s", "must be ≥ 0"));
         }
         if s.request_queue_capacity == 0 || s.event_queue_capacity < 16 {
-            return Err(invalid("event_queue_capacity", "queues must hold at least 16 events"));
+            return Err(invalid(
+                "event_queue_capacity",
+                "queues must hold at least 16 events",
+            ));
         }
         if s.default_max_tokens == 0 || s.default_max_tokens > s.max_tokens_limit {
-            return Err(invalid("default_max_tokens", "must be in 1..=max_tokens_limit"));
+            return Err(invalid(
+                "default_max_tokens",
+                "must be in 1..=max_tokens_limit",
+            ));
         }
         let served_model_name = if s.served_model_name.is_empty() {
             derive_model_name(&s.model)
@@ -330,7 +351,13 @@ pub fn derive_model_name(model: &str) -> String {
     };
     let mut name: String = raw
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                c
+            } else {
+                '-'
+            }
+        })
         .take(64)
         .collect();
     while name.len() < 3 {
@@ -381,7 +408,10 @@ mod tests {
     #[test]
     fn model_names_follow_the_id_alphabet() {
         assert_eq!(derive_model_name("null"), "null");
-        assert_eq!(derive_model_name("synthetic:qwen2.5-0.5b"), "synthetic-qwen2.5-0.5b");
+        assert_eq!(
+            derive_model_name("synthetic:qwen2.5-0.5b"),
+            "synthetic-qwen2.5-0.5b"
+        );
         assert_eq!(derive_model_name("/models/Llama 3/"), "Llama-3");
     }
 }
@@ -394,7 +424,10 @@ mod doc_tests {
     fn configuration_doc_lists_every_key() {
         let doc = include_str!("../docs/configuration.md");
         for (key, _) in Settings::defaults_table() {
-            assert!(doc.contains(&format!("| `{key}` |")), "docs/configuration.md lacks {key}");
+            assert!(
+                doc.contains(&format!("| `{key}` |")),
+                "docs/configuration.md lacks {key}"
+            );
         }
     }
 }

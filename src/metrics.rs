@@ -87,10 +87,24 @@ pub const HANDSHAKE_REASONS: &[&str] = &[
 pub const OUTCOMES: &[&str] = &["stop", "length", "cancelled", "error", "rejected"];
 
 /// WebSocket close codes sent by the server, by reason label.
-pub const CLOSE_REASONS: &[&str] = &["normal", "going_away", "protocol", "invalid_payload", "too_big", "dead_peer", "idle"];
+pub const CLOSE_REASONS: &[&str] = &[
+    "normal",
+    "going_away",
+    "protocol",
+    "invalid_payload",
+    "too_big",
+    "dead_peer",
+    "idle",
+];
 
 /// Connection states (SPEC 4 state machine).
-pub const STATES: &[&str] = &["init", "handshaking", "active", "graceful_closing", "closed"];
+pub const STATES: &[&str] = &[
+    "init",
+    "handshaking",
+    "active",
+    "graceful_closing",
+    "closed",
+];
 
 /// One shard's counters.
 #[derive(Default)]
@@ -116,7 +130,10 @@ pub struct ShardMetrics {
 
 impl ShardMetrics {
     pub fn handshake_failure(&self, label: &str) {
-        let i = HANDSHAKE_REASONS.iter().position(|r| *r == label).unwrap_or(14);
+        let i = HANDSHAKE_REASONS
+            .iter()
+            .position(|r| *r == label)
+            .unwrap_or(14);
         self.handshake_failures[i].inc();
     }
     pub fn outcome(&self, label: &str) {
@@ -160,60 +177,201 @@ impl Registry {
         let sh = &self.shards;
         let w = &mut o;
         for driver in ["io_uring", "epoll"] {
-            let n = self.io_driver.iter().filter(|d| d.get() == Some(&driver)).count();
-            metric(w, "seedance_io_driver", "gauge", "Shards using each I/O driver.");
+            let n = self
+                .io_driver
+                .iter()
+                .filter(|d| d.get() == Some(&driver))
+                .count();
+            metric(
+                w,
+                "seedance_io_driver",
+                "gauge",
+                "Shards using each I/O driver.",
+            );
             let _ = writeln!(w, "seedance_io_driver{{driver=\"{driver}\"}} {n}");
         }
-        header(w, "seedance_active_connections", "gauge", "Open connections per core.");
+        header(
+            w,
+            "seedance_active_connections",
+            "gauge",
+            "Open connections per core.",
+        );
         for (i, s) in sh.iter().enumerate() {
-            let _ = writeln!(w, "seedance_active_connections{{core=\"{i}\"}} {}", s.active_connections.get());
+            let _ = writeln!(
+                w,
+                "seedance_active_connections{{core=\"{i}\"}} {}",
+                s.active_connections.get()
+            );
         }
-        simple(w, "seedance_connections_accepted_total", "counter", "Connections accepted.",
-            sum(sh.iter().map(|s| &s.accepted_connections)));
-        header(w, "seedance_handshake_failures_total", "counter", "Failed HTTP/WebSocket handshakes by reason.");
+        simple(
+            w,
+            "seedance_connections_accepted_total",
+            "counter",
+            "Connections accepted.",
+            sum(sh.iter().map(|s| &s.accepted_connections)),
+        );
+        header(
+            w,
+            "seedance_handshake_failures_total",
+            "counter",
+            "Failed HTTP/WebSocket handshakes by reason.",
+        );
         for (i, r) in HANDSHAKE_REASONS.iter().enumerate() {
-            let _ = writeln!(w, "seedance_handshake_failures_total{{reason=\"{r}\"}} {}",
-                sum(sh.iter().map(|s| &s.handshake_failures[i])));
+            let _ = writeln!(
+                w,
+                "seedance_handshake_failures_total{{reason=\"{r}\"}} {}",
+                sum(sh.iter().map(|s| &s.handshake_failures[i]))
+            );
         }
-        header(w, "seedance_requests_total", "counter", "Generation requests by outcome.");
+        header(
+            w,
+            "seedance_requests_total",
+            "counter",
+            "Generation requests by outcome.",
+        );
         for (i, r) in OUTCOMES.iter().enumerate() {
-            let _ = writeln!(w, "seedance_requests_total{{tenant=\"\",model=\"{}\",outcome=\"{r}\"}} {}",
-                self.model, sum(sh.iter().map(|s| &s.requests[i])));
+            let _ = writeln!(
+                w,
+                "seedance_requests_total{{tenant=\"\",model=\"{}\",outcome=\"{r}\"}} {}",
+                self.model,
+                sum(sh.iter().map(|s| &s.requests[i]))
+            );
         }
-        simple(w, "seedance_generated_tokens_total", "counter", "Tokens delivered to clients.",
-            sum(sh.iter().map(|s| &s.generated_tokens)));
-        simple(w, "seedance_http_requests_total", "counter", "HTTP requests served.",
-            sum(sh.iter().map(|s| &s.http_requests)));
-        simple(w, "seedance_ws_messages_received_total", "counter", "WebSocket data messages received.",
-            sum(sh.iter().map(|s| &s.ws_messages_in)));
-        simple(w, "seedance_ws_deltas_sent_total", "counter", "Delta messages sent.",
-            sum(sh.iter().map(|s| &s.deltas_out)));
-        simple(w, "seedance_ws_frames_sent_total", "counter", "WebSocket frames sent.",
-            sum(sh.iter().map(|s| &s.frames_out)));
-        simple(w, "seedance_bytes_sent_total", "counter", "Bytes written to sockets.",
-            sum(sh.iter().map(|s| &s.bytes_out)));
-        simple(w, "seedance_backpressure_pauses_total", "counter", "Sequences paused because a client could not keep up.",
-            sum(sh.iter().map(|s| &s.backpressure_pauses)));
-        header(w, "seedance_ws_closes_total", "counter", "WebSocket closes initiated by the server, by reason.");
+        simple(
+            w,
+            "seedance_generated_tokens_total",
+            "counter",
+            "Tokens delivered to clients.",
+            sum(sh.iter().map(|s| &s.generated_tokens)),
+        );
+        simple(
+            w,
+            "seedance_http_requests_total",
+            "counter",
+            "HTTP requests served.",
+            sum(sh.iter().map(|s| &s.http_requests)),
+        );
+        simple(
+            w,
+            "seedance_ws_messages_received_total",
+            "counter",
+            "WebSocket data messages received.",
+            sum(sh.iter().map(|s| &s.ws_messages_in)),
+        );
+        simple(
+            w,
+            "seedance_ws_deltas_sent_total",
+            "counter",
+            "Delta messages sent.",
+            sum(sh.iter().map(|s| &s.deltas_out)),
+        );
+        simple(
+            w,
+            "seedance_ws_frames_sent_total",
+            "counter",
+            "WebSocket frames sent.",
+            sum(sh.iter().map(|s| &s.frames_out)),
+        );
+        simple(
+            w,
+            "seedance_bytes_sent_total",
+            "counter",
+            "Bytes written to sockets.",
+            sum(sh.iter().map(|s| &s.bytes_out)),
+        );
+        simple(
+            w,
+            "seedance_backpressure_pauses_total",
+            "counter",
+            "Sequences paused because a client could not keep up.",
+            sum(sh.iter().map(|s| &s.backpressure_pauses)),
+        );
+        header(
+            w,
+            "seedance_ws_closes_total",
+            "counter",
+            "WebSocket closes initiated by the server, by reason.",
+        );
         for (i, r) in CLOSE_REASONS.iter().enumerate() {
-            let _ = writeln!(w, "seedance_ws_closes_total{{reason=\"{r}\"}} {}", sum(sh.iter().map(|s| &s.closes[i])));
+            let _ = writeln!(
+                w,
+                "seedance_ws_closes_total{{reason=\"{r}\"}} {}",
+                sum(sh.iter().map(|s| &s.closes[i]))
+            );
         }
-        header(w, "seedance_connection_state_seconds_total", "counter", "Time connections spent in each state.");
+        header(
+            w,
+            "seedance_connection_state_seconds_total",
+            "counter",
+            "Time connections spent in each state.",
+        );
         for (i, r) in STATES.iter().enumerate() {
             let ns = sum(sh.iter().map(|s| &s.state_time_ns[i]));
-            let _ = writeln!(w, "seedance_connection_state_seconds_total{{state=\"{r}\"}} {:.6}", ns as f64 / 1e9);
+            let _ = writeln!(
+                w,
+                "seedance_connection_state_seconds_total{{state=\"{r}\"}} {:.6}",
+                ns as f64 / 1e9
+            );
         }
-        histogram(w, "seedance_ws_rtt_seconds", "WebSocket PING→PONG round-trip time.", sh, |s| &s.ws_rtt);
-        histogram(w, "seedance_time_to_first_token_seconds", "Time to first token.", sh, |s| &s.ttft);
-        histogram(w, "seedance_inter_token_latency_seconds", "Time between tokens of a stream.", sh, |s| &s.itl);
-        histogram(w, "seedance_e2e_request_latency_seconds", "Request latency, arrival to done.", sh, |s| &s.e2e);
+        histogram(
+            w,
+            "seedance_ws_rtt_seconds",
+            "WebSocket PING→PONG round-trip time.",
+            sh,
+            |s| &s.ws_rtt,
+        );
+        histogram(
+            w,
+            "seedance_time_to_first_token_seconds",
+            "Time to first token.",
+            sh,
+            |s| &s.ttft,
+        );
+        histogram(
+            w,
+            "seedance_inter_token_latency_seconds",
+            "Time between tokens of a stream.",
+            sh,
+            |s| &s.itl,
+        );
+        histogram(
+            w,
+            "seedance_e2e_request_latency_seconds",
+            "Request latency, arrival to done.",
+            sh,
+            |s| &s.e2e,
+        );
         let e = &self.engine;
-        simple(w, "seedance_engine_batch_size", "gauge", "Sequences in the last engine step.", e.batch_size.get());
-        simple(w, "seedance_engine_running", "gauge", "Sequences admitted to the engine.", e.running.get());
-        simple(w, "seedance_queue_depth", "gauge", "Requests waiting for admission.", e.queue_depth.get());
+        simple(
+            w,
+            "seedance_engine_batch_size",
+            "gauge",
+            "Sequences in the last engine step.",
+            e.batch_size.get(),
+        );
+        simple(
+            w,
+            "seedance_engine_running",
+            "gauge",
+            "Sequences admitted to the engine.",
+            e.running.get(),
+        );
+        simple(
+            w,
+            "seedance_queue_depth",
+            "gauge",
+            "Requests waiting for admission.",
+            e.queue_depth.get(),
+        );
         let kv = e.kv_usage_permille.get() as f64 / 1000.0;
         let _ = write!(w, "# HELP seedance_kv_cache_usage_ratio Fraction of KV blocks in use.\n# TYPE seedance_kv_cache_usage_ratio gauge\nseedance_kv_cache_usage_ratio {kv}\n");
-        simple(w, "seedance_engine_steps_total", "counter", "Engine steps run.", e.steps.get());
+        simple(
+            w,
+            "seedance_engine_steps_total",
+            "counter",
+            "Engine steps run.",
+            e.steps.get(),
+        );
         o
     }
 }
@@ -273,7 +431,10 @@ mod tests {
             model: "null".into(),
         };
         let text = r.render();
-        assert!(text.contains("seedance_generated_tokens_total 7\n"), "{text}");
+        assert!(
+            text.contains("seedance_generated_tokens_total 7\n"),
+            "{text}"
+        );
         assert!(text.contains("seedance_handshake_failures_total{reason=\"bad_version\"} 1\n"));
         assert!(text.contains("seedance_io_driver{driver=\"io_uring\"} 2\n"));
         assert!(text.contains("seedance_time_to_first_token_seconds_bucket{le=\"0.005\"} 1\n"));

@@ -23,7 +23,10 @@ use seedance::ws::frame::{write_frame_masked, Limits, OpCode, Role};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser, Debug)]
-#[command(name = "seedance-bench", about = "Load generator for seedance (WebSocket)")]
+#[command(
+    name = "seedance-bench",
+    about = "Load generator for seedance (WebSocket)"
+)]
 struct Args {
     #[command(subcommand)]
     cmd: Cmd,
@@ -103,7 +106,11 @@ fn main() {
     if let Some(cpu) = cpu {
         let _ = monoio::utils::bind_to_cpu_set([cpu]);
     }
-    let mut rt = match monoio::RuntimeBuilder::<monoio::FusionDriver>::new().enable_timer().with_entries(8192).build() {
+    let mut rt = match monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+        .enable_timer()
+        .with_entries(8192)
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("seedance-bench: cannot start runtime: {e}");
@@ -144,7 +151,9 @@ impl Client {
         loop {
             if let Some(end) = c.buf.windows(4).position(|w| w == b"\r\n\r\n") {
                 if !c.buf.starts_with(b"HTTP/1.1 101") {
-                    return Err(std::io::Error::other(String::from_utf8_lossy(&c.buf[..end]).into_owned()));
+                    return Err(std::io::Error::other(
+                        String::from_utf8_lossy(&c.buf[..end]).into_owned(),
+                    ));
                 }
                 let _ = c.buf.split_to(end + 4);
                 break;
@@ -195,7 +204,13 @@ fn prompt(words: usize) -> String {
 }
 
 /// One connection's loop: generate, read to `done`, repeat until `end`.
-async fn ws_worker(a: WsArgs, n: usize, start_measure: Instant, end: Instant, stats: Rc<RefCell<Stats>>) {
+async fn ws_worker(
+    a: WsArgs,
+    n: usize,
+    start_measure: Instant,
+    end: Instant,
+    stats: Rc<RefCell<Stats>>,
+) {
     let query = format!("?stream_mode={}", a.stream_mode);
     let mut c = match Client::connect(a.addr, &query).await {
         Ok(c) => c,
@@ -213,7 +228,13 @@ async fn ws_worker(a: WsArgs, n: usize, start_measure: Instant, end: Instant, st
         out.clear();
         out.put_slice(b"{\"type\":\"generate\",\"id\":\"r");
         out.put_slice(req_no.to_string().as_bytes());
-        out.put_slice(format!("\",\"prompt\":\"{p}\",\"max_tokens\":{},\"temperature\":0}}", a.output_len).as_bytes());
+        out.put_slice(
+            format!(
+                "\",\"prompt\":\"{p}\",\"max_tokens\":{},\"temperature\":0}}",
+                a.output_len
+            )
+            .as_bytes(),
+        );
         let sent = Instant::now();
         let text = String::from_utf8_lossy(&out).into_owned();
         if c.send_text(&text).await.is_err() {
@@ -247,7 +268,8 @@ async fn ws_worker(a: WsArgs, n: usize, start_measure: Instant, end: Instant, st
                         let v: serde_json::Value = serde_json::from_slice(&t).unwrap_or_default();
                         match v["type"].as_str() {
                             Some("done") => {
-                                let toks = v["usage"]["completion_tokens"].as_u64().unwrap_or(deltas);
+                                let toks =
+                                    v["usage"]["completion_tokens"].as_u64().unwrap_or(deltas);
                                 if measuring && now <= end {
                                     let mut s = stats.borrow_mut();
                                     s.requests += 1;
@@ -319,7 +341,13 @@ async fn run_ws(a: WsArgs) -> i32 {
     let end = start_measure + Duration::from_secs_f64(a.duration);
     let mut handles = Vec::with_capacity(a.connections);
     for n in 0..a.connections {
-        handles.push(monoio::spawn(ws_worker(a.clone(), n, start_measure, end, stats.clone())));
+        handles.push(monoio::spawn(ws_worker(
+            a.clone(),
+            n,
+            start_measure,
+            end,
+            stats.clone(),
+        )));
         if n % 64 == 63 {
             monoio::time::sleep(Duration::from_millis(1)).await;
         }
@@ -336,7 +364,11 @@ async fn run_ws(a: WsArgs) -> i32 {
         });
         println!(
             "{name:<6} mean {:>9.3}  p50 {:>9.3}  p90 {:>9.3}  p95 {:>9.3}  p99 {:>9.3}  (ms)",
-            mean(v) * 1e3, pct(v, 50.0) * 1e3, pct(v, 90.0) * 1e3, pct(v, 95.0) * 1e3, pct(v, 99.0) * 1e3
+            mean(v) * 1e3,
+            pct(v, 50.0) * 1e3,
+            pct(v, 90.0) * 1e3,
+            pct(v, 95.0) * 1e3,
+            pct(v, 99.0) * 1e3
         );
         r
     };
@@ -346,10 +378,18 @@ async fn run_ws(a: WsArgs) -> i32 {
     );
     println!(
         "requests {}  errors {}  req/s {:.1}  deltas/s {:.0}  output tok/s {:.0}",
-        s.requests, s.errors, s.requests as f64 / secs, s.deltas as f64 / secs, s.tokens as f64 / secs
+        s.requests,
+        s.errors,
+        s.requests as f64 / secs,
+        s.deltas as f64 / secs,
+        s.tokens as f64 / secs
     );
-    let (mut ttft, mut itl, mut tpot, mut e2e) =
-        (std::mem::take(&mut s.ttft), std::mem::take(&mut s.itl), std::mem::take(&mut s.tpot), std::mem::take(&mut s.e2e));
+    let (mut ttft, mut itl, mut tpot, mut e2e) = (
+        std::mem::take(&mut s.ttft),
+        std::mem::take(&mut s.itl),
+        std::mem::take(&mut s.tpot),
+        std::mem::take(&mut s.e2e),
+    );
     let j = serde_json::json!({
         "connections": a.connections, "output_len": a.output_len, "stream_mode": a.stream_mode,
         "duration_s": secs, "requests": s.requests, "errors": s.errors,
@@ -383,7 +423,11 @@ async fn run_idle(a: IdleArgs) -> i32 {
             }
         }
     }
-    println!("open {} idle connections ({failed} failed); holding {:.0}s", conns.len(), a.hold);
+    println!(
+        "open {} idle connections ({failed} failed); holding {:.0}s",
+        conns.len(),
+        a.hold
+    );
     monoio::time::sleep(Duration::from_secs_f64(a.hold)).await;
     drop(conns);
     i32::from(failed > 0)

@@ -38,7 +38,13 @@ pub fn vocab() -> &'static [String] {
         NULL_TEXT
             .split_whitespace()
             .enumerate()
-            .map(|(i, w)| if i == 0 { w.to_string() } else { format!(" {w}") })
+            .map(|(i, w)| {
+                if i == 0 {
+                    w.to_string()
+                } else {
+                    format!(" {w}")
+                }
+            })
             .collect()
     })
 }
@@ -175,11 +181,17 @@ impl Generator for NullModel {
             };
             let key = s.key;
             if let Some(reason) = finish {
-                sink.push(TokenEvent { key, kind: EventKind::Done(reason) });
+                sink.push(TokenEvent {
+                    key,
+                    kind: EventKind::Done(reason),
+                });
                 self.remove(key);
                 continue;
             }
-            sink.push(TokenEvent { key, kind: EventKind::Token(s.next) });
+            sink.push(TokenEvent {
+                key,
+                kind: EventKind::Token(s.next),
+            });
             s.next += 1;
             emitted = true;
             i += 1;
@@ -205,7 +217,11 @@ mod tests {
     use crate::engine::{GenParams, GenerateRequest};
 
     fn key(slot: u32) -> SeqKey {
-        SeqKey { shard: 0, slot, gen: 1 }
+        SeqKey {
+            shard: 0,
+            slot,
+            gen: 1,
+        }
     }
 
     fn run_until_idle(model: &mut NullModel, sink: &mut EventSink<'_>) {
@@ -222,7 +238,10 @@ mod tests {
         let joined: String = vocab().concat();
         let normalized = NULL_TEXT.split_whitespace().collect::<Vec<_>>().join(" ");
         assert_eq!(joined, normalized);
-        assert!(vocab().len() > 256, "benchmarks stream 256-token generations");
+        assert!(
+            vocab().len() > 256,
+            "benchmarks stream 256-token generations"
+        );
     }
 
     #[test]
@@ -230,8 +249,15 @@ mod tests {
         let (mut shard, mut engine, _) = links(1, 16, 1024);
         let mut model = NullModel::new(0.0, 8);
         let mut sink = EventSink::for_tests(&mut engine);
-        let params = GenParams { max_tokens: 5, ..GenParams::default() };
-        let req = GenerateRequest { key: key(3), prompt: vec![0; 4], params };
+        let params = GenParams {
+            max_tokens: 5,
+            ..GenParams::default()
+        };
+        let req = GenerateRequest {
+            key: key(3),
+            prompt: vec![0; 4],
+            params,
+        };
         model.handle(EngineMsg::Generate(Box::new(req)), &mut sink);
         run_until_idle(&mut model, &mut sink);
         let mut got = Vec::new();
@@ -250,13 +276,24 @@ mod tests {
         let (mut shard, mut engine, _) = links(1, 16, 1024);
         let mut model = NullModel::new(0.0, 8);
         let mut sink = EventSink::for_tests(&mut engine);
-        let req = GenerateRequest { key: key(1), prompt: vec![], params: GenParams::default() };
+        let req = GenerateRequest {
+            key: key(1),
+            prompt: vec![],
+            params: GenParams::default(),
+        };
         model.handle(EngineMsg::Generate(Box::new(req)), &mut sink);
         model.step(&mut sink);
         model.handle(EngineMsg::Cancel(key(1)), &mut sink);
         assert_eq!(model.step(&mut sink), StepOutcome::Idle);
-        let kinds: Vec<_> = std::iter::from_fn(|| shard[0].events.pop().ok().map(|e| e.kind)).collect();
-        assert_eq!(kinds, vec![EventKind::Token(0), EventKind::Done(FinishReason::Cancelled)]);
+        let kinds: Vec<_> =
+            std::iter::from_fn(|| shard[0].events.pop().ok().map(|e| e.kind)).collect();
+        assert_eq!(
+            kinds,
+            vec![
+                EventKind::Token(0),
+                EventKind::Done(FinishReason::Cancelled)
+            ]
+        );
     }
 
     #[test]
@@ -264,8 +301,15 @@ mod tests {
         let (mut shard, mut engine, _) = links(1, 16, 4);
         let mut model = NullModel::new(0.0, 8);
         let mut sink = EventSink::for_tests(&mut engine);
-        let params = GenParams { max_tokens: 10, ..GenParams::default() };
-        let req = GenerateRequest { key: key(1), prompt: vec![], params };
+        let params = GenParams {
+            max_tokens: 10,
+            ..GenParams::default()
+        };
+        let req = GenerateRequest {
+            key: key(1),
+            prompt: vec![],
+            params,
+        };
         model.handle(EngineMsg::Generate(Box::new(req)), &mut sink);
         let mut seen = Vec::new();
         for _ in 0..100 {
@@ -284,7 +328,11 @@ mod tests {
         let mut model = NullModel::new(0.0, 1);
         let mut sink = EventSink::for_tests(&mut engine);
         for slot in 0..2 {
-            let req = GenerateRequest { key: key(slot), prompt: vec![], params: GenParams::default() };
+            let req = GenerateRequest {
+                key: key(slot),
+                prompt: vec![],
+                params: GenParams::default(),
+            };
             model.handle(EngineMsg::Generate(Box::new(req)), &mut sink);
         }
         let ev = shard[0].events.pop().expect("a rejection");

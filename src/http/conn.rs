@@ -79,7 +79,10 @@ pub async fn serve<R: AsyncReadRent>(
                     return match result {
                         Ok(accepted) => {
                             buf.advance(len);
-                            handshake::write_response_101(&mut conn.out.borrow_mut().buf, &accepted);
+                            handshake::write_response_101(
+                                &mut conn.out.borrow_mut().buf,
+                                &accepted,
+                            );
                             conn.wake_writer.notify();
                             Some(accepted)
                         }
@@ -119,7 +122,11 @@ pub async fn serve<R: AsyncReadRent>(
 
 fn fail(shard: &Shard, conn: &Conn, e: &HttpError, in_head: bool) {
     if in_head {
-        let label = if matches!(e, HttpError::HeadTooLarge) { "head_too_large" } else { "bad_request" };
+        let label = if matches!(e, HttpError::HeadTooLarge) {
+            "head_too_large"
+        } else {
+            "bad_request"
+        };
         shard.metrics.handshake_failure(label);
     }
     e.write(&mut conn.out.borrow_mut().buf);
@@ -155,7 +162,10 @@ async fn read_body<R: AsyncReadRent>(
     let mut send_continue = |conn: &Conn| {
         if info.expect_continue && !continued {
             continued = true;
-            conn.out.borrow_mut().buf.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
+            conn.out
+                .borrow_mut()
+                .buf
+                .extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
             conn.wake_writer.notify();
         }
     };
@@ -167,7 +177,11 @@ async fn read_body<R: AsyncReadRent>(
             }
             while buf.len() < n {
                 send_continue(conn);
-                if read_more(rd, buf, (n - buf.len()).min(1 << 20)).await.unwrap_or(0) == 0 {
+                if read_more(rd, buf, (n - buf.len()).min(1 << 20))
+                    .await
+                    .unwrap_or(0)
+                    == 0
+                {
                     return Ok(None);
                 }
             }

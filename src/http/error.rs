@@ -71,6 +71,13 @@ impl HttpError {
             HttpError::MethodNotAllowed(allow) => Some(("allow", *allow)),
             _ => None,
         };
-        write_json_error(out, self.status(), self.code(), &self.to_string(), extra, self.closes());
+        write_json_error(
+            out,
+            self.status(),
+            self.code(),
+            &self.to_string(),
+            extra,
+            self.closes(),
+        );
     }
 }

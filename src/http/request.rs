@@ -70,7 +70,11 @@ pub fn parse_head(buf: &[u8], max_head: usize) -> Result<Option<Head<'_>>, HttpE
     let status = match req.parse(buf) {
         Ok(s) => s,
         Err(httparse::Error::TooManyHeaders) => return Err(HttpError::HeadTooLarge),
-        Err(e) => return Err(HttpError::BadRequest(format!("malformed request head: {e}"))),
+        Err(e) => {
+            return Err(HttpError::BadRequest(format!(
+                "malformed request head: {e}"
+            )))
+        }
     };
     let len = match status {
         httparse::Status::Partial => {
@@ -128,7 +132,9 @@ fn body_kind(head: &Head<'_>) -> Result<BodyKind, HttpError> {
         }
         let last = te.rsplit(|&b| b == b',').next().unwrap_or(b"").trim_ascii();
         if !last.eq_ignore_ascii_case(b"chunked") {
-            return Err(HttpError::NotImplemented("only chunked transfer coding is supported"));
+            return Err(HttpError::NotImplemented(
+                "only chunked transfer coding is supported",
+            ));
         }
         return Ok(BodyKind::Chunked);
     }
@@ -142,10 +148,12 @@ fn body_kind(head: &Head<'_>) -> Result<BodyKind, HttpError> {
         .ok()
         .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
         .ok_or_else(|| HttpError::BadRequest("invalid Content-Length".into()))?;
-    let n: usize = s
-        .parse()
-        .map_err(|_| HttpError::PayloadTooLarge)?;
-    Ok(if n == 0 { BodyKind::None } else { BodyKind::Length(n) })
+    let n: usize = s.parse().map_err(|_| HttpError::PayloadTooLarge)?;
+    Ok(if n == 0 {
+        BodyKind::None
+    } else {
+        BodyKind::Length(n)
+    })
 }
 
 /// Incremental decoder of a chunked body (RFC 9112 §7.1) into `out`.
@@ -191,7 +199,11 @@ impl ChunkedDecoder {
                 return Ok(pos);
             };
             let line = &buf[pos..pos + eol];
-            let size_part = line.split(|&b| b == b';').next().unwrap_or(b"").trim_ascii();
+            let size_part = line
+                .split(|&b| b == b';')
+                .next()
+                .unwrap_or(b"")
+                .trim_ascii();
             let size = std::str::from_utf8(size_part)
                 .ok()
                 .filter(|s| !s.is_empty() && s.len() <= 16)
@@ -233,7 +245,10 @@ mod tests {
     fn parses_head_query_and_keep_alive() {
         let raw = b"GET /v1/chat?model=abc&x=1 HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, keep-alive\r\n\r\nrest";
         let h = parse_head(raw, 1024).expect("ok").expect("complete");
-        assert_eq!((h.method, h.path, h.query), ("GET", "/v1/chat", Some("model=abc&x=1")));
+        assert_eq!(
+            (h.method, h.path, h.query),
+            ("GET", "/v1/chat", Some("model=abc&x=1"))
+        );
         assert_eq!(h.query_param("model"), Some("abc"));
         assert!(h.has_token("connection", "upgrade"));
         assert!(h.keep_alive);
@@ -242,7 +257,9 @@ mod tests {
 
     #[test]
     fn http10_closes_unless_keep_alive() {
-        let h = parse_head(b"GET / HTTP/1.0\r\n\r\n", 1024).expect("ok").expect("complete");
+        let h = parse_head(b"GET / HTTP/1.0\r\n\r\n", 1024)
+            .expect("ok")
+            .expect("complete");
         assert!(!h.keep_alive);
     }
 
@@ -251,13 +268,19 @@ mod tests {
         let raw = vec![b'a'; 300];
         let mut req = b"GET /".to_vec();
         req.extend_from_slice(&raw);
-        assert!(matches!(parse_head(&req, 256), Err(HttpError::HeadTooLarge)));
+        assert!(matches!(
+            parse_head(&req, 256),
+            Err(HttpError::HeadTooLarge)
+        ));
     }
 
     #[test]
     fn content_length_and_transfer_encoding_together_are_refused() {
         let raw = b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n";
-        assert!(matches!(parse_head(raw, 1024), Err(HttpError::BadRequest(_))));
+        assert!(matches!(
+            parse_head(raw, 1024),
+            Err(HttpError::BadRequest(_))
+        ));
     }
 
     #[test]
@@ -281,6 +304,9 @@ mod tests {
     fn chunked_body_over_limit_is_413() {
         let mut d = ChunkedDecoder::default();
         let mut out = Vec::new();
-        assert!(matches!(d.feed(b"ff\r\n", &mut out, 10), Err(HttpError::PayloadTooLarge)));
+        assert!(matches!(
+            d.feed(b"ff\r\n", &mut out, 10),
+            Err(HttpError::PayloadTooLarge)
+        ));
     }
 }

@@ -75,12 +75,24 @@ pub fn handle(shard: &Shard, req: &RequestInfo, _body: &[u8], out: &mut BytesMut
             let v = serde_json::json!({"object": "list", "data": data});
             (200, "application/json", v.to_string().into_bytes())
         }
-        Route::Metrics => (200, "text/plain; version=0.0.4", shared.registry.render().into_bytes()),
+        Route::Metrics => (
+            200,
+            "text/plain; version=0.0.4",
+            shared.registry.render().into_bytes(),
+        ),
         Route::Index => {
             if shared.config.server.mode == Mode::Http {
-                (200, "text/plain", b"seedance: WebSocket disabled (--mode http)\n".to_vec())
+                (
+                    200,
+                    "text/plain",
+                    b"seedance: WebSocket disabled (--mode http)\n".to_vec(),
+                )
             } else {
-                (200, "text/html; charset=utf-8", INDEX_HTML.as_bytes().to_vec())
+                (
+                    200,
+                    "text/html; charset=utf-8",
+                    INDEX_HTML.as_bytes().to_vec(),
+                )
             }
         }
     };

@@ -70,7 +70,8 @@ impl Conn {
     pub fn close_after_flush(&self, shard: &Shard) {
         if self.closing_since.get().is_none() {
             self.closing_since.set(Some(Instant::now()));
-            self.state.advance(ConnState::GracefulClosing, Instant::now(), &shard.metrics);
+            self.state
+                .advance(ConnState::GracefulClosing, Instant::now(), &shard.metrics);
         }
         self.wake_writer.notify();
     }
@@ -93,7 +94,8 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, over_capacity: bool) {
     let key = shard.conns.borrow_mut().insert(conn.clone());
     conn.key.set(key);
     shard.metrics.active_connections.inc();
-    conn.state.advance(ConnState::Handshaking, now, &shard.metrics);
+    conn.state
+        .advance(ConnState::Handshaking, now, &shard.metrics);
     let (mut rd, wr) = stream.into_split();
     let writer = monoio::spawn(write_loop(shard.clone(), conn.clone(), wr));
     if over_capacity {
@@ -107,7 +109,8 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, over_capacity: bool) {
     }
     finish(&shard, &conn);
     writer.await;
-    conn.state.advance(ConnState::Closed, Instant::now(), &shard.metrics);
+    conn.state
+        .advance(ConnState::Closed, Instant::now(), &shard.metrics);
     shard.conns.borrow_mut().try_remove(key);
     shard.metrics.active_connections.sub(1);
 }
@@ -123,7 +126,11 @@ fn finish(shard: &Shard, conn: &Rc<Conn>) {
 }
 
 /// Reads more bytes into `buf` (appending). Returns 0 at end of stream.
-pub async fn read_more<R: AsyncReadRent>(rd: &mut R, buf: &mut BytesMut, want: usize) -> std::io::Result<usize> {
+pub async fn read_more<R: AsyncReadRent>(
+    rd: &mut R,
+    buf: &mut BytesMut,
+    want: usize,
+) -> std::io::Result<usize> {
     use monoio::buf::IoBufMut;
     buf.reserve(want);
     let len = buf.len();
@@ -168,7 +175,9 @@ async fn write_loop<W: AsyncWriteRent>(shard: Rc<Shard>, conn: Rc<Conn>, mut wr:
 
 /// Pauses the connection's sequences in the engine when its send backlog passes the bound.
 pub fn apply_backpressure(shard: &Shard, conn: &Conn) {
-    if conn.paused.get() || conn.out.borrow().len() <= shard.shared.config.session.max_send_backlog_bytes {
+    if conn.paused.get()
+        || conn.out.borrow().len() <= shard.shared.config.session.max_send_backlog_bytes
+    {
         return;
     }
     if let Some(ws) = conn.ws.borrow().as_ref() {
@@ -182,7 +191,9 @@ pub fn apply_backpressure(shard: &Shard, conn: &Conn) {
 
 /// Resumes paused sequences once the backlog drained below a quarter of the bound.
 fn relieve_backpressure(shard: &Shard, conn: &Conn) {
-    if !conn.paused.get() || conn.out.borrow().len() > shard.shared.config.session.max_send_backlog_bytes / 4 {
+    if !conn.paused.get()
+        || conn.out.borrow().len() > shard.shared.config.session.max_send_backlog_bytes / 4
+    {
         return;
     }
     conn.paused.set(false);
@@ -213,7 +224,9 @@ pub fn on_tick(shard: &Shard, conn: &Rc<Conn>, now: Instant, now_us: u64) {
     }
     if conn.ws.borrow().is_some() {
         crate::session::ws::on_tick(shard, conn, now, now_us);
-    } else if conn.head_started.get().is_none() && now.duration_since(conn.last_active.get()) > cfg.idle_timeout {
+    } else if conn.head_started.get().is_none()
+        && now.duration_since(conn.last_active.get()) > cfg.idle_timeout
+    {
         conn.close_after_flush(shard);
         conn.abort();
     }
@@ -233,7 +246,13 @@ pub fn begin_shutdown(shard: &Shard, conn: &Rc<Conn>) {
 /// The shutdown deadline passed: close with 1001 now.
 pub fn force_close(shard: &Shard, conn: &Rc<Conn>, reason: &str) {
     if conn.ws.borrow().is_some() {
-        crate::session::ws::close_with(shard, conn, crate::ws::close::CloseCode::GOING_AWAY, "server shutting down", reason);
+        crate::session::ws::close_with(
+            shard,
+            conn,
+            crate::ws::close::CloseCode::GOING_AWAY,
+            "server shutting down",
+            reason,
+        );
     }
     conn.close_after_flush(shard);
     conn.wake_writer.notify();

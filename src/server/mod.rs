@@ -26,9 +26,15 @@ use shard::{Shard, Shared};
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("cannot start shard {shard}: {source}")]
-    Runtime { shard: usize, source: std::io::Error },
+    Runtime {
+        shard: usize,
+        source: std::io::Error,
+    },
     #[error("model {model}: {reason}")]
     Model { model: String, reason: String },
     #[error("cannot spawn thread: {0}")]
@@ -77,7 +83,9 @@ fn allowed_cpus() -> Vec<usize> {
         if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
             return (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect();
         }
-        (0..libc::CPU_SETSIZE as usize).filter(|&c| libc::CPU_ISSET(c, &set)).collect()
+        (0..libc::CPU_SETSIZE as usize)
+            .filter(|&c| libc::CPU_ISSET(c, &set))
+            .collect()
     }
 }
 
@@ -85,9 +93,15 @@ fn allowed_cpus() -> Vec<usize> {
 fn build_generator(config: &Config) -> Result<Box<dyn Generator>, StartError> {
     let e = &config.engine;
     if e.model == "null" {
-        return Ok(Box::new(crate::engine::null::NullModel::new(e.null_tokens_per_s, e.max_running)));
+        return Ok(Box::new(crate::engine::null::NullModel::new(
+            e.null_tokens_per_s,
+            e.max_running,
+        )));
     }
-    Err(StartError::Model { model: e.model.clone(), reason: "only the null model is available in this build".into() })
+    Err(StartError::Model {
+        model: e.model.clone(),
+        reason: "only the null model is available in this build".into(),
+    })
 }
 
 /// Starts the engine and every shard; returns once every shard accepts connections.
@@ -95,8 +109,11 @@ pub fn start(config: Config) -> Result<Server, StartError> {
     let generator = build_generator(&config)?;
     let n = config.server.cores;
     let cpus = allowed_cpus();
-    let (shard_links, engine_links, parker) =
-        queue::links(n, config.engine.request_queue_capacity, config.engine.event_queue_capacity);
+    let (shard_links, engine_links, parker) = queue::links(
+        n,
+        config.engine.request_queue_capacity,
+        config.engine.event_queue_capacity,
+    );
     let shard_metrics: Vec<Arc<ShardMetrics>> = (0..n).map(|_| Arc::default()).collect();
     let registry = Arc::new(Registry {
         shards: shard_metrics.clone(),
@@ -132,7 +149,15 @@ pub fn start(config: Config) -> Result<Server, StartError> {
     for (i, link) in shard_links.into_iter().enumerate() {
         let (tx, rx) = mpsc::channel();
         let cpu = cpus.get(i % cpus.len().max(1)).copied();
-        let h = spawn_shard(i, cpu, addr, link, shared.clone(), shard_metrics[i].clone(), tx)?;
+        let h = spawn_shard(
+            i,
+            cpu,
+            addr,
+            link,
+            shared.clone(),
+            shard_metrics[i].clone(),
+            tx,
+        )?;
         handles.push(h);
         match rx.recv() {
             Ok(Ok(bound)) => addr = bound,
@@ -140,11 +165,22 @@ pub fn start(config: Config) -> Result<Server, StartError> {
                 shared.shutdown.store(true, Ordering::Release);
                 return Err(e);
             }
-            Err(_) => return Err(StartError::Runtime { shard: i, source: std::io::Error::other("shard thread died") }),
+            Err(_) => {
+                return Err(StartError::Runtime {
+                    shard: i,
+                    source: std::io::Error::other("shard thread died"),
+                })
+            }
         }
     }
     shared.ready.store(true, Ordering::Release);
-    Ok(Server { addr, shared, shards: handles, engine: Some(engine), engine_stop })
+    Ok(Server {
+        addr,
+        shared,
+        shards: handles,
+        engine: Some(engine),
+        engine_stop,
+    })
 }
 
 fn spawn_shard(
@@ -176,7 +212,11 @@ fn spawn_shard(
                 }
             };
             rt.block_on(async move {
-                let driver = if monoio::utils::is_legacy() { "epoll" } else { "io_uring" };
+                let driver = if monoio::utils::is_legacy() {
+                    "epoll"
+                } else {
+                    "io_uring"
+                };
                 let _ = shared.registry.io_driver[i].set(driver);
                 let listener = match shard::bind(addr) {
                     Ok(l) => l,

@@ -97,7 +97,10 @@ pub async fn write_all<W: AsyncWriteRent>(w: &mut W, segs: &mut Vec<Bytes>) -> i
         let n_iov = pending.len().min(MAX_IOV);
         let iov = pending[..n_iov]
             .iter()
-            .map(|b| libc::iovec { iov_base: b.as_ptr() as *mut libc::c_void, iov_len: b.len() })
+            .map(|b| libc::iovec {
+                iov_base: b.as_ptr() as *mut libc::c_void,
+                iov_len: b.len(),
+            })
             .collect();
         let (res, back) = w.writev(IoVecs { iov, segs: pending }).await;
         pending = back.segs;

@@ -81,7 +81,11 @@ impl Shard {
             gens.resize(slot + 1, 0);
         }
         gens[slot] = gens[slot].wrapping_add(1);
-        let key = SeqKey { shard: self.id, slot: slot as u32, gen: gens[slot] };
+        let key = SeqKey {
+            shard: self.id,
+            slot: slot as u32,
+            gen: gens[slot],
+        };
         if let Some(e) = reqs.get_mut(slot) {
             e.key = key;
         }
@@ -108,7 +112,10 @@ impl Shard {
 
 /// Binds this shard's listener (SO_REUSEPORT, so every shard has its own accept queue).
 pub fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
-    let opts = ListenerOpts::new().reuse_port(true).reuse_addr(true).backlog(4096);
+    let opts = ListenerOpts::new()
+        .reuse_port(true)
+        .reuse_addr(true)
+        .backlog(4096);
     TcpListener::bind_with_config(addr, &opts)
 }
 
@@ -145,14 +152,24 @@ pub async fn run(shard: Rc<Shard>, listener: TcpListener) {
 /// `shutdown_timeout`, then close what is left with 1001.
 async fn drain(shard: &Rc<Shard>) {
     let deadline = Instant::now() + shard.shared.config.server.shutdown_timeout;
-    let conns: Vec<Rc<Conn>> = shard.conns.borrow().iter().map(|(_, c)| c.clone()).collect();
+    let conns: Vec<Rc<Conn>> = shard
+        .conns
+        .borrow()
+        .iter()
+        .map(|(_, c)| c.clone())
+        .collect();
     for c in conns {
         conn::begin_shutdown(shard, &c);
     }
     while !shard.conns.borrow().is_empty() && Instant::now() < deadline {
         monoio::time::sleep(TICK).await;
     }
-    let conns: Vec<Rc<Conn>> = shard.conns.borrow().iter().map(|(_, c)| c.clone()).collect();
+    let conns: Vec<Rc<Conn>> = shard
+        .conns
+        .borrow()
+        .iter()
+        .map(|(_, c)| c.clone())
+        .collect();
     for c in conns {
         conn::force_close(shard, &c, "going_away");
     }

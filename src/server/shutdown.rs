@@ -26,23 +26,24 @@ pub fn block_signals() {
 
 /// Spawns the thread that waits for a signal and sets `flag`; a second signal exits at once.
 pub fn watch(flag: Arc<dyn Fn() + Send + Sync>) {
-    let _ = std::thread::Builder::new().name("signals".into()).spawn(move || {
-        let set = signal_set();
-        let mut first = true;
-        loop {
-            let mut sig: libc::c_int = 0;
-            // SAFETY: sigwait on a valid set that is blocked in every thread.
-            if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
-                return;
+    let _ = std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let set = signal_set();
+            let mut first = true;
+            loop {
+                let mut sig: libc::c_int = 0;
+                // SAFETY: sigwait on a valid set that is blocked in every thread.
+                if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+                    return;
+                }
+                if !first {
+                    eprintln!("second signal: exiting now");
+                    std::process::exit(130);
+                }
+                first = false;
+                tracing::info!(signal = sig, "shutting down: no new connections, draining");
+                flag();
             }
-            if !first {
-                eprintln!("second signal: exiting now");
-                std::process::exit(130);
-            }
-            first = false;
-            tracing::info!(signal = sig, "shutting down: no new connections, draining");
-            flag();
-        }
-    });
+        });
 }
-

@@ -11,7 +11,10 @@ pub const SIZE_CAP: usize = 256;
 
 /// Whether text ending in `c` ends a semantic unit.
 pub fn is_boundary(c: char) -> bool {
-    matches!(c, '.' | '!' | '?' | ';' | ',' | ':' | '\n' | '。' | '！' | '？' | '；' | '，' | '、')
+    matches!(
+        c,
+        '.' | '!' | '?' | ';' | ',' | ':' | '\n' | '。' | '！' | '？' | '；' | '，' | '、'
+    )
 }
 
 /// Pending text of one request.
@@ -37,7 +40,9 @@ impl Chunker {
 
     /// Whether the pending text has waited past the latency cap.
     pub fn is_stale(&self, now: Instant) -> bool {
-        self.since.is_some_and(|s| now.duration_since(s) >= LATENCY_CAP) && !self.pending.is_empty()
+        self.since
+            .is_some_and(|s| now.duration_since(s) >= LATENCY_CAP)
+            && !self.pending.is_empty()
     }
 
     /// Hands out the pending text (the caller writes it, then calls `clear`).

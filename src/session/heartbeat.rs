@@ -27,7 +27,7 @@ impl RttEstimator {
                 self.rttvar = r / 2;
             }
             Some(srtt) => {
-                let diff = if srtt > r { srtt - r } else { r - srtt };
+                let diff = srtt.abs_diff(r);
                 // RTTVAR <- (1 - β)·RTTVAR + β·|SRTT - R'|, β = 1/4
                 self.rttvar = self.rttvar * 3 / 4 + diff / 4;
                 // SRTT <- (1 - α)·SRTT + α·R', α = 1/8
@@ -161,7 +161,9 @@ mod tests {
     fn missing_pong_is_dead_after_several_rtos() {
         let mut h = Heartbeat::new(0, Duration::from_secs(15), 4);
         assert_eq!(h.tick(1_000_000), Beat::Nothing);
-        let Beat::Ping(stamp) = h.tick(15_000_000) else { panic!("ping due") };
+        let Beat::Ping(stamp) = h.tick(15_000_000) else {
+            panic!("ping due")
+        };
         // RTO is 1 s before any sample: dead after 4 s without PONG.
         assert_eq!(h.tick(stamp + 3_900_000), Beat::Nothing);
         assert_eq!(h.tick(stamp + 4_100_000), Beat::Dead);
@@ -170,11 +172,20 @@ mod tests {
     #[test]
     fn pong_answers_only_the_outstanding_ping() {
         let mut h = Heartbeat::new(0, Duration::from_millis(100), 4);
-        let Beat::Ping(stamp) = h.tick(100_000) else { panic!("ping due") };
+        let Beat::Ping(stamp) = h.tick(100_000) else {
+            panic!("ping due")
+        };
         assert_eq!(h.pong(&(stamp + 1).to_be_bytes(), 120_000), None);
         assert_eq!(h.pong(b"junk", 120_000), None);
-        assert_eq!(h.pong(&stamp.to_be_bytes(), 130_000), Some(Duration::from_millis(30)));
+        assert_eq!(
+            h.pong(&stamp.to_be_bytes(), 130_000),
+            Some(Duration::from_millis(30))
+        );
         assert_eq!(h.rtt.srtt(), Some(Duration::from_millis(30)));
-        assert_eq!(h.tick(150_000), Beat::Nothing, "next ping waits an interval");
+        assert_eq!(
+            h.tick(150_000),
+            Beat::Nothing,
+            "next ping waits an interval"
+        );
     }
 }

@@ -48,7 +48,14 @@ pub fn escape_into(out: &mut BytesMut, s: &str) {
         out.put_slice(&bytes[start..i]);
         if e == b'u' {
             const HEX: &[u8; 16] = b"0123456789abcdef";
-            out.put_slice(&[b'\\', b'u', b'0', b'0', HEX[(b >> 4) as usize], HEX[(b & 15) as usize]]);
+            out.put_slice(&[
+                b'\\',
+                b'u',
+                b'0',
+                b'0',
+                HEX[(b >> 4) as usize],
+                HEX[(b & 15) as usize],
+            ]);
         } else {
             out.put_slice(&[b'\\', e]);
         }
@@ -85,7 +92,11 @@ const DELTA_D: &[u8] = b"\"}";
 #[inline]
 pub fn delta_len(id_json: &str, seq: u64, text: &str) -> usize {
     let mut n = itoa::Buffer::new();
-    DELTA_A.len() + id_json.len() + DELTA_B.len() + n.format(seq).len() + DELTA_C.len()
+    DELTA_A.len()
+        + id_json.len()
+        + DELTA_B.len()
+        + n.format(seq).len()
+        + DELTA_C.len()
         + escaped_len(text)
         + DELTA_D.len()
 }
@@ -128,7 +139,12 @@ mod tests {
     #[test]
     fn delta_matches_serde_json() {
         let mut out = BytesMut::new();
-        write_delta_payload(&mut out, &quoted("c\"1"), 42, "tab\there \"q\" \\ \u{1} é 你");
+        write_delta_payload(
+            &mut out,
+            &quoted("c\"1"),
+            42,
+            "tab\there \"q\" \\ \u{1} é 你",
+        );
         let v: serde_json::Value = serde_json::from_slice(&out).expect("valid json");
         assert_eq!(v["type"], "delta");
         assert_eq!(v["id"], "c\"1");
@@ -141,7 +157,13 @@ mod tests {
         for len in [0usize, 125, 126, 65_535, 65_536] {
             let mut out = BytesMut::new();
             put_text_header(&mut out, len);
-            let expected = if len < 126 { 2 } else if len <= 65_535 { 4 } else { 10 };
+            let expected = if len < 126 {
+                2
+            } else if len <= 65_535 {
+                4
+            } else {
+                10
+            };
             assert_eq!(out.len(), expected, "len {len}");
         }
     }

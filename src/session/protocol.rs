@@ -38,10 +38,21 @@ pub struct GenerateMsg {
 #[derive(Debug)]
 pub enum ClientMsg {
     Generate(Box<GenerateMsg>),
-    Cancel { id: String },
-    Ack { id: String, seq: u64 },
-    WindowUpdate { bytes: u64 },
-    Resume { session: String, token: String, after: u64 },
+    Cancel {
+        id: String,
+    },
+    Ack {
+        id: String,
+        seq: u64,
+    },
+    WindowUpdate {
+        bytes: u64,
+    },
+    Resume {
+        session: String,
+        token: String,
+        after: u64,
+    },
     Ping,
 }
 
@@ -55,7 +66,11 @@ pub struct ProtocolError {
 
 impl ProtocolError {
     pub fn new(id: Option<&str>, code: &'static str, message: impl Into<String>) -> Self {
-        Self { id: id.map(str::to_owned), code, message: message.into() }
+        Self {
+            id: id.map(str::to_owned),
+            code,
+            message: message.into(),
+        }
     }
 
     pub fn to_json(&self) -> Value {
@@ -78,16 +93,33 @@ pub const MAX_STOP_LEN: usize = 64;
 
 /// Parses one text message.
 pub fn parse(text: &[u8], cfg: &SessionConfig) -> Result<ClientMsg, ProtocolError> {
-    let v: Value = serde_json::from_slice(text)
-        .map_err(|e| ProtocolError::new(None, "bad_json", format!("message is not valid JSON: {e}")))?;
+    let v: Value = serde_json::from_slice(text).map_err(|e| {
+        ProtocolError::new(None, "bad_json", format!("message is not valid JSON: {e}"))
+    })?;
     let Value::Object(m) = v else {
-        return Err(ProtocolError::new(None, "bad_json", "message must be a JSON object"));
+        return Err(ProtocolError::new(
+            None,
+            "bad_json",
+            "message must be a JSON object",
+        ));
     };
     let id_hint = m.get("id").and_then(Value::as_str);
     let kind = match m.get("type") {
         Some(Value::String(s)) => s.as_str(),
-        Some(_) => return Err(ProtocolError::new(id_hint, "invalid_field", "type must be a string")),
-        None => return Err(ProtocolError::new(id_hint, "missing_field", "missing field: type")),
+        Some(_) => {
+            return Err(ProtocolError::new(
+                id_hint,
+                "invalid_field",
+                "type must be a string",
+            ))
+        }
+        None => {
+            return Err(ProtocolError::new(
+                id_hint,
+                "missing_field",
+                "missing field: type",
+            ))
+        }
     };
     let f = Fields { m: &m, id: id_hint };
     match kind {
@@ -127,7 +159,10 @@ impl<'a> Fields<'a> {
     fn id(&self) -> Result<String, ProtocolError> {
         let id = self.req_str("id")?;
         if id.is_empty() || id.len() > MAX_ID_LEN {
-            return Err(self.err("invalid_field", format!("id must be 1 to {MAX_ID_LEN} bytes")));
+            return Err(self.err(
+                "invalid_field",
+                format!("id must be 1 to {MAX_ID_LEN} bytes"),
+            ));
         }
         Ok(id.to_owned())
     }
@@ -155,10 +190,12 @@ impl<'a> Fields<'a> {
     fn opt_u64(&self, k: &str) -> Result<Option<u64>, ProtocolError> {
         match self.get(k) {
             None => Ok(None),
-            Some(v) => v
-                .as_u64()
-                .map(Some)
-                .ok_or_else(|| self.err("invalid_field", format!("{k} must be a non-negative integer"))),
+            Some(v) => v.as_u64().map(Some).ok_or_else(|| {
+                self.err(
+                    "invalid_field",
+                    format!("{k} must be a non-negative integer"),
+                )
+            }),
         }
     }
 
@@ -172,7 +209,10 @@ impl<'a> Fields<'a> {
             None => Ok(None),
             Some(v) => match v.as_f64() {
                 Some(x) if (lo as f64..=hi as f64).contains(&x) => Ok(Some(x as f32)),
-                _ => Err(self.err("invalid_field", format!("{k} must be a number in [{lo}, {hi}]"))),
+                _ => Err(self.err(
+                    "invalid_field",
+                    format!("{k} must be a number in [{lo}, {hi}]"),
+                )),
             },
         }
     }
@@ -182,7 +222,9 @@ fn parse_generate(f: &Fields<'_>, cfg: &SessionConfig) -> Result<GenerateMsg, Pr
     let id = f.id()?;
     let model = f.opt_str("model")?.map(str::to_owned);
     let input = match (f.get("prompt"), f.get("messages")) {
-        (Some(_), Some(_)) => return Err(f.err("invalid_field", "give either prompt or messages, not both")),
+        (Some(_), Some(_)) => {
+            return Err(f.err("invalid_field", "give either prompt or messages, not both"))
+        }
         (Some(Value::String(p)), None) => Input::Prompt(p.clone()),
         (Some(_), None) => return Err(f.err("invalid_field", "prompt must be a string")),
         (None, Some(m)) => Input::Messages(parse_messages(f, m)?),
@@ -195,12 +237,18 @@ fn parse_generate(f: &Fields<'_>, cfg: &SessionConfig) -> Result<GenerateMsg, Pr
             _ => {
                 return Err(f.err(
                     "invalid_field",
-                    format!("max_tokens must be an integer in [1, {}]", cfg.max_tokens_limit),
+                    format!(
+                        "max_tokens must be an integer in [1, {}]",
+                        cfg.max_tokens_limit
+                    ),
                 ))
             }
         },
     };
-    let mut params = GenParams { max_tokens, ..GenParams::default() };
+    let mut params = GenParams {
+        max_tokens,
+        ..GenParams::default()
+    };
     if let Some(t) = f.opt_f32("temperature", 0.0, 2.0)? {
         params.temperature = t;
     }
@@ -217,7 +265,10 @@ fn parse_generate(f: &Fields<'_>, cfg: &SessionConfig) -> Result<GenerateMsg, Pr
     let stream_mode = match f.opt_str("stream_mode")? {
         None => None,
         Some(s) => Some(StreamMode::parse(s.as_bytes()).ok_or_else(|| {
-            f.err("invalid_field", "stream_mode must be one of full, token, chunk")
+            f.err(
+                "invalid_field",
+                "stream_mode must be one of full, token, chunk",
+            )
         })?),
     };
     let stop = match f.get("stop") {
@@ -227,8 +278,18 @@ fn parse_generate(f: &Fields<'_>, cfg: &SessionConfig) -> Result<GenerateMsg, Pr
             .iter()
             .map(|v| v.as_str().map(str::to_owned))
             .collect::<Option<Vec<_>>>()
-            .ok_or_else(|| f.err("invalid_field", "stop must be a string or an array of strings"))?,
-        Some(_) => return Err(f.err("invalid_field", "stop must be a string or an array of strings")),
+            .ok_or_else(|| {
+                f.err(
+                    "invalid_field",
+                    "stop must be a string or an array of strings",
+                )
+            })?,
+        Some(_) => {
+            return Err(f.err(
+                "invalid_field",
+                "stop must be a string or an array of strings",
+            ))
+        }
     };
     if stop.len() > MAX_STOP || stop.iter().any(|s| s.is_empty() || s.len() > MAX_STOP_LEN) {
         return Err(f.err(
@@ -236,7 +297,14 @@ fn parse_generate(f: &Fields<'_>, cfg: &SessionConfig) -> Result<GenerateMsg, Pr
             format!("stop: at most {MAX_STOP} non-empty strings of at most {MAX_STOP_LEN} bytes"),
         ));
     }
-    Ok(GenerateMsg { id, model, input, params, stream_mode, stop })
+    Ok(GenerateMsg {
+        id,
+        model,
+        input,
+        params,
+        stream_mode,
+        stop,
+    })
 }
 
 fn parse_messages(f: &Fields<'_>, v: &Value) -> Result<Vec<ChatMessage>, ProtocolError> {
@@ -251,10 +319,16 @@ fn parse_messages(f: &Fields<'_>, v: &Value) -> Result<Vec<ChatMessage>, Protoco
         .enumerate()
         .map(|(i, item)| {
             let role = item.get("role").and_then(Value::as_str).ok_or_else(|| {
-                f.err("invalid_field", format!("messages[{i}].role must be a string"))
+                f.err(
+                    "invalid_field",
+                    format!("messages[{i}].role must be a string"),
+                )
             })?;
             if !matches!(role, "system" | "developer" | "user" | "assistant" | "tool") {
-                return Err(f.err("invalid_field", format!("messages[{i}].role {role:?} is not a known role")));
+                return Err(f.err(
+                    "invalid_field",
+                    format!("messages[{i}].role {role:?} is not a known role"),
+                ));
             }
             let content = match item.get("content") {
                 Some(Value::String(s)) => s.clone(),
@@ -264,14 +338,23 @@ fn parse_messages(f: &Fields<'_>, v: &Value) -> Result<Vec<ChatMessage>, Protoco
                     .collect::<Option<Vec<_>>>()
                     .map(|v| v.concat())
                     .ok_or_else(|| {
-                        f.err("invalid_field", format!("messages[{i}].content parts must be text parts"))
+                        f.err(
+                            "invalid_field",
+                            format!("messages[{i}].content parts must be text parts"),
+                        )
                     })?,
                 Some(Value::Null) | None => String::new(),
                 Some(_) => {
-                    return Err(f.err("invalid_field", format!("messages[{i}].content must be a string or an array")))
+                    return Err(f.err(
+                        "invalid_field",
+                        format!("messages[{i}].content must be a string or an array"),
+                    ))
                 }
             };
-            Ok(ChatMessage { role: role.to_owned(), content })
+            Ok(ChatMessage {
+                role: role.to_owned(),
+                content,
+            })
         })
         .collect()
 }
@@ -299,12 +382,20 @@ mod tests {
             &cfg(),
         )
         .expect("valid");
-        let ClientMsg::Generate(g) = m else { panic!("generate") };
+        let ClientMsg::Generate(g) = m else {
+            panic!("generate")
+        };
         assert_eq!(g.id, "c1");
         assert_eq!(g.params.max_tokens, 5);
         assert_eq!(g.params.temperature, 0.0);
         assert_eq!(g.stream_mode, Some(StreamMode::Full));
-        assert_eq!(g.input, Input::Messages(vec![ChatMessage { role: "user".into(), content: "hi".into() }]));
+        assert_eq!(
+            g.input,
+            Input::Messages(vec![ChatMessage {
+                role: "user".into(),
+                content: "hi".into()
+            }])
+        );
     }
 
     #[test]
@@ -317,11 +408,25 @@ mod tests {
         let e = err(r#"{"type":"generate","id":"a","prompt":"x","max_tokens":-3}"#);
         assert_eq!(e.code, "invalid_field");
         assert!(e.message.contains("max_tokens"), "{}", e.message);
-        assert!(err(r#"{"type":"generate","id":"a"}"#).message.contains("messages"));
-        assert!(err(r#"{"type":"generate","id":"a","prompt":"x","temperature":"hot"}"#).message.contains("temperature"));
-        assert!(err(r#"{"type":"generate","id":"a","prompt":"x","stream_mode":"bits"}"#).message.contains("stream_mode"));
-        assert!(err(r#"{"type":"generate","prompt":"x"}"#).message.contains("id"));
-        assert!(err(r#"{"type":"window_update","bytes":0}"#).message.contains("bytes"));
+        assert!(err(r#"{"type":"generate","id":"a"}"#)
+            .message
+            .contains("messages"));
+        assert!(
+            err(r#"{"type":"generate","id":"a","prompt":"x","temperature":"hot"}"#)
+                .message
+                .contains("temperature")
+        );
+        assert!(
+            err(r#"{"type":"generate","id":"a","prompt":"x","stream_mode":"bits"}"#)
+                .message
+                .contains("stream_mode")
+        );
+        assert!(err(r#"{"type":"generate","prompt":"x"}"#)
+            .message
+            .contains("id"));
+        assert!(err(r#"{"type":"window_update","bytes":0}"#)
+            .message
+            .contains("bytes"));
     }
 
     proptest! {

@@ -50,21 +50,36 @@ pub fn start_ws(shard: &Rc<Shard>, conn: &Rc<Conn>, g: GenerateMsg) -> Result<()
             return Err(ProtocolError::new(Some(id), "internal_error", "no session"));
         };
         if ws.shutting_down {
-            return Err(ProtocolError::new(Some(id), "shutting_down", "the server is shutting down"));
+            return Err(ProtocolError::new(
+                Some(id),
+                "shutting_down",
+                "the server is shutting down",
+            ));
         }
         if ws.reqs.iter().any(|(i, _)| **i == *id) {
-            return Err(ProtocolError::new(Some(id), "duplicate_id", format!("a generation with id {id:?} is already running")));
+            return Err(ProtocolError::new(
+                Some(id),
+                "duplicate_id",
+                format!("a generation with id {id:?} is already running"),
+            ));
         }
         if ws.reqs.len() >= cfg.max_requests_per_connection {
             return Err(ProtocolError::new(
                 Some(id),
                 "too_many_requests",
-                format!("at most {} concurrent generations per connection", cfg.max_requests_per_connection),
+                format!(
+                    "at most {} concurrent generations per connection",
+                    cfg.max_requests_per_connection
+                ),
             ));
         }
         if let Some(m) = &g.model {
             if *m != ws.model && !shared.models.contains(m) {
-                return Err(ProtocolError::new(Some(id), "model_not_found", format!("model {m:?} is not served here")));
+                return Err(ProtocolError::new(
+                    Some(id),
+                    "model_not_found",
+                    format!("model {m:?} is not served here"),
+                ));
             }
         }
         g.stream_mode.unwrap_or(ws.mode)
@@ -75,7 +90,11 @@ pub fn start_ws(shard: &Rc<Shard>, conn: &Rc<Conn>, g: GenerateMsg) -> Result<()
     })?;
     let now = Instant::now();
     let entry = ReqEntry {
-        key: SeqKey { shard: shard.id, slot: 0, gen: 0 },
+        key: SeqKey {
+            shard: shard.id,
+            slot: 0,
+            gen: 0,
+        },
         conn: conn.clone(),
         id: g.id.clone().into_boxed_str(),
         id_json: quoted(&g.id).into_boxed_str(),
@@ -90,12 +109,23 @@ pub fn start_ws(shard: &Rc<Shard>, conn: &Rc<Conn>, g: GenerateMsg) -> Result<()
         chunker: Chunker::default(),
     };
     let key = shard.insert_request(entry);
-    let req = GenerateRequest { key, prompt, params: g.params };
-    let sent = shard.link.borrow_mut().send(EngineMsg::Generate(Box::new(req)));
+    let req = GenerateRequest {
+        key,
+        prompt,
+        params: g.params,
+    };
+    let sent = shard
+        .link
+        .borrow_mut()
+        .send(EngineMsg::Generate(Box::new(req)));
     if sent.is_err() {
         shard.requests.borrow_mut().try_remove(key.slot as usize);
         shard.metrics.outcome("rejected");
-        return Err(ProtocolError::new(Some(id), "overloaded", "the engine queue is full; retry later"));
+        return Err(ProtocolError::new(
+            Some(id),
+            "overloaded",
+            "the engine queue is full; retry later",
+        ));
     }
     if let Some(ws) = conn.ws.borrow_mut().as_mut() {
         ws.reqs.push((g.id.into_boxed_str(), key));
@@ -108,7 +138,9 @@ pub fn on_event(shard: &Shard, ev: TokenEvent) {
     let now = Instant::now();
     let mut reqs = shard.requests.borrow_mut();
     let slot = ev.key.slot as usize;
-    let Some(entry) = reqs.get_mut(slot) else { return };
+    let Some(entry) = reqs.get_mut(slot) else {
+        return;
+    };
     if entry.key != ev.key {
         return;
     }
@@ -123,7 +155,11 @@ pub fn on_event(shard: &Shard, ev: TokenEvent) {
             let entry = reqs.remove(slot);
             drop(reqs);
             shard.metrics.outcome("rejected");
-            let e = ProtocolError::new(Some(&entry.id), why.code(), "the engine refused the request; retry later");
+            let e = ProtocolError::new(
+                Some(&entry.id),
+                why.code(),
+                "the engine refused the request; retry later",
+            );
             forget(shard, &entry);
             if !entry.conn.is_closing() {
                 super::ws::send_error(shard, &entry.conn, &e);
@@ -170,7 +206,12 @@ fn flush_chunk(shard: &Shard, e: &mut ReqEntry) {
         return;
     }
     e.seq += 1;
-    write_delta_frame(&mut e.conn.out.borrow_mut().buf, &e.id_json, e.seq, &e.chunker.pending);
+    write_delta_frame(
+        &mut e.conn.out.borrow_mut().buf,
+        &e.id_json,
+        e.seq,
+        &e.chunker.pending,
+    );
     e.chunker.clear();
     shard.metrics.deltas_out.inc();
     shard.mark_dirty(&e.conn);
@@ -194,9 +235,17 @@ fn finish(shard: &Shard, mut e: ReqEntry, reason: FinishReason, now: Instant) {
         return;
     }
     flush_chunk(shard, &mut e);
-    let ttft_ms = e.first_token.map(|t| t.duration_since(e.arrived).as_secs_f64() * 1e3);
-    let gen_secs = e.first_token.map_or(0.0, |t| now.duration_since(t).as_secs_f64());
-    let tps = if e.tokens > 1 && gen_secs > 0.0 { (e.tokens - 1) as f64 / gen_secs } else { 0.0 };
+    let ttft_ms = e
+        .first_token
+        .map(|t| t.duration_since(e.arrived).as_secs_f64() * 1e3);
+    let gen_secs = e
+        .first_token
+        .map_or(0.0, |t| now.duration_since(t).as_secs_f64());
+    let tps = if e.tokens > 1 && gen_secs > 0.0 {
+        (e.tokens - 1) as f64 / gen_secs
+    } else {
+        0.0
+    };
     let done = json!({
         "type": "done", "id": &*e.id, "seq": e.seq + 1, "finish_reason": reason.as_str(),
         "usage": {"prompt_tokens": e.prompt_tokens, "completion_tokens": e.tokens,
@@ -216,6 +265,12 @@ fn forget(shard: &Shard, e: &ReqEntry) {
         ws.shutting_down && ws.reqs.is_empty()
     };
     if now_idle_and_draining {
-        super::ws::close_with(shard, &e.conn, CloseCode::GOING_AWAY, "server shutting down", "going_away");
+        super::ws::close_with(
+            shard,
+            &e.conn,
+            CloseCode::GOING_AWAY,
+            "server shutting down",
+            "going_away",
+        );
     }
 }

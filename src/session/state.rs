@@ -25,7 +25,10 @@ pub struct StateMachine {
 
 impl StateMachine {
     pub fn new(now: Instant) -> Self {
-        Self { state: Cell::new(ConnState::Init), since: Cell::new(now) }
+        Self {
+            state: Cell::new(ConnState::Init),
+            since: Cell::new(now),
+        }
     }
 
     pub fn get(&self) -> ConnState {
@@ -62,10 +65,20 @@ mod tests {
         let s = StateMachine::new(t0);
         assert!(s.advance(ConnState::Handshaking, t0 + Duration::from_millis(1), &m));
         assert!(s.advance(ConnState::Active, t0 + Duration::from_millis(3), &m));
-        assert!(!s.advance(ConnState::Active, t0 + Duration::from_millis(4), &m), "idempotent");
-        assert!(!s.advance(ConnState::Handshaking, t0 + Duration::from_millis(5), &m), "no way back");
+        assert!(
+            !s.advance(ConnState::Active, t0 + Duration::from_millis(4), &m),
+            "idempotent"
+        );
+        assert!(
+            !s.advance(ConnState::Handshaking, t0 + Duration::from_millis(5), &m),
+            "no way back"
+        );
         assert!(s.advance(ConnState::Closed, t0 + Duration::from_millis(10), &m));
-        assert!(!s.advance(ConnState::GracefulClosing, t0 + Duration::from_millis(11), &m));
+        assert!(!s.advance(
+            ConnState::GracefulClosing,
+            t0 + Duration::from_millis(11),
+            &m
+        ));
         assert_eq!(m.state_time_ns[0].get(), 1_000_000);
         assert_eq!(m.state_time_ns[1].get(), 2_000_000);
         assert_eq!(m.state_time_ns[2].get(), 7_000_000);

@@ -72,7 +72,11 @@ pub async fn run<R: AsyncReadRent>(
         model: accepted.model,
         mode: accepted.stream_mode,
         reqs: Vec::new(),
-        hb: Heartbeat::new(shard.now_us(), cfg.heartbeat_interval, cfg.heartbeat_dead_rtos),
+        hb: Heartbeat::new(
+            shard.now_us(),
+            cfg.heartbeat_interval,
+            cfg.heartbeat_dead_rtos,
+        ),
         close_sent: false,
         shutting_down: false,
     });
@@ -100,7 +104,13 @@ pub async fn run<R: AsyncReadRent>(
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    close_with(shard, conn, e.close_code(), &e.to_string(), close_label(e.close_code()));
+                    close_with(
+                        shard,
+                        conn,
+                        e.close_code(),
+                        &e.to_string(),
+                        close_label(e.close_code()),
+                    );
                     shard.flush_dirty();
                     linger(rd, &mut buf).await;
                     return;
@@ -171,7 +181,11 @@ fn on_message(shard: &Rc<Shard>, conn: &Rc<Conn>, msg: Message) -> bool {
         }
         Message::Pong(payload) => {
             let now_us = shard.now_us();
-            let rtt = conn.ws.borrow_mut().as_mut().and_then(|ws| ws.hb.pong(&payload, now_us));
+            let rtt = conn
+                .ws
+                .borrow_mut()
+                .as_mut()
+                .and_then(|ws| ws.hb.pong(&payload, now_us));
             if let Some(rtt) = rtt {
                 shard.metrics.ws_rtt.observe(rtt);
             }
@@ -204,7 +218,11 @@ fn on_message(shard: &Rc<Shard>, conn: &Rc<Conn>, msg: Message) -> bool {
     true
 }
 
-fn on_client_message(shard: &Rc<Shard>, conn: &Rc<Conn>, msg: ClientMsg) -> Result<(), ProtocolError> {
+fn on_client_message(
+    shard: &Rc<Shard>,
+    conn: &Rc<Conn>,
+    msg: ClientMsg,
+) -> Result<(), ProtocolError> {
     match msg {
         ClientMsg::Generate(g) => request::start_ws(shard, conn, *g),
         ClientMsg::Cancel { id } => {
@@ -218,7 +236,11 @@ fn on_client_message(shard: &Rc<Shard>, conn: &Rc<Conn>, msg: ClientMsg) -> Resu
                     shard.send_control(EngineMsg::Cancel(key));
                     Ok(())
                 }
-                None => Err(ProtocolError::new(Some(&id), "unknown_id", format!("no generation {id:?} is running"))),
+                None => Err(ProtocolError::new(
+                    Some(&id),
+                    "unknown_id",
+                    format!("no generation {id:?} is running"),
+                )),
             }
         }
         // Accepted now; the resume store (trimming) and flow control act on them.
@@ -269,7 +291,11 @@ pub fn on_tick(shard: &Shard, conn: &Rc<Conn>, now: Instant, now_us: u64) {
     };
     match beat {
         Beat::Ping(stamp) => {
-            write_frame(&mut conn.out.borrow_mut().buf, OpCode::Ping, &stamp.to_be_bytes());
+            write_frame(
+                &mut conn.out.borrow_mut().buf,
+                OpCode::Ping,
+                &stamp.to_be_bytes(),
+            );
             shard.mark_dirty(conn);
         }
         Beat::Dead => {
@@ -303,7 +329,13 @@ pub fn on_shutdown(shard: &Shard, conn: &Rc<Conn>) {
     };
     shard.mark_dirty(conn);
     if idle {
-        close_with(shard, conn, CloseCode::GOING_AWAY, "server shutting down", "going_away");
+        close_with(
+            shard,
+            conn,
+            CloseCode::GOING_AWAY,
+            "server shutting down",
+            "going_away",
+        );
     }
 }
 
