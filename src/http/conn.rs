@@ -5,11 +5,14 @@ use std::rc::Rc;
 use std::time::Instant;
 
 use bytes::{Buf, BytesMut};
-use monoio::io::AsyncReadRent;
+use monoio::io::{AsyncReadRent, CancelableAsyncReadRent, Canceller};
 
 use super::error::HttpError;
+use super::openai;
 use super::request::{parse_head, BodyKind, ChunkedDecoder, Head};
+use super::response::write_json_error;
 use super::routes;
+use crate::config::Mode;
 use crate::server::conn::{read_more, Conn};
 use crate::server::shard::Shard;
 use crate::ws::handshake::{self, Accepted, HandshakeContext, HandshakeRequest};
@@ -43,7 +46,7 @@ impl RequestInfo {
 }
 
 /// Serves requests until the connection closes (`None`) or upgrades to WebSocket.
-pub async fn serve<R: AsyncReadRent>(
+pub async fn serve<R: AsyncReadRent + CancelableAsyncReadRent>(
     shard: &Rc<Shard>,
     conn: &Rc<Conn>,
     rd: &mut R,
@@ -107,6 +110,38 @@ pub async fn serve<R: AsyncReadRent>(
                 return None;
             }
         };
+        if let Some(endpoint) = openai::Endpoint::from_path(&info.path) {
+            if shard.shared.config.server.mode != Mode::Websocket {
+                match openai_request(shard, conn, endpoint, &info, &body) {
+                    Ok(()) => {
+                        conn.wake_writer.notify();
+                        if !wait_response(conn, rd, buf).await {
+                            return None;
+                        }
+                        if !info.keep_alive {
+                            conn.close_after_flush(shard);
+                            return None;
+                        }
+                    }
+                    Err(e) => {
+                        write_json_error(
+                            &mut conn.out.borrow_mut().buf,
+                            e.status,
+                            e.code,
+                            &e.message,
+                            None,
+                            false,
+                        );
+                        conn.wake_writer.notify();
+                        if !info.keep_alive {
+                            conn.close_after_flush(shard);
+                            return None;
+                        }
+                    }
+                }
+                continue;
+            }
+        }
         let close = {
             let mut out = conn.out.borrow_mut();
             let close = routes::handle(shard, &info, &body, &mut out.buf);
@@ -116,6 +151,68 @@ pub async fn serve<R: AsyncReadRent>(
         if close {
             conn.close_after_flush(shard);
             return None;
+        }
+    }
+}
+
+fn openai_request(
+    shard: &Rc<Shard>,
+    conn: &Rc<Conn>,
+    endpoint: openai::Endpoint,
+    info: &RequestInfo,
+    body: &[u8],
+) -> Result<(), openai::OpenAiError> {
+    if info.method != "POST" {
+        return Err(openai::OpenAiError {
+            status: 405,
+            code: "method_not_allowed",
+            message: format!("{} takes POST", info.path),
+        });
+    }
+    let id = format!("{}{}", endpoint.id_prefix(), random_hex());
+    let req = openai::parse(endpoint, body, id, &shard.shared.config.session)?;
+    crate::session::request::start_http(shard, conn, req)
+}
+
+fn random_hex() -> String {
+    use ring::rand::{SecureRandom, SystemRandom};
+    let mut b = [0u8; 12];
+    let _ = SystemRandom::new().fill(&mut b);
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Waits for the in-flight HTTP response to finish while keeping a read pending, so a client
+/// that disconnects is noticed at once (its generation is cancelled) and pipelined bytes are
+/// buffered. Returns false when the client went away.
+async fn wait_response<R: CancelableAsyncReadRent>(
+    conn: &Conn,
+    rd: &mut R,
+    buf: &mut BytesMut,
+) -> bool {
+    use monoio::buf::IoBufMut;
+    loop {
+        if conn.http_busy.get().is_none() {
+            return true;
+        }
+        buf.reserve(READ_CHUNK);
+        let (len, cap) = (buf.len(), buf.capacity());
+        let owned = std::mem::take(buf);
+        let canceller = Canceller::new();
+        let read = rd.cancelable_read(owned.slice_mut(len..cap), canceller.handle());
+        let mut read = std::pin::pin!(read);
+        let (res, slice) = monoio::select! {
+            r = &mut read => r,
+            _ = conn.response_done.notified() => {
+                canceller.cancel();
+                read.await
+            }
+        };
+        *buf = slice.into_inner();
+        match res {
+            Ok(0) => return false,
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ECANCELED) => {}
+            Err(_) => return false,
         }
     }
 }

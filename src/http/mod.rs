@@ -7,6 +7,8 @@
 
 pub mod conn;
 pub mod error;
+pub mod openai;
 pub mod request;
 pub mod response;
 pub mod routes;
+pub mod sse;

@@ -43,6 +43,10 @@ pub struct Conn {
     pub closing_since: Cell<Option<Instant>>,
     /// Sequences of this connection are paused in the engine (send backlog too large).
     pub paused: Cell<bool>,
+    /// The generation an HTTP response is waiting for (responses go out in request order).
+    pub http_busy: Cell<Option<crate::engine::SeqKey>>,
+    /// Signalled when `http_busy` clears.
+    pub response_done: Notify,
 }
 
 impl Conn {
@@ -59,6 +63,8 @@ impl Conn {
             last_active: Cell::new(now),
             closing_since: Cell::new(None),
             paused: Cell::new(false),
+            http_busy: Cell::new(None),
+            response_done: Notify::default(),
         }
     }
 
@@ -117,6 +123,9 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, over_capacity: bool) {
 
 /// The reader is done: cancel this connection's generations and let the writer finish.
 fn finish(shard: &Shard, conn: &Rc<Conn>) {
+    if let Some(key) = conn.http_busy.get() {
+        shard.send_control(EngineMsg::Cancel(key));
+    }
     if let Some(ws) = conn.ws.borrow_mut().as_mut() {
         for (_, key) in ws.reqs.drain(..) {
             shard.send_control(EngineMsg::Cancel(key));
@@ -180,13 +189,20 @@ pub fn apply_backpressure(shard: &Shard, conn: &Conn) {
     {
         return;
     }
-    if let Some(ws) = conn.ws.borrow().as_ref() {
-        conn.paused.set(true);
-        shard.metrics.backpressure_pauses.inc();
-        for (_, key) in &ws.reqs {
-            shard.send_control(EngineMsg::Pause(*key));
-        }
+    conn.paused.set(true);
+    shard.metrics.backpressure_pauses.inc();
+    for key in active_keys(conn) {
+        shard.send_control(EngineMsg::Pause(key));
     }
+}
+
+/// Every generation this connection is waiting on.
+fn active_keys(conn: &Conn) -> Vec<crate::engine::SeqKey> {
+    let mut keys: Vec<_> = conn.http_busy.get().into_iter().collect();
+    if let Some(ws) = conn.ws.borrow().as_ref() {
+        keys.extend(ws.reqs.iter().map(|(_, k)| *k));
+    }
+    keys
 }
 
 /// Resumes paused sequences once the backlog drained below a quarter of the bound.
@@ -197,10 +213,8 @@ fn relieve_backpressure(shard: &Shard, conn: &Conn) {
         return;
     }
     conn.paused.set(false);
-    if let Some(ws) = conn.ws.borrow().as_ref() {
-        for (_, key) in &ws.reqs {
-            shard.send_control(EngineMsg::Resume(*key));
-        }
+    for key in active_keys(conn) {
+        shard.send_control(EngineMsg::Resume(key));
     }
 }
 

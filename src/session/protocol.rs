@@ -220,6 +220,23 @@ impl<'a> Fields<'a> {
 
 fn parse_generate(f: &Fields<'_>, cfg: &SessionConfig) -> Result<GenerateMsg, ProtocolError> {
     let id = f.id()?;
+    generation_fields(f, id, cfg)
+}
+
+/// The generation fields shared by the WebSocket `generate` message and the OpenAI routes.
+pub fn parse_generation(
+    m: &Map<String, Value>,
+    id: String,
+    cfg: &SessionConfig,
+) -> Result<GenerateMsg, ProtocolError> {
+    generation_fields(&Fields { m, id: None }, id, cfg)
+}
+
+fn generation_fields(
+    f: &Fields<'_>,
+    id: String,
+    cfg: &SessionConfig,
+) -> Result<GenerateMsg, ProtocolError> {
     let model = f.opt_str("model")?.map(str::to_owned);
     let input = match (f.get("prompt"), f.get("messages")) {
         (Some(_), Some(_)) => {

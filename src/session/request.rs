@@ -14,6 +14,7 @@ use super::codec::Detok;
 use super::json::{quoted, write_delta_frame, write_json_frame};
 use super::protocol::{GenerateMsg, ProtocolError};
 use crate::engine::{EngineMsg, EventKind, FinishReason, GenerateRequest, SeqKey, TokenEvent};
+use crate::http::sse::{self, SseMeta};
 use crate::server::conn::Conn;
 use crate::server::shard::Shard;
 use crate::ws::close::CloseCode;
@@ -37,7 +38,29 @@ pub struct ReqEntry {
     pub last_token: Instant,
     /// `chunk` mode: text waiting for a boundary; `full` mode: the whole text.
     pub chunker: Chunker,
+    pub sink: Sink,
 }
+
+/// Where a request's output goes.
+pub enum Sink {
+    /// WebSocket `delta` / `done` messages.
+    Ws,
+    /// An OpenAI-compatible HTTP response (SSE when `stream`, else one JSON body at the end).
+    Http(HttpSink),
+}
+
+pub struct HttpSink {
+    pub meta: SseMeta,
+    pub stream: bool,
+    pub include_usage: bool,
+    /// The `200` and the role chunk went out.
+    pub started: bool,
+    /// Last bytes written (SSE keep-alive comments after a silence).
+    pub last_write: Instant,
+}
+
+/// Silence after which a streaming HTTP response gets a `: keep-alive` comment.
+pub const SSE_KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(15);
 
 /// Starts a generation for a WebSocket `generate` message.
 pub fn start_ws(shard: &Rc<Shard>, conn: &Rc<Conn>, g: GenerateMsg) -> Result<(), ProtocolError> {
@@ -107,6 +130,7 @@ pub fn start_ws(shard: &Rc<Shard>, conn: &Rc<Conn>, g: GenerateMsg) -> Result<()
         first_token: None,
         last_token: now,
         chunker: Chunker::default(),
+        sink: Sink::Ws,
     };
     let key = shard.insert_request(entry);
     let req = GenerateRequest {
@@ -162,7 +186,26 @@ pub fn on_event(shard: &Shard, ev: TokenEvent) {
             );
             forget(shard, &entry);
             if !entry.conn.is_closing() {
-                super::ws::send_error(shard, &entry.conn, &e);
+                match &entry.sink {
+                    Sink::Ws => super::ws::send_error(shard, &entry.conn, &e),
+                    Sink::Http(h) => {
+                        let mut out = entry.conn.out.borrow_mut();
+                        if h.started {
+                            sse::write_stream_error(&mut out.buf, e.code, &e.message);
+                        } else {
+                            crate::http::response::write_json_error(
+                                &mut out.buf,
+                                429,
+                                e.code,
+                                &e.message,
+                                None,
+                                false,
+                            );
+                        }
+                        drop(out);
+                        shard.mark_dirty(&entry.conn);
+                    }
+                }
             }
         }
     }
@@ -184,6 +227,28 @@ fn on_token(shard: &Shard, e: &mut ReqEntry, id: u32, now: Instant) {
         return;
     }
     let text = e.detok.push(id);
+    if let Sink::Http(h) = &mut e.sink {
+        if h.stream {
+            let mut out = e.conn.out.borrow_mut();
+            if !h.started {
+                h.started = true;
+                sse::write_stream_head(&mut out.buf);
+                e.seq += 1;
+                sse::write_text_event(&mut out.buf, &h.meta, e.seq, "", true);
+            }
+            if !text.is_empty() {
+                e.seq += 1;
+                sse::write_text_event(&mut out.buf, &h.meta, e.seq, text, false);
+            }
+            h.last_write = now;
+            drop(out);
+            shard.metrics.deltas_out.inc();
+            shard.mark_dirty(&e.conn);
+        } else {
+            e.chunker.pending.push_str(text);
+        }
+        return;
+    }
     match e.mode {
         StreamMode::Token => {
             e.seq += 1;
@@ -221,8 +286,24 @@ fn flush_chunk(shard: &Shard, e: &mut ReqEntry) {
 pub fn flush_stale_chunks(shard: &Shard, now: Instant) {
     let mut reqs = shard.requests.borrow_mut();
     for (_, e) in reqs.iter_mut() {
-        if e.mode == StreamMode::Chunk && e.chunker.is_stale(now) && !e.conn.is_closing() {
-            flush_chunk(shard, e);
+        if e.conn.is_closing() {
+            continue;
+        }
+        match &mut e.sink {
+            Sink::Ws => {
+                if e.mode == StreamMode::Chunk && e.chunker.is_stale(now) {
+                    flush_chunk(shard, e);
+                }
+            }
+            Sink::Http(h) => {
+                if h.stream && h.started && now.duration_since(h.last_write) > SSE_KEEP_ALIVE {
+                    h.last_write = now;
+                    sse::write_chunk(&mut e.conn.out.borrow_mut().buf, |o| {
+                        o.extend_from_slice(sse::KEEP_ALIVE)
+                    });
+                    shard.mark_dirty(&e.conn);
+                }
+            }
         }
     }
 }
@@ -232,6 +313,10 @@ fn finish(shard: &Shard, mut e: ReqEntry, reason: FinishReason, now: Instant) {
     shard.metrics.e2e.observe(now.duration_since(e.arrived));
     forget(shard, &e);
     if e.conn.is_closing() {
+        return;
+    }
+    if let Sink::Http(h) = &e.sink {
+        finish_http(shard, &e, h, reason);
         return;
     }
     flush_chunk(shard, &mut e);
@@ -256,8 +341,53 @@ fn finish(shard: &Shard, mut e: ReqEntry, reason: FinishReason, now: Instant) {
     shard.mark_dirty(&e.conn);
 }
 
+fn finish_http(shard: &Shard, e: &ReqEntry, h: &HttpSink, reason: FinishReason) {
+    let mut out = e.conn.out.borrow_mut();
+    // OpenAI has no "cancelled"; a cancelled HTTP request has no reader anyway.
+    let finish = if reason == FinishReason::Length {
+        "length"
+    } else {
+        "stop"
+    };
+    let u = sse::usage(e.prompt_tokens, e.tokens);
+    if reason == FinishReason::Error {
+        if h.stream && h.started {
+            sse::write_stream_error(&mut out.buf, "internal_error", "generation failed");
+        } else {
+            crate::http::response::write_json_error(
+                &mut out.buf,
+                500,
+                "internal_error",
+                "generation failed",
+                None,
+                false,
+            );
+        }
+    } else if h.stream {
+        let mut seq = e.seq;
+        if !h.started {
+            sse::write_stream_head(&mut out.buf);
+            seq += 1;
+            sse::write_text_event(&mut out.buf, &h.meta, seq, "", true);
+        }
+        let usage = h.include_usage.then_some(u);
+        sse::write_stream_end(&mut out.buf, &h.meta, seq + 1, finish, usage);
+    } else {
+        sse::write_json_response(&mut out.buf, &h.meta, &e.chunker.pending, finish, u);
+    }
+    drop(out);
+    shard.mark_dirty(&e.conn);
+}
+
 /// Removes the request from its connection's list; closes a draining session that went idle.
 fn forget(shard: &Shard, e: &ReqEntry) {
+    if let Sink::Http(_) = e.sink {
+        if e.conn.http_busy.get() == Some(e.key) {
+            e.conn.http_busy.set(None);
+            e.conn.response_done.notify();
+        }
+        return;
+    }
     let now_idle_and_draining = {
         let mut ws = e.conn.ws.borrow_mut();
         let Some(ws) = ws.as_mut() else { return };
@@ -273,4 +403,90 @@ fn forget(shard: &Shard, e: &ReqEntry) {
             "going_away",
         );
     }
+}
+
+/// Starts a generation for an OpenAI HTTP request; the connection's reader waits until
+/// `conn.http_busy` clears before it reads the next request.
+pub fn start_http(
+    shard: &Rc<Shard>,
+    conn: &Rc<Conn>,
+    req: crate::http::openai::OpenAiRequest,
+) -> Result<(), crate::http::openai::OpenAiError> {
+    let shared = &shard.shared;
+    let g = req.gen;
+    if shard.draining.get() {
+        return Err(
+            ProtocolError::new(None, "shutting_down", "the server is shutting down").into(),
+        );
+    }
+    if let Some(m) = &g.model {
+        if !shared.models.contains(m) {
+            return Err(ProtocolError::new(
+                None,
+                "model_not_found",
+                format!("The model `{m}` does not exist"),
+            )
+            .into());
+        }
+    }
+    let prompt = shared.codec.encode(&g.input)?;
+    let now = Instant::now();
+    let created = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let meta = SseMeta {
+        endpoint: req.endpoint,
+        id_json: quoted(&g.id).into_boxed_str(),
+        model_json: quoted(
+            g.model
+                .as_deref()
+                .unwrap_or_else(|| shared.models.first().map_or("", |s| s.as_str())),
+        )
+        .into_boxed_str(),
+        created,
+    };
+    let entry = ReqEntry {
+        key: SeqKey {
+            shard: shard.id,
+            slot: 0,
+            gen: 0,
+        },
+        conn: conn.clone(),
+        id: g.id.clone().into_boxed_str(),
+        id_json: quoted(&g.id).into_boxed_str(),
+        mode: StreamMode::Token,
+        detok: shared.codec.detok(),
+        seq: 0,
+        tokens: 0,
+        prompt_tokens: prompt.len() as u32,
+        arrived: now,
+        first_token: None,
+        last_token: now,
+        chunker: Chunker::default(),
+        sink: Sink::Http(HttpSink {
+            meta,
+            stream: req.stream,
+            include_usage: req.include_usage,
+            started: false,
+            last_write: now,
+        }),
+    };
+    let key = shard.insert_request(entry);
+    let msg = EngineMsg::Generate(Box::new(GenerateRequest {
+        key,
+        prompt,
+        params: g.params,
+    }));
+    if shard.link.borrow_mut().send(msg).is_err() {
+        shard.requests.borrow_mut().try_remove(key.slot as usize);
+        shard.metrics.outcome("rejected");
+        return Err(ProtocolError::new(
+            None,
+            "overloaded",
+            "the engine queue is full; retry later",
+        )
+        .into());
+    }
+    conn.http_busy.set(Some(key));
+    Ok(())
 }

@@ -1,0 +1,202 @@
+//! OpenAI-compatible routes (SPEC 5): `POST /v1/chat/completions` and `POST /v1/completions`.
+//!
+//! The body is validated with the same field rules as the WebSocket `generate` message
+//! (`session::protocol::parse_generation`), plus OpenAI's own fields (`stream`,
+//! `stream_options.include_usage`, `n`, `max_completion_tokens`). Errors are OpenAI error objects.
+
+use serde_json::{Map, Value};
+
+use crate::config::SessionConfig;
+use crate::session::protocol::{parse_generation, GenerateMsg, Input, ProtocolError};
+
+/// Which endpoint: the response objects differ.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    Chat,
+    Completion,
+}
+
+impl Endpoint {
+    pub fn from_path(path: &str) -> Option<Endpoint> {
+        match path {
+            "/v1/chat/completions" => Some(Endpoint::Chat),
+            "/v1/completions" => Some(Endpoint::Completion),
+            _ => None,
+        }
+    }
+
+    pub fn chunk_object(self) -> &'static str {
+        match self {
+            Endpoint::Chat => "chat.completion.chunk",
+            Endpoint::Completion => "text_completion",
+        }
+    }
+
+    pub fn object(self) -> &'static str {
+        match self {
+            Endpoint::Chat => "chat.completion",
+            Endpoint::Completion => "text_completion",
+        }
+    }
+
+    pub fn id_prefix(self) -> &'static str {
+        match self {
+            Endpoint::Chat => "chatcmpl-",
+            Endpoint::Completion => "cmpl-",
+        }
+    }
+}
+
+/// A validated OpenAI request.
+#[derive(Debug)]
+pub struct OpenAiRequest {
+    pub endpoint: Endpoint,
+    pub gen: GenerateMsg,
+    pub stream: bool,
+    pub include_usage: bool,
+}
+
+/// An OpenAI error: HTTP status, `error.code`, message, offending `param`.
+#[derive(Debug)]
+pub struct OpenAiError {
+    pub status: u16,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl From<ProtocolError> for OpenAiError {
+    fn from(e: ProtocolError) -> Self {
+        let status = match e.code {
+            "model_not_found" => 404,
+            "overloaded" | "too_many_requests" => 429,
+            "shutting_down" => 503,
+            _ => 400,
+        };
+        OpenAiError {
+            status,
+            code: e.code,
+            message: e.message,
+        }
+    }
+}
+
+fn bad(msg: impl Into<String>) -> OpenAiError {
+    OpenAiError {
+        status: 400,
+        code: "invalid_request_error",
+        message: msg.into(),
+    }
+}
+
+/// Parses and validates a request body.
+pub fn parse(
+    endpoint: Endpoint,
+    body: &[u8],
+    id: String,
+    cfg: &SessionConfig,
+) -> Result<OpenAiRequest, OpenAiError> {
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|e| bad(format!("request body is not valid JSON: {e}")))?;
+    let Value::Object(mut m) = v else {
+        return Err(bad("request body must be a JSON object"));
+    };
+    let stream = match m.get("stream") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(bad("stream must be a boolean")),
+    };
+    let include_usage = m
+        .get("stream_options")
+        .and_then(|o| o.get("include_usage"))
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    if let Some(n) = m.get("n").filter(|n| !n.is_null()) {
+        if n.as_u64() != Some(1) {
+            return Err(bad("n must be 1 (one choice per request)"));
+        }
+    }
+    if m.get("model").and_then(Value::as_str).is_none() {
+        return Err(bad("model is required"));
+    }
+    if !m.contains_key("max_tokens") {
+        if let Some(v) = m.remove("max_completion_tokens") {
+            m.insert("max_tokens".into(), v);
+        }
+    }
+    // Fields seedance does not need and OpenAI clients send: ignored, as OpenAI ignores unknown ones.
+    match endpoint {
+        Endpoint::Chat => {
+            m.remove("prompt");
+            if !m.contains_key("messages") {
+                return Err(bad("messages is required"));
+            }
+        }
+        Endpoint::Completion => {
+            m.remove("messages");
+            match m.get("prompt") {
+                Some(Value::String(_)) => {}
+                Some(Value::Array(a)) if a.len() == 1 && a[0].is_string() => {
+                    let p = a[0].clone();
+                    m.insert("prompt".into(), p);
+                }
+                _ => return Err(bad("prompt must be a string")),
+            }
+        }
+    }
+    let m: Map<String, Value> = m;
+    let mut gen = parse_generation(&m, id, cfg)?;
+    gen.stream_mode = None;
+    if let (Endpoint::Chat, Input::Prompt(_)) = (endpoint, &gen.input) {
+        return Err(bad("messages is required"));
+    }
+    Ok(OpenAiRequest {
+        endpoint,
+        gen,
+        stream,
+        include_usage,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Cli, Config};
+    use clap::Parser;
+
+    fn cfg() -> SessionConfig {
+        let cli = Cli::try_parse_from(["seedance-server"]).expect("cli");
+        Config::load(&cli).expect("config").session
+    }
+
+    #[test]
+    fn chat_request_with_stream_options() {
+        let body = br#"{"model":"null","messages":[{"role":"user","content":"hi"}],"stream":true,
+            "stream_options":{"include_usage":true},"max_completion_tokens":7,"seed":3,"user":"x"}"#;
+        let r = parse(Endpoint::Chat, body, "chatcmpl-1".into(), &cfg()).expect("valid");
+        assert!(r.stream && r.include_usage);
+        assert_eq!(r.gen.params.max_tokens, 7);
+        assert_eq!(r.gen.params.seed, Some(3));
+    }
+
+    #[test]
+    fn errors_are_openai_shaped() {
+        let e = parse(Endpoint::Chat, b"{", "x".into(), &cfg()).expect_err("bad json");
+        assert_eq!(e.status, 400);
+        let e = parse(Endpoint::Chat, br#"{"model":"m"}"#, "x".into(), &cfg())
+            .expect_err("no messages");
+        assert!(e.message.contains("messages"));
+        let body = br#"{"model":"m","messages":[{"role":"user","content":"x"}],"temperature":9}"#;
+        let e = parse(Endpoint::Chat, body, "x".into(), &cfg()).expect_err("temperature");
+        assert!(e.message.contains("temperature"), "{}", e.message);
+        let e = parse(
+            Endpoint::Completion,
+            br#"{"model":"m","prompt":3}"#,
+            "x".into(),
+            &cfg(),
+        )
+        .expect_err("prompt");
+        assert!(e.message.contains("prompt"));
+        let body = br#"{"model":"m","messages":[{"role":"user","content":"x"}],"n":2}"#;
+        assert!(parse(Endpoint::Chat, body, "x".into(), &cfg()).is_err());
+    }
+}
