@@ -1,0 +1,3 @@
+//! Serving engine: the paged KV cache (scheduler, sampler and queues join here).
+
+pub mod kv;
