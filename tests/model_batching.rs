@@ -13,14 +13,19 @@ use std::path::PathBuf;
 const BLOCK: usize = 16;
 
 fn fixture(name: &str) -> Transformer {
-    let d = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models").join(name);
+    let d = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/models")
+        .join(name);
     Transformer::load(&d, Box::new(CpuBackend::new(2))).unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn close(a: &[f32], b: &[f32], what: &str) {
     assert_eq!(a.len(), b.len(), "{what}: length");
     for (i, (x, y)) in a.iter().zip(b).enumerate() {
-        assert!((x - y).abs() <= 1e-4 + 1e-4 * y.abs(), "{what}: [{i}] {x} vs {y}");
+        assert!(
+            (x - y).abs() <= 1e-4 + 1e-4 * y.abs(),
+            "{what}: [{i}] {x} vs {y}"
+        );
     }
 }
 
@@ -28,7 +33,11 @@ fn prompts(vocab: u32) -> Vec<Vec<u32>> {
     [37usize, 5, 20, 1]
         .iter()
         .enumerate()
-        .map(|(s, &n)| (0..n).map(|i| ((i * 31 + s * 7 + 3) as u32) % vocab).collect())
+        .map(|(s, &n)| {
+            (0..n)
+                .map(|i| ((i * 31 + s * 7 + 3) as u32) % vocab)
+                .collect()
+        })
         .collect()
 }
 
@@ -39,7 +48,12 @@ fn whole(m: &Transformer, toks: &[u32]) -> Vec<f32> {
     let mut t = BlockTable::new();
     t.reserve(&mut a, toks.len(), BLOCK).unwrap();
     let mut s = Scratch::default();
-    let seq = SeqInput { tokens: toks, start_pos: 0, blocks: &t, logits: Logits::All };
+    let seq = SeqInput {
+        tokens: toks,
+        start_pos: 0,
+        blocks: &t,
+        logits: Logits::All,
+    };
     m.forward(&[seq], &mut kv, &mut s).unwrap().to_vec()
 }
 
@@ -55,19 +69,29 @@ fn batched_prefill_equals_sequential() {
         let mut tables: Vec<BlockTable> = ps.iter().map(|_| BlockTable::new()).collect();
         for step in 1..=3 {
             for (t, p) in tables.iter_mut().zip(&ps) {
-                t.reserve(&mut a, (p.len() * step).div_ceil(3), BLOCK).unwrap();
+                t.reserve(&mut a, (p.len() * step).div_ceil(3), BLOCK)
+                    .unwrap();
             }
         }
         let seqs: Vec<SeqInput> = ps
             .iter()
             .zip(&tables)
-            .map(|(p, t)| SeqInput { tokens: p, start_pos: 0, blocks: t, logits: Logits::Last })
+            .map(|(p, t)| SeqInput {
+                tokens: p,
+                start_pos: 0,
+                blocks: t,
+                logits: Logits::Last,
+            })
             .collect();
         let mut s = Scratch::default();
         let got = m.forward(&seqs, &mut kv, &mut s).unwrap().to_vec();
         for (i, p) in ps.iter().enumerate() {
             let want = whole(&m, p);
-            close(&got[i * v..(i + 1) * v], &want[(p.len() - 1) * v..], &format!("{name} seq {i}"));
+            close(
+                &got[i * v..(i + 1) * v],
+                &want[(p.len() - 1) * v..],
+                &format!("{name} seq {i}"),
+            );
         }
     }
 }
@@ -87,9 +111,18 @@ fn chunked_prefill_equals_whole_and_decode_over_paged_kv_equals_prefill() {
         let mut pos = 0;
         for len in [7usize, 16, 1, 11, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1] {
             t.reserve(&mut a, pos + len, BLOCK).unwrap();
-            let seq = SeqInput { tokens: &toks[pos..pos + len], start_pos: pos, blocks: &t, logits: Logits::All };
+            let seq = SeqInput {
+                tokens: &toks[pos..pos + len],
+                start_pos: pos,
+                blocks: &t,
+                logits: Logits::All,
+            };
             let got = m.forward(&[seq], &mut kv, &mut s).unwrap();
-            close(got, &want[pos * v..(pos + len) * v], &format!("{name} chunk at {pos}"));
+            close(
+                got,
+                &want[pos * v..(pos + len) * v],
+                &format!("{name} chunk at {pos}"),
+            );
             pos += len;
         }
         assert_eq!(pos, toks.len());
@@ -110,14 +143,29 @@ fn mixed_prefill_and_decode_batch() {
     let (mut ta, mut tb) = (BlockTable::new(), BlockTable::new());
     let mut s = Scratch::default();
     ta.reserve(&mut al, 29, BLOCK).unwrap();
-    let seq = SeqInput { tokens: &a_toks[..29], start_pos: 0, blocks: &ta, logits: Logits::None };
+    let seq = SeqInput {
+        tokens: &a_toks[..29],
+        start_pos: 0,
+        blocks: &ta,
+        logits: Logits::None,
+    };
     assert!(m.forward(&[seq], &mut kv, &mut s).unwrap().is_empty());
     // One step: A decodes its 30th token while B prefills all 18.
     ta.reserve(&mut al, 30, BLOCK).unwrap();
     tb.reserve(&mut al, 18, BLOCK).unwrap();
     let seqs = [
-        SeqInput { tokens: &a_toks[29..], start_pos: 29, blocks: &ta, logits: Logits::Last },
-        SeqInput { tokens: &b_toks, start_pos: 0, blocks: &tb, logits: Logits::Last },
+        SeqInput {
+            tokens: &a_toks[29..],
+            start_pos: 29,
+            blocks: &ta,
+            logits: Logits::Last,
+        },
+        SeqInput {
+            tokens: &b_toks,
+            start_pos: 0,
+            blocks: &tb,
+            logits: Logits::Last,
+        },
     ];
     let got = m.forward(&seqs, &mut kv, &mut s).unwrap();
     close(&got[..v], &wa[29 * v..], "decode row");
@@ -130,12 +178,25 @@ fn bad_inputs_are_errors_not_panics() {
     let mut kv = KvCache::new(m.kv_config(4, BLOCK));
     let mut s = Scratch::default();
     let t = BlockTable::new();
-    let seq = SeqInput { tokens: &[1, 2], start_pos: 0, blocks: &t, logits: Logits::Last };
-    assert!(matches!(m.forward(&[seq], &mut kv, &mut s), Err(ModelError::Forward(_))));
+    let seq = SeqInput {
+        tokens: &[1, 2],
+        start_pos: 0,
+        blocks: &t,
+        logits: Logits::Last,
+    };
+    assert!(matches!(
+        m.forward(&[seq], &mut kv, &mut s),
+        Err(ModelError::Forward(_))
+    ));
     let mut a = BlockAllocator::new(4);
     let mut t = BlockTable::new();
     t.reserve(&mut a, 2, BLOCK).unwrap();
-    let seq = SeqInput { tokens: &[1, 100_000], start_pos: 0, blocks: &t, logits: Logits::Last };
+    let seq = SeqInput {
+        tokens: &[1, 100_000],
+        start_pos: 0,
+        blocks: &t,
+        logits: Logits::Last,
+    };
     let e = m.forward(&[seq], &mut kv, &mut s).unwrap_err().to_string();
     assert!(e.contains("100000"), "{e}");
 }

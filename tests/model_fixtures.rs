@@ -29,17 +29,25 @@ const NEAR_TIE: f32 = 1e-2;
 const BLOCK: usize = 16;
 
 fn dir(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/models")
+        .join(name)
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 fn check_fixture(name: &str) {
     let d = dir(name);
-    let exp: Value = serde_json::from_str(&std::fs::read_to_string(d.join("expected.json")).unwrap()).unwrap();
-    let model = Transformer::load(&d, Box::new(CpuBackend::new(2))).unwrap_or_else(|e| panic!("{e}"));
+    let exp: Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("expected.json")).unwrap()).unwrap();
+    let model =
+        Transformer::load(&d, Box::new(CpuBackend::new(2))).unwrap_or_else(|e| panic!("{e}"));
     let vocab = model.config().vocab_size;
     let mut kv = KvCache::new(model.kv_config(64, BLOCK));
     let mut alloc = BlockAllocator::new(64);
@@ -49,15 +57,28 @@ fn check_fixture(name: &str) {
         let toks = ids(&p["ids"]);
         let mut table = BlockTable::new();
         table.reserve(&mut alloc, toks.len(), BLOCK).unwrap();
-        let seq = SeqInput { tokens: &toks, start_pos: 0, blocks: &table, logits: Logits::All };
+        let seq = SeqInput {
+            tokens: &toks,
+            start_pos: 0,
+            blocks: &table,
+            logits: Logits::All,
+        };
         let logits = model.forward(&[seq], &mut kv, &mut scratch).unwrap();
-        for (pos, want) in ids(&p["positions"]).iter().zip(p["logits"].as_array().unwrap()) {
+        for (pos, want) in ids(&p["positions"])
+            .iter()
+            .zip(p["logits"].as_array().unwrap())
+        {
             let got = &logits[*pos as usize * vocab..][..vocab];
             for (i, w) in want.as_array().unwrap().iter().enumerate() {
                 let w = w.as_f64().unwrap() as f32;
                 let err = (got[i] - w).abs();
                 worst = worst.max(err / (ATOL + RTOL * w.abs()));
-                assert!(err <= ATOL + RTOL * w.abs(), "{name}: prompt {:?} pos {pos} id {i}: {} vs {w}", p["text"], got[i]);
+                assert!(
+                    err <= ATOL + RTOL * w.abs(),
+                    "{name}: prompt {:?} pos {pos} id {i}: {} vs {w}",
+                    p["text"],
+                    got[i]
+                );
             }
         }
         table.release(&mut alloc);
@@ -66,30 +87,60 @@ fn check_fixture(name: &str) {
     for g in exp["greedy"].as_array().unwrap() {
         let prompt = ids(&g["prompt_ids"]);
         let want = ids(&g["generated"]);
-        let margins: Vec<f32> = g["margins"].as_array().unwrap().iter().map(|m| m.as_f64().unwrap() as f32).collect();
+        let margins: Vec<f32> = g["margins"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m.as_f64().unwrap() as f32)
+            .collect();
         let mut table = BlockTable::new();
-        table.reserve(&mut alloc, prompt.len() + want.len(), BLOCK).unwrap();
+        table
+            .reserve(&mut alloc, prompt.len() + want.len(), BLOCK)
+            .unwrap();
         let mut last = {
-            let seq = SeqInput { tokens: &prompt, start_pos: 0, blocks: &table, logits: Logits::Last };
+            let seq = SeqInput {
+                tokens: &prompt,
+                start_pos: 0,
+                blocks: &table,
+                logits: Logits::Last,
+            };
             argmax(model.forward(&[seq], &mut kv, &mut scratch).unwrap())
         };
         for (step, &w) in want.iter().enumerate() {
             let (tok, _) = last;
             if margins[step] < NEAR_TIE {
-                eprintln!("{name}: near-tie at step {step} (margin {}), stop comparing", margins[step]);
+                eprintln!(
+                    "{name}: near-tie at step {step} (margin {}), stop comparing",
+                    margins[step]
+                );
                 break;
             }
             assert_eq!(tok, w, "{name}: greedy step {step}");
             let t = [tok];
-            let seq = SeqInput { tokens: &t, start_pos: prompt.len() + step, blocks: &table, logits: Logits::Last };
+            let seq = SeqInput {
+                tokens: &t,
+                start_pos: prompt.len() + step,
+                blocks: &table,
+                logits: Logits::Last,
+            };
             last = argmax(model.forward(&[seq], &mut kv, &mut scratch).unwrap());
         }
-        compared += want.len().min(margins.iter().position(|&m| m < NEAR_TIE).unwrap_or(want.len()));
+        compared += want.len().min(
+            margins
+                .iter()
+                .position(|&m| m < NEAR_TIE)
+                .unwrap_or(want.len()),
+        );
         table.release(&mut alloc);
     }
-    assert!(compared >= 8, "{name}: only {compared} greedy steps before near-ties");
+    assert!(
+        compared >= 8,
+        "{name}: only {compared} greedy steps before near-ties"
+    );
     assert_eq!(alloc.num_free(), 64);
-    eprintln!("{name}: worst error = {worst:.3} of the tolerance; {compared} greedy steps compared");
+    eprintln!(
+        "{name}: worst error = {worst:.3} of the tolerance; {compared} greedy steps compared"
+    );
 }
 
 fn argmax(row: &[f32]) -> (u32, f32) {

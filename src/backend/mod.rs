@@ -91,7 +91,14 @@ pub trait Backend: Send + Sync {
 
     /// Rotates each head of x (n, heads, head_dim) in place by its row's position
     /// (HF rotate_half convention: pairs (i, i + rotary_dim/2)).
-    fn rope(&self, x: &mut [f32], positions: &[u32], heads: usize, head_dim: usize, freqs: &RopeFreqs);
+    fn rope(
+        &self,
+        x: &mut [f32],
+        positions: &[u32],
+        heads: usize,
+        head_dim: usize,
+        freqs: &RopeFreqs,
+    );
 
     /// out (n, inter) = silu(gate) · up, with gate_up (n, 2·inter) holding [gate | up] per row.
     fn silu_mul(&self, gate_up: &[f32], inter: usize, out: &mut [f32]);

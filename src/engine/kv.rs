@@ -57,7 +57,10 @@ impl BlockAllocator {
     /// Takes `n` blocks, all or none.
     pub fn allocate(&mut self, n: usize) -> Result<Vec<u32>, KvError> {
         if n > self.free.len() {
-            return Err(KvError::OutOfBlocks { needed: n, free: self.free.len() });
+            return Err(KvError::OutOfBlocks {
+                needed: n,
+                free: self.free.len(),
+            });
         }
         let at = self.free.len() - n;
         Ok(self.free.split_off(at))
@@ -66,7 +69,10 @@ impl BlockAllocator {
     /// Returns blocks to the free list.
     pub fn free(&mut self, blocks: &[u32]) {
         debug_assert!(blocks.iter().all(|&b| (b as usize) < self.num_blocks));
-        debug_assert!(self.free.len() + blocks.len() <= self.num_blocks, "double free");
+        debug_assert!(
+            self.free.len() + blocks.len() <= self.num_blocks,
+            "double free"
+        );
         self.free.extend_from_slice(blocks);
     }
 }
@@ -93,7 +99,9 @@ impl BlockTable {
 
     /// Blocks still needed so that `num_tokens` positions fit.
     pub fn blocks_needed(&self, num_tokens: usize, block_size: usize) -> usize {
-        num_tokens.div_ceil(block_size).saturating_sub(self.blocks.len())
+        num_tokens
+            .div_ceil(block_size)
+            .saturating_sub(self.blocks.len())
     }
 
     /// Grows the table so positions `0..num_tokens` have a slot (all or nothing).
@@ -159,8 +167,12 @@ pub struct KvCache {
 impl KvCache {
     pub fn new(cfg: KvConfig) -> Self {
         let per_layer = cfg.num_blocks * cfg.kv_heads * cfg.block_size * cfg.head_dim;
-        let k = (0..cfg.num_layers).map(|_| vec![f16::ZERO; per_layer]).collect();
-        let v = (0..cfg.num_layers).map(|_| vec![f16::ZERO; per_layer]).collect();
+        let k = (0..cfg.num_layers)
+            .map(|_| vec![f16::ZERO; per_layer])
+            .collect();
+        let v = (0..cfg.num_layers)
+            .map(|_| vec![f16::ZERO; per_layer])
+            .collect();
         Self { cfg, k, v }
     }
 
@@ -214,7 +226,10 @@ mod tests {
         let y = a.allocate(7).unwrap();
         assert_eq!(a.num_free(), 0);
         assert!((a.usage_ratio() - 1.0).abs() < 1e-12);
-        assert_eq!(a.allocate(1), Err(KvError::OutOfBlocks { needed: 1, free: 0 }));
+        assert_eq!(
+            a.allocate(1),
+            Err(KvError::OutOfBlocks { needed: 1, free: 0 })
+        );
         a.free(&x);
         a.free(&y);
         assert_eq!(a.num_free(), 10);
@@ -269,7 +284,13 @@ mod tests {
 
     #[test]
     fn write_lands_in_the_documented_slot() {
-        let cfg = KvConfig { num_layers: 1, num_blocks: 4, block_size: 4, kv_heads: 2, head_dim: 3 };
+        let cfg = KvConfig {
+            num_layers: 1,
+            num_blocks: 4,
+            block_size: 4,
+            kv_heads: 2,
+            head_dim: 3,
+        };
         let mut kv = KvCache::new(cfg);
         let mut a = BlockAllocator::new(4);
         let mut t = BlockTable::new();

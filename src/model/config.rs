@@ -90,17 +90,25 @@ pub struct ModelConfig {
 impl ModelConfig {
     /// Reads and validates `config.json`.
     pub fn from_file(path: &Path) -> Result<Self, ModelError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ModelError::Io { path: path.to_path_buf(), source })?;
-        let v: Value = serde_json::from_str(&text)
-            .map_err(|source| ModelError::Json { path: path.to_path_buf(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let v: Value = serde_json::from_str(&text).map_err(|source| ModelError::Json {
+            path: path.to_path_buf(),
+            source,
+        })?;
         Self::from_value(&v, path)
     }
 
     /// Parses an already-read config; `path` is only used in error messages.
     pub fn from_value(v: &Value, path: &Path) -> Result<Self, ModelError> {
         let f = Fields { v, path };
-        let arch_name = match v.get("architectures").and_then(|a| a.get(0)).and_then(Value::as_str) {
+        let arch_name = match v
+            .get("architectures")
+            .and_then(|a| a.get(0))
+            .and_then(Value::as_str)
+        {
             Some(a) => a.to_string(),
             None => f.str("model_type")?,
         };
@@ -112,7 +120,10 @@ impl ModelConfig {
             _ => None,
         });
         let Some(arch) = arch else {
-            return Err(ModelError::UnknownArchitecture { path: path.into(), arch: arch_name });
+            return Err(ModelError::UnknownArchitecture {
+                path: path.into(),
+                arch: arch_name,
+            });
         };
         let hidden_size = f.usize("hidden_size")?;
         let num_heads = f.usize("num_attention_heads")?;
@@ -174,7 +185,11 @@ impl ModelConfig {
             + self.num_heads * self.head_dim * h
             + 3 * self.intermediate_size * h
             + 2 * h;
-        let head = if self.tie_word_embeddings { 0 } else { self.vocab_size * h };
+        let head = if self.tie_word_embeddings {
+            0
+        } else {
+            self.vocab_size * h
+        };
         self.vocab_size * h + self.num_layers * layer + h + head
     }
 }
@@ -190,10 +205,17 @@ impl Fields<'_> {
         self.path.to_path_buf()
     }
     fn missing(&self, field: &str) -> ModelError {
-        ModelError::MissingField { path: self.p(), field: field.into() }
+        ModelError::MissingField {
+            path: self.p(),
+            field: field.into(),
+        }
     }
     fn bad(&self, field: &str, reason: &str) -> ModelError {
-        ModelError::BadField { path: self.p(), field: field.into(), reason: reason.into() }
+        ModelError::BadField {
+            path: self.p(),
+            field: field.into(),
+            reason: reason.into(),
+        }
     }
     fn get(&self, field: &str) -> Option<&Value> {
         self.v.get(field).filter(|x| !x.is_null())
@@ -212,12 +234,16 @@ impl Fields<'_> {
     }
     fn f64(&self, field: &str) -> Result<f64, ModelError> {
         let x = self.get(field).ok_or_else(|| self.missing(field))?;
-        x.as_f64().ok_or_else(|| self.bad(field, "expected a number"))
+        x.as_f64()
+            .ok_or_else(|| self.bad(field, "expected a number"))
     }
     fn opt_bool(&self, field: &str) -> Result<Option<bool>, ModelError> {
         match self.get(field) {
             None => Ok(None),
-            Some(x) => x.as_bool().map(Some).ok_or_else(|| self.bad(field, "expected a boolean")),
+            Some(x) => x
+                .as_bool()
+                .map(Some)
+                .ok_or_else(|| self.bad(field, "expected a boolean")),
         }
     }
     fn opt_str(&self, field: &str) -> Option<String> {
@@ -235,23 +261,40 @@ impl Fields<'_> {
                 let theta = rp.get("rope_theta").and_then(Value::as_f64);
                 let theta = match theta {
                     Some(t) => t,
-                    None => self.get("rope_theta").and_then(Value::as_f64).unwrap_or(10000.0),
+                    None => self
+                        .get("rope_theta")
+                        .and_then(Value::as_f64)
+                        .unwrap_or(10000.0),
                 };
-                ("rope_parameters.rope_theta", theta, Some(rp), "rope_parameters")
+                (
+                    "rope_parameters.rope_theta",
+                    theta,
+                    Some(rp),
+                    "rope_parameters",
+                )
             }
             None => {
                 let theta = match self.get("rope_theta") {
-                    Some(t) => t.as_f64().ok_or_else(|| self.bad("rope_theta", "expected a number"))?,
+                    Some(t) => t
+                        .as_f64()
+                        .ok_or_else(|| self.bad("rope_theta", "expected a number"))?,
                     None => 10000.0,
                 };
-                ("rope_theta", theta, self.get("rope_scaling"), "rope_scaling")
+                (
+                    "rope_theta",
+                    theta,
+                    self.get("rope_scaling"),
+                    "rope_scaling",
+                )
             }
         };
-        if !(theta > 0.0) {
+        if theta.is_nan() || theta <= 0.0 {
             return Err(self.bad(theta_field, "must be positive"));
         }
         let mut partial = match self.get("partial_rotary_factor") {
-            Some(x) => x.as_f64().ok_or_else(|| self.bad("partial_rotary_factor", "expected a number"))?,
+            Some(x) => x
+                .as_f64()
+                .ok_or_else(|| self.bad("partial_rotary_factor", "expected a number"))?,
             None => 1.0,
         };
         let mut kind = RopeScaling::None;
@@ -259,7 +302,10 @@ impl Fields<'_> {
             if let Some(p) = s.get("partial_rotary_factor").and_then(Value::as_f64) {
                 partial = p;
             }
-            let ty = s.get("rope_type").or_else(|| s.get("type")).and_then(Value::as_str);
+            let ty = s
+                .get("rope_type")
+                .or_else(|| s.get("type"))
+                .and_then(Value::as_str);
             let num = |k: &str| -> Result<f32, ModelError> {
                 s.get(k)
                     .and_then(Value::as_f64)
@@ -279,7 +325,9 @@ impl Fields<'_> {
                 Some(other) => {
                     return Err(self.bad(
                         &format!("{scaling_field}.rope_type"),
-                        &format!("rope type `{other}` is not supported (supported: default, llama3)"),
+                        &format!(
+                            "rope type `{other}` is not supported (supported: default, llama3)"
+                        ),
                     ))
                 }
             }
@@ -341,7 +389,12 @@ mod tests {
         let mut v = base();
         v["rope_scaling"] = json!({"type": "longrope", "short_factor": [1.0]});
         let e = parse(&v).unwrap_err().to_string();
-        assert!(e.contains("x/config.json") && e.contains("rope_scaling.rope_type") && e.contains("longrope"), "{e}");
+        assert!(
+            e.contains("x/config.json")
+                && e.contains("rope_scaling.rope_type")
+                && e.contains("longrope"),
+            "{e}"
+        );
     }
 
     #[test]

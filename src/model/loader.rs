@@ -38,12 +38,19 @@ impl Checkpoint {
     pub fn open(dir: &Path) -> Result<Self, ModelError> {
         let index = dir.join("model.safetensors.index.json");
         if index.exists() {
-            let text = std::fs::read_to_string(&index)
-                .map_err(|source| ModelError::Io { path: index.clone(), source })?;
-            let v: Value = serde_json::from_str(&text)
-                .map_err(|source| ModelError::Json { path: index.clone(), source })?;
+            let text = std::fs::read_to_string(&index).map_err(|source| ModelError::Io {
+                path: index.clone(),
+                source,
+            })?;
+            let v: Value = serde_json::from_str(&text).map_err(|source| ModelError::Json {
+                path: index.clone(),
+                source,
+            })?;
             let Some(map) = v.get("weight_map").and_then(Value::as_object) else {
-                return Err(ModelError::MissingField { path: index, field: "weight_map".into() });
+                return Err(ModelError::MissingField {
+                    path: index,
+                    field: "weight_map".into(),
+                });
             };
             let mut files: Vec<String> = Vec::new();
             let mut want: HashMap<String, String> = HashMap::new();
@@ -69,16 +76,27 @@ impl Checkpoint {
             for (name, file) in want {
                 let i = files.iter().position(|f| *f == file).unwrap_or(0);
                 if shards[i].meta.info(&name).is_none() {
-                    return Err(ModelError::MissingTensor { path: shards[i].path.clone(), tensor: name });
+                    return Err(ModelError::MissingTensor {
+                        path: shards[i].path.clone(),
+                        tensor: name,
+                    });
                 }
                 names.insert(name, i);
             }
-            Ok(Self { shards, names, origin: index })
+            Ok(Self {
+                shards,
+                names,
+                origin: index,
+            })
         } else {
             let path = dir.join("model.safetensors");
             let shard = Shard::open(&path)?;
             let names = shard.meta.tensors().into_keys().map(|n| (n, 0)).collect();
-            Ok(Self { shards: vec![shard], names, origin: path })
+            Ok(Self {
+                shards: vec![shard],
+                names,
+                origin: path,
+            })
         }
     }
 
@@ -97,7 +115,10 @@ impl Checkpoint {
     pub fn f16(&self, name: &str, shape: &[usize]) -> Result<Vec<f16>, ModelError> {
         let (dtype, bytes) = self.raw(name, shape)?;
         Ok(match dtype {
-            Dtype::F16 => bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]])).collect(),
+            Dtype::F16 => bytes
+                .chunks_exact(2)
+                .map(|b| f16::from_le_bytes([b[0], b[1]]))
+                .collect(),
             Dtype::BF16 => bytes
                 .chunks_exact(2)
                 .map(|b| f16::from_f32(bf16::from_le_bytes([b[0], b[1]]).to_f32()))
@@ -113,12 +134,14 @@ impl Checkpoint {
     pub fn f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, ModelError> {
         let (dtype, bytes) = self.raw(name, shape)?;
         Ok(match dtype {
-            Dtype::F16 => {
-                bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect()
-            }
-            Dtype::BF16 => {
-                bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect()
-            }
+            Dtype::F16 => bytes
+                .chunks_exact(2)
+                .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            Dtype::BF16 => bytes
+                .chunks_exact(2)
+                .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
             _ => bytes
                 .chunks_exact(4)
                 .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
@@ -128,11 +151,17 @@ impl Checkpoint {
 
     fn raw(&self, name: &str, shape: &[usize]) -> Result<(Dtype, &[u8]), ModelError> {
         let Some(&i) = self.names.get(name) else {
-            return Err(ModelError::MissingTensor { path: self.origin.clone(), tensor: name.into() });
+            return Err(ModelError::MissingTensor {
+                path: self.origin.clone(),
+                tensor: name.into(),
+            });
         };
         let s = &self.shards[i];
         let Some(info) = s.meta.info(name) else {
-            return Err(ModelError::MissingTensor { path: s.path.clone(), tensor: name.into() });
+            return Err(ModelError::MissingTensor {
+                path: s.path.clone(),
+                tensor: name.into(),
+            });
         };
         if info.shape != shape {
             return Err(ModelError::WrongShape {
@@ -152,24 +181,39 @@ impl Checkpoint {
         let (a, b) = info.data_offsets;
         // read_metadata validated that every tensor's offsets lie inside the file and match its
         // shape × dtype size, so this range is in bounds.
-        let bytes = s.mmap.get(s.data_start + a..s.data_start + b).ok_or_else(|| {
-            ModelError::BadSafetensors { path: s.path.clone(), reason: format!("tensor `{name}` out of bounds") }
-        })?;
+        let bytes = s
+            .mmap
+            .get(s.data_start + a..s.data_start + b)
+            .ok_or_else(|| ModelError::BadSafetensors {
+                path: s.path.clone(),
+                reason: format!("tensor `{name}` out of bounds"),
+            })?;
         Ok((info.dtype, bytes))
     }
 }
 
 impl Shard {
     fn open(path: &Path) -> Result<Self, ModelError> {
-        let file = File::open(path).map_err(|source| ModelError::Io { path: path.into(), source })?;
+        let file = File::open(path).map_err(|source| ModelError::Io {
+            path: path.into(),
+            source,
+        })?;
         // SAFETY: the file is mapped read-only; a checkpoint modified on disk while we run is
         // outside what any loader can defend against (the same contract as safetensors' own docs).
-        let mmap = unsafe { Mmap::map(&file) }
-            .map_err(|source| ModelError::Io { path: path.into(), source })?;
-        let (n, meta) = SafeTensors::read_metadata(&mmap).map_err(|e| ModelError::BadSafetensors {
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|source| ModelError::Io {
             path: path.into(),
-            reason: e.to_string(),
+            source,
         })?;
-        Ok(Self { path: path.into(), mmap, data_start: 8 + n, meta })
+        let (n, meta) =
+            SafeTensors::read_metadata(&mmap).map_err(|e| ModelError::BadSafetensors {
+                path: path.into(),
+                reason: e.to_string(),
+            })?;
+        Ok(Self {
+            path: path.into(),
+            mmap,
+            data_start: 8 + n,
+            meta,
+        })
     }
 }

@@ -20,10 +20,17 @@ use std::path::PathBuf;
 /// The committed tokenizer of synthetic models.
 pub const TOKENIZER_JSON: &str = include_str!("../../assets/synthetic/tokenizer.json");
 /// Its `tokenizer_config.json` (chat template, special tokens).
-pub const TOKENIZER_CONFIG_JSON: &str = include_str!("../../assets/synthetic/tokenizer_config.json");
+pub const TOKENIZER_CONFIG_JSON: &str =
+    include_str!("../../assets/synthetic/tokenizer_config.json");
 
 /// Shapes `synthetic:` knows.
-pub const SHAPES: &[&str] = &["tiny", "qwen2.5-0.5b", "llama3.2-1b", "qwen2-7b", "phi3-mini"];
+pub const SHAPES: &[&str] = &[
+    "tiny",
+    "qwen2.5-0.5b",
+    "llama3.2-1b",
+    "qwen2-7b",
+    "phi3-mini",
+];
 
 /// A built synthetic model.
 pub struct Synthetic {
@@ -59,7 +66,18 @@ pub fn tokenizer_vocab_size() -> usize {
 /// The HF config of a known shape.
 pub fn shape_config(shape: &str) -> Result<ModelConfig, ModelError> {
     #[allow(clippy::too_many_arguments)]
-    fn cfg(arch: Arch, v: usize, h: usize, i: usize, l: usize, heads: usize, kv: usize, theta: f32, eps: f32, tied: bool) -> ModelConfig {
+    fn cfg(
+        arch: Arch,
+        v: usize,
+        h: usize,
+        i: usize,
+        l: usize,
+        heads: usize,
+        kv: usize,
+        theta: f32,
+        eps: f32,
+        tied: bool,
+    ) -> ModelConfig {
         ModelConfig {
             arch,
             vocab_size: v,
@@ -82,10 +100,32 @@ pub fn shape_config(shape: &str) -> Result<ModelConfig, ModelError> {
         }
     }
     Ok(match shape {
-        "tiny" => cfg(Arch::Llama, tokenizer_vocab_size(), 64, 128, 2, 4, 2, 10000.0, 1e-5, true),
+        "tiny" => cfg(
+            Arch::Llama,
+            tokenizer_vocab_size(),
+            64,
+            128,
+            2,
+            4,
+            2,
+            10000.0,
+            1e-5,
+            true,
+        ),
         "qwen2.5-0.5b" => cfg(Arch::Qwen2, 151936, 896, 4864, 24, 14, 2, 1e6, 1e-6, true),
         "llama3.2-1b" => {
-            let mut c = cfg(Arch::Llama, 128256, 2048, 8192, 16, 32, 8, 500000.0, 1e-5, true);
+            let mut c = cfg(
+                Arch::Llama,
+                128256,
+                2048,
+                8192,
+                16,
+                32,
+                8,
+                500000.0,
+                1e-5,
+                true,
+            );
             c.rope_scaling = RopeScaling::Llama3 {
                 factor: 32.0,
                 low_freq_factor: 1.0,
@@ -95,9 +135,31 @@ pub fn shape_config(shape: &str) -> Result<ModelConfig, ModelError> {
             c.max_position_embeddings = 131072;
             c
         }
-        "qwen2-7b" => cfg(Arch::Qwen2, 152064, 3584, 18944, 28, 28, 4, 1e6, 1e-6, false),
+        "qwen2-7b" => cfg(
+            Arch::Qwen2,
+            152064,
+            3584,
+            18944,
+            28,
+            28,
+            4,
+            1e6,
+            1e-6,
+            false,
+        ),
         "phi3-mini" => {
-            let mut c = cfg(Arch::Phi3, 32064, 3072, 8192, 32, 32, 32, 10000.0, 1e-5, false);
+            let mut c = cfg(
+                Arch::Phi3,
+                32064,
+                3072,
+                8192,
+                32,
+                32,
+                32,
+                10000.0,
+                1e-5,
+                false,
+            );
             c.max_position_embeddings = 4096;
             c
         }
@@ -108,24 +170,47 @@ pub fn shape_config(shape: &str) -> Result<ModelConfig, ModelError> {
 /// Builds `synthetic:<shape>` (`synthetic` alone is `tiny`) with weights from `seed`.
 pub fn build(spec: &str, seed: u64, backend: Box<dyn Backend>) -> Result<Synthetic, ModelError> {
     let shape = spec.strip_prefix("synthetic:").unwrap_or("tiny");
-    let shape = if shape.is_empty() || spec == "synthetic" { "tiny" } else { shape };
+    let shape = if shape.is_empty() || spec == "synthetic" {
+        "tiny"
+    } else {
+        shape
+    };
     let cfg = shape_config(shape)?;
     let src = Generator { seed };
     let mut model = Transformer::from_source(cfg, &src, backend)?;
     model.set_vocab_limit(Some(tokenizer_vocab_size()));
-    Ok(Synthetic { model, tokenizer_dir: tokenizer_dir()?, shape: shape.to_string() })
+    Ok(Synthetic {
+        model,
+        tokenizer_dir: tokenizer_dir()?,
+        shape: shape.to_string(),
+    })
 }
 
 /// Writes the committed tokenizer files to a per-user temp directory (once) and returns it.
 pub fn tokenizer_dir() -> Result<PathBuf, ModelError> {
-    let dir = std::env::temp_dir().join(format!("seedance-synthetic-tokenizer-{:016x}", fnv(TOKENIZER_JSON)));
-    for (name, text) in [("tokenizer.json", TOKENIZER_JSON), ("tokenizer_config.json", TOKENIZER_CONFIG_JSON)] {
+    let dir = std::env::temp_dir().join(format!(
+        "seedance-synthetic-tokenizer-{:016x}",
+        fnv(TOKENIZER_JSON)
+    ));
+    for (name, text) in [
+        ("tokenizer.json", TOKENIZER_JSON),
+        ("tokenizer_config.json", TOKENIZER_CONFIG_JSON),
+    ] {
         let path = dir.join(name);
         if std::fs::read_to_string(&path).ok().as_deref() != Some(text) {
-            std::fs::create_dir_all(&dir).map_err(|source| ModelError::Io { path: dir.clone(), source })?;
+            std::fs::create_dir_all(&dir).map_err(|source| ModelError::Io {
+                path: dir.clone(),
+                source,
+            })?;
             let tmp = dir.join(format!("{name}.{}", std::process::id()));
-            std::fs::write(&tmp, text).map_err(|source| ModelError::Io { path: tmp.clone(), source })?;
-            std::fs::rename(&tmp, &path).map_err(|source| ModelError::Io { path: path.clone(), source })?;
+            std::fs::write(&tmp, text).map_err(|source| ModelError::Io {
+                path: tmp.clone(),
+                source,
+            })?;
+            std::fs::rename(&tmp, &path).map_err(|source| ModelError::Io {
+                path: path.clone(),
+                source,
+            })?;
         }
     }
     Ok(dir)
@@ -142,15 +227,17 @@ impl Generator {
     fn fill(&self, name: &str, len: usize, f: impl Fn(f32) -> f16 + Sync) -> Vec<f16> {
         let key = self.seed ^ fnv(name);
         let mut out = vec![f16::ZERO; len];
-        out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, chunk)| {
-            let mut s = splitmix(key.wrapping_add(c as u64));
-            for v in chunk {
-                s = splitmix(s);
-                // Top 24 bits → uniform in [-1, 1).
-                let u = (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0;
-                *v = f(u);
-            }
-        });
+        out.par_chunks_mut(CHUNK)
+            .enumerate()
+            .for_each(|(c, chunk)| {
+                let mut s = splitmix(key.wrapping_add(c as u64));
+                for v in chunk {
+                    s = splitmix(s);
+                    // Top 24 bits → uniform in [-1, 1).
+                    let u = (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0;
+                    *v = f(u);
+                }
+            });
         out
     }
 }
@@ -158,13 +245,23 @@ impl Generator {
 impl WeightSource for Generator {
     fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Weight, ModelError> {
         let a = 3f32.sqrt() * 0.5 / (cols as f32).sqrt();
-        let a = if name.contains("embed_tokens") { 0.5 } else { a };
-        Ok(Weight::new(rows, cols, self.fill(name, rows * cols, |u| f16::from_f32(u * a))))
+        let a = if name.contains("embed_tokens") {
+            0.5
+        } else {
+            a
+        };
+        Ok(Weight::new(
+            rows,
+            cols,
+            self.fill(name, rows * cols, |u| f16::from_f32(u * a)),
+        ))
     }
 
     fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>, ModelError> {
         let norm = name.ends_with("norm.weight");
-        let v = self.fill(name, len, |u| f16::from_f32(if norm { 1.0 + 0.1 * u } else { 0.05 * u }));
+        let v = self.fill(name, len, |u| {
+            f16::from_f32(if norm { 1.0 + 0.1 * u } else { 0.05 * u })
+        });
         Ok(v.into_iter().map(f16::to_f32).collect())
     }
 }
@@ -177,7 +274,9 @@ fn splitmix(x: u64) -> u64 {
 }
 
 fn fnv(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 #[cfg(test)]
@@ -187,15 +286,31 @@ mod tests {
 
     #[test]
     fn specs_and_shapes() {
-        assert!(is_synthetic("synthetic:tiny") && is_synthetic("synthetic") && !is_synthetic("/models/x"));
+        assert!(
+            is_synthetic("synthetic:tiny")
+                && is_synthetic("synthetic")
+                && !is_synthetic("/models/x")
+        );
         assert!(tokenizer_vocab_size() > 512, "{}", tokenizer_vocab_size());
         let q = shape_config("qwen2.5-0.5b").unwrap();
         assert_eq!((q.hidden_size, q.head_dim, q.qkv_dim()), (896, 64, 1152));
-        assert!(q.num_params() > 490_000_000 && q.num_params() < 500_000_000, "{}", q.num_params());
+        assert!(
+            q.num_params() > 490_000_000 && q.num_params() < 500_000_000,
+            "{}",
+            q.num_params()
+        );
         let l = shape_config("llama3.2-1b").unwrap();
-        assert!(l.num_params() > 1_230_000_000 && l.num_params() < 1_240_000_000, "{}", l.num_params());
+        assert!(
+            l.num_params() > 1_230_000_000 && l.num_params() < 1_240_000_000,
+            "{}",
+            l.num_params()
+        );
         let p = shape_config("phi3-mini").unwrap();
-        assert!(p.num_params() > 3_800_000_000 && p.num_params() < 3_830_000_000, "{}", p.num_params());
+        assert!(
+            p.num_params() > 3_800_000_000 && p.num_params() < 3_830_000_000,
+            "{}",
+            p.num_params()
+        );
         assert!(shape_config("gpt5").is_err());
     }
 

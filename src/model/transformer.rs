@@ -47,8 +47,12 @@ pub fn rope_freqs(cfg: &ModelConfig) -> RopeFreqs {
     let mut inv_freq: Vec<f32> = (0..dim / 2)
         .map(|i| 1.0 / cfg.rope_theta.powf((2 * i) as f32 / dim as f32))
         .collect();
-    if let RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings: old } =
-        cfg.rope_scaling
+    if let RopeScaling::Llama3 {
+        factor,
+        low_freq_factor,
+        high_freq_factor,
+        original_max_position_embeddings: old,
+    } = cfg.rope_scaling
     {
         let low_wavelen = old / low_freq_factor;
         let high_wavelen = old / high_freq_factor;
@@ -57,12 +61,17 @@ pub fn rope_freqs(cfg: &ModelConfig) -> RopeFreqs {
             if wavelen > low_wavelen {
                 *f /= factor;
             } else if wavelen >= high_wavelen {
-                let smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                let smooth =
+                    (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
                 *f = (1.0 - smooth) * *f / factor + smooth * *f;
             }
         }
     }
-    RopeFreqs { inv_freq, rotary_dim: dim, attention_scaling: 1.0 }
+    RopeFreqs {
+        inv_freq,
+        rotary_dim: dim,
+        attention_scaling: 1.0,
+    }
 }
 
 // ---------------------------------------------------------------- MLP
@@ -85,7 +94,10 @@ impl Mlp {
                 src.matrix(&format!("{p}.up_proj.weight"), i, h)?,
             ]),
         };
-        Ok(Self { gate_up, down: src.matrix(&format!("{p}.down_proj.weight"), h, i)? })
+        Ok(Self {
+            gate_up,
+            down: src.matrix(&format!("{p}.down_proj.weight"), h, i)?,
+        })
     }
 
     /// x (n, hidden) → out (n, hidden)
@@ -116,7 +128,10 @@ struct Attention {
 impl Attention {
     fn load(src: &dyn WeightSource, cfg: &ModelConfig, p: &str) -> Result<Self, ModelError> {
         let h = cfg.hidden_size;
-        let (qd, kvd) = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim);
+        let (qd, kvd) = (
+            cfg.num_heads * cfg.head_dim,
+            cfg.num_kv_heads * cfg.head_dim,
+        );
         let qkv = match cfg.arch {
             Arch::Phi3 => src.matrix(&format!("{p}.qkv_proj.weight"), cfg.qkv_dim(), h)?,
             _ => Weight::concat_rows(vec![
@@ -133,8 +148,17 @@ impl Attention {
         } else {
             None
         };
-        let o_bias = if cfg.o_bias { Some(src.vector(&format!("{p}.o_proj.bias"), h)?) } else { None };
-        Ok(Self { qkv, qkv_bias, o_proj: src.matrix(&format!("{p}.o_proj.weight"), h, qd)?, o_bias })
+        let o_bias = if cfg.o_bias {
+            Some(src.vector(&format!("{p}.o_proj.bias"), h)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            qkv,
+            qkv_bias,
+            o_proj: src.matrix(&format!("{p}.o_proj.weight"), h, qd)?,
+            o_bias,
+        })
     }
 
     /// x (n, hidden) → out (n, hidden); writes the new tokens' K/V into `kv` layer `layer`.
@@ -152,7 +176,11 @@ impl Attention {
         let c = &m.cfg;
         let be = m.backend.as_ref();
         let n = s.positions.len();
-        let (qd, kvd, qkvd) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.qkv_dim());
+        let (qd, kvd, qkvd) = (
+            c.num_heads * c.head_dim,
+            c.num_kv_heads * c.head_dim,
+            c.qkv_dim(),
+        );
         let qkv = &mut s.qkv[..n * qkvd]; // (n, qkv_dim)
         be.matmul(x, &self.qkv, qkv);
         let q = &mut s.q[..n * qd]; // (n, heads, head_dim)
@@ -190,7 +218,8 @@ impl Attention {
         be.attention(q, kc, vc, &attn_seqs(seqs), &shape, attn);
         be.matmul(attn, &self.o_proj, out);
         if let Some(b) = &self.o_bias {
-            out.chunks_exact_mut(b.len()).for_each(|r| r.iter_mut().zip(b).for_each(|(o, b)| *o += b));
+            out.chunks_exact_mut(b.len())
+                .for_each(|r| r.iter_mut().zip(b).for_each(|(o, b)| *o += b));
         }
     }
 }
@@ -213,7 +242,8 @@ impl DecoderLayer {
         Ok(Self {
             input_layernorm: src.vector(&format!("{p}.input_layernorm.weight"), h)?,
             self_attn: Attention::load(src, cfg, &format!("{p}.self_attn"))?,
-            post_attention_layernorm: src.vector(&format!("{p}.post_attention_layernorm.weight"), h)?,
+            post_attention_layernorm: src
+                .vector(&format!("{p}.post_attention_layernorm.weight"), h)?,
             mlp: Mlp::load(src, cfg, &format!("{p}.mlp"))?,
         })
     }
@@ -235,10 +265,12 @@ impl DecoderLayer {
         let mut normed = std::mem::take(&mut s.normed); // (n, hidden)
         let mut delta = std::mem::take(&mut s.delta); // (n, hidden)
         be.rmsnorm(x, &self.input_layernorm, eps, &mut normed[..n * h]);
-        self.self_attn.forward(m, layer, &normed[..n * h], seqs, kv, s, &mut delta[..n * h]);
+        self.self_attn
+            .forward(m, layer, &normed[..n * h], seqs, kv, s, &mut delta[..n * h]);
         x.iter_mut().zip(&delta[..n * h]).for_each(|(a, d)| *a += d);
         be.rmsnorm(x, &self.post_attention_layernorm, eps, &mut normed[..n * h]);
-        self.mlp.forward(be, &normed[..n * h], s, &mut delta[..n * h]);
+        self.mlp
+            .forward(be, &normed[..n * h], s, &mut delta[..n * h]);
         x.iter_mut().zip(&delta[..n * h]).for_each(|(a, d)| *a += d);
         s.normed = normed;
         s.delta = delta;
@@ -296,7 +328,11 @@ impl Scratch {
                 v.resize(len, 0.0);
             }
         };
-        let (h, qd, kvd) = (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+        let (h, qd, kvd) = (
+            c.hidden_size,
+            c.num_heads * c.head_dim,
+            c.num_kv_heads * c.head_dim,
+        );
         grow(&mut self.x, n * h);
         grow(&mut self.normed, n * h);
         grow(&mut self.delta, n * h);
@@ -310,19 +346,23 @@ impl Scratch {
         grow(&mut self.last, n_logits * h);
         grow(&mut self.logits, n_logits * c.vocab_size);
     }
-
 }
 
 /// The attention view of a batch: each sequence's rows, positions and blocks.
 fn attn_seqs<'a>(seqs: &[SeqInput<'a>]) -> Vec<AttnSeq<'a>> {
-        let mut row = 0;
-        seqs.iter()
-            .map(|s| {
-                let a = AttnSeq { row, len: s.tokens.len(), start_pos: s.start_pos, blocks: s.blocks.blocks() };
-                row += s.tokens.len();
-                a
-            })
-            .collect()
+    let mut row = 0;
+    seqs.iter()
+        .map(|s| {
+            let a = AttnSeq {
+                row,
+                len: s.tokens.len(),
+                start_pos: s.start_pos,
+                blocks: s.blocks.blocks(),
+            };
+            row += s.tokens.len();
+            a
+        })
+        .collect()
 }
 
 pub struct Transformer {
@@ -350,14 +390,33 @@ impl Transformer {
     }
 
     /// Builds the model from any weight source, by the checkpoint's tensor names.
-    pub fn from_source(cfg: ModelConfig, src: &dyn WeightSource, backend: Box<dyn Backend>) -> Result<Self, ModelError> {
+    pub fn from_source(
+        cfg: ModelConfig,
+        src: &dyn WeightSource,
+        backend: Box<dyn Backend>,
+    ) -> Result<Self, ModelError> {
         let (v, h) = (cfg.vocab_size, cfg.hidden_size);
         let embed_tokens = src.matrix("model.embed_tokens.weight", v, h)?;
-        let layers = (0..cfg.num_layers).map(|i| DecoderLayer::load(src, &cfg, i)).collect::<Result<_, _>>()?;
+        let layers = (0..cfg.num_layers)
+            .map(|i| DecoderLayer::load(src, &cfg, i))
+            .collect::<Result<_, _>>()?;
         let norm = src.vector("model.norm.weight", h)?;
-        let lm_head = if cfg.tie_word_embeddings { None } else { Some(src.matrix("lm_head.weight", v, h)?) };
+        let lm_head = if cfg.tie_word_embeddings {
+            None
+        } else {
+            Some(src.matrix("lm_head.weight", v, h)?)
+        };
         let rope = rope_freqs(&cfg);
-        Ok(Self { cfg, embed_tokens, layers, norm, lm_head, rope, backend, vocab_limit: None })
+        Ok(Self {
+            cfg,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rope,
+            backend,
+            vocab_limit: None,
+        })
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -389,7 +448,12 @@ impl Transformer {
         let l: usize = self
             .layers
             .iter()
-            .map(|l| l.self_attn.qkv.bytes() + l.self_attn.o_proj.bytes() + l.mlp.gate_up.bytes() + l.mlp.down.bytes())
+            .map(|l| {
+                l.self_attn.qkv.bytes()
+                    + l.self_attn.o_proj.bytes()
+                    + l.mlp.gate_up.bytes()
+                    + l.mlp.down.bytes()
+            })
             .sum();
         l + self.embed_tokens.bytes() + self.lm_head.as_ref().map_or(0, Weight::bytes)
     }
@@ -415,7 +479,8 @@ impl Transformer {
         s.ensure(c, n, n_logits);
         s.positions.clear();
         for q in seqs {
-            s.positions.extend((0..q.tokens.len()).map(|i| (q.start_pos + i) as u32));
+            s.positions
+                .extend((0..q.tokens.len()).map(|i| (q.start_pos + i) as u32));
         }
         let h = c.hidden_size;
         let mut x = std::mem::take(&mut s.x); // (n, hidden)
@@ -444,7 +509,8 @@ impl Transformer {
         }
         s.x = x;
         let normed = &mut s.normed[..n_logits * h]; // (n_wanted, hidden)
-        self.backend.rmsnorm(&s.last[..n_logits * h], &self.norm, c.rms_norm_eps, normed);
+        self.backend
+            .rmsnorm(&s.last[..n_logits * h], &self.norm, c.rms_norm_eps, normed);
         let logits = &mut s.logits[..n_logits * c.vocab_size]; // (n_wanted, vocab)
         let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
         self.backend.matmul(normed, head, logits);
@@ -459,15 +525,23 @@ impl Transformer {
     fn check(&self, seqs: &[SeqInput<'_>], kv: &KvCache) -> Result<(), ModelError> {
         let c = &self.cfg;
         let kc = kv.config();
-        if kc.num_layers != c.num_layers || kc.kv_heads != c.num_kv_heads || kc.head_dim != c.head_dim {
-            return Err(ModelError::Forward(format!("KV cache shape {kc:?} does not fit the model")));
+        if kc.num_layers != c.num_layers
+            || kc.kv_heads != c.num_kv_heads
+            || kc.head_dim != c.head_dim
+        {
+            return Err(ModelError::Forward(format!(
+                "KV cache shape {kc:?} does not fit the model"
+            )));
         }
         for (i, q) in seqs.iter().enumerate() {
             if q.tokens.is_empty() {
                 return Err(ModelError::Forward(format!("sequence {i}: no tokens")));
             }
             if let Some(&t) = q.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
-                return Err(ModelError::Forward(format!("sequence {i}: token id {t} ≥ vocab {}", c.vocab_size)));
+                return Err(ModelError::Forward(format!(
+                    "sequence {i}: token id {t} ≥ vocab {}",
+                    c.vocab_size
+                )));
             }
             let end = q.start_pos + q.tokens.len();
             if q.blocks.capacity(kc.block_size) < end {
@@ -476,8 +550,14 @@ impl Transformer {
                     q.blocks.capacity(kc.block_size)
                 )));
             }
-            if q.blocks.blocks().iter().any(|&b| b as usize >= kc.num_blocks) {
-                return Err(ModelError::Forward(format!("sequence {i}: block id out of range")));
+            if q.blocks
+                .blocks()
+                .iter()
+                .any(|&b| b as usize >= kc.num_blocks)
+            {
+                return Err(ModelError::Forward(format!(
+                    "sequence {i}: block id out of range"
+                )));
             }
         }
         Ok(())

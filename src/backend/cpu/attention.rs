@@ -35,8 +35,9 @@ pub fn attention(
         let need = (sq.start_pos + sq.len).div_ceil(s.block_size);
         assert!(sq.blocks.len() >= need, "attention: block table too short");
     }
-    let tasks: Vec<(usize, usize)> =
-        (0..seqs.len()).flat_map(|i| (0..s.num_kv_heads).map(move |g| (i, g))).collect();
+    let tasks: Vec<(usize, usize)> = (0..seqs.len())
+        .flat_map(|i| (0..s.num_kv_heads).map(move |g| (i, g)))
+        .collect();
     let o = OutPtr(out.as_mut_ptr());
     let run = |&(i, g): &(usize, usize)| {
         // SAFETY: see OutPtr; bounds checked above (rows, block tables) and by slice indexing.
@@ -49,7 +50,15 @@ pub fn attention(
     }
 }
 
-unsafe fn one(q: &[f32], kc: &[f16], vc: &[f16], sq: &AttnSeq<'_>, g: usize, s: &AttnShape, o: OutPtr) {
+unsafe fn one(
+    q: &[f32],
+    kc: &[f16],
+    vc: &[f16],
+    sq: &AttnSeq<'_>,
+    g: usize,
+    s: &AttnShape,
+    o: OutPtr,
+) {
     let hd = s.head_dim;
     let bs = s.block_size;
     let group = s.num_heads / s.num_kv_heads;

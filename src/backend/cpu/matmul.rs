@@ -11,6 +11,9 @@
 //! ISA: AVX-512F (16 lanes, `vcvtph2ps zmm`), else AVX2 + FMA + F16C (8 lanes), else a portable
 //! loop; chosen once at start-up with `is_x86_feature_detected!`.
 
+// Kernels index fixed-size register tiles by (row, token); index loops read clearer there.
+#![allow(clippy::needless_range_loop)]
+
 use crate::backend::Weight;
 use half::f16;
 use rayon::prelude::*;
@@ -34,7 +37,9 @@ impl Isa {
     pub fn detect() -> Self {
         #[cfg(target_arch = "x86_64")]
         {
-            if std::env::var_os("SEEDANCE_NO_AVX512").is_none() && is_x86_feature_detected!("avx512f") {
+            if std::env::var_os("SEEDANCE_NO_AVX512").is_none()
+                && is_x86_feature_detected!("avx512f")
+            {
                 return Isa::Avx512;
             }
             if is_x86_feature_detected!("avx2")
@@ -59,7 +64,12 @@ unsafe impl Sync for OutPtr {}
 /// y (n, w.rows) = x (n, w.cols) · wᵀ on the current rayon pool.
 pub fn matmul(isa: Isa, threads: usize, x: &[f32], w: &Weight, y: &mut [f32]) {
     let (rows, cols) = (w.rows, w.cols);
-    assert!(cols > 0 && x.len() % cols == 0, "matmul: x has {} elems, cols {}", x.len(), cols);
+    assert!(
+        cols > 0 && x.len().is_multiple_of(cols),
+        "matmul: x has {} elems, cols {}",
+        x.len(),
+        cols
+    );
     let n = x.len() / cols;
     assert_eq!(y.len(), n * rows, "matmul: y size");
     assert_eq!(w.data.len(), rows * cols, "matmul: weight size");
@@ -98,7 +108,15 @@ unsafe fn rows_range(isa: Isa, x: &[f32], n: usize, w: &Weight, r0: usize, r1: u
             while t < te {
                 let nt = (te - t).min(TOKS);
                 let mut acc = [[0f32; TOKS]; ROWS];
-                tile(isa, wp.add(r * cols), cols, xp.add(t * cols), nr, nt, &mut acc);
+                tile(
+                    isa,
+                    wp.add(r * cols),
+                    cols,
+                    xp.add(t * cols),
+                    nr,
+                    nt,
+                    &mut acc,
+                );
                 for (ri, acc_r) in acc.iter().enumerate().take(nr) {
                     for (ti, v) in acc_r.iter().enumerate().take(nt) {
                         *out.0.add((t + ti) * rows + r + ri) = *v;
@@ -114,7 +132,15 @@ unsafe fn rows_range(isa: Isa, x: &[f32], n: usize, w: &Weight, r0: usize, r1: u
 
 /// Dispatches the nr × nt tile to a monomorphised kernel.
 #[inline]
-unsafe fn tile(isa: Isa, w: *const f16, k: usize, x: *const f32, nr: usize, nt: usize, acc: &mut [[f32; TOKS]; ROWS]) {
+unsafe fn tile(
+    isa: Isa,
+    w: *const f16,
+    k: usize,
+    x: *const f32,
+    nr: usize,
+    nt: usize,
+    acc: &mut [[f32; TOKS]; ROWS],
+) {
     macro_rules! go {
         ($f:ident) => {
             match (nr, nt) {
@@ -144,7 +170,12 @@ unsafe fn tile(isa: Isa, w: *const f16, k: usize, x: *const f32, nr: usize, nt: 
 }
 
 /// Portable reference kernel (also the tail of the SIMD ones).
-unsafe fn tile_portable<const R: usize, const T: usize>(w: *const f16, k: usize, x: *const f32, acc: &mut [[f32; TOKS]; ROWS]) {
+unsafe fn tile_portable<const R: usize, const T: usize>(
+    w: *const f16,
+    k: usize,
+    x: *const f32,
+    acc: &mut [[f32; TOKS]; ROWS],
+) {
     for r in 0..R {
         let wr = std::slice::from_raw_parts(w.add(r * k), k);
         for t in 0..T {
@@ -169,7 +200,12 @@ unsafe fn tile_portable<const R: usize, const T: usize>(w: *const f16, k: usize,
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn tile_avx512<const R: usize, const T: usize>(w: *const f16, k: usize, x: *const f32, acc: &mut [[f32; TOKS]; ROWS]) {
+unsafe fn tile_avx512<const R: usize, const T: usize>(
+    w: *const f16,
+    k: usize,
+    x: *const f32,
+    acc: &mut [[f32; TOKS]; ROWS],
+) {
     use std::arch::x86_64::*;
     let mut a = [[_mm512_setzero_ps(); T]; R];
     let mut i = 0;
@@ -199,7 +235,12 @@ unsafe fn tile_avx512<const R: usize, const T: usize>(w: *const f16, k: usize, x
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn tile_avx2<const R: usize, const T: usize>(w: *const f16, k: usize, x: *const f32, acc: &mut [[f32; TOKS]; ROWS]) {
+unsafe fn tile_avx2<const R: usize, const T: usize>(
+    w: *const f16,
+    k: usize,
+    x: *const f32,
+    acc: &mut [[f32; TOKS]; ROWS],
+) {
     use std::arch::x86_64::*;
     let mut a = [[_mm256_setzero_ps(); T]; R];
     let mut i = 0;

@@ -30,9 +30,17 @@ impl CpuBackend {
             .unwrap_or_else(|_| {
                 // Building a pool only fails when threads cannot be spawned at all; fall back to
                 // running on the caller's thread rather than failing the model load.
-                rayon::ThreadPoolBuilder::new().num_threads(1).use_current_thread().build().unwrap_or_else(|e| panic!("rayon: {e}"))
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(1)
+                    .use_current_thread()
+                    .build()
+                    .unwrap_or_else(|e| panic!("rayon: {e}"))
             });
-        Self { pool, threads, isa: Isa::detect() }
+        Self {
+            pool,
+            threads,
+            isa: Isa::detect(),
+        }
     }
 
     pub fn threads(&self) -> usize {
@@ -62,14 +70,22 @@ impl Backend for CpuBackend {
     }
 
     fn matmul(&self, x: &[f32], w: &Weight, y: &mut [f32]) {
-        self.pool.install(|| matmul::matmul(self.isa, self.threads, x, w, y));
+        self.pool
+            .install(|| matmul::matmul(self.isa, self.threads, x, w, y));
     }
 
     fn rmsnorm(&self, x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
         ops::rmsnorm(x, weight, eps, out);
     }
 
-    fn rope(&self, x: &mut [f32], positions: &[u32], heads: usize, head_dim: usize, freqs: &RopeFreqs) {
+    fn rope(
+        &self,
+        x: &mut [f32],
+        positions: &[u32],
+        heads: usize,
+        head_dim: usize,
+        freqs: &RopeFreqs,
+    ) {
         ops::rope(x, positions, heads, head_dim, freqs);
     }
 
@@ -109,8 +125,17 @@ mod tests {
 
     #[test]
     fn simd_matmul_matches_f64_reference() {
-        for &(rows, cols, n) in &[(7, 40, 1), (13, 67, 3), (64, 64, 9), (33, 896, 5), (8, 16, 70)] {
-            let w: Vec<f16> = rand_vec(rows * cols, 1).into_iter().map(f16::from_f32).collect();
+        for &(rows, cols, n) in &[
+            (7, 40, 1),
+            (13, 67, 3),
+            (64, 64, 9),
+            (33, 896, 5),
+            (8, 16, 70),
+        ] {
+            let w: Vec<f16> = rand_vec(rows * cols, 1)
+                .into_iter()
+                .map(f16::from_f32)
+                .collect();
             let x = rand_vec(n * cols, 2);
             let wt = Weight::new(rows, cols, w.clone());
             for isa in [Isa::detect(), Isa::Portable] {
@@ -124,7 +149,10 @@ mod tests {
                                 .map(|i| w[r * cols + i].to_f64() * x[t * cols + i] as f64)
                                 .sum();
                             let got = y[t * rows + r] as f64;
-                            assert!((got - want).abs() < 1e-4 + 1e-4 * want.abs(), "{isa:?} {rows}x{cols} n={n} t={t} r={r}: {got} vs {want}");
+                            assert!(
+                                (got - want).abs() < 1e-4 + 1e-4 * want.abs(),
+                                "{isa:?} {rows}x{cols} n={n} t={t} r={r}: {got} vs {want}"
+                            );
                         }
                     }
                 }

@@ -42,7 +42,10 @@ pub fn rope(x: &mut [f32], positions: &[u32], heads: usize, head_dim: usize, f: 
 
 /// out (n, inter) = silu(gate) · up; gate_up (n, 2·inter) is [gate | up] per row.
 pub fn silu_mul(gate_up: &[f32], inter: usize, out: &mut [f32]) {
-    for (gu, o) in gate_up.chunks_exact(2 * inter).zip(out.chunks_exact_mut(inter)) {
+    for (gu, o) in gate_up
+        .chunks_exact(2 * inter)
+        .zip(out.chunks_exact_mut(inter))
+    {
         let (g, u) = gu.split_at(inter);
         for ((o, g), u) in o.iter_mut().zip(g).zip(u) {
             *o = g / (1.0 + (-g).exp()) * u;
@@ -65,7 +68,11 @@ mod tests {
 
     #[test]
     fn rope_position_zero_is_identity_and_preserves_norm() {
-        let f = RopeFreqs { inv_freq: vec![1.0, 0.1], rotary_dim: 4, attention_scaling: 1.0 };
+        let f = RopeFreqs {
+            inv_freq: vec![1.0, 0.1],
+            rotary_dim: 4,
+            attention_scaling: 1.0,
+        };
         let mut x = vec![1.0, 2.0, 3.0, 4.0, 1.0, 2.0, 3.0, 4.0];
         rope(&mut x, &[0, 7], 1, 4, &f);
         assert_eq!(&x[..4], &[1.0, 2.0, 3.0, 4.0]);
