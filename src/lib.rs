@@ -8,13 +8,18 @@
 //! - [`ws`]       RFC 6455: handshake, frames, masking, close codes, UTF-8, message decoder
 //! - [`session`]  above the frames: state machine, JSON protocol, heartbeat, per-request
 //!   streaming (detokenize → chunk → frame)
-//! - [`engine`]   the boundary queues, the engine thread loop, the generators (null model)
+//! - [`engine`]   the boundary queues, the engine thread loop, the generators (null model),
+//!   the paged KV cache (`kv`)
+//! - [`model`]    checkpoint config and loading, the Llama-family transformer, synthetic models
+//! - [`backend`]  the compute ops behind the transformer (`Backend` trait; `cpu` implementation)
 //! - [`metrics`]  every metric, per shard, merged at scrape
 
+pub mod backend;
 pub mod config;
 pub mod engine;
 pub mod http;
 pub mod metrics;
+pub mod model;
 pub mod server;
 pub mod session;
 pub mod ws;

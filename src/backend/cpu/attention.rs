@@ -1,0 +1,160 @@
+//! Causal GQA attention over the paged KV cache, one pass with an online softmax.
+//!
+//! One task per (sequence, KV head): it walks the sequence's blocks in order, converts each
+//! block's `block_size × head_dim` K and V tiles to F32 once, and updates every query that reads
+//! them — all new tokens of the sequence × the query heads of this KV head's group. Per query it
+//! keeps the running max `m`, normaliser `l` and weighted sum `acc` (flash-attention style), so
+//! memory is O(queries × head_dim) whatever the context length. Tasks write disjoint output
+//! elements (their own rows × their own heads).
+
+use crate::backend::{AttnSeq, AttnShape};
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+use rayon::prelude::*;
+
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: each task writes only out[rows of its sequence][heads of its KV group], disjoint from
+// every other task's elements; the pointer outlives the parallel scope.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+pub fn attention(
+    threads: usize,
+    q: &[f32],
+    k_cache: &[f16],
+    v_cache: &[f16],
+    seqs: &[AttnSeq<'_>],
+    s: &AttnShape,
+    out: &mut [f32],
+) {
+    assert_eq!(q.len(), out.len(), "attention: q/out size");
+    let rows = q.len() / (s.num_heads * s.head_dim);
+    for sq in seqs {
+        assert!(sq.row + sq.len <= rows, "attention: seq rows out of range");
+        let need = (sq.start_pos + sq.len).div_ceil(s.block_size);
+        assert!(sq.blocks.len() >= need, "attention: block table too short");
+    }
+    let tasks: Vec<(usize, usize)> = (0..seqs.len())
+        .flat_map(|i| (0..s.num_kv_heads).map(move |g| (i, g)))
+        .collect();
+    let o = OutPtr(out.as_mut_ptr());
+    let run = |&(i, g): &(usize, usize)| {
+        // SAFETY: see OutPtr; bounds checked above (rows, block tables) and by slice indexing.
+        unsafe { one(q, k_cache, v_cache, &seqs[i], g, s, o) }
+    };
+    if threads <= 1 || tasks.len() == 1 {
+        tasks.iter().for_each(run);
+    } else {
+        tasks.par_iter().for_each(run);
+    }
+}
+
+unsafe fn one(
+    q: &[f32],
+    kc: &[f16],
+    vc: &[f16],
+    sq: &AttnSeq<'_>,
+    g: usize,
+    s: &AttnShape,
+    o: OutPtr,
+) {
+    let hd = s.head_dim;
+    let bs = s.block_size;
+    let group = s.num_heads / s.num_kv_heads;
+    let nq = sq.len * group;
+    let total = sq.start_pos + sq.len;
+    // Per query (t, h): running max, normaliser, weighted V sum (head_dim).
+    let mut m = vec![f32::NEG_INFINITY; nq];
+    let mut l = vec![0f32; nq];
+    let mut acc = vec![0f32; nq * hd];
+    let mut kt = vec![0f32; bs * hd];
+    let mut vt = vec![0f32; bs * hd];
+    let mut p = vec![0f32; bs];
+    let nblocks = total.div_ceil(bs);
+    let first_block = match s.sliding_window {
+        Some(w) => (sq.start_pos + 1).saturating_sub(w) / bs,
+        None => 0,
+    };
+    for b in first_block..nblocks {
+        let base = b * bs;
+        let valid = (total - base).min(bs);
+        let off = ((sq.blocks[b] as usize * s.num_kv_heads + g) * bs) * hd;
+        kc[off..off + valid * hd].convert_to_f32_slice(&mut kt[..valid * hd]);
+        vc[off..off + valid * hd].convert_to_f32_slice(&mut vt[..valid * hd]);
+        for t in 0..sq.len {
+            let pos = sq.start_pos + t;
+            if base > pos {
+                continue;
+            }
+            let hi = (pos - base + 1).min(valid);
+            let lo = match s.sliding_window {
+                Some(w) => (pos + 1).saturating_sub(w).saturating_sub(base).min(hi),
+                None => 0,
+            };
+            if lo >= hi {
+                continue;
+            }
+            for hg in 0..group {
+                let h = g * group + hg;
+                let qi = t * group + hg;
+                let qrow = &q[((sq.row + t) * s.num_heads + h) * hd..][..hd];
+                let mut mx = f32::NEG_INFINITY;
+                for j in lo..hi {
+                    let sc = dot(qrow, &kt[j * hd..(j + 1) * hd]) * s.scale;
+                    p[j] = sc;
+                    mx = mx.max(sc);
+                }
+                let m_new = m[qi].max(mx);
+                let corr = (m[qi] - m_new).exp();
+                let a = &mut acc[qi * hd..(qi + 1) * hd];
+                if corr != 1.0 {
+                    a.iter_mut().for_each(|x| *x *= corr);
+                }
+                let mut lsum = l[qi] * corr;
+                for j in lo..hi {
+                    let e = (p[j] - m_new).exp();
+                    lsum += e;
+                    axpy(e, &vt[j * hd..(j + 1) * hd], a);
+                }
+                l[qi] = lsum;
+                m[qi] = m_new;
+            }
+        }
+    }
+    for t in 0..sq.len {
+        for hg in 0..group {
+            let h = g * group + hg;
+            let qi = t * group + hg;
+            let inv = if l[qi] > 0.0 { 1.0 / l[qi] } else { 0.0 };
+            let dst = o.0.add(((sq.row + t) * s.num_heads + h) * hd);
+            for d in 0..hd {
+                *dst.add(d) = acc[qi * hd + d] * inv;
+            }
+        }
+    }
+}
+
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut s = [0f32; 8];
+    let (ac, at) = a.split_at(a.len() / 8 * 8);
+    let (bc, bt) = b.split_at(ac.len());
+    for (x, y) in ac.chunks_exact(8).zip(bc.chunks_exact(8)) {
+        for l in 0..8 {
+            s[l] += x[l] * y[l];
+        }
+    }
+    let mut r: f32 = s.iter().sum();
+    for (x, y) in at.iter().zip(bt) {
+        r += x * y;
+    }
+    r
+}
+
+#[inline]
+fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+    for (yi, xi) in y.iter_mut().zip(x) {
+        *yi += a * xi;
+    }
+}

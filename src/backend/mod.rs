@@ -1,0 +1,118 @@
+//! The compute ops the transformer is written in, behind one trait so that the CPU reference
+//! ([`cpu::CpuBackend`]) and the CUDA backend implement the same contract and are tested against
+//! each other with one test body.
+//!
+//! Conventions: activations are F32, row-major, one row per token; weight matrices are F16,
+//! `(out, in)` as in the checkpoint (`y = x · Wᵀ`); the KV cache is F16 in the layout documented in
+//! [`crate::engine::kv`]. Ops never allocate on the hot path; callers pass output buffers.
+
+pub mod cpu;
+
+use half::f16;
+
+/// An `(rows, cols)` F16 matrix, row-major: `rows` outputs, each a dot product over `cols` inputs.
+#[derive(Debug, Clone)]
+pub struct Weight {
+    pub rows: usize,
+    pub cols: usize,
+    /// (rows, cols)
+    pub data: Vec<f16>,
+}
+
+impl Weight {
+    pub fn new(rows: usize, cols: usize, data: Vec<f16>) -> Self {
+        debug_assert_eq!(data.len(), rows * cols);
+        Self { rows, cols, data }
+    }
+
+    /// Stacks matrices with equal `cols` row-wise (q|k|v, gate|up fusion).
+    pub fn concat_rows(parts: Vec<Weight>) -> Self {
+        let cols = parts.first().map_or(0, |p| p.cols);
+        let rows = parts.iter().map(|p| p.rows).sum();
+        let mut data = Vec::with_capacity(rows * cols);
+        for p in parts {
+            debug_assert_eq!(p.cols, cols);
+            data.extend_from_slice(&p.data);
+        }
+        Self { rows, cols, data }
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.data.len() * 2
+    }
+}
+
+/// Rotary embedding frequencies of one model (already scaled, e.g. llama3).
+#[derive(Debug, Clone)]
+pub struct RopeFreqs {
+    /// (rotary_dim / 2,) angle per position for each rotated pair.
+    pub inv_freq: Vec<f32>,
+    /// Leading dims of each head that rotate; the rest pass through (Phi-3 partial rotary).
+    pub rotary_dim: usize,
+    /// Multiplier on cos/sin (1.0 for default and llama3 RoPE).
+    pub attention_scaling: f32,
+}
+
+/// One sequence's slice of a batched attention call.
+#[derive(Debug, Clone, Copy)]
+pub struct AttnSeq<'a> {
+    /// First row of this sequence's queries in the batch.
+    pub row: usize,
+    /// Number of query rows (new tokens) of this sequence.
+    pub len: usize,
+    /// Position of its first new token; keys `0..start_pos + len` are in the cache.
+    pub start_pos: usize,
+    /// Block ids in position order.
+    pub blocks: &'a [u32],
+}
+
+/// Shape of an attention call.
+#[derive(Debug, Clone, Copy)]
+pub struct AttnShape {
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub block_size: usize,
+    /// Softmax scale, normally 1/sqrt(head_dim).
+    pub scale: f32,
+    /// A query at position i sees keys j with i - j < window.
+    pub sliding_window: Option<usize>,
+}
+
+/// The ops of one forward pass. `n` is the number of token rows in the batch.
+pub trait Backend: Send + Sync {
+    fn name(&self) -> &'static str;
+
+    /// y (n, w.rows) = x (n, w.cols) · wᵀ.
+    fn matmul(&self, x: &[f32], w: &Weight, y: &mut [f32]);
+
+    /// out (n, dim) = x / sqrt(mean(x²) + eps) · weight, per row; `weight`: (dim,).
+    fn rmsnorm(&self, x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]);
+
+    /// Rotates each head of x (n, heads, head_dim) in place by its row's position
+    /// (HF rotate_half convention: pairs (i, i + rotary_dim/2)).
+    fn rope(
+        &self,
+        x: &mut [f32],
+        positions: &[u32],
+        heads: usize,
+        head_dim: usize,
+        freqs: &RopeFreqs,
+    );
+
+    /// out (n, inter) = silu(gate) · up, with gate_up (n, 2·inter) holding [gate | up] per row.
+    fn silu_mul(&self, gate_up: &[f32], inter: usize, out: &mut [f32]);
+
+    /// Causal GQA attention over the paged cache of one layer.
+    /// q: (n, num_heads, head_dim); k_cache, v_cache: (num_blocks, kv_heads, block_size, head_dim);
+    /// out: (n, num_heads, head_dim).
+    fn attention(
+        &self,
+        q: &[f32],
+        k_cache: &[f16],
+        v_cache: &[f16],
+        seqs: &[AttnSeq<'_>],
+        shape: &AttnShape,
+        out: &mut [f32],
+    );
+}
