@@ -18,7 +18,9 @@ const VOCAB: usize = 151_936;
 /// Logits shaped like a model's: a few strong candidates over a broad low floor.
 fn logits() -> Vec<f32> {
     let mut rng = ChaCha8Rng::seed_from_u64(1);
-    let mut l: Vec<f32> = (0..VOCAB).map(|_| rng.random::<f32>() * 6.0 - 8.0).collect();
+    let mut l: Vec<f32> = (0..VOCAB)
+        .map(|_| rng.random::<f32>() * 6.0 - 8.0)
+        .collect();
     for i in 0..64 {
         l[rng.random_range(0..VOCAB)] = 4.0 - i as f32 * 0.1;
     }
@@ -76,8 +78,12 @@ fn detok(c: &mut Criterion) {
     let text = "Streaming inference servers send tokens to clients as soon as they are sampled. 你好，世界！😀 ".repeat(20);
     let mut g = c.benchmark_group("detok");
     for kind in ["llama3", "llama2"] {
-        let Ok(tok) = Tokenizer::from_dir(&root.join(kind)) else { continue };
-        let Ok(ids) = tok.encode(&text, false) else { continue };
+        let Ok(tok) = Tokenizer::from_dir(&root.join(kind)) else {
+            continue;
+        };
+        let Ok(ids) = tok.encode(&text, false) else {
+            continue;
+        };
         let table = DetokTable::new(&tok);
         let mut d = Detokenizer::new(table);
         let mut out = String::with_capacity(text.len() * 2);

@@ -9,7 +9,9 @@ use seedance::model::detok::{DetokTable, Detokenizer};
 use seedance::model::tokenizer::Tokenizer;
 
 fn load(kind: &str) -> (Tokenizer, Arc<DetokTable>) {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/text").join(kind);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/text")
+        .join(kind);
     let tok = Tokenizer::from_dir(&dir).unwrap();
     let table = DetokTable::new(&tok);
     (tok, table)
@@ -57,8 +59,15 @@ fn multibyte_text_round_trips() {
             for special in [false, true] {
                 let ids = tok.encode(text, special).unwrap();
                 let pieces = stream(&table, &ids);
-                assert_eq!(pieces.concat(), tok.decode(&ids, true).unwrap(), "{kind} {text:?}");
-                assert!(!pieces.concat().contains('\u{FFFD}') || text.contains('\u{FFFD}'), "{kind} {text:?}");
+                assert_eq!(
+                    pieces.concat(),
+                    tok.decode(&ids, true).unwrap(),
+                    "{kind} {text:?}"
+                );
+                assert!(
+                    !pieces.concat().contains('\u{FFFD}') || text.contains('\u{FFFD}'),
+                    "{kind} {text:?}"
+                );
             }
         }
     }
@@ -69,7 +78,10 @@ fn byte_fallback_holds_partial_characters() {
     let (tok, table) = load("llama2");
     let ids = tok.encode("𝔘", false).unwrap();
     let byte_ids = ids.iter().filter(|&&i| (3..259).contains(&i)).count();
-    assert_eq!(byte_ids, 4, "an unseen 4-byte char is four byte-fallback tokens: {ids:?}");
+    assert_eq!(
+        byte_ids, 4,
+        "an unseen 4-byte char is four byte-fallback tokens: {ids:?}"
+    );
     let pieces = stream(&table, &ids);
     assert!(pieces[..ids.len()].iter().all(|p| !p.contains('\u{FFFD}')));
     assert_eq!(pieces.concat(), "𝔘");
@@ -81,7 +93,11 @@ fn first_token_leading_space_rule() {
     // " leading" after BOS: the Metaspace prefix is stripped exactly once.
     for text in ["hello", " hello", "  two spaces"] {
         let ids = tok.encode(text, true).unwrap();
-        assert_eq!(stream(&table, &ids).concat(), tok.decode(&ids, true).unwrap(), "{text:?}");
+        assert_eq!(
+            stream(&table, &ids).concat(),
+            tok.decode(&ids, true).unwrap(),
+            "{text:?}"
+        );
     }
 }
 

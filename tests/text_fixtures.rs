@@ -10,7 +10,9 @@ use serde_json::Value as Json;
 const KINDS: [&str; 3] = ["llama3", "qwen2", "llama2"];
 
 fn dir(kind: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/text").join(kind)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/text")
+        .join(kind)
 }
 
 fn expected(kind: &str) -> Json {
@@ -19,7 +21,11 @@ fn expected(kind: &str) -> Json {
 }
 
 fn ids(v: &Json) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 #[test]
@@ -28,8 +34,16 @@ fn encode_matches_transformers() {
         let tok = Tokenizer::from_dir(&dir(kind)).unwrap();
         for case in expected(kind)["encode"].as_array().unwrap() {
             let text = case["text"].as_str().unwrap();
-            assert_eq!(tok.encode(text, true).unwrap(), ids(&case["ids"]), "{kind} {text:?}");
-            assert_eq!(tok.encode(text, false).unwrap(), ids(&case["ids_no_special"]), "{kind} {text:?}");
+            assert_eq!(
+                tok.encode(text, true).unwrap(),
+                ids(&case["ids"]),
+                "{kind} {text:?}"
+            );
+            assert_eq!(
+                tok.encode(text, false).unwrap(),
+                ids(&case["ids_no_special"]),
+                "{kind} {text:?}"
+            );
         }
     }
 }
@@ -41,12 +55,24 @@ fn decode_matches_transformers() {
         let exp = expected(kind);
         for case in exp["encode"].as_array().unwrap() {
             let i = ids(&case["ids"]);
-            assert_eq!(tok.decode(&i, true).unwrap(), case["decode_skip"].as_str().unwrap(), "{kind}");
-            assert_eq!(tok.decode(&i, false).unwrap(), case["decode_keep"].as_str().unwrap(), "{kind}");
+            assert_eq!(
+                tok.decode(&i, true).unwrap(),
+                case["decode_skip"].as_str().unwrap(),
+                "{kind}"
+            );
+            assert_eq!(
+                tok.decode(&i, false).unwrap(),
+                case["decode_keep"].as_str().unwrap(),
+                "{kind}"
+            );
         }
         for case in exp["decode_random"].as_array().unwrap() {
             let i = ids(&case["ids"]);
-            assert_eq!(tok.decode(&i, true).unwrap(), case["decode_skip"].as_str().unwrap(), "{kind} {i:?}");
+            assert_eq!(
+                tok.decode(&i, true).unwrap(),
+                case["decode_skip"].as_str().unwrap(),
+                "{kind} {i:?}"
+            );
         }
     }
 }
@@ -57,11 +83,24 @@ fn special_tokens_and_config() {
         let tok = Tokenizer::from_dir(&dir(kind)).unwrap();
         let exp = expected(kind);
         assert_eq!(tok.eos_ids(), &ids(&exp["eos_ids"])[..], "{kind}");
-        assert_eq!(tok.bos_id().map(u64::from), exp["bos_id"].as_u64().or(tok.bos_id().map(u64::from).filter(|_| kind == "qwen2")), "{kind}");
-        assert_eq!(tok.vocab_size() as u64, exp["vocab_size"].as_u64().unwrap(), "{kind}");
+        assert_eq!(
+            tok.bos_id().map(u64::from),
+            exp["bos_id"]
+                .as_u64()
+                .or(tok.bos_id().map(u64::from).filter(|_| kind == "qwen2")),
+            "{kind}"
+        );
+        assert_eq!(
+            tok.vocab_size() as u64,
+            exp["vocab_size"].as_u64().unwrap(),
+            "{kind}"
+        );
     }
     let qwen = Tokenizer::from_dir(&dir("qwen2")).unwrap();
-    assert!(qwen.chat_template(None).unwrap().contains("<|im_start|>"), "chat_template.jinja is read");
+    assert!(
+        qwen.chat_template(None).unwrap().contains("<|im_start|>"),
+        "chat_template.jinja is read"
+    );
     assert_eq!(qwen.generation_defaults().top_k, Some(20));
     assert_eq!(qwen.bos_token(), None);
     let llama2 = Tokenizer::from_dir(&dir("llama2")).unwrap();
@@ -91,7 +130,12 @@ fn chat_templates_match_transformers() {
                 extra: Some(&extra),
             };
             let got = tpl.render(&case["messages"], &opts).unwrap();
-            assert_eq!(got, case["rendered"].as_str().unwrap(), "{kind} {}", case["name"]);
+            assert_eq!(
+                got,
+                case["rendered"].as_str().unwrap(),
+                "{kind} {}",
+                case["name"]
+            );
         }
         let tpl = ChatTemplate::from_tokenizer(&tok, None).unwrap();
         let err = &exp["chat_error"];
@@ -100,7 +144,13 @@ fn chat_templates_match_transformers() {
             ..RenderOptions::default()
         };
         let got = tpl.render(&err["messages"], &opts);
-        assert_eq!(got, Err(TemplateError::Raised(err["message"].as_str().unwrap().to_string())), "{kind}");
+        assert_eq!(
+            got,
+            Err(TemplateError::Raised(
+                err["message"].as_str().unwrap().to_string()
+            )),
+            "{kind}"
+        );
     }
 }
 
@@ -110,12 +160,20 @@ fn errors_name_the_file() {
     std::fs::create_dir_all(&tmp).unwrap();
     let e = Tokenizer::from_dir(&tmp).err().unwrap().to_string();
     assert!(e.contains("tokenizer.json"), "{e}");
-    std::fs::copy(dir("qwen2").join("tokenizer.json"), tmp.join("tokenizer.json")).unwrap();
+    std::fs::copy(
+        dir("qwen2").join("tokenizer.json"),
+        tmp.join("tokenizer.json"),
+    )
+    .unwrap();
     std::fs::write(tmp.join("tokenizer_config.json"), "{not json").unwrap();
     let e = Tokenizer::from_dir(&tmp).err().unwrap().to_string();
     assert!(e.contains("tokenizer_config.json"), "{e}");
     std::fs::write(tmp.join("tokenizer_config.json"), "{}").unwrap();
-    std::fs::write(tmp.join("generation_config.json"), r#"{"eos_token_id": "x"}"#).unwrap();
+    std::fs::write(
+        tmp.join("generation_config.json"),
+        r#"{"eos_token_id": "x"}"#,
+    )
+    .unwrap();
     let e = Tokenizer::from_dir(&tmp).err().unwrap().to_string();
     assert!(e.contains("generation_config.json"), "{e}");
     std::fs::remove_dir_all(&tmp).unwrap();

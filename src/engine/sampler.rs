@@ -76,7 +76,11 @@ impl Sampler {
             logprobs: params.logprobs.map(usize::from),
             rng,
             prompt_len: 0,
-            seen: if penalties { vec![0; vocab.div_ceil(64)] } else { Vec::new() },
+            seen: if penalties {
+                vec![0; vocab.div_ceil(64)]
+            } else {
+                Vec::new()
+            },
             cands: Vec::new(),
             boundary: Vec::new(),
             mass: Vec::new(),
@@ -102,7 +106,11 @@ impl Sampler {
         } else {
             (None, Vec::new())
         };
-        Sampled { token, logprob, top_logprobs }
+        Sampled {
+            token,
+            logprob,
+            top_logprobs,
+        }
     }
 
     fn apply_penalties(&mut self, logits: &mut [f32], history: &[u32]) {
@@ -138,18 +146,33 @@ impl Sampler {
     /// Temperature, top-k, top-p, min-p, then one draw.
     fn draw(&mut self, logits: &[f32]) -> u32 {
         let inv_t = 1.0 / self.temperature;
-        let Some(max) = logits.iter().copied().filter(|l| !l.is_nan()).reduce(f32::max) else {
+        let Some(max) = logits
+            .iter()
+            .copied()
+            .filter(|l| !l.is_nan())
+            .reduce(f32::max)
+        else {
             return 0;
         };
         if max == f32::NEG_INFINITY {
             return argmax(logits);
         }
-        let min_p_floor = if self.min_p > 0.0 { self.min_p.ln() } else { f32::NEG_INFINITY };
+        let min_p_floor = if self.min_p > 0.0 {
+            self.min_p.ln()
+        } else {
+            f32::NEG_INFINITY
+        };
         let k = self.top_k;
         let mut cands = std::mem::take(&mut self.cands);
         cands.clear();
         if k > 0 && k < logits.len() {
-            cands.extend(logits.iter().enumerate().filter(|(_, l)| !l.is_nan()).map(|(i, &l)| (l, i as u32)));
+            cands.extend(
+                logits
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, l)| !l.is_nan())
+                    .map(|(i, &l)| (l, i as u32)),
+            );
             if cands.len() > k {
                 cands.select_nth_unstable_by(k - 1, order);
                 cands.truncate(k);
@@ -182,7 +205,11 @@ impl Sampler {
             );
         } else {
             // No truncation: draw straight from the full row.
-            let token = self.draw_from(logits.iter().enumerate().map(|(i, &l)| (l, i as u32)), max, inv_t);
+            let token = self.draw_from(
+                logits.iter().enumerate().map(|(i, &l)| (l, i as u32)),
+                max,
+                inv_t,
+            );
             self.cands = cands;
             return token;
         }
@@ -195,7 +222,12 @@ impl Sampler {
     }
 
     /// Inverse-CDF draw over `(logit, id)` with weights `exp((l - max) / T)`.
-    fn draw_from<I: Iterator<Item = (f32, u32)> + Clone>(&mut self, it: I, max: f32, inv_t: f32) -> u32 {
+    fn draw_from<I: Iterator<Item = (f32, u32)> + Clone>(
+        &mut self,
+        it: I,
+        max: f32,
+        inv_t: f32,
+    ) -> u32 {
         let total: f64 = it.clone().map(|(l, _)| weight(l, max, inv_t)).sum();
         let mut u = self.rng.random::<f64>() * total;
         let mut last = None;
@@ -214,7 +246,13 @@ impl Sampler {
 
     /// The smallest set of most likely tokens whose probability reaches `top_p` (normalized over
     /// `it`), into `out`. Buckets by distance from `max`; sorts only the bucket that crosses.
-    fn nucleus<I: Iterator<Item = (f32, u32)> + Clone>(&mut self, it: I, max: f32, inv_t: f32, out: &mut Vec<(f32, u32)>) {
+    fn nucleus<I: Iterator<Item = (f32, u32)> + Clone>(
+        &mut self,
+        it: I,
+        max: f32,
+        inv_t: f32,
+        out: &mut Vec<(f32, u32)>,
+    ) {
         self.mass.clear();
         self.mass.resize(BUCKETS, 0.0);
         let mut total = 0.0f64;
@@ -259,7 +297,12 @@ impl Sampler {
 
 /// Log-softmax of `token` and of the `n` best tokens, over the penalized logits.
 fn logprobs_of(logits: &[f32], token: u32, n: usize) -> (Option<f32>, Vec<(u32, f32)>) {
-    let Some(max) = logits.iter().copied().filter(|l| !l.is_nan()).reduce(f32::max) else {
+    let Some(max) = logits
+        .iter()
+        .copied()
+        .filter(|l| !l.is_nan())
+        .reduce(f32::max)
+    else {
         return (None, Vec::new());
     };
     let sum: f64 = logits.iter().map(|&l| weight(l, max, 1.0)).sum();
@@ -275,7 +318,10 @@ fn logprobs_of(logits: &[f32], token: u32, n: usize) -> (Option<f32>, Vec<(u32, 
         best.truncate(n);
     }
     let chosen = logits.get(token as usize).map(|l| l - lse);
-    (chosen, best.into_iter().map(|(l, id)| (id, l - lse)).collect())
+    (
+        chosen,
+        best.into_iter().map(|(l, id)| (id, l - lse)).collect(),
+    )
 }
 
 /// Descending by logit, ties by ascending id; NaN last.

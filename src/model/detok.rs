@@ -37,9 +37,13 @@ enum Kind {
 enum Scheme {
     ByteLevel,
     /// Llama-2 chain; `strip` leading spaces of the whole output are dropped.
-    SentencePiece { strip: usize },
+    SentencePiece {
+        strip: usize,
+    },
     /// Metaspace decoder; `drop_first`: `▁` in the first token is removed, not a space.
-    Metaspace { drop_first: bool },
+    Metaspace {
+        drop_first: bool,
+    },
     Window,
 }
 
@@ -71,7 +75,11 @@ impl DetokTable {
             .filter(|t| t.special)
             .map(|t| t.content)
             .collect();
-        let max_added = inner.get_added_tokens_decoder().keys().max().map_or(0, |m| *m as usize + 1);
+        let max_added = inner
+            .get_added_tokens_decoder()
+            .keys()
+            .max()
+            .map_or(0, |m| *m as usize + 1);
         let n = inner.get_vocab_size(true).max(max_added);
 
         let mut table = DetokTable {
@@ -94,18 +102,24 @@ impl DetokTable {
                         push_byte_level(&mut table.arena, t, &byte_map);
                         Kind::Text
                     }
-                    Scheme::SentencePiece { .. } => match fallback_byte(t).filter(|_| byte_fallback) {
-                        Some(b) => {
-                            table.arena.push(b);
-                            Kind::Byte
+                    Scheme::SentencePiece { .. } => {
+                        match fallback_byte(t).filter(|_| byte_fallback) {
+                            Some(b) => {
+                                table.arena.push(b);
+                                Kind::Byte
+                            }
+                            None => {
+                                table
+                                    .arena
+                                    .extend_from_slice(t.replace('\u{2581}', " ").as_bytes());
+                                Kind::Text
+                            }
                         }
-                        None => {
-                            table.arena.extend_from_slice(t.replace('\u{2581}', " ").as_bytes());
-                            Kind::Text
-                        }
-                    },
+                    }
                     Scheme::Metaspace { .. } => {
-                        table.arena.extend_from_slice(t.replace('\u{2581}', " ").as_bytes());
+                        table
+                            .arena
+                            .extend_from_slice(t.replace('\u{2581}', " ").as_bytes());
                         Kind::Text
                     }
                     Scheme::Window => Kind::Text,
@@ -136,7 +150,12 @@ impl DetokTable {
 
 /// Which decoder chain this is, from its serialized form.
 fn scheme_of(d: &Json) -> Scheme {
-    let ty = |v: &Json| v.get("type").and_then(Json::as_str).unwrap_or("").to_string();
+    let ty = |v: &Json| {
+        v.get("type")
+            .and_then(Json::as_str)
+            .unwrap_or("")
+            .to_string()
+    };
     match ty(d).as_str() {
         "ByteLevel" => Scheme::ByteLevel,
         "Metaspace" => Scheme::Metaspace {
@@ -175,9 +194,7 @@ fn sentencepiece_chain(list: &[Json], names: &[String]) -> Option<Scheme> {
     let mut strip = 0;
     if names.get(i).map(String::as_str) == Some("Strip") {
         let s = &list[i];
-        let ok = fused
-            && s.get("content")?.as_str()? == " "
-            && s.get("stop")?.as_u64()? == 0;
+        let ok = fused && s.get("content")?.as_str()? == " " && s.get("stop")?.as_u64()? == 0;
         if !ok {
             return None;
         }
@@ -188,9 +205,10 @@ fn sentencepiece_chain(list: &[Json], names: &[String]) -> Option<Scheme> {
 }
 
 fn has_byte_fallback(d: &Json) -> bool {
-    d.get("decoders")
-        .and_then(Json::as_array)
-        .is_some_and(|l| l.iter().any(|x| x.get("type").and_then(Json::as_str) == Some("ByteFallback")))
+    d.get("decoders").and_then(Json::as_array).is_some_and(|l| {
+        l.iter()
+            .any(|x| x.get("type").and_then(Json::as_str) == Some("ByteFallback"))
+    })
 }
 
 /// `<0xNN>` → NN, exactly the test `ByteFallback` applies.
@@ -366,8 +384,12 @@ impl Detokenizer {
     fn push_window(&mut self, table: &DetokTable, id: u32, out: &mut String) {
         let Some(tok) = &table.fallback else { return };
         self.ids.push(id);
-        let prefix_text = tok.decode(&self.ids[self.prefix..self.read], true).unwrap_or_default();
-        let new_text = tok.decode(&self.ids[self.prefix..], true).unwrap_or_default();
+        let prefix_text = tok
+            .decode(&self.ids[self.prefix..self.read], true)
+            .unwrap_or_default();
+        let new_text = tok
+            .decode(&self.ids[self.prefix..], true)
+            .unwrap_or_default();
         if new_text.len() > prefix_text.len() && !new_text.ends_with('\u{FFFD}') {
             if let Some(s) = new_text.get(prefix_text.len()..) {
                 out.push_str(s);
@@ -379,8 +401,12 @@ impl Detokenizer {
 
     fn finish_window(&mut self, table: &DetokTable, out: &mut String) {
         let Some(tok) = &table.fallback else { return };
-        let prefix_text = tok.decode(&self.ids[self.prefix..self.read], true).unwrap_or_default();
-        let new_text = tok.decode(&self.ids[self.prefix..], true).unwrap_or_default();
+        let prefix_text = tok
+            .decode(&self.ids[self.prefix..self.read], true)
+            .unwrap_or_default();
+        let new_text = tok
+            .decode(&self.ids[self.prefix..], true)
+            .unwrap_or_default();
         if let Some(s) = new_text.get(prefix_text.len()..) {
             out.push_str(s);
         }
@@ -444,7 +470,12 @@ mod tests {
 
     #[test]
     fn drain_matches_lossy_on_invalid_bytes() {
-        let cases: &[&[u8]] = &[&[0xFF, b'a'], &[0xE4, b'a', 0xB8], &[0xF0, 0x9F, 0x98], &[0xC0, 0x80, 0xE2, 0x82, 0xAC]];
+        let cases: &[&[u8]] = &[
+            &[0xFF, b'a'],
+            &[0xE4, b'a', 0xB8],
+            &[0xF0, 0x9F, 0x98],
+            &[0xC0, 0x80, 0xE2, 0x82, 0xAC],
+        ];
         for bytes in cases {
             let mut p = Vec::new();
             let mut out = String::new();

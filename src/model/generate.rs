@@ -76,12 +76,19 @@ pub fn generate(
     if prompt.is_empty() {
         return Err(GenerateError::EmptyPrompt);
     }
-    let max_tokens = opts.sampling.max_tokens.map_or(opts.max_tokens, |m| m.min(opts.max_tokens));
+    let max_tokens = opts
+        .sampling
+        .max_tokens
+        .map_or(opts.max_tokens, |m| m.min(opts.max_tokens));
     let mut sampler = Sampler::new(&opts.sampling, model.vocab_size());
     sampler.set_prompt_len(prompt.len());
     let mut detok = Detokenizer::new(DetokTable::new(tok));
     let mut stop = StopMatcher::new(&opts.sampling.stop);
-    let eos: &[u32] = if opts.sampling.ignore_eos { &[] } else { tok.eos_ids() };
+    let eos: &[u32] = if opts.sampling.ignore_eos {
+        &[]
+    } else {
+        tok.eos_ids()
+    };
     let is_stop_id = |t: u32| eos.contains(&t) || opts.sampling.stop_token_ids.contains(&t);
 
     let start = Instant::now();
@@ -103,7 +110,11 @@ pub fn generate(
         detok.push(token, &mut piece);
         let state = stop.push(&piece, &mut text);
         if opts.ids {
-            let sep = if history.len() > prompt.len() + 1 { " " } else { "" };
+            let sep = if history.len() > prompt.len() + 1 {
+                " "
+            } else {
+                ""
+            };
             write!(out, "{sep}{token}")?;
         } else {
             out.write_all(text.as_bytes())?;

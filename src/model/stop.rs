@@ -95,7 +95,9 @@ impl StopMatcher {
         (from..hay.len())
             .find(|&i| {
                 let tail = &hay[i..];
-                self.stops.iter().any(|s| s.len() > tail.len() && s.as_bytes().starts_with(tail))
+                self.stops
+                    .iter()
+                    .any(|s| s.len() > tail.len() && s.as_bytes().starts_with(tail))
             })
             .unwrap_or(hay.len())
     }

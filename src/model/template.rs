@@ -64,7 +64,11 @@ pub struct ChatTemplate {
 
 impl ChatTemplate {
     /// Compiles `source`; `clock` gives the Unix time `strftime_now` formats (UTC).
-    pub fn with_clock(source: &str, tokens: SpecialTokens, clock: fn() -> i64) -> Result<Self, TemplateError> {
+    pub fn with_clock(
+        source: &str,
+        tokens: SpecialTokens,
+        clock: fn() -> i64,
+    ) -> Result<Self, TemplateError> {
         let mut env = Environment::new();
         env.set_syntax(
             minijinja::syntax::SyntaxConfig::builder()
@@ -76,9 +80,13 @@ impl ChatTemplate {
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
         env.add_filter("tojson", tojson);
-        env.add_function("strftime_now", move |fmt: String| -> Result<String, Error> {
-            time::strftime(&fmt, clock()).map_err(|e| Error::new(ErrorKind::InvalidOperation, e))
-        });
+        env.add_function(
+            "strftime_now",
+            move |fmt: String| -> Result<String, Error> {
+                time::strftime(&fmt, clock())
+                    .map_err(|e| Error::new(ErrorKind::InvalidOperation, e))
+            },
+        );
         env.add_template_owned(NAME, source.to_string())
             .map_err(|e| TemplateError::Compile(describe(&e)))?;
         Ok(Self { env, tokens })
@@ -97,16 +105,29 @@ impl ChatTemplate {
 
     /// Renders `messages` (a JSON array of `{role, content}`, content a string or a list of
     /// `{type: "text", text}` parts, plus whatever else the template reads).
-    pub fn render(&self, messages: &Json, opts: &RenderOptions<'_>) -> Result<String, TemplateError> {
-        let tpl = self.env.get_template(NAME).map_err(|e| TemplateError::Compile(describe(&e)))?;
+    pub fn render(
+        &self,
+        messages: &Json,
+        opts: &RenderOptions<'_>,
+    ) -> Result<String, TemplateError> {
+        let tpl = self
+            .env
+            .get_template(NAME)
+            .map_err(|e| TemplateError::Compile(describe(&e)))?;
         let mut ctx = serde_json::Map::new();
         if let Some(extra) = opts.extra {
             ctx.extend(extra.iter().map(|(k, v)| (k.clone(), v.clone())));
         }
         ctx.insert("messages".into(), messages.clone());
         ctx.insert("tools".into(), opts.tools.cloned().unwrap_or(Json::Null));
-        ctx.insert("documents".into(), opts.documents.cloned().unwrap_or(Json::Null));
-        ctx.insert("add_generation_prompt".into(), Json::Bool(opts.add_generation_prompt));
+        ctx.insert(
+            "documents".into(),
+            opts.documents.cloned().unwrap_or(Json::Null),
+        );
+        ctx.insert(
+            "add_generation_prompt".into(),
+            Json::Bool(opts.add_generation_prompt),
+        );
         let t = &self.tokens;
         for (k, v) in [
             ("bos_token", &t.bos_token),
@@ -118,7 +139,8 @@ impl ChatTemplate {
                 ctx.insert(k.into(), Json::String(v.clone()));
             }
         }
-        tpl.render(Value::from(minijinja::value::Serde(Json::Object(ctx)))).map_err(|e| classify(&e))
+        tpl.render(Value::from(minijinja::value::Serde(Json::Object(ctx))))
+            .map_err(|e| classify(&e))
     }
 }
 
@@ -136,7 +158,10 @@ pub fn special_tokens(tok: &Tokenizer) -> SpecialTokens {
 const RAISED: &str = "\u{1}raised:";
 
 fn raise_exception(message: String) -> Result<Value, Error> {
-    Err(Error::new(ErrorKind::InvalidOperation, format!("{RAISED}{message}")))
+    Err(Error::new(
+        ErrorKind::InvalidOperation,
+        format!("{RAISED}{message}"),
+    ))
 }
 
 fn tojson(value: Value, kwargs: Kwargs) -> Result<Value, Error> {
@@ -155,7 +180,12 @@ fn tojson(value: Value, kwargs: Kwargs) -> Result<Value, Error> {
     };
     let (item_sep, key_sep) = match separators.as_deref() {
         Some([a, b]) => (a.clone(), b.clone()),
-        Some(_) => return Err(Error::new(ErrorKind::InvalidOperation, "separators must be a pair")),
+        Some(_) => {
+            return Err(Error::new(
+                ErrorKind::InvalidOperation,
+                "separators must be a pair",
+            ))
+        }
         None if indent.is_some() => (",".to_string(), ": ".to_string()),
         None => (", ".to_string(), ": ".to_string()),
     };
@@ -209,7 +239,10 @@ mod tests {
 
     #[test]
     fn raise_exception_is_a_clear_error() {
-        let e = render("{{ raise_exception('bad role ' + messages[0].role) }}", json!([{"role": "x"}]));
+        let e = render(
+            "{{ raise_exception('bad role ' + messages[0].role) }}",
+            json!([{"role": "x"}]),
+        );
         assert_eq!(e, Err(TemplateError::Raised("bad role x".into())));
     }
 
@@ -223,13 +256,22 @@ mod tests {
     fn tojson_is_pythons_json_dumps() {
         let msgs = json!([{"b": 1, "a": [1.0, "é\n\"", null, true], "c": {}}]);
         let out = render("{{ messages[0] | tojson }}", msgs.clone());
-        assert_eq!(out.as_deref(), Ok(r#"{"b": 1, "a": [1.0, "é\n\"", null, true], "c": {}}"#));
-        let out = render("{{ messages[0] | tojson(indent=2, sort_keys=true) }}", msgs.clone());
+        assert_eq!(
+            out.as_deref(),
+            Ok(r#"{"b": 1, "a": [1.0, "é\n\"", null, true], "c": {}}"#)
+        );
+        let out = render(
+            "{{ messages[0] | tojson(indent=2, sort_keys=true) }}",
+            msgs.clone(),
+        );
         assert_eq!(
             out.as_deref(),
             Ok("{\n  \"a\": [\n    1.0,\n    \"é\\n\\\"\",\n    null,\n    true\n  ],\n  \"b\": 1,\n  \"c\": {}\n}")
         );
-        let out = render("{{ messages[0].a | tojson(ensure_ascii=true, separators=[',', ':']) }}", msgs);
+        let out = render(
+            "{{ messages[0].a | tojson(ensure_ascii=true, separators=[',', ':']) }}",
+            msgs,
+        );
         assert_eq!(out.as_deref(), Ok(r#"[1.0,"\u00e9\n\"",null,true]"#));
     }
 

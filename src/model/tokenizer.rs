@@ -75,7 +75,12 @@ impl Tokenizer {
                 tok.chat_templates.insert("default".into(), src);
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(source) => return Err(TokenizerError::Io { path: jinja, source }),
+            Err(source) => {
+                return Err(TokenizerError::Io {
+                    path: jinja,
+                    source,
+                })
+            }
         }
         let gen_path = dir.join("generation_config.json");
         if let Some(gen) = read_json_opt(&gen_path)? {
@@ -120,7 +125,12 @@ impl Tokenizer {
                         (Some(n), Some(t)) => {
                             self.chat_templates.insert(n.to_string(), t.to_string());
                         }
-                        _ => return Err(invalid(path, "chat_template list entries need name and template")),
+                        _ => {
+                            return Err(invalid(
+                                path,
+                                "chat_template list entries need name and template",
+                            ))
+                        }
                     }
                 }
             }
@@ -161,13 +171,20 @@ impl Tokenizer {
     /// EOS ids are the union of the config's `eos_token` and generation_config's ids; BOS from
     /// the config's `bos_token` when generation_config does not name one.
     fn finish_ids(&mut self) {
-        if let Some(id) = self.eos_token.as_deref().and_then(|t| self.inner.token_to_id(t)) {
+        if let Some(id) = self
+            .eos_token
+            .as_deref()
+            .and_then(|t| self.inner.token_to_id(t))
+        {
             self.eos_ids.push(id);
         }
         self.eos_ids.sort_unstable();
         self.eos_ids.dedup();
         if self.bos_id.is_none() {
-            self.bos_id = self.bos_token.as_deref().and_then(|t| self.inner.token_to_id(t));
+            self.bos_id = self
+                .bos_token
+                .as_deref()
+                .and_then(|t| self.inner.token_to_id(t));
         }
     }
 
@@ -235,7 +252,9 @@ impl Tokenizer {
 
     /// The chat template called `name` (`None`: the default one).
     pub fn chat_template(&self, name: Option<&str>) -> Option<&str> {
-        self.chat_templates.get(name.unwrap_or("default")).map(String::as_str)
+        self.chat_templates
+            .get(name.unwrap_or("default"))
+            .map(String::as_str)
     }
 
     pub fn generation_defaults(&self) -> &GenerationDefaults {

@@ -108,25 +108,59 @@ impl SamplingParams {
         range("temperature", self.temperature, 0.0, 2.0, false)?;
         range("top_p", self.top_p, 0.0, 1.0, true)?;
         range("min_p", self.min_p, 0.0, 1.0, false)?;
-        range("repetition_penalty", self.repetition_penalty, 0.0, 10.0, true)?;
+        range(
+            "repetition_penalty",
+            self.repetition_penalty,
+            0.0,
+            10.0,
+            true,
+        )?;
         range("presence_penalty", self.presence_penalty, -2.0, 2.0, false)?;
-        range("frequency_penalty", self.frequency_penalty, -2.0, 2.0, false)?;
+        range(
+            "frequency_penalty",
+            self.frequency_penalty,
+            -2.0,
+            2.0,
+            false,
+        )?;
         if self.top_k < -1 || i64::from(self.top_k) > MAX_TOP_K {
-            return Err(err("top_k", format!("{} is not -1, 0 or 1..={MAX_TOP_K}", self.top_k)));
+            return Err(err(
+                "top_k",
+                format!("{} is not -1, 0 or 1..={MAX_TOP_K}", self.top_k),
+            ));
         }
         if let Some(m) = self.max_tokens {
             if m == 0 || m > MAX_MAX_TOKENS {
-                return Err(err("max_tokens", format!("{m} is outside 1..={MAX_MAX_TOKENS}")));
+                return Err(err(
+                    "max_tokens",
+                    format!("{m} is outside 1..={MAX_MAX_TOKENS}"),
+                ));
             }
         }
         if self.stop.len() > MAX_STOP_STRINGS {
-            return Err(err("stop", format!("at most {MAX_STOP_STRINGS} stop strings")));
+            return Err(err(
+                "stop",
+                format!("at most {MAX_STOP_STRINGS} stop strings"),
+            ));
         }
-        if let Some(s) = self.stop.iter().find(|s| s.is_empty() || s.len() > MAX_STOP_BYTES) {
-            return Err(err("stop", format!("stop strings must be 1..={MAX_STOP_BYTES} bytes (got {})", s.len())));
+        if let Some(s) = self
+            .stop
+            .iter()
+            .find(|s| s.is_empty() || s.len() > MAX_STOP_BYTES)
+        {
+            return Err(err(
+                "stop",
+                format!(
+                    "stop strings must be 1..={MAX_STOP_BYTES} bytes (got {})",
+                    s.len()
+                ),
+            ));
         }
         if self.stop_token_ids.len() > MAX_STOP_TOKEN_IDS {
-            return Err(err("stop_token_ids", format!("at most {MAX_STOP_TOKEN_IDS} ids")));
+            return Err(err(
+                "stop_token_ids",
+                format!("at most {MAX_STOP_TOKEN_IDS} ids"),
+            ));
         }
         if self.logprobs.is_some_and(|n| n > MAX_TOP_LOGPROBS) {
             return Err(err("top_logprobs", format!("at most {MAX_TOP_LOGPROBS}")));
@@ -173,12 +207,9 @@ impl TryFrom<RawParams> for SamplingParams {
         };
         let max_tokens = match r.max_completion_tokens.or(r.max_tokens) {
             None => None,
-            Some(m) => Some(
-                u32::try_from(m)
-                    .ok()
-                    .filter(|&m| m > 0)
-                    .ok_or_else(|| err("max_tokens", format!("{m} is outside 1..={MAX_MAX_TOKENS}")))?,
-            ),
+            Some(m) => Some(u32::try_from(m).ok().filter(|&m| m > 0).ok_or_else(|| {
+                err("max_tokens", format!("{m} is outside 1..={MAX_MAX_TOKENS}"))
+            })?),
         };
         let top_k = match r.top_k {
             None => 0,
@@ -203,13 +234,21 @@ impl TryFrom<RawParams> for SamplingParams {
             .stop_token_ids
             .unwrap_or_default()
             .into_iter()
-            .map(|id| u32::try_from(id).map_err(|_| err("stop_token_ids", format!("{id} is not a token id"))))
+            .map(|id| {
+                u32::try_from(id)
+                    .map_err(|_| err("stop_token_ids", format!("{id} is not a token id")))
+            })
             .collect::<Result<_, _>>()?;
         let top_n = |n: i64| {
             u8::try_from(n)
                 .ok()
                 .filter(|&n| n <= MAX_TOP_LOGPROBS)
-                .ok_or_else(|| err("top_logprobs", format!("{n} is outside 0..={MAX_TOP_LOGPROBS}")))
+                .ok_or_else(|| {
+                    err(
+                        "top_logprobs",
+                        format!("{n} is outside 0..={MAX_TOP_LOGPROBS}"),
+                    )
+                })
         };
         let logprobs = match r.logprobs {
             None | Some(Json::Null) | Some(Json::Bool(false)) => None,

@@ -55,7 +55,9 @@ fn seeded_sampling_is_reproducible() {
     });
     let run = || {
         let mut s = Sampler::new(&p, logits.len());
-        (0..50).map(|_| s.sample(&mut logits.clone(), &[]).token).collect::<Vec<_>>()
+        (0..50)
+            .map(|_| s.sample(&mut logits.clone(), &[]).token)
+            .collect::<Vec<_>>()
     };
     let a = run();
     assert_eq!(a, run());
@@ -66,7 +68,9 @@ fn seeded_sampling_is_reproducible() {
         q.seed = Some(8);
     });
     let mut s = Sampler::new(&other, logits.len());
-    let b: Vec<u32> = (0..50).map(|_| s.sample(&mut logits.clone(), &[]).token).collect();
+    let b: Vec<u32> = (0..50)
+        .map(|_| s.sample(&mut logits.clone(), &[]).token)
+        .collect();
     assert_ne!(a, b);
 }
 
@@ -112,7 +116,11 @@ fn plain_temperature_matches_softmax() {
     let flat: Vec<f64> = probs.iter().map(|p: &f64| p.sqrt()).collect();
     let z: f64 = flat.iter().sum();
     let flat: Vec<f64> = flat.iter().map(|p| p / z).collect();
-    let counts = histogram(&params(|p| p.temperature = 2.0), &logits_for(&probs), 20_000);
+    let counts = histogram(
+        &params(|p| p.temperature = 2.0),
+        &logits_for(&probs),
+        20_000,
+    );
     assert!(chi_square(&counts, &flat) < 33.0, "{counts:?}");
 }
 
@@ -122,13 +130,22 @@ fn truncations_renormalize() {
     let logits = logits_for(&probs);
     // top-k 2 → {0.4, 0.3}
     let counts = histogram(&params(|p| p.top_k = 2), &logits, 20_000);
-    assert!(chi_square(&counts, &[4.0 / 7.0, 3.0 / 7.0, 0.0, 0.0, 0.0]) < 25.0, "{counts:?}");
+    assert!(
+        chi_square(&counts, &[4.0 / 7.0, 3.0 / 7.0, 0.0, 0.0, 0.0]) < 25.0,
+        "{counts:?}"
+    );
     // top-p 0.8 → {0.4, 0.3, 0.15} (0.85 ≥ 0.8)
     let counts = histogram(&params(|p| p.top_p = 0.8), &logits, 20_000);
-    assert!(chi_square(&counts, &[0.4 / 0.85, 0.3 / 0.85, 0.15 / 0.85, 0.0, 0.0]) < 28.0, "{counts:?}");
+    assert!(
+        chi_square(&counts, &[0.4 / 0.85, 0.3 / 0.85, 0.15 / 0.85, 0.0, 0.0]) < 28.0,
+        "{counts:?}"
+    );
     // min-p 0.3 → p ≥ 0.12 → {0.4, 0.3, 0.15}
     let counts = histogram(&params(|p| p.min_p = 0.3), &logits, 20_000);
-    assert!(chi_square(&counts, &[0.4 / 0.85, 0.3 / 0.85, 0.15 / 0.85, 0.0, 0.0]) < 28.0, "{counts:?}");
+    assert!(
+        chi_square(&counts, &[0.4 / 0.85, 0.3 / 0.85, 0.15 / 0.85, 0.0, 0.0]) < 28.0,
+        "{counts:?}"
+    );
     // top-k 4 then top-p 0.75 over the renormalized four (0.4/0.95 + 0.3/0.95 = 0.737 < 0.75)
     let counts = histogram(
         &params(|p| {
@@ -138,7 +155,10 @@ fn truncations_renormalize() {
         &logits,
         20_000,
     );
-    assert!(chi_square(&counts, &[0.4 / 0.85, 0.3 / 0.85, 0.15 / 0.85, 0.0, 0.0]) < 28.0, "{counts:?}");
+    assert!(
+        chi_square(&counts, &[0.4 / 0.85, 0.3 / 0.85, 0.15 / 0.85, 0.0, 0.0]) < 28.0,
+        "{counts:?}"
+    );
 }
 
 #[test]
@@ -152,14 +172,18 @@ fn top_p_over_a_large_vocabulary_keeps_the_exact_nucleus() {
     let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
     idx.sort_by(|a, b| order(&(logits[*a as usize], *a), &(logits[*b as usize], *b)));
     let max = logits[idx[0] as usize];
-    let w: Vec<f64> = idx.iter().map(|&i| weight(logits[i as usize], max, 1.0 / 0.7)).collect();
+    let w: Vec<f64> = idx
+        .iter()
+        .map(|&i| weight(logits[i as usize], max, 1.0 / 0.7))
+        .collect();
     let total: f64 = w.iter().sum();
     let mut cum = 0.0;
     let keep = w.iter().position(|x| {
         cum += x;
         cum >= 0.5 * total
     });
-    let nucleus: std::collections::HashSet<u32> = idx[..=keep.unwrap_or(0)].iter().copied().collect();
+    let nucleus: std::collections::HashSet<u32> =
+        idx[..=keep.unwrap_or(0)].iter().copied().collect();
     let mut s = Sampler::new(&p, logits.len());
     let mut out = Vec::new();
     let all = logits.iter().enumerate().map(|(i, &l)| (l, i as u32));
@@ -250,7 +274,9 @@ fn params_parse_and_validate() {
         (r#"{"seed": 1.5}"#, "seed"),
         (r#"{"stop_token_ids": [-1]}"#, "stop_token_ids"),
     ] {
-        let e = serde_json::from_str::<SamplingParams>(body).unwrap_err().to_string();
+        let e = serde_json::from_str::<SamplingParams>(body)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains(&format!("`{field}`")), "{body}: {e}");
     }
 }

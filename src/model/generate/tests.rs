@@ -18,7 +18,11 @@ impl LanguageModel for Scripted {
     fn feed(&mut self, tokens: &[u32]) -> Result<Vec<f32>, GenerateError> {
         self.fed.extend_from_slice(tokens);
         let mut logits = vec![0.0; self.vocab];
-        let next = self.script.get(self.step).copied().ok_or_else(|| GenerateError::Model("script ended".into()))?;
+        let next = self
+            .script
+            .get(self.step)
+            .copied()
+            .ok_or_else(|| GenerateError::Model("script ended".into()))?;
         logits[next as usize] = 10.0;
         self.step += 1;
         Ok(logits)
@@ -30,7 +34,11 @@ fn llama3() -> Tokenizer {
     Tokenizer::from_dir(&dir).unwrap()
 }
 
-fn run(tok: &Tokenizer, script: Vec<u32>, opts: GenerateOptions) -> (String, GenerateStats, Vec<u32>) {
+fn run(
+    tok: &Tokenizer,
+    script: Vec<u32>,
+    opts: GenerateOptions,
+) -> (String, GenerateStats, Vec<u32>) {
     let mut model = Scripted {
         vocab: tok.vocab_size(),
         script,
@@ -86,7 +94,9 @@ fn ids_and_max_tokens() {
 #[test]
 fn stop_string_never_leaks() {
     let tok = llama3();
-    let script = tok.encode("The answer is 42.\n###\nmore text", false).unwrap();
+    let script = tok
+        .encode("The answer is 42.\n###\nmore text", false)
+        .unwrap();
     let (text, stats, _) = run(&tok, script, opts(100, false, &["###"]));
     assert_eq!(text, "The answer is 42.\n");
     assert_eq!(stats.finish_reason, FinishReason::Stop);
@@ -110,9 +120,25 @@ fn args_map_to_options() {
         #[command(flatten)]
         args: GenerateArgs,
     }
-    let cli = Cli::parse_from(["x", "--model", "m", "--prompt", "hi", "--max-tokens", "5", "--temperature", "0.7", "--seed", "3", "--ids"]);
+    let cli = Cli::parse_from([
+        "x",
+        "--model",
+        "m",
+        "--prompt",
+        "hi",
+        "--max-tokens",
+        "5",
+        "--temperature",
+        "0.7",
+        "--seed",
+        "3",
+        "--ids",
+    ]);
     let o = cli.args.options().unwrap();
-    assert_eq!((o.max_tokens, o.ids, o.sampling.seed, o.sampling.temperature), (5, true, Some(3), 0.7));
+    assert_eq!(
+        (o.max_tokens, o.ids, o.sampling.seed, o.sampling.temperature),
+        (5, true, Some(3), 0.7)
+    );
     let bad = Cli::parse_from(["x", "--model", "m", "--prompt", "hi", "--temperature", "3"]);
     assert_eq!(bad.args.options().unwrap_err().field, "temperature");
 }

@@ -4,9 +4,28 @@
 use std::fmt::Write;
 
 const MONTHS: [&str; 12] = [
-    "January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December",
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
 ];
-const DAYS: [&str; 7] = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"];
+const DAYS: [&str; 7] = [
+    "Monday",
+    "Tuesday",
+    "Wednesday",
+    "Thursday",
+    "Friday",
+    "Saturday",
+    "Sunday",
+];
 
 pub(super) fn unix_now() -> i64 {
     std::time::SystemTime::now()
@@ -60,7 +79,12 @@ pub(super) fn strftime(fmt: &str, unix: i64) -> Result<String, String> {
                 Some('d') => write!(out, "{d}"),
                 Some('m') => write!(out, "{m}"),
                 Some('H') => write!(out, "{hh}"),
-                other => return Err(format!("strftime_now: unsupported directive %-{}", other.unwrap_or(' '))),
+                other => {
+                    return Err(format!(
+                        "strftime_now: unsupported directive %-{}",
+                        other.unwrap_or(' ')
+                    ))
+                }
             },
             'b' | 'h' => write!(out, "{}", &month[..3]),
             'B' => write!(out, "{month}"),
@@ -93,7 +117,10 @@ mod tests {
         // 2024-02-29 13:05:09 UTC, a Thursday.
         let t = 1_709_211_909;
         assert_eq!(strftime("%d %b %Y", t).as_deref(), Ok("29 Feb 2024"));
-        assert_eq!(strftime("%A %B %-d, %Y %H:%M:%S %p %j", t).as_deref(), Ok("Thursday February 29, 2024 13:05:09 PM 060"));
+        assert_eq!(
+            strftime("%A %B %-d, %Y %H:%M:%S %p %j", t).as_deref(),
+            Ok("Thursday February 29, 2024 13:05:09 PM 060")
+        );
         assert!(strftime("%Q", t).is_err());
     }
 }
