@@ -6,9 +6,16 @@
 //! is greedy: exactly the argmax, ties to the lowest id. Draws come from a per-request ChaCha20
 //! stream, seeded by `seed` (same seed and logits, same tokens) or from OS entropy.
 //!
-//! No full-vocabulary sort: top-k is `select_nth_unstable_by`; top-p buckets the vocabulary by
-//! log-probability distance from the maximum (1/16 nat per bucket) in one pass, takes whole
-//! buckets until the mass is reached and sorts only the boundary bucket.
+//! No full-vocabulary sort: top-k keeps the elements at or above the smallest of k chunk maxima
+//! (at least k of them, usually few more) and runs `select_nth_unstable_by` on those; top-p
+//! computes every weight once, buckets the vocabulary by log-probability distance from the
+//! maximum (1/16 nat per bucket) in the same pass, takes whole buckets until the mass is reached
+//! and sorts only the boundary bucket.
+//!
+//! Per-sequence state is small (parameters, the ChaCha stream); the vocabulary-sized scratch
+//! lives once per thread (the engine thread samples every sequence).
+
+use std::cell::RefCell;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
@@ -32,7 +39,33 @@ pub struct Sampled {
 const BUCKETS_PER_NAT: f32 = 16.0;
 const BUCKETS: usize = 16 * 40;
 
-/// Per-sequence sampler: parameters, random stream and reusable scratch.
+/// Vocabulary-sized work buffers, one set per thread.
+#[derive(Default)]
+struct Scratch {
+    /// Weight `exp((l - max) / T)` of every id (full-vocabulary paths).
+    w: Vec<f32>,
+    /// Candidate ids after truncation.
+    cands: Vec<u32>,
+    /// Top-k candidates, or the top-p boundary bucket: (logit, id).
+    pairs: Vec<(f32, u32)>,
+    mass: Vec<f64>,
+    /// One bit per id: "already penalized this step"; all clear between calls.
+    seen: Vec<u64>,
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+}
+
+/// Runs `f` with this thread's scratch (a fresh one if it is somehow in use).
+fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut s) => f(&mut s),
+        Err(_) => f(&mut Scratch::default()),
+    })
+}
+
+/// Per-sequence sampler: parameters and random stream.
 pub struct Sampler {
     temperature: f32,
     top_k: usize,
@@ -45,29 +78,18 @@ pub struct Sampler {
     rng: ChaCha20Rng,
     /// Tokens of `history` that are the prompt (penalties treat them differently).
     prompt_len: usize,
-    /// One bit per vocabulary id: "already penalized this step" (only with penalties).
-    seen: Vec<u64>,
-    cands: Vec<(f32, u32)>,
-    boundary: Vec<(f32, u32)>,
-    mass: Vec<f64>,
 }
 
 impl Sampler {
-    pub fn new(params: &SamplingParams, vocab: usize) -> Self {
+    /// `vocab` is the logits row length (kept for API stability; rows may differ per call).
+    pub fn new(params: &SamplingParams, _vocab: usize) -> Self {
         let rng = match params.seed {
             Some(seed) => ChaCha20Rng::seed_from_u64(seed),
             None => ChaCha20Rng::from_os_rng(),
         };
-        let top_k = match params.top_k {
-            k if k <= 0 => 0,
-            k => usize::try_from(k).unwrap_or(0),
-        };
-        let penalties = params.repetition_penalty != 1.0
-            || params.presence_penalty != 0.0
-            || params.frequency_penalty != 0.0;
         Self {
             temperature: params.temperature,
-            top_k,
+            top_k: usize::try_from(params.top_k).unwrap_or(0),
             top_p: params.top_p,
             min_p: params.min_p,
             repetition_penalty: params.repetition_penalty,
@@ -76,14 +98,6 @@ impl Sampler {
             logprobs: params.logprobs.map(usize::from),
             rng,
             prompt_len: 0,
-            seen: if penalties {
-                vec![0; vocab.div_ceil(64)]
-            } else {
-                Vec::new()
-            },
-            cands: Vec::new(),
-            boundary: Vec::new(),
-            mass: Vec::new(),
         }
     }
 
@@ -95,16 +109,17 @@ impl Sampler {
     /// Picks the next token. `logits` (one per vocabulary id) is modified in place by the
     /// penalties; `history` is the sequence so far, prompt first.
     pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> Sampled {
-        self.apply_penalties(logits, history);
-        let token = if self.temperature == 0.0 || self.top_k == 1 {
-            argmax(logits)
-        } else {
-            self.draw(logits)
-        };
-        let (logprob, top_logprobs) = if let Some(n) = self.logprobs {
-            logprobs_of(logits, token, n)
-        } else {
-            (None, Vec::new())
+        let token = with_scratch(|s| {
+            self.apply_penalties(logits, history, s);
+            if self.temperature == 0.0 || self.top_k == 1 {
+                argmax(logits)
+            } else {
+                self.draw(logits, s)
+            }
+        });
+        let (logprob, top_logprobs) = match self.logprobs {
+            Some(n) => logprobs_of(logits, token, n),
+            None => (None, Vec::new()),
         };
         Sampled {
             token,
@@ -113,209 +128,202 @@ impl Sampler {
         }
     }
 
-    fn apply_penalties(&mut self, logits: &mut [f32], history: &[u32]) {
-        if self.seen.is_empty() {
+    fn apply_penalties(&self, logits: &mut [f32], history: &[u32], s: &mut Scratch) {
+        let (r, f, p) = (
+            self.repetition_penalty,
+            self.frequency_penalty,
+            self.presence_penalty,
+        );
+        if r == 1.0 && f == 0.0 && p == 0.0 {
             return;
         }
+        if s.seen.len() * 64 < logits.len() {
+            s.seen.resize(logits.len().div_ceil(64), 0);
+        }
         let generated = &history[self.prompt_len.min(history.len())..];
-        let r = self.repetition_penalty;
         if r != 1.0 {
             for &t in history {
                 if let Some(l) = logits.get_mut(t as usize) {
-                    if test_and_set(&mut self.seen, t) {
+                    if test_and_set(&mut s.seen, t) {
                         *l = if *l > 0.0 { *l / r } else { *l * r };
                     }
                 }
             }
-            clear_bits(&mut self.seen, history);
+            clear_bits(&mut s.seen, history);
         }
-        let (f, p) = (self.frequency_penalty, self.presence_penalty);
         if f != 0.0 || p != 0.0 {
             for &t in generated {
                 if let Some(l) = logits.get_mut(t as usize) {
                     *l -= f;
-                    if test_and_set(&mut self.seen, t) {
+                    if test_and_set(&mut s.seen, t) {
                         *l -= p;
                     }
                 }
             }
-            clear_bits(&mut self.seen, generated);
+            clear_bits(&mut s.seen, generated);
         }
     }
 
     /// Temperature, top-k, top-p, min-p, then one draw.
-    fn draw(&mut self, logits: &[f32]) -> u32 {
+    fn draw(&mut self, logits: &[f32], s: &mut Scratch) -> u32 {
         let inv_t = 1.0 / self.temperature;
-        let Some(max) = logits
-            .iter()
-            .copied()
-            .filter(|l| !l.is_nan())
-            .reduce(f32::max)
-        else {
-            return 0;
-        };
-        if max == f32::NEG_INFINITY {
+        let max = max_of(logits);
+        if !max.is_finite() {
             return argmax(logits);
         }
-        let min_p_floor = if self.min_p > 0.0 {
-            self.min_p.ln()
+        if self.top_k > 0 && self.top_k < logits.len() {
+            return self.draw_top_k(logits, max, inv_t, s);
+        }
+        let total = weights(logits, max, inv_t, &mut s.w);
+        if self.top_p >= 1.0 && self.min_p <= 0.0 {
+            let u = self.rng.random::<f64>() * total;
+            return pick(s.w.iter().enumerate().map(|(i, &w)| (i as u32, w)), u);
+        }
+        if self.top_p < 1.0 {
+            nucleus(logits, max, inv_t, self.top_p, total, s);
         } else {
-            f32::NEG_INFINITY
-        };
-        let k = self.top_k;
-        let mut cands = std::mem::take(&mut self.cands);
-        cands.clear();
-        if k > 0 && k < logits.len() {
-            cands.extend(
-                logits
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, l)| !l.is_nan())
-                    .map(|(i, &l)| (l, i as u32)),
-            );
-            if cands.len() > k {
-                cands.select_nth_unstable_by(k - 1, order);
-                cands.truncate(k);
-            }
-            if self.top_p < 1.0 {
-                // k entries: a plain sort is cheap here.
-                cands.sort_unstable_by(order);
-                let total: f64 = cands.iter().map(|&(l, _)| weight(l, max, inv_t)).sum();
-                let target = f64::from(self.top_p) * total;
-                let mut cum = 0.0;
-                let keep = cands
-                    .iter()
-                    .position(|&(l, _)| {
-                        cum += weight(l, max, inv_t);
-                        cum >= target
-                    })
-                    .map_or(cands.len(), |i| i + 1);
-                cands.truncate(keep);
-            }
-        } else if self.top_p < 1.0 {
-            let all = logits.iter().enumerate().map(|(i, &l)| (l, i as u32));
-            self.nucleus(all, max, inv_t, &mut cands);
-        } else if self.min_p > 0.0 {
-            cands.extend(
-                logits
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, &l)| (l - max) * inv_t >= min_p_floor)
-                    .map(|(i, &l)| (l, i as u32)),
-            );
-        } else {
-            // No truncation: draw straight from the full row.
-            let token = self.draw_from(
-                logits.iter().enumerate().map(|(i, &l)| (l, i as u32)),
-                max,
-                inv_t,
-            );
-            self.cands = cands;
-            return token;
+            s.cands.clear();
+            s.cands
+                .extend((0..logits.len() as u32).filter(|&i| s.w[i as usize] > 0.0));
         }
         if self.min_p > 0.0 {
-            cands.retain(|&(l, _)| (l - max) * inv_t >= min_p_floor);
+            let (w, floor) = (&s.w, self.min_p);
+            s.cands.retain(|&i| w[i as usize] >= floor);
         }
-        let token = self.draw_from(cands.iter().copied(), max, inv_t);
-        self.cands = cands;
-        token
+        let total: f64 = s.cands.iter().map(|&i| f64::from(s.w[i as usize])).sum();
+        let u = self.rng.random::<f64>() * total;
+        pick(s.cands.iter().map(|&i| (i, s.w[i as usize])), u)
     }
 
-    /// Inverse-CDF draw over `(logit, id)` with weights `exp((l - max) / T)`.
-    fn draw_from<I: Iterator<Item = (f32, u32)> + Clone>(
-        &mut self,
-        it: I,
-        max: f32,
-        inv_t: f32,
-    ) -> u32 {
-        let total: f64 = it.clone().map(|(l, _)| weight(l, max, inv_t)).sum();
-        let mut u = self.rng.random::<f64>() * total;
-        let mut last = None;
-        for (l, id) in it {
-            let w = weight(l, max, inv_t);
-            if w > 0.0 {
-                last = Some(id);
-                if u < w {
-                    return id;
-                }
-                u -= w;
-            }
+    /// Top-k (then top-p and min-p over the k, renormalized) and a draw.
+    fn draw_top_k(&mut self, logits: &[f32], max: f32, inv_t: f32, s: &mut Scratch) -> u32 {
+        top_k(logits, self.top_k, &mut s.pairs);
+        let w = |l: f32| weight(l, max, inv_t);
+        if self.top_p < 1.0 {
+            s.pairs.sort_unstable_by(order);
+            let total: f64 = s.pairs.iter().map(|&(l, _)| f64::from(w(l))).sum();
+            let target = f64::from(self.top_p) * total;
+            let mut cum = 0.0;
+            let keep = s
+                .pairs
+                .iter()
+                .position(|&(l, _)| {
+                    cum += f64::from(w(l));
+                    cum >= target
+                })
+                .map_or(s.pairs.len(), |i| i + 1);
+            s.pairs.truncate(keep);
         }
-        last.unwrap_or(0)
+        if self.min_p > 0.0 {
+            let floor = self.min_p;
+            s.pairs.retain(|&(l, _)| w(l) >= floor);
+        }
+        let total: f64 = s.pairs.iter().map(|&(l, _)| f64::from(w(l))).sum();
+        let u = self.rng.random::<f64>() * total;
+        pick(s.pairs.iter().map(|&(l, i)| (i, w(l))), u)
     }
+}
 
-    /// The smallest set of most likely tokens whose probability reaches `top_p` (normalized over
-    /// `it`), into `out`. Buckets by distance from `max`; sorts only the bucket that crosses.
-    fn nucleus<I: Iterator<Item = (f32, u32)> + Clone>(
-        &mut self,
-        it: I,
-        max: f32,
-        inv_t: f32,
-        out: &mut Vec<(f32, u32)>,
-    ) {
-        self.mass.clear();
-        self.mass.resize(BUCKETS, 0.0);
-        let mut total = 0.0f64;
-        for (l, _) in it.clone() {
-            let w = weight(l, max, inv_t);
-            if w > 0.0 {
-                self.mass[bucket(l, max, inv_t)] += w;
-                total += w;
+/// Inverse-CDF pick: the first id whose cumulative weight passes `u` (the last positive one if
+/// rounding leaves `u` beyond the total).
+fn pick(it: impl Iterator<Item = (u32, f32)>, mut u: f64) -> u32 {
+    let mut last = 0;
+    for (id, w) in it {
+        if w > 0.0 {
+            let w = f64::from(w);
+            last = id;
+            if u < w {
+                return id;
             }
+            u -= w;
         }
-        let target = f64::from(self.top_p) * total;
-        let mut cum = 0.0;
-        let mut cut = BUCKETS - 1;
-        for (b, m) in self.mass.iter().enumerate() {
-            if cum + m >= target {
-                cut = b;
-                break;
-            }
-            cum += m;
+    }
+    last
+}
+
+/// Fills `w` with every id's weight; returns their sum.
+fn weights(logits: &[f32], max: f32, inv_t: f32, w: &mut Vec<f32>) -> f64 {
+    w.clear();
+    w.extend(logits.iter().map(|&l| weight(l, max, inv_t)));
+    w.iter().map(|&x| f64::from(x)).sum()
+}
+
+/// The smallest set of most likely ids whose probability reaches `top_p`, into `s.cands`
+/// (weights already in `s.w`). Buckets by distance from `max`; sorts only the crossing bucket.
+fn nucleus(logits: &[f32], max: f32, inv_t: f32, top_p: f32, total: f64, s: &mut Scratch) {
+    s.mass.clear();
+    s.mass.resize(BUCKETS, 0.0);
+    for (&l, &w) in logits.iter().zip(&s.w) {
+        if w > 0.0 {
+            s.mass[bucket(l, max, inv_t)] += f64::from(w);
         }
-        self.boundary.clear();
-        for (l, id) in it {
-            if weight(l, max, inv_t) <= 0.0 {
-                continue;
-            }
+    }
+    let target = f64::from(top_p) * total;
+    let mut cum = 0.0;
+    let mut cut = BUCKETS - 1;
+    for (b, m) in s.mass.iter().enumerate() {
+        if cum + m >= target {
+            cut = b;
+            break;
+        }
+        cum += m;
+    }
+    s.cands.clear();
+    s.pairs.clear();
+    for (i, (&l, &w)) in logits.iter().zip(&s.w).enumerate() {
+        if w > 0.0 {
             match bucket(l, max, inv_t) {
-                b if b < cut => out.push((l, id)),
-                b if b == cut => self.boundary.push((l, id)),
+                b if b < cut => s.cands.push(i as u32),
+                b if b == cut => s.pairs.push((l, i as u32)),
                 _ => {}
             }
         }
-        self.boundary.sort_unstable_by(order);
-        for &(l, id) in &self.boundary {
-            out.push((l, id));
-            cum += weight(l, max, inv_t);
-            if cum >= target {
-                break;
-            }
+    }
+    s.pairs.sort_unstable_by(order);
+    for &(l, id) in &s.pairs {
+        s.cands.push(id);
+        cum += f64::from(weight(l, max, inv_t));
+        if cum >= target {
+            break;
         }
+    }
+}
+
+/// The `k` best (logit, id) pairs, unordered. Every one of `n / k` (or more) chunks holds its
+/// own maximum, so at least `k` elements reach the smallest chunk maximum; only those are kept
+/// for the selection.
+fn top_k(logits: &[f32], k: usize, out: &mut Vec<(f32, u32)>) {
+    out.clear();
+    let chunk = (logits.len() / k).max(1);
+    let threshold = logits
+        .chunks(chunk)
+        .map(max_of)
+        .fold(f32::INFINITY, f32::min);
+    out.extend(
+        logits
+            .iter()
+            .enumerate()
+            .filter(|(_, &l)| l >= threshold)
+            .map(|(i, &l)| (l, i as u32)),
+    );
+    if out.len() > k {
+        out.select_nth_unstable_by(k - 1, order);
+        out.truncate(k);
     }
 }
 
 /// Log-softmax of `token` and of the `n` best tokens, over the penalized logits.
 fn logprobs_of(logits: &[f32], token: u32, n: usize) -> (Option<f32>, Vec<(u32, f32)>) {
-    let Some(max) = logits
-        .iter()
-        .copied()
-        .filter(|l| !l.is_nan())
-        .reduce(f32::max)
-    else {
+    let max = max_of(logits);
+    if !max.is_finite() {
         return (None, Vec::new());
-    };
-    let sum: f64 = logits.iter().map(|&l| weight(l, max, 1.0)).sum();
+    }
+    let sum: f64 = logits.iter().map(|&l| f64::from(weight(l, max, 1.0))).sum();
     let lse = max + sum.ln() as f32;
-    let n = n.min(logits.len());
-    let mut best: Vec<(f32, u32)> = Vec::with_capacity(n + 1);
-    for (i, &l) in logits.iter().enumerate().filter(|_| n > 0) {
-        if l.is_nan() || (best.len() == n && order(&(l, i as u32), &best[n - 1]).is_ge()) {
-            continue;
-        }
-        let pos = best.partition_point(|b| order(b, &(l, i as u32)).is_lt());
-        best.insert(pos, (l, i as u32));
-        best.truncate(n);
+    let mut best = Vec::new();
+    if n > 0 {
+        top_k(logits, n.min(logits.len()), &mut best);
+        best.sort_unstable_by(order);
     }
     let chosen = logits.get(token as usize).map(|l| l - lse);
     (
@@ -329,34 +337,30 @@ fn order(a: &(f32, u32), b: &(f32, u32)) -> std::cmp::Ordering {
     b.0.total_cmp(&a.0).then(a.1.cmp(&b.1))
 }
 
+/// Largest non-NaN value (-inf if none).
+fn max_of(xs: &[f32]) -> f32 {
+    xs.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+}
+
 /// Exactly the argmax; ties go to the lowest id; NaN never wins.
 pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0usize;
-    let mut best_l = f32::NEG_INFINITY;
-    let mut found = false;
-    for (i, &l) in logits.iter().enumerate() {
-        if l > best_l || (!found && !l.is_nan()) {
-            best = i;
-            best_l = l;
-            found = true;
-        }
-    }
-    best as u32
+    let max = max_of(logits);
+    logits.iter().position(|&l| l == max).unwrap_or(0) as u32
 }
 
 #[inline]
-fn weight(l: f32, max: f32, inv_t: f32) -> f64 {
+fn weight(l: f32, max: f32, inv_t: f32) -> f32 {
     if l.is_nan() {
         0.0
     } else {
-        f64::from((l - max) * inv_t).exp()
+        ((l - max) * inv_t).exp()
     }
 }
 
 #[inline]
 fn bucket(l: f32, max: f32, inv_t: f32) -> usize {
     let d = (max - l) * inv_t * BUCKETS_PER_NAT;
-    // `as` saturates: NaN → 0 is excluded by the callers, +inf → usize::MAX is clamped.
+    // `as` saturates (+inf → usize::MAX); the min clamps it to the last bucket.
     (d as usize).min(BUCKETS - 1)
 }
 

@@ -257,6 +257,12 @@ fn push_byte_level(arena: &mut Vec<u8>, t: &str, map: &std::collections::HashMap
 /// One sequence's decoding state.
 pub struct Detokenizer {
     table: Arc<DetokTable>,
+    st: State,
+}
+
+/// The mutable part of a [`Detokenizer`] (split from the shared table so that a token costs no
+/// reference-count traffic on the table, which every shard shares).
+struct State {
     /// ByteLevel: bytes of an unfinished code point. SentencePiece: the open byte-fallback group.
     pending: Vec<u8>,
     /// A non-skipped token has been decoded (the Metaspace first-token rule).
@@ -275,22 +281,47 @@ impl Detokenizer {
             Scheme::SentencePiece { strip } => strip,
             _ => 0,
         };
-        Self {
-            table,
+        let st = State {
             pending: Vec::with_capacity(16),
             started: false,
             strip_left,
             ids: Vec::new(),
             prefix: 0,
             read: 0,
-        }
+        };
+        Self { table, st }
     }
 
     /// Decodes one more id, appending whatever text became final to `out`.
     pub fn push(&mut self, id: u32, out: &mut String) {
-        let table = Arc::clone(&self.table);
+        self.st.push(&self.table, id, out);
+    }
+
+    /// The sequence ended: emits what was held back (an unfinished code point becomes U+FFFD,
+    /// as a whole-sequence decode would make it).
+    pub fn finish(&mut self, out: &mut String) {
+        self.st.finish(&self.table, out);
+    }
+
+    /// Forgets everything (the buffers keep their capacity for the next sequence).
+    pub fn reset(&mut self) {
+        let st = &mut self.st;
+        st.pending.clear();
+        st.ids.clear();
+        st.started = false;
+        st.prefix = 0;
+        st.read = 0;
+        st.strip_left = match self.table.scheme {
+            Scheme::SentencePiece { strip } => strip,
+            _ => 0,
+        };
+    }
+}
+
+impl State {
+    fn push(&mut self, table: &DetokTable, id: u32, out: &mut String) {
         if table.scheme == Scheme::Window {
-            self.push_window(&table, id, out);
+            self.push_window(table, id, out);
             return;
         }
         let idx = id as usize;
@@ -325,29 +356,13 @@ impl Detokenizer {
         }
     }
 
-    /// The sequence ended: emits what was held back (an unfinished code point becomes U+FFFD,
-    /// as a whole-sequence decode would make it).
-    pub fn finish(&mut self, out: &mut String) {
-        let table = Arc::clone(&self.table);
+    fn finish(&mut self, table: &DetokTable, out: &mut String) {
         match table.scheme {
             Scheme::ByteLevel => drain_utf8(&mut self.pending, out, true),
             Scheme::SentencePiece { .. } => self.flush_group(out),
             Scheme::Metaspace { .. } => {}
-            Scheme::Window => self.finish_window(&table, out),
+            Scheme::Window => self.finish_window(table, out),
         }
-    }
-
-    /// Forgets everything (the buffers keep their capacity for the next sequence).
-    pub fn reset(&mut self) {
-        self.pending.clear();
-        self.ids.clear();
-        self.started = false;
-        self.prefix = 0;
-        self.read = 0;
-        self.strip_left = match self.table.scheme {
-            Scheme::SentencePiece { strip } => strip,
-            _ => 0,
-        };
     }
 
     fn flush_group(&mut self, out: &mut String) {
@@ -494,5 +509,27 @@ mod tests {
         assert_eq!(m.len(), 256);
         assert_eq!(m.get(&'\u{120}'), Some(&b' '));
         assert_eq!(m.get(&'\u{10A}'), Some(&b'\n'));
+    }
+
+    #[test]
+    fn window_fallback_for_other_decoders() {
+        let json = r###"{"version":"1.0","truncation":null,"padding":null,"added_tokens":[
+            {"id":6,"content":"[SEP]","single_word":false,"lstrip":false,"rstrip":false,"normalized":false,"special":true}],
+            "normalizer":null,"pre_tokenizer":{"type":"Whitespace"},"post_processor":null,
+            "decoder":{"type":"WordPiece","prefix":"##","cleanup":true},
+            "model":{"type":"WordPiece","unk_token":"[UNK]","continuing_subword_prefix":"##",
+            "max_input_chars_per_word":100,"vocab":{"[UNK]":0,"hello":1,"world":2,"##s":3,",":4,"!":5,"[SEP]":6}}}"###;
+        let inner: tokenizers::Tokenizer = json.parse().unwrap();
+        let tok = Tokenizer::from_parts(inner);
+        let table = DetokTable::new(&tok);
+        assert!(!table.is_direct());
+        let ids = [1, 4, 2, 3, 6, 5, 1, 1];
+        let mut d = Detokenizer::new(table);
+        let mut out = String::new();
+        for id in ids {
+            d.push(id, &mut out);
+        }
+        d.finish(&mut out);
+        assert_eq!(out, tok.decode(&ids, true).unwrap());
     }
 }

@@ -71,19 +71,21 @@ impl StopMatcher {
         self.held.clear();
     }
 
-    /// Byte offset and index of the leftmost complete match in the held text (ties: the stop
-    /// string listed first).
+    /// Byte offset and index of the match that completes first (smallest end; ties: the one
+    /// starting first). That is the match a byte-by-byte stream would meet first, so the result
+    /// does not depend on where token boundaries fall.
     fn earliest_match(&self) -> Option<(usize, usize)> {
         let hay = self.held.as_bytes();
-        let mut best: Option<(usize, usize)> = None;
+        let mut best: Option<(usize, usize, usize)> = None;
         for (i, stop) in self.stops.iter().enumerate() {
             if let Some(pos) = find(hay, stop.as_bytes()) {
-                if best.is_none_or(|(p, _)| pos < p) {
-                    best = Some((pos, i));
+                let end = pos + stop.len();
+                if best.is_none_or(|(e, p, _)| (end, pos) < (e, p)) {
+                    best = Some((end, pos, i));
                 }
             }
         }
-        best
+        best.map(|(_, pos, i)| (pos, i))
     }
 
     /// Start of the longest suffix of the held text that is a proper prefix of a stop string
@@ -166,6 +168,12 @@ mod tests {
         let (out, s) = run(&["world", "lo w"], &["hello world"]);
         assert_eq!(out, "hel");
         assert_eq!(s, StopState::Stopped { index: 1 });
+    }
+
+    #[test]
+    fn first_completed_match_wins_whatever_the_split() {
+        assert_eq!(run(&["abc", "b"], &["abc"]).0, "a");
+        assert_eq!(run(&["abc", "b"], &["a", "b", "c"]).0, "a");
     }
 
     #[test]

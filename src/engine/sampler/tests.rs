@@ -174,7 +174,7 @@ fn top_p_over_a_large_vocabulary_keeps_the_exact_nucleus() {
     let max = logits[idx[0] as usize];
     let w: Vec<f64> = idx
         .iter()
-        .map(|&i| weight(logits[i as usize], max, 1.0 / 0.7))
+        .map(|&i| f64::from(weight(logits[i as usize], max, 1.0 / 0.7)))
         .collect();
     let total: f64 = w.iter().sum();
     let mut cum = 0.0;
@@ -182,17 +182,17 @@ fn top_p_over_a_large_vocabulary_keeps_the_exact_nucleus() {
         cum += x;
         cum >= 0.5 * total
     });
-    let nucleus: std::collections::HashSet<u32> =
+    let nucleus_ref: std::collections::HashSet<u32> =
         idx[..=keep.unwrap_or(0)].iter().copied().collect();
+    let mut scratch = Scratch::default();
+    let total = weights(&logits, max, 1.0 / 0.7, &mut scratch.w);
+    nucleus(&logits, max, 1.0 / 0.7, 0.5, total, &mut scratch);
+    let got: std::collections::HashSet<u32> = scratch.cands.iter().copied().collect();
+    assert_eq!(got, nucleus_ref);
     let mut s = Sampler::new(&p, logits.len());
-    let mut out = Vec::new();
-    let all = logits.iter().enumerate().map(|(i, &l)| (l, i as u32));
-    s.nucleus(all, max, 1.0 / 0.7, &mut out);
-    let got: std::collections::HashSet<u32> = out.iter().map(|c| c.1).collect();
-    assert_eq!(got, nucleus);
     for _ in 0..200 {
         let t = s.sample(&mut logits.clone(), &[]).token;
-        assert!(nucleus.contains(&t));
+        assert!(nucleus_ref.contains(&t));
     }
 }
 
@@ -278,5 +278,34 @@ fn params_parse_and_validate() {
             .unwrap_err()
             .to_string();
         assert!(e.contains(&format!("`{field}`")), "{body}: {e}");
+    }
+}
+
+#[test]
+fn top_k_selection_is_exact() {
+    for (n, k) in [
+        (10, 6),
+        (10, 4),
+        (1000, 1),
+        (1000, 999),
+        (151_936, 50),
+        (7, 7),
+    ] {
+        let mut logits = random_logits(n, n as u64 + k as u64);
+        if n > 5 {
+            logits[5] = f32::NAN;
+        }
+        let mut got = Vec::new();
+        top_k(&logits, k, &mut got);
+        got.sort_unstable_by(order);
+        let mut all: Vec<(f32, u32)> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (l, i as u32))
+            .filter(|p| !p.0.is_nan())
+            .collect();
+        all.sort_unstable_by(order);
+        all.truncate(k);
+        assert_eq!(got, all, "n={n} k={k}");
     }
 }
