@@ -7,6 +7,7 @@
 pub mod kv;
 pub mod null;
 pub mod queue;
+pub mod sampler;
 pub mod thread;
 
 /// Identifies one sequence: the shard that owns it, the shard's request slot and that slot's

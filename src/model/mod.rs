@@ -1,9 +1,16 @@
-//! The model: checkpoint config, safetensors loading, the Llama-family transformer, and the
-//! synthetic random-weight models used for benchmarks and as the default.
+//! The model: checkpoint config, safetensors loading, the Llama-family transformer, the
+//! synthetic random-weight models used for benchmarks and as the default; and its text side:
+//! tokenizer, chat templates, incremental detokenization, stop strings, the engine-alone
+//! generation loop.
 
 pub mod config;
+pub mod detok;
+pub mod generate;
 pub mod loader;
+pub mod stop;
 pub mod synthetic;
+pub mod template;
+pub mod tokenizer;
 pub mod transformer;
 
 use std::path::PathBuf;

@@ -1,0 +1,309 @@
+//! A checkpoint's tokenizer as Hugging Face ships it: `tokenizer.json` (through the `tokenizers`
+//! crate, post-processor included, so BOS is added where the checkpoint adds it),
+//! `tokenizer_config.json` (special tokens, chat template, `add_bos_token`), `chat_template.jinja`
+//! (transformers-5 layout; wins over the config's template) and `generation_config.json` (EOS ids,
+//! sampling defaults).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde_json::Value as Json;
+
+/// Why a tokenizer directory could not be loaded; every variant names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenizerError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: invalid JSON: {source}")]
+    Json {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+    #[error("tokenizer: {0}")]
+    Encode(String),
+}
+
+/// Sampling defaults a checkpoint ships in `generation_config.json`; `None` where absent.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GenerationDefaults {
+    pub do_sample: Option<bool>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<i64>,
+    pub min_p: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+    pub max_new_tokens: Option<u32>,
+}
+
+/// A loaded tokenizer plus the special-token facts the server needs around it.
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    bos_token: Option<String>,
+    eos_token: Option<String>,
+    pad_token: Option<String>,
+    unk_token: Option<String>,
+    bos_id: Option<u32>,
+    eos_ids: Vec<u32>,
+    add_bos_token: Option<bool>,
+    chat_templates: BTreeMap<String, String>,
+    defaults: GenerationDefaults,
+}
+
+impl Tokenizer {
+    /// Loads `dir/tokenizer.json` and the optional files beside it.
+    pub fn from_dir(dir: &Path) -> Result<Self, TokenizerError> {
+        let tok_path = dir.join("tokenizer.json");
+        let inner =
+            tokenizers::Tokenizer::from_file(&tok_path).map_err(|e| TokenizerError::Invalid {
+                path: tok_path.clone(),
+                message: e.to_string(),
+            })?;
+        let mut tok = Self::from_parts(inner);
+
+        let cfg_path = dir.join("tokenizer_config.json");
+        if let Some(cfg) = read_json_opt(&cfg_path)? {
+            tok.apply_tokenizer_config(&cfg, &cfg_path)?;
+        }
+        let jinja = dir.join("chat_template.jinja");
+        match std::fs::read_to_string(&jinja) {
+            Ok(src) => {
+                tok.chat_templates.insert("default".into(), src);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(TokenizerError::Io {
+                    path: jinja,
+                    source,
+                })
+            }
+        }
+        let gen_path = dir.join("generation_config.json");
+        if let Some(gen) = read_json_opt(&gen_path)? {
+            tok.apply_generation_config(&gen, &gen_path)?;
+        }
+        tok.finish_ids();
+        Ok(tok)
+    }
+
+    /// Wraps a bare `tokenizers` tokenizer (no config files: no template, no EOS beyond none).
+    pub fn from_parts(inner: tokenizers::Tokenizer) -> Self {
+        Self {
+            inner,
+            bos_token: None,
+            eos_token: None,
+            pad_token: None,
+            unk_token: None,
+            bos_id: None,
+            eos_ids: Vec::new(),
+            add_bos_token: None,
+            chat_templates: BTreeMap::new(),
+            defaults: GenerationDefaults::default(),
+        }
+    }
+
+    fn apply_tokenizer_config(&mut self, cfg: &Json, path: &Path) -> Result<(), TokenizerError> {
+        self.bos_token = special_token(cfg.get("bos_token"));
+        self.eos_token = special_token(cfg.get("eos_token"));
+        self.pad_token = special_token(cfg.get("pad_token"));
+        self.unk_token = special_token(cfg.get("unk_token"));
+        self.add_bos_token = cfg.get("add_bos_token").and_then(Json::as_bool);
+        match cfg.get("chat_template") {
+            None | Some(Json::Null) => {}
+            Some(Json::String(s)) => {
+                self.chat_templates.insert("default".into(), s.clone());
+            }
+            Some(Json::Array(list)) => {
+                for item in list {
+                    let name = item.get("name").and_then(Json::as_str);
+                    let tpl = item.get("template").and_then(Json::as_str);
+                    match (name, tpl) {
+                        (Some(n), Some(t)) => {
+                            self.chat_templates.insert(n.to_string(), t.to_string());
+                        }
+                        _ => {
+                            return Err(invalid(
+                                path,
+                                "chat_template list entries need name and template",
+                            ))
+                        }
+                    }
+                }
+            }
+            Some(_) => return Err(invalid(path, "chat_template must be a string or a list")),
+        }
+        Ok(())
+    }
+
+    fn apply_generation_config(&mut self, gen: &Json, path: &Path) -> Result<(), TokenizerError> {
+        match gen.get("eos_token_id") {
+            None | Some(Json::Null) => {}
+            Some(Json::Array(ids)) => {
+                for id in ids {
+                    self.eos_ids.push(token_id(id, path)?);
+                }
+            }
+            Some(id) => self.eos_ids.push(token_id(id, path)?),
+        }
+        if let Some(id) = gen.get("bos_token_id").filter(|v| !v.is_null()) {
+            self.bos_id = Some(token_id(id, path)?);
+        }
+        let f = |k: &str| gen.get(k).and_then(Json::as_f64).map(|v| v as f32);
+        self.defaults = GenerationDefaults {
+            do_sample: gen.get("do_sample").and_then(Json::as_bool),
+            temperature: f("temperature"),
+            top_p: f("top_p"),
+            top_k: gen.get("top_k").and_then(Json::as_i64),
+            min_p: f("min_p"),
+            repetition_penalty: f("repetition_penalty"),
+            max_new_tokens: gen
+                .get("max_new_tokens")
+                .and_then(Json::as_u64)
+                .and_then(|v| u32::try_from(v).ok()),
+        };
+        Ok(())
+    }
+
+    /// EOS ids are the union of the config's `eos_token` and generation_config's ids; BOS from
+    /// the config's `bos_token` when generation_config does not name one.
+    fn finish_ids(&mut self) {
+        if let Some(id) = self
+            .eos_token
+            .as_deref()
+            .and_then(|t| self.inner.token_to_id(t))
+        {
+            self.eos_ids.push(id);
+        }
+        self.eos_ids.sort_unstable();
+        self.eos_ids.dedup();
+        if self.bos_id.is_none() {
+            self.bos_id = self
+                .bos_token
+                .as_deref()
+                .and_then(|t| self.inner.token_to_id(t));
+        }
+    }
+
+    /// Token ids of `text`; with `add_special_tokens` the tokenizer's post-processor adds what
+    /// the checkpoint adds (BOS for Llama, nothing for Qwen2).
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, TokenizerError> {
+        self.inner
+            .encode_fast(text, add_special_tokens)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| TokenizerError::Encode(e.to_string()))
+    }
+
+    /// Whole-sequence decode, as `tokenizers` does it (the reference for [`super::detok`]).
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String, TokenizerError> {
+        self.inner
+            .decode(ids, skip_special_tokens)
+            .map_err(|e| TokenizerError::Encode(e.to_string()))
+    }
+
+    /// Vocabulary size including added tokens (the model's embedding may have more rows).
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    /// Ids that end a sequence (sorted, deduplicated).
+    pub fn eos_ids(&self) -> &[u32] {
+        &self.eos_ids
+    }
+
+    pub fn bos_id(&self) -> Option<u32> {
+        self.bos_id
+    }
+
+    /// `bos_token` as the chat template sees it.
+    pub fn bos_token(&self) -> Option<&str> {
+        self.bos_token.as_deref()
+    }
+
+    /// `eos_token` as the chat template sees it.
+    pub fn eos_token(&self) -> Option<&str> {
+        self.eos_token.as_deref()
+    }
+
+    pub fn pad_token(&self) -> Option<&str> {
+        self.pad_token.as_deref()
+    }
+
+    pub fn unk_token(&self) -> Option<&str> {
+        self.unk_token.as_deref()
+    }
+
+    /// `add_bos_token` from tokenizer_config.json, if present (informative: the post-processor
+    /// in tokenizer.json is what actually adds it).
+    pub fn add_bos_token(&self) -> Option<bool> {
+        self.add_bos_token
+    }
+
+    /// The chat template called `name` (`None`: the default one).
+    pub fn chat_template(&self, name: Option<&str>) -> Option<&str> {
+        self.chat_templates
+            .get(name.unwrap_or("default"))
+            .map(String::as_str)
+    }
+
+    pub fn generation_defaults(&self) -> &GenerationDefaults {
+        &self.defaults
+    }
+
+    /// The wrapped `tokenizers` tokenizer (the detokenizer reads its vocabulary and decoder).
+    pub fn inner(&self) -> &tokenizers::Tokenizer {
+        &self.inner
+    }
+}
+
+fn read_json_opt(path: &Path) -> Result<Option<Json>, TokenizerError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(TokenizerError::Io {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+    };
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|source| TokenizerError::Json {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+/// A special token written as a string or as an AddedToken dict (`{"content": ...}`).
+fn special_token(v: Option<&Json>) -> Option<String> {
+    match v? {
+        Json::String(s) => Some(s.clone()),
+        Json::Object(m) => m.get("content").and_then(Json::as_str).map(str::to_string),
+        _ => None,
+    }
+}
+
+fn token_id(v: &Json, path: &Path) -> Result<u32, TokenizerError> {
+    v.as_u64()
+        .and_then(|id| u32::try_from(id).ok())
+        .ok_or_else(|| invalid(path, &format!("token id {v} is not a non-negative integer")))
+}
+
+fn invalid(path: &Path, message: &str) -> TokenizerError {
+    TokenizerError::Invalid {
+        path: path.to_path_buf(),
+        message: message.to_string(),
+    }
+}
