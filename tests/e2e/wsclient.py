@@ -77,7 +77,7 @@ async def collect(ws: ClientConnection, ids, order: list | None = None) -> dict[
         s = streams[mid]
         assert s.done is None, f"message after done: {m}"
         if kind == "delta":
-            assert set(m) == {"type", "id", "seq", "text"}, m
+            assert set(m) >= {"type", "id", "seq", "text"}, m
             s.deltas.append(m)
         elif kind == "done":
             s.done = m
