@@ -14,7 +14,8 @@ fn ask(ts: &TestServer, req: &str) -> (u16, String, String) {
 }
 
 fn error_code(body: &str) -> String {
-    let v: serde_json::Value = serde_json::from_str(body).unwrap_or_else(|_| panic!("json body: {body}"));
+    let v: serde_json::Value =
+        serde_json::from_str(body).unwrap_or_else(|_| panic!("json body: {body}"));
     v["error"]["code"].as_str().unwrap_or_default().to_string()
 }
 
@@ -24,8 +25,14 @@ fn accept_key_follows_rfc_6455() {
     let (status, head, _) = ask(&ts, &upgrade_request("/v1/chat", ""));
     assert_eq!(status, 101, "{head}");
     let lower = head.to_ascii_lowercase();
-    assert!(lower.contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="), "{head}");
-    assert!(!lower.contains("content-length"), "no Content-Length on a 101 (RFC 9110)");
+    assert!(
+        lower.contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="),
+        "{head}"
+    );
+    assert!(
+        !lower.contains("content-length"),
+        "no Content-Length on a 101 (RFC 9110)"
+    );
 }
 
 #[test]
@@ -34,7 +41,11 @@ fn wrong_version_is_426_with_supported_version() {
     let req = upgrade_request("/v1/chat", "").replace("Version: 13", "Version: 8");
     let (status, head, body) = ask(&ts, &req);
     assert_eq!(status, 426);
-    assert!(head.to_ascii_lowercase().contains("sec-websocket-version: 13"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("sec-websocket-version: 13"),
+        "{head}"
+    );
     assert_eq!(error_code(&body), "bad_version");
 }
 
@@ -42,10 +53,22 @@ fn wrong_version_is_426_with_supported_version() {
 fn handshake_rules_answer_with_status_and_json() {
     let ts = TestServer::start(&[]);
     let cases: Vec<(String, u16)> = vec![
-        (upgrade_request("/v1/chat", "").replace("Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Key: c2hvcnQ="), 400),
-        (upgrade_request("/v1/chat", "").replace("Upgrade: websocket\r\n", ""), 400),
+        (
+            upgrade_request("/v1/chat", "").replace(
+                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+                "Sec-WebSocket-Key: c2hvcnQ=",
+            ),
+            400,
+        ),
+        (
+            upgrade_request("/v1/chat", "").replace("Upgrade: websocket\r\n", ""),
+            400,
+        ),
         (upgrade_request("/v1/chat", "X-Model-ID: bad id!\r\n"), 400),
-        (upgrade_request("/v1/chat", "X-Model-ID: no-such-model\r\n"), 404),
+        (
+            upgrade_request("/v1/chat", "X-Model-ID: no-such-model\r\n"),
+            404,
+        ),
         (upgrade_request("/v1/chat?model=no-such-model", ""), 404),
         (upgrade_request("/v1/chat", "X-Stream-Mode: bits\r\n"), 400),
         (upgrade_request("/v1/chat?stream_mode=bits", ""), 400),
@@ -56,7 +79,10 @@ fn handshake_rules_answer_with_status_and_json() {
         assert!(!error_code(&body).is_empty(), "{body}");
     }
     let text = ask(&ts, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").2;
-    assert!(text.contains("seedance_handshake_failures_total{reason=\"model_not_found\"} 2"), "{text}");
+    assert!(
+        text.contains("seedance_handshake_failures_total{reason=\"model_not_found\"} 2"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -106,7 +132,8 @@ fn keep_alive_and_pipelining() {
     let (status, _, body) = read_response(&mut s);
     assert_eq!(status, 200);
     assert!(body.contains("\"object\":\"list\""));
-    s.write_all(b"GET /health HTTP/1.1\r\nConnection: close\r\n\r\n").expect("write");
+    s.write_all(b"GET /health HTTP/1.1\r\nConnection: close\r\n\r\n")
+        .expect("write");
     assert_eq!(read_response(&mut s).0, 200);
 }
 
@@ -116,15 +143,24 @@ fn chunked_request_body_is_read() {
     let mut s = ts.connect();
     s.write_all(b"POST /health HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\nGET /health HTTP/1.1\r\n\r\n")
         .expect("write");
-    assert_eq!(read_response(&mut s).0, 405, "body consumed, route says 405");
-    assert_eq!(read_response(&mut s).0, 200, "next pipelined request parsed after the body");
+    assert_eq!(
+        read_response(&mut s).0,
+        405,
+        "body consumed, route says 405"
+    );
+    assert_eq!(
+        read_response(&mut s).0,
+        200,
+        "next pipelined request parsed after the body"
+    );
 }
 
 #[test]
 fn slow_loris_head_times_out() {
     let ts = TestServer::start(&["--handshake-timeout-ms", "300"]);
     let mut s = ts.connect();
-    s.write_all(b"GET /health HTTP/1.1\r\nX-Slow: ").expect("write");
+    s.write_all(b"GET /health HTTP/1.1\r\nX-Slow: ")
+        .expect("write");
     std::thread::sleep(Duration::from_millis(600));
     let (status, _, body) = read_response(&mut s);
     assert_eq!((status, error_code(&body).as_str()), (408, "timeout"));

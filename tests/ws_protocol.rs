@@ -35,8 +35,16 @@ fn reserved_opcodes_close_1002() {
 
 #[test]
 fn fragmented_or_oversized_control_frames_close_1002() {
-    assert_eq!(violation(&frame(0x09, b"p")), Some(1002), "ping without FIN");
-    assert_eq!(violation(&frame(0x89, &[b'x'; 126])), Some(1002), "ping of 126 bytes");
+    assert_eq!(
+        violation(&frame(0x09, b"p")),
+        Some(1002),
+        "ping without FIN"
+    );
+    assert_eq!(
+        violation(&frame(0x89, &[b'x'; 126])),
+        Some(1002),
+        "ping of 126 bytes"
+    );
 }
 
 #[test]
@@ -69,7 +77,8 @@ fn oversized_frame_closes_1009_from_its_header() {
     let ts = TestServer::start(&["--max-frame-bytes", "1024", "--max-message-bytes", "4096"]);
     let mut s = open_ws(&ts, "/v1/chat");
     // Only the header: a 1 MiB frame is refused before its payload arrives.
-    s.write_all(&[0x81, 0x80 | 127, 0, 0, 0, 0, 0, 0x10, 0, 0, 1, 2, 3, 4]).expect("write");
+    s.write_all(&[0x81, 0x80 | 127, 0, 0, 0, 0, 0, 0x10, 0, 0, 1, 2, 3, 4])
+        .expect("write");
     assert_eq!(expect_close(&mut s), Some(1009));
 }
 
@@ -88,9 +97,17 @@ fn oversized_fragmented_message_closes_1009() {
 #[test]
 fn invalid_close_codes_close_1002() {
     for code in [999u16, 1004, 1005, 1006, 1015, 1016, 2999, 5000] {
-        assert_eq!(violation(&frame(0x88, &code.to_be_bytes())), Some(1002), "code {code}");
+        assert_eq!(
+            violation(&frame(0x88, &code.to_be_bytes())),
+            Some(1002),
+            "code {code}"
+        );
     }
-    assert_eq!(violation(&frame(0x88, &[0x03])), Some(1002), "one-byte close payload");
+    assert_eq!(
+        violation(&frame(0x88, &[0x03])),
+        Some(1002),
+        "one-byte close payload"
+    );
 }
 
 #[test]
@@ -107,7 +124,11 @@ fn valid_close_is_echoed() {
         p.extend_from_slice(b"bye");
         assert_eq!(violation(&frame(0x88, &p)), Some(code));
     }
-    assert_eq!(violation(&frame(0x88, b"")), None, "empty close answered with empty close");
+    assert_eq!(
+        violation(&frame(0x88, b"")),
+        None,
+        "empty close answered with empty close"
+    );
 }
 
 #[test]
@@ -156,7 +177,10 @@ fn bad_messages_get_errors_and_the_connection_stays_open() {
     for (bad, code) in [
         ("not json", "bad_json"),
         (r#"{"type":"fly"}"#, "unknown_type"),
-        (r#"{"type":"generate","id":"a","prompt":"x","max_tokens":-1}"#, "invalid_field"),
+        (
+            r#"{"type":"generate","id":"a","prompt":"x","max_tokens":-1}"#,
+            "invalid_field",
+        ),
         (r#"{"type":"generate","prompt":"x"}"#, "missing_field"),
         (r#"{"type":"cancel","id":"nothing"}"#, "unknown_id"),
     ] {
@@ -165,8 +189,14 @@ fn bad_messages_get_errors_and_the_connection_stays_open() {
         assert_eq!(msgs.last().expect("error")["code"], code, "{bad}");
     }
     s.write_all(&frame(0x82, b"\x00\x01")).expect("write");
-    assert_eq!(read_until(&mut s, "error").last().expect("error")["code"], "binary_not_supported");
-    s.write_all(&text(r#"{"type":"generate","id":"ok","prompt":"x","max_tokens":2}"#)).expect("write");
+    assert_eq!(
+        read_until(&mut s, "error").last().expect("error")["code"],
+        "binary_not_supported"
+    );
+    s.write_all(&text(
+        r#"{"type":"generate","id":"ok","prompt":"x","max_tokens":2}"#,
+    ))
+    .expect("write");
     let msgs = read_until(&mut s, "done");
     assert_eq!(msgs.last().expect("done")["usage"]["completion_tokens"], 2);
 }
@@ -180,7 +210,8 @@ fn duplicate_running_id_is_refused() {
     s.write_all(&text(g)).expect("write");
     let msgs = read_until(&mut s, "error");
     assert_eq!(msgs.last().expect("error")["code"], "duplicate_id");
-    s.write_all(&text(r#"{"type":"cancel","id":"same"}"#)).expect("write");
+    s.write_all(&text(r#"{"type":"cancel","id":"same"}"#))
+        .expect("write");
     let msgs = read_until(&mut s, "done");
     assert_eq!(msgs.last().expect("done")["finish_reason"], "cancelled");
 }

@@ -7,7 +7,9 @@
 pub mod kv;
 pub mod null;
 pub mod queue;
+pub mod runner;
 pub mod sampler;
+pub mod scheduler;
 pub mod thread;
 
 /// Identifies one sequence: the shard that owns it, the shard's request slot and that slot's
@@ -19,35 +21,15 @@ pub struct SeqKey {
     pub gen: u32,
 }
 
-/// Sampling and stopping parameters the engine needs (text-level stops live on the shard).
-#[derive(Clone, Debug, PartialEq)]
-pub struct GenParams {
-    pub max_tokens: u32,
-    pub temperature: f32,
-    pub top_p: f32,
-    pub top_k: u32,
-    pub seed: Option<u64>,
-}
-
-impl Default for GenParams {
-    fn default() -> Self {
-        Self {
-            max_tokens: 256,
-            temperature: 1.0,
-            top_p: 1.0,
-            top_k: 0,
-            seed: None,
-        }
-    }
-}
-
 /// A token-level generation request, built on a shard.
 #[derive(Debug)]
 pub struct GenerateRequest {
     pub key: SeqKey,
     /// Prompt token ids (already templated and tokenized on the shard).
     pub prompt: Vec<u32>,
-    pub params: GenParams,
+    /// Sampling, stop ids and `max_tokens` (always set by the shard); stop strings are
+    /// matched on the shard.
+    pub params: sampler::SamplingParams,
 }
 
 /// Shard → engine.

@@ -122,7 +122,7 @@ impl Generator for NullModel {
                 self.seqs.push(NullSeq {
                     key: req.key,
                     next: 0,
-                    max_tokens: req.params.max_tokens,
+                    max_tokens: req.params.max_tokens.unwrap_or(256),
                     paused: false,
                     due: Instant::now(),
                 });
@@ -214,7 +214,8 @@ impl Generator for NullModel {
 mod tests {
     use super::*;
     use crate::engine::queue::links;
-    use crate::engine::{GenParams, GenerateRequest};
+    use crate::engine::sampler::SamplingParams as GenParams;
+    use crate::engine::GenerateRequest;
 
     fn key(slot: u32) -> SeqKey {
         SeqKey {
@@ -250,7 +251,7 @@ mod tests {
         let mut model = NullModel::new(0.0, 8);
         let mut sink = EventSink::for_tests(&mut engine);
         let params = GenParams {
-            max_tokens: 5,
+            max_tokens: Some(5),
             ..GenParams::default()
         };
         let req = GenerateRequest {
@@ -302,7 +303,7 @@ mod tests {
         let mut model = NullModel::new(0.0, 8);
         let mut sink = EventSink::for_tests(&mut engine);
         let params = GenParams {
-            max_tokens: 10,
+            max_tokens: Some(10),
             ..GenParams::default()
         };
         let req = GenerateRequest {

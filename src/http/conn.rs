@@ -78,6 +78,15 @@ pub async fn serve<R: AsyncReadRent + CancelableAsyncReadRent>(
                 shard.metrics.http_requests.inc();
                 if routes::is_upgrade(shard, &head) {
                     let len = head.len;
+                    if head.body != BodyKind::None {
+                        fail(
+                            shard,
+                            conn,
+                            &HttpError::BadRequest("an upgrade request carries no body".into()),
+                            true,
+                        );
+                        return None;
+                    }
                     let result = upgrade(shard, &head);
                     return match result {
                         Ok(accepted) => {

@@ -174,7 +174,7 @@ mod tests {
             "stream_options":{"include_usage":true},"max_completion_tokens":7,"seed":3,"user":"x"}"#;
         let r = parse(Endpoint::Chat, body, "chatcmpl-1".into(), &cfg()).expect("valid");
         assert!(r.stream && r.include_usage);
-        assert_eq!(r.gen.params.max_tokens, 7);
+        assert_eq!(r.gen.params.max_tokens, Some(7));
         assert_eq!(r.gen.params.seed, Some(3));
     }
 

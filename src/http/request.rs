@@ -89,7 +89,14 @@ pub fn parse_head(buf: &[u8], max_head: usize) -> Result<Option<Head<'_>>, HttpE
         return Err(HttpError::HeadTooLarge);
     }
     let method = req.method.unwrap_or("");
-    let target = req.path.unwrap_or("");
+    let mut target = req.path.unwrap_or("");
+    // Absolute form (RFC 9112 §3.2.2): a server must accept it; keep the path.
+    if let Some(rest) = target
+        .strip_prefix("http://")
+        .or_else(|| target.strip_prefix("https://"))
+    {
+        target = rest.find('/').map_or("/", |i| &rest[i..]);
+    }
     let version_minor = req.version.unwrap_or(1);
     let (path, query) = match target.split_once('?') {
         Some((p, q)) => (p, Some(q)),
@@ -253,6 +260,17 @@ mod tests {
         assert!(h.has_token("connection", "upgrade"));
         assert!(h.keep_alive);
         assert_eq!(&raw[h.len..], b"rest");
+    }
+
+    #[test]
+    fn absolute_form_target_is_accepted() {
+        let h = parse_head(
+            b"GET http://127.0.0.1:8080/health?x=1 HTTP/1.1\r\n\r\n",
+            1024,
+        )
+        .expect("ok")
+        .expect("complete");
+        assert_eq!((h.path, h.query), ("/health", Some("x=1")));
     }
 
     #[test]

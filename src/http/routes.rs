@@ -100,7 +100,7 @@ pub fn handle(shard: &Shard, req: &RequestInfo, _body: &[u8], out: &mut BytesMut
         // A HEAD response carries the GET's length but no body (RFC 9110 §9.3.2).
         write_head(out, status, ctype, body.len());
     } else {
-        write_response(out, status, ctype, &[], &body, false);
+        write_response(out, status, ctype, &[], &body, !req.keep_alive);
     }
     false
 }

@@ -210,7 +210,7 @@ async fn tick(shard: Rc<Shard>) {
         }
         let now = Instant::now();
         // Connection timers need 100 ms resolution; chunk latency caps need the 10 ms tick.
-        if n % 10 == 0 || shard.draining.get() {
+        if n.is_multiple_of(10) || shard.draining.get() {
             let now_us = shard.now_us();
             conns.clear();
             conns.extend(shard.conns.borrow().iter().map(|(_, c)| c.clone()));

@@ -7,7 +7,7 @@
 use serde_json::{Map, Value};
 
 use crate::config::SessionConfig;
-use crate::engine::GenParams;
+use crate::engine::sampler::SamplingParams;
 
 pub use crate::ws::handshake::StreamMode;
 
@@ -30,7 +30,7 @@ pub struct GenerateMsg {
     pub id: String,
     pub model: Option<String>,
     pub input: Input,
-    pub params: GenParams,
+    pub params: SamplingParams,
     pub stream_mode: Option<StreamMode>,
     pub stop: Vec<String>,
 }
@@ -262,23 +262,24 @@ fn generation_fields(
             }
         },
     };
-    let mut params = GenParams {
-        max_tokens,
-        ..GenParams::default()
-    };
-    if let Some(t) = f.opt_f32("temperature", 0.0, 2.0)? {
-        params.temperature = t;
+    // Type checks with field-named messages first; then the sampler's own validation.
+    f.opt_f32("temperature", 0.0, 2.0)?;
+    if f.opt_f32("top_p", 0.0, 1.0)? == Some(0.0) {
+        return Err(f.err("invalid_field", "top_p must be in (0, 1]"));
     }
-    if let Some(p) = f.opt_f32("top_p", 0.0, 1.0)? {
-        if p == 0.0 {
-            return Err(f.err("invalid_field", "top_p must be in (0, 1]"));
+    for k in [
+        "min_p",
+        "repetition_penalty",
+        "presence_penalty",
+        "frequency_penalty",
+    ] {
+        if f.get(k).is_some_and(|v| !v.is_number()) {
+            return Err(f.err("invalid_field", format!("{k} must be a number")));
         }
-        params.top_p = p;
     }
-    if let Some(k) = f.opt_u64("top_k")? {
-        params.top_k = k.min(u32::MAX as u64) as u32;
-    }
-    params.seed = f.opt_u64("seed")?;
+    let mut params: SamplingParams = serde_json::from_value(Value::Object(f.m.clone()))
+        .map_err(|e| f.err("invalid_field", e.to_string()))?;
+    params.max_tokens = Some(max_tokens);
     let stream_mode = match f.opt_str("stream_mode")? {
         None => None,
         Some(s) => Some(StreamMode::parse(s.as_bytes()).ok_or_else(|| {
@@ -288,26 +289,7 @@ fn generation_fields(
             )
         })?),
     };
-    let stop = match f.get("stop") {
-        None => Vec::new(),
-        Some(Value::String(s)) => vec![s.clone()],
-        Some(Value::Array(a)) => a
-            .iter()
-            .map(|v| v.as_str().map(str::to_owned))
-            .collect::<Option<Vec<_>>>()
-            .ok_or_else(|| {
-                f.err(
-                    "invalid_field",
-                    "stop must be a string or an array of strings",
-                )
-            })?,
-        Some(_) => {
-            return Err(f.err(
-                "invalid_field",
-                "stop must be a string or an array of strings",
-            ))
-        }
-    };
+    let stop = params.stop.clone();
     if stop.len() > MAX_STOP || stop.iter().any(|s| s.is_empty() || s.len() > MAX_STOP_LEN) {
         return Err(f.err(
             "invalid_field",
@@ -403,7 +385,7 @@ mod tests {
             panic!("generate")
         };
         assert_eq!(g.id, "c1");
-        assert_eq!(g.params.max_tokens, 5);
+        assert_eq!(g.params.max_tokens, Some(5));
         assert_eq!(g.params.temperature, 0.0);
         assert_eq!(g.stream_mode, Some(StreamMode::Full));
         assert_eq!(

@@ -39,6 +39,10 @@ pub struct ReqEntry {
     /// `chunk` mode: text waiting for a boundary; `full` mode: the whole text.
     pub chunker: Chunker,
     pub sink: Sink,
+    /// A stop string matched: the engine was told to cancel; report `stop`, not `cancelled`.
+    pub stop_hit: bool,
+    /// This token's text, reused across tokens (no allocation per token).
+    pub scratch: String,
 }
 
 /// Where a request's output goes.
@@ -122,7 +126,7 @@ pub fn start_ws(shard: &Rc<Shard>, conn: &Rc<Conn>, g: GenerateMsg) -> Result<()
         id: g.id.clone().into_boxed_str(),
         id_json: quoted(&g.id).into_boxed_str(),
         mode,
-        detok: shared.codec.detok(),
+        detok: shared.codec.detok(&g.stop),
         seq: 0,
         tokens: 0,
         prompt_tokens: prompt.len() as u32,
@@ -131,6 +135,8 @@ pub fn start_ws(shard: &Rc<Shard>, conn: &Rc<Conn>, g: GenerateMsg) -> Result<()
         last_token: now,
         chunker: Chunker::default(),
         sink: Sink::Ws,
+        stop_hit: false,
+        scratch: String::new(),
     };
     let key = shard.insert_request(entry);
     let req = GenerateRequest {
@@ -226,7 +232,19 @@ fn on_token(shard: &Shard, e: &mut ReqEntry, id: u32, now: Instant) {
     if e.conn.is_closing() {
         return;
     }
-    let text = e.detok.push(id);
+    let mut text = std::mem::take(&mut e.scratch);
+    text.clear();
+    text.push_str(e.detok.push(id));
+    emit_text(shard, e, &text, now);
+    e.scratch = text;
+    if e.detok.stopped() && !e.stop_hit {
+        e.stop_hit = true;
+        shard.send_control(EngineMsg::Cancel(e.key));
+    }
+}
+
+/// Sends (or holds, per stream mode) newly completed text.
+fn emit_text(shard: &Shard, e: &mut ReqEntry, text: &str, now: Instant) {
     if let Sink::Http(h) = &mut e.sink {
         if h.stream {
             let mut out = e.conn.out.borrow_mut();
@@ -309,17 +327,37 @@ pub fn flush_stale_chunks(shard: &Shard, now: Instant) {
 }
 
 fn finish(shard: &Shard, mut e: ReqEntry, reason: FinishReason, now: Instant) {
+    let reason = if e.stop_hit && reason == FinishReason::Cancelled {
+        FinishReason::Stop
+    } else {
+        reason
+    };
     shard.metrics.outcome(reason.as_str());
     shard.metrics.e2e.observe(now.duration_since(e.arrived));
+    if !e.conn.is_closing() {
+        write_end(shard, &mut e, reason, now);
+    }
+    // After the end is queued: a draining session closes (1001) once its last request is done.
     forget(shard, &e);
-    if e.conn.is_closing() {
-        return;
+}
+
+/// Queues held-back text and the end of the response (`done`, SSE end or JSON body).
+fn write_end(shard: &Shard, e: &mut ReqEntry, reason: FinishReason, now: Instant) {
+    let tail = e.detok.finish().to_owned();
+    if !tail.is_empty() && matches!(reason, FinishReason::Stop | FinishReason::Length) {
+        if e.mode == StreamMode::Token && matches!(e.sink, Sink::Ws) {
+            // Held-back text is its own delta in token mode.
+            e.seq += 1;
+            write_delta_frame(&mut e.conn.out.borrow_mut().buf, &e.id_json, e.seq, &tail);
+        } else {
+            emit_text(shard, e, &tail, now);
+        }
     }
     if let Sink::Http(h) = &e.sink {
-        finish_http(shard, &e, h, reason);
+        finish_http(shard, e, h, reason);
         return;
     }
-    flush_chunk(shard, &mut e);
+    flush_chunk(shard, e);
     let ttft_ms = e
         .first_token
         .map(|t| t.duration_since(e.arrived).as_secs_f64() * 1e3);
@@ -455,7 +493,7 @@ pub fn start_http(
         id: g.id.clone().into_boxed_str(),
         id_json: quoted(&g.id).into_boxed_str(),
         mode: StreamMode::Token,
-        detok: shared.codec.detok(),
+        detok: shared.codec.detok(&g.stop),
         seq: 0,
         tokens: 0,
         prompt_tokens: prompt.len() as u32,
@@ -470,6 +508,8 @@ pub fn start_http(
             started: false,
             last_write: now,
         }),
+        stop_hit: false,
+        scratch: String::new(),
     };
     let key = shard.insert_request(entry);
     let msg = EngineMsg::Generate(Box::new(GenerateRequest {

@@ -16,18 +16,30 @@ pub struct TestServer {
 
 impl TestServer {
     pub fn start(extra: &[&str]) -> TestServer {
-        let mut args = vec!["seedance-server", "--listen", "127.0.0.1:0", "--cores", "1", "--model", "null"];
+        let mut args = vec![
+            "seedance-server",
+            "--listen",
+            "127.0.0.1:0",
+            "--cores",
+            "1",
+            "--model",
+            "null",
+        ];
         args.extend_from_slice(extra);
         let cli = Cli::try_parse_from(args).expect("flags");
         let config = Config::load(&cli).expect("config");
         let server = server::start(config).expect("server starts");
         let addr = server.addr;
-        TestServer { server: Some(server), addr }
+        TestServer {
+            server: Some(server),
+            addr,
+        }
     }
 
     pub fn connect(&self) -> TcpStream {
         let s = TcpStream::connect(self.addr).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
         s.set_nodelay(true).expect("nodelay");
         s
     }
@@ -53,10 +65,18 @@ pub fn read_response(s: &mut TcpStream) -> (u16, String, String) {
         }
     }
     let head = String::from_utf8_lossy(&buf).into_owned();
-    let status = head.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
     let len = head
         .lines()
-        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_string()))
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().to_string())
+        })
         .and_then(|v| v.parse::<usize>().ok())
         .unwrap_or(0);
     let mut body = vec![0u8; len];
@@ -76,7 +96,8 @@ pub fn upgrade_request(path: &str, extra: &str) -> String {
 /// Opens a WebSocket session and consumes the `session` message.
 pub fn open_ws(ts: &TestServer, path: &str) -> TcpStream {
     let mut s = ts.connect();
-    s.write_all(upgrade_request(path, "").as_bytes()).expect("write");
+    s.write_all(upgrade_request(path, "").as_bytes())
+        .expect("write");
     let (status, head, _) = read_response(&mut s);
     assert_eq!(status, 101, "{head}");
     let (op, payload) = read_frame(&mut s);

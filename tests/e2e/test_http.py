@@ -304,11 +304,6 @@ def test_connection_close_is_honoured(server):
     assert status == 200 and json.loads(body) == {"status": "ok"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server bug: absolute-form request targets (RFC 9112 §3.2.2: a server MUST accept them) "
-    "are routed by the whole URI: `GET http://127.0.0.1/health` answers 404 'no route for http://...'",
-)
 def test_absolute_form_target(server):
     data = read_to_eof(server, b"GET http://127.0.0.1/health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
     status, _, body = parse_response(data)

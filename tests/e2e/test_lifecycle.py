@@ -70,12 +70,6 @@ def test_sigterm_busy_session_stream_continues_then_1001(start_server):
     assert srv.terminate(timeout=30) == 0, srv.stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server bug: on SIGTERM the last in-flight generation's `done` (and in chunk/full mode "
-    "its buffered text) is dropped: request::finish calls forget() first, which sends close 1001 "
-    "when the draining session goes idle, and then returns early on conn.is_closing()",
-)
 @pytest.mark.parametrize("mode", ["token", "full"])
 def test_sigterm_busy_session_gets_done_before_1001(start_server, mode):
     srv = start_server("--null-tokens-per-s", "100")

@@ -1,0 +1,212 @@
+//! The real-model generator: continuous batching ([`Scheduler`]) over the transformer's batched
+//! forward pass on a paged KV cache, sampling each sequence with its own [`Sampler`].
+//!
+//! One `step` = one forward call: decode tokens of running sequences plus prefill chunks
+//! within the token budget. Only token ids leave this thread; shards detokenize.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::kv::KvCache;
+use super::sampler::Sampler;
+use super::scheduler::{AdmitError, BatchItem, Scheduler, SchedulerConfig, Seq};
+use super::thread::{EventSink, Generator, StepOutcome};
+use super::{EngineMsg, EventKind, FinishReason, RejectReason, SeqKey, TokenEvent};
+use crate::metrics::EngineMetrics;
+use crate::model::transformer::{Logits, Scratch, SeqInput, Transformer};
+
+/// What the engine keeps per sequence beside its tokens.
+pub struct SeqState {
+    sampler: Sampler,
+    max_tokens: usize,
+    stop_ids: Vec<u32>,
+    ignore_eos: bool,
+}
+
+pub struct ModelRunner {
+    model: Transformer,
+    kv: KvCache,
+    sched: Scheduler<SeqState>,
+    scratch: Scratch,
+    /// One logits row, copied out so the sampler may modify it.
+    row: Vec<f32>,
+    eos: Vec<u32>,
+    metrics: Arc<EngineMetrics>,
+    /// Terminal events that found their shard's queue full.
+    pending: Vec<TokenEvent>,
+}
+
+impl ModelRunner {
+    pub fn new(
+        model: Transformer,
+        kv_blocks: usize,
+        cfg: SchedulerConfig,
+        eos: Vec<u32>,
+        metrics: Arc<EngineMetrics>,
+    ) -> Self {
+        let kv = KvCache::new(model.kv_config(kv_blocks, cfg.block_size));
+        let vocab = model.config().vocab_size;
+        Self {
+            model,
+            kv,
+            sched: Scheduler::new(cfg, kv_blocks),
+            scratch: Scratch::default(),
+            row: vec![0.0; vocab],
+            eos,
+            metrics,
+            pending: Vec::new(),
+        }
+    }
+
+    fn emit(&mut self, sink: &mut EventSink<'_>, key: SeqKey, kind: EventKind) {
+        let ev = TokenEvent { key, kind };
+        if !sink.push(ev) {
+            self.pending.push(ev);
+        }
+    }
+
+    fn publish_metrics(&self, batch: usize) {
+        let m = &self.metrics;
+        m.batch_size.set(batch as u64);
+        m.running.set(self.sched.running.len() as u64);
+        m.queue_depth.set(self.sched.waiting.len() as u64);
+        m.kv_usage_permille
+            .set((self.sched.alloc.usage_ratio() * 1000.0).round() as u64);
+        m.steps.inc();
+    }
+
+    /// Runs the planned batch; returns the finished sequences with their reasons.
+    fn run_batch(
+        &mut self,
+        items: &[BatchItem],
+        sink: &mut EventSink<'_>,
+    ) -> Vec<(SeqKey, FinishReason)> {
+        let inputs: Vec<SeqInput<'_>> = items
+            .iter()
+            .map(|it| {
+                let s = &self.sched.running[it.index];
+                SeqInput {
+                    tokens: &s.tokens[it.start..it.start + it.len],
+                    start_pos: it.start,
+                    blocks: &s.table,
+                    logits: if it.sample {
+                        Logits::Last
+                    } else {
+                        Logits::None
+                    },
+                }
+            })
+            .collect();
+        let logits = match self.model.forward(&inputs, &mut self.kv, &mut self.scratch) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!("forward failed: {e}");
+                return items
+                    .iter()
+                    .map(|it| (self.sched.running[it.index].key, FinishReason::Error))
+                    .collect();
+            }
+        };
+        let vocab = self.row.len();
+        let mut finished = Vec::new();
+        let mut r = 0;
+        for it in items {
+            self.sched.advance(it);
+            if !it.sample {
+                continue;
+            }
+            let Some(row) = logits.get(r * vocab..(r + 1) * vocab) else {
+                break;
+            };
+            r += 1;
+            self.row.copy_from_slice(row);
+            let s: &mut Seq<SeqState> = &mut self.sched.running[it.index];
+            let tok = s.data.sampler.sample(&mut self.row, &s.tokens).token;
+            s.tokens.push(tok);
+            let key = s.key;
+            let is_eos =
+                !s.data.ignore_eos && self.eos.contains(&tok) || s.data.stop_ids.contains(&tok);
+            let reason = if is_eos {
+                Some(FinishReason::Stop)
+            } else if s.generated() >= s.data.max_tokens
+                || s.tokens.len() >= self.sched.config().max_model_len
+            {
+                Some(FinishReason::Length)
+            } else {
+                None
+            };
+            if !is_eos {
+                let ev = TokenEvent {
+                    key,
+                    kind: EventKind::Token(tok),
+                };
+                if !sink.push(ev) {
+                    self.pending.push(ev);
+                }
+            }
+            if let Some(reason) = reason {
+                finished.push((key, reason));
+            }
+        }
+        finished
+    }
+}
+
+impl Generator for ModelRunner {
+    fn handle(&mut self, msg: EngineMsg, sink: &mut EventSink<'_>) {
+        match msg {
+            EngineMsg::Generate(req) => {
+                let p = &req.params;
+                let mut sampler = Sampler::new(p, self.row.len());
+                sampler.set_prompt_len(req.prompt.len());
+                let state = SeqState {
+                    sampler,
+                    max_tokens: p.max_tokens.unwrap_or(u32::MAX) as usize,
+                    stop_ids: p.stop_token_ids.clone(),
+                    ignore_eos: p.ignore_eos,
+                };
+                let key = req.key;
+                if let Err((_, why)) = self.sched.admit(Seq::new(key, req.prompt, state)) {
+                    let reason = match why {
+                        AdmitError::QueueFull => RejectReason::Overloaded,
+                        AdmitError::PromptTooLong => RejectReason::PromptTooLong,
+                    };
+                    self.emit(sink, key, EventKind::Rejected(reason));
+                }
+            }
+            EngineMsg::Cancel(key) => {
+                if self.sched.retire(key).is_some() {
+                    self.emit(sink, key, EventKind::Done(FinishReason::Cancelled));
+                }
+            }
+            EngineMsg::Pause(key) => self.sched.set_paused(key, true),
+            EngineMsg::Resume(key) => self.sched.set_paused(key, false),
+        }
+    }
+
+    fn step(&mut self, sink: &mut EventSink<'_>) -> StepOutcome {
+        let pending = std::mem::take(&mut self.pending);
+        for ev in pending {
+            if !sink.push(ev) {
+                self.pending.push(ev);
+            }
+        }
+        // Two slots per sequence: its token and possibly its terminal event.
+        let items = self.sched.next_batch(|k| sink.room(k.shard) >= 2);
+        if items.is_empty() {
+            self.publish_metrics(0);
+            return if self.sched.has_work() || !self.pending.is_empty() {
+                StepOutcome::WaitUntil(Instant::now() + Duration::from_millis(1))
+            } else {
+                StepOutcome::Idle
+            };
+        }
+        let finished = self.run_batch(&items, sink);
+        for (key, reason) in finished {
+            self.sched.retire(key);
+            self.emit(sink, key, EventKind::Done(reason));
+        }
+        self.publish_metrics(items.len());
+        StepOutcome::Busy
+    }
+}
