@@ -96,7 +96,7 @@ keys! {
     /// Network shards (one pinned monoio runtime each); 0 = all cores minus the engine's.
     cores: usize = 0, "SEEDANCE_CORES";
     /// Model: a checkpoint directory, `synthetic:<shape>`, or `null` (fixed text, no weights).
-    model: String = "null".into(), "SEEDANCE_MODEL";
+    model: String = "synthetic:tiny".into(), "SEEDANCE_MODEL";
     /// Name the model is served as (X-Model-ID, "model" fields); empty = derived from --model.
     served_model_name: String = String::new(), "SEEDANCE_SERVED_MODEL_NAME";
     /// auto, cpu or cuda (auto: CUDA when a driver and device answer, else CPU).
@@ -132,7 +132,22 @@ keys! {
     /// Capacity of each engine → shard event queue (a full queue pauses generation).
     event_queue_capacity: usize = 65_536, "SEEDANCE_EVENT_QUEUE_CAPACITY";
     /// Sequences the engine runs at once; more are refused as `overloaded`.
-    max_running: usize = 4096, "SEEDANCE_MAX_RUNNING";
+    max_running: usize = 256, "SEEDANCE_MAX_RUNNING";
+    /// Requests waiting for admission before new ones are refused (429 / `overloaded`).
+    max_waiting: usize = 1024, "SEEDANCE_MAX_WAITING";
+    /// Tokens per engine step (decodes + prefill chunks): bounds how long a long prompt can
+    /// delay running streams.
+    max_num_batched_tokens: usize = 512, "SEEDANCE_MAX_NUM_BATCHED_TOKENS";
+    /// Memory for the paged KV cache, in MiB.
+    kv_cache_mb: usize = 1024, "SEEDANCE_KV_CACHE_MB";
+    /// Tokens per KV block.
+    kv_block_size: usize = 16, "SEEDANCE_KV_BLOCK_SIZE";
+    /// Longest sequence (prompt + output); 0 = the model's max_position_embeddings.
+    max_model_len: usize = 0, "SEEDANCE_MAX_MODEL_LEN";
+    /// Threads of the CPU backend; 0 = one per available core.
+    cpu_threads: usize = 0, "SEEDANCE_CPU_THREADS";
+    /// Seed of synthetic models' random weights.
+    synthetic_seed: u64 = 0, "SEEDANCE_SYNTHETIC_SEED";
     /// Default max_tokens when a request gives none.
     default_max_tokens: u32 = 256, "SEEDANCE_DEFAULT_MAX_TOKENS";
     /// Upper bound on max_tokens.
@@ -187,6 +202,13 @@ pub struct EngineConfig {
     pub request_queue_capacity: usize,
     pub event_queue_capacity: usize,
     pub max_running: usize,
+    pub max_waiting: usize,
+    pub max_num_batched_tokens: usize,
+    pub kv_cache_bytes: usize,
+    pub kv_block_size: usize,
+    pub max_model_len: usize,
+    pub cpu_threads: usize,
+    pub synthetic_seed: u64,
 }
 
 /// Everything the server needs, validated.
@@ -320,6 +342,13 @@ impl Config {
                 request_queue_capacity: s.request_queue_capacity,
                 event_queue_capacity: s.event_queue_capacity,
                 max_running: s.max_running.max(1),
+                max_waiting: s.max_waiting.max(1),
+                max_num_batched_tokens: s.max_num_batched_tokens.max(1),
+                kv_cache_bytes: s.kv_cache_mb.max(1) << 20,
+                kv_block_size: s.kv_block_size.clamp(1, 1024),
+                max_model_len: s.max_model_len,
+                cpu_threads: s.cpu_threads,
+                synthetic_seed: s.synthetic_seed,
             },
             settings: s,
         })

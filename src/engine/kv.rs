@@ -12,6 +12,7 @@
 //! contiguous runs (one per KV head) and the attention kernel converts a whole tile at once.
 
 use half::f16;
+use half::vec::HalfBitsVecExt;
 use thiserror::Error;
 
 /// Default number of token slots per block.
@@ -167,12 +168,11 @@ pub struct KvCache {
 impl KvCache {
     pub fn new(cfg: KvConfig) -> Self {
         let per_layer = cfg.num_blocks * cfg.kv_heads * cfg.block_size * cfg.head_dim;
-        let k = (0..cfg.num_layers)
-            .map(|_| vec![f16::ZERO; per_layer])
-            .collect();
-        let v = (0..cfg.num_layers)
-            .map(|_| vec![f16::ZERO; per_layer])
-            .collect();
+        // Zeroed u16 storage comes from calloc: pages are mapped only when a block is first
+        // written, so a large cache costs nothing at start-up. f16 +0.0 is all-zero bits.
+        let zeroed = || -> Vec<f16> { vec![0u16; per_layer].reinterpret_into() };
+        let k = (0..cfg.num_layers).map(|_| zeroed()).collect();
+        let v = (0..cfg.num_layers).map(|_| zeroed()).collect();
         Self { cfg, k, v }
     }
 

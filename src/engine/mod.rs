@@ -4,6 +4,7 @@
 //! cancels, pause/resume for backpressure) and receive [`TokenEvent`]s (one generated token id,
 //! or the end of a sequence). Text never crosses this boundary: shards tokenize and detokenize.
 
+pub mod build;
 pub mod kv;
 pub mod null;
 pub mod queue;

@@ -18,7 +18,6 @@ use slab::Slab;
 
 use crate::config::Config;
 use crate::engine::queue::{self, ShardLink};
-use crate::engine::thread::Generator;
 use crate::metrics::{EngineMetrics, Registry, ShardMetrics};
 use shard::{Shard, Shared};
 
@@ -89,24 +88,12 @@ fn allowed_cpus() -> Vec<usize> {
     }
 }
 
-/// Builds the generator the engine thread runs.
-fn build_generator(config: &Config) -> Result<Box<dyn Generator>, StartError> {
-    let e = &config.engine;
-    if e.model == "null" {
-        return Ok(Box::new(crate::engine::null::NullModel::new(
-            e.null_tokens_per_s,
-            e.max_running,
-        )));
-    }
-    Err(StartError::Model {
-        model: e.model.clone(),
-        reason: "only the null model is available in this build".into(),
-    })
-}
-
 /// Starts the engine and every shard; returns once every shard accepts connections.
 pub fn start(config: Config) -> Result<Server, StartError> {
-    let generator = build_generator(&config)?;
+    let engine_metrics = Arc::new(EngineMetrics::default());
+    let built = crate::engine::build::build(&config.engine, engine_metrics.clone())
+        .map_err(|reason| StartError::Model { model: config.engine.model.clone(), reason })?;
+    let generator = built.generator;
     let n = config.server.cores;
     let cpus = allowed_cpus();
     let (shard_links, engine_links, parker) = queue::links(
@@ -117,13 +104,13 @@ pub fn start(config: Config) -> Result<Server, StartError> {
     let shard_metrics: Vec<Arc<ShardMetrics>> = (0..n).map(|_| Arc::default()).collect();
     let registry = Arc::new(Registry {
         shards: shard_metrics.clone(),
-        engine: Arc::new(EngineMetrics::default()),
+        engine: engine_metrics,
         io_driver: (0..n).map(|_| OnceLock::new()).collect(),
         model: config.engine.served_model_name.clone(),
     });
     let shared = Arc::new(Shared {
         models: vec![config.engine.served_model_name.clone()],
-        codec: crate::session::codec::Codec::Null,
+        codec: built.codec,
         registry,
         ready: AtomicBool::new(false),
         shutdown: AtomicBool::new(false),
@@ -133,7 +120,7 @@ pub fn start(config: Config) -> Result<Server, StartError> {
     let engine_stop = Arc::new(AtomicBool::new(false));
     let engine = {
         let stop = engine_stop.clone();
-        let engine_cpu = (n < cpus.len()).then(|| cpus[n]);
+        let engine_cpu = (built.pin_engine && n < cpus.len()).then(|| cpus[n]);
         std::thread::Builder::new()
             .name("engine".into())
             .spawn(move || {

@@ -1,0 +1,92 @@
+//! From `--model` / `--device` to a running generator and the shards' text codec.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use super::runner::ModelRunner;
+use super::scheduler::SchedulerConfig;
+use super::thread::Generator;
+use crate::backend::cpu::CpuBackend;
+use crate::config::{Device, EngineConfig};
+use crate::engine::kv::KvConfig;
+use crate::metrics::EngineMetrics;
+use crate::model::synthetic;
+use crate::model::tokenizer::Tokenizer;
+use crate::model::transformer::Transformer;
+use crate::session::codec::{Codec, HfText};
+
+/// The engine side (runs on the engine thread) and the text side (shared by the shards).
+pub struct Built {
+    pub generator: Box<dyn Generator>,
+    pub codec: Codec,
+    /// Whether the engine thread may be pinned (the null model: one busy thread, no pool).
+    pub pin_engine: bool,
+}
+
+/// Chooses the device: CUDA is not in this build yet, so `auto` is the CPU and `cuda` is an error.
+pub fn device(requested: Device) -> Result<&'static str, String> {
+    match requested {
+        Device::Cpu => Ok("cpu"),
+        Device::Auto => {
+            tracing::info!("device: cpu (auto; this build has no CUDA backend)");
+            Ok("cpu")
+        }
+        Device::Cuda => Err("--device cuda: this build has no CUDA backend yet; use --device cpu or auto".into()),
+    }
+}
+
+pub fn build(cfg: &EngineConfig, metrics: Arc<EngineMetrics>) -> Result<Built, String> {
+    if cfg.model == "null" {
+        let generator = Box::new(super::null::NullModel::new(cfg.null_tokens_per_s, cfg.max_running));
+        return Ok(Built { generator, codec: Codec::Null, pin_engine: true });
+    }
+    device(cfg.device)?;
+    let backend = Box::new(CpuBackend::new(cfg.cpu_threads));
+    let (model, tok_dir) = if synthetic::is_synthetic(&cfg.model) {
+        let s = synthetic::build(&cfg.model, cfg.synthetic_seed, backend).map_err(|e| e.to_string())?;
+        tracing::warn!(shape = %s.shape, "synthetic model: the weights are RANDOM, output is gibberish by design");
+        (s.model, s.tokenizer_dir)
+    } else {
+        let dir = Path::new(&cfg.model);
+        if !dir.is_dir() {
+            return Err(format!("{}: not a directory (expected a Hugging Face checkpoint)", cfg.model));
+        }
+        (Transformer::load(dir, backend).map_err(|e| e.to_string())?, dir.to_path_buf())
+    };
+    let tokenizer = Tokenizer::from_dir(&tok_dir).map_err(|e| e.to_string())?;
+    let mc = model.config();
+    let max_model_len = match cfg.max_model_len {
+        0 => mc.max_position_embeddings.max(1),
+        n => n.min(mc.max_position_embeddings.max(1)),
+    };
+    let num_blocks = KvConfig::blocks_for_bytes(
+        cfg.kv_cache_bytes,
+        mc.num_layers,
+        cfg.kv_block_size,
+        mc.num_kv_heads,
+        mc.head_dim,
+    );
+    if num_blocks < 2 {
+        return Err(format!("kv_cache_mb: {} MiB holds fewer than 2 KV blocks", cfg.kv_cache_bytes >> 20));
+    }
+    let sched = SchedulerConfig {
+        max_running: cfg.max_running,
+        max_waiting: cfg.max_waiting,
+        step_token_budget: cfg.max_num_batched_tokens,
+        block_size: cfg.kv_block_size,
+        max_model_len,
+    };
+    tracing::info!(
+        layers = mc.num_layers,
+        hidden = mc.hidden_size,
+        vocab = mc.vocab_size,
+        kv_blocks = num_blocks,
+        max_model_len,
+        "model loaded: {}",
+        cfg.model
+    );
+    let eos = tokenizer.eos_ids().to_vec();
+    let generator = Box::new(ModelRunner::new(model, num_blocks, sched, eos, metrics));
+    let codec = Codec::Hf(Arc::new(HfText::new(tokenizer)));
+    Ok(Built { generator, codec, pin_engine: false })
+}
