@@ -163,6 +163,8 @@ keys! {
 pub enum Command {
     /// Serve (the default).
     Serve,
+    /// Run the engine alone on one prompt and print the generated text (or ids) to stdout.
+    Generate(crate::model::generate::GenerateArgs),
 }
 
 /// Network layer: listener, shards, HTTP limits.

@@ -14,7 +14,7 @@ fn main() {
         Ok(c) => c,
         Err(e) => fail(2, &e.to_string()),
     };
-    if cli.print_config {
+    if cli.print_config && cli.command.is_none() {
         print!("{}", config.to_yaml());
         return;
     }
@@ -28,6 +28,34 @@ fn main() {
         .init();
     match cli.command {
         None | Some(Command::Serve) => serve(config),
+        Some(Command::Generate(args)) => generate(&args),
+    }
+}
+
+/// `seedance-server generate`: the engine alone, no server (issue 3's command-line check).
+fn generate(args: &seedance::model::generate::GenerateArgs) {
+    use seedance::engine::build::{load_for_cli, SingleSequence};
+    let opts = match args.options() {
+        Ok(o) => o,
+        Err(e) => fail(2, &e.to_string()),
+    };
+    let (model, tok) = match load_for_cli(&args.model, &args.device, 0) {
+        Ok(m) => m,
+        Err(e) => fail(1, &e),
+    };
+    let max_len = model
+        .config()
+        .max_position_embeddings
+        .min(opts.max_tokens as usize + 8192);
+    let mut lm = SingleSequence::new(model, max_len);
+    let mut stdout = std::io::stdout().lock();
+    match seedance::model::generate::generate(&mut lm, &tok, &opts, &mut stdout) {
+        Ok(stats) => {
+            use std::io::Write;
+            let _ = writeln!(stdout);
+            tracing::info!(?stats, "generation finished");
+        }
+        Err(e) => fail(1, &e.to_string()),
     }
 }
 

@@ -31,27 +31,43 @@ pub fn device(requested: Device) -> Result<&'static str, String> {
             tracing::info!("device: cpu (auto; this build has no CUDA backend)");
             Ok("cpu")
         }
-        Device::Cuda => Err("--device cuda: this build has no CUDA backend yet; use --device cpu or auto".into()),
+        Device::Cuda => Err(
+            "--device cuda: this build has no CUDA backend yet; use --device cpu or auto".into(),
+        ),
     }
 }
 
 pub fn build(cfg: &EngineConfig, metrics: Arc<EngineMetrics>) -> Result<Built, String> {
     if cfg.model == "null" {
-        let generator = Box::new(super::null::NullModel::new(cfg.null_tokens_per_s, cfg.max_running));
-        return Ok(Built { generator, codec: Codec::Null, pin_engine: true });
+        let generator = Box::new(super::null::NullModel::new(
+            cfg.null_tokens_per_s,
+            cfg.max_running,
+        ));
+        return Ok(Built {
+            generator,
+            codec: Codec::Null,
+            pin_engine: true,
+        });
     }
     device(cfg.device)?;
     let backend = Box::new(CpuBackend::new(cfg.cpu_threads));
     let (model, tok_dir) = if synthetic::is_synthetic(&cfg.model) {
-        let s = synthetic::build(&cfg.model, cfg.synthetic_seed, backend).map_err(|e| e.to_string())?;
+        let s =
+            synthetic::build(&cfg.model, cfg.synthetic_seed, backend).map_err(|e| e.to_string())?;
         tracing::warn!(shape = %s.shape, "synthetic model: the weights are RANDOM, output is gibberish by design");
         (s.model, s.tokenizer_dir)
     } else {
         let dir = Path::new(&cfg.model);
         if !dir.is_dir() {
-            return Err(format!("{}: not a directory (expected a Hugging Face checkpoint)", cfg.model));
+            return Err(format!(
+                "{}: not a directory (expected a Hugging Face checkpoint)",
+                cfg.model
+            ));
         }
-        (Transformer::load(dir, backend).map_err(|e| e.to_string())?, dir.to_path_buf())
+        (
+            Transformer::load(dir, backend).map_err(|e| e.to_string())?,
+            dir.to_path_buf(),
+        )
     };
     let tokenizer = Tokenizer::from_dir(&tok_dir).map_err(|e| e.to_string())?;
     let mc = model.config();
@@ -67,7 +83,10 @@ pub fn build(cfg: &EngineConfig, metrics: Arc<EngineMetrics>) -> Result<Built, S
         mc.head_dim,
     );
     if num_blocks < 2 {
-        return Err(format!("kv_cache_mb: {} MiB holds fewer than 2 KV blocks", cfg.kv_cache_bytes >> 20));
+        return Err(format!(
+            "kv_cache_mb: {} MiB holds fewer than 2 KV blocks",
+            cfg.kv_cache_bytes >> 20
+        ));
     }
     let sched = SchedulerConfig {
         max_running: cfg.max_running,
@@ -88,5 +107,95 @@ pub fn build(cfg: &EngineConfig, metrics: Arc<EngineMetrics>) -> Result<Built, S
     let eos = tokenizer.eos_ids().to_vec();
     let generator = Box::new(ModelRunner::new(model, num_blocks, sched, eos, metrics));
     let codec = Codec::Hf(Arc::new(HfText::new(tokenizer)));
-    Ok(Built { generator, codec, pin_engine: false })
+    Ok(Built {
+        generator,
+        codec,
+        pin_engine: false,
+    })
+}
+
+/// One sequence on its own KV cache: the engine-alone path of `seedance-server generate`.
+pub struct SingleSequence {
+    model: Transformer,
+    kv: crate::engine::kv::KvCache,
+    alloc: crate::engine::kv::BlockAllocator,
+    table: crate::engine::kv::BlockTable,
+    scratch: crate::model::transformer::Scratch,
+    pos: usize,
+    block_size: usize,
+}
+
+impl SingleSequence {
+    pub fn new(model: Transformer, max_len: usize) -> Self {
+        let block_size = 16;
+        let blocks = max_len.div_ceil(block_size) + 1;
+        let kv = crate::engine::kv::KvCache::new(model.kv_config(blocks, block_size));
+        Self {
+            model,
+            kv,
+            alloc: crate::engine::kv::BlockAllocator::new(blocks),
+            table: crate::engine::kv::BlockTable::new(),
+            scratch: Default::default(),
+            pos: 0,
+            block_size,
+        }
+    }
+}
+
+impl crate::model::generate::LanguageModel for SingleSequence {
+    fn vocab_size(&self) -> usize {
+        self.model.config().vocab_size
+    }
+
+    fn feed(&mut self, tokens: &[u32]) -> Result<Vec<f32>, crate::model::generate::GenerateError> {
+        use crate::model::generate::GenerateError;
+        use crate::model::transformer::{Logits, SeqInput};
+        let end = self.pos + tokens.len();
+        self.table
+            .reserve(&mut self.alloc, end, self.block_size)
+            .map_err(|e| GenerateError::Model(e.to_string()))?;
+        let input = SeqInput {
+            tokens,
+            start_pos: self.pos,
+            blocks: &self.table,
+            logits: Logits::Last,
+        };
+        let logits = self
+            .model
+            .forward(&[input], &mut self.kv, &mut self.scratch)
+            .map_err(|e| GenerateError::Model(e.to_string()))?;
+        self.pos = end;
+        Ok(logits.to_vec())
+    }
+}
+
+/// Loads `--model` (directory or `synthetic:<shape>`) for the engine-alone CLI.
+pub fn load_for_cli(
+    spec: &str,
+    device_flag: &str,
+    seed: u64,
+) -> Result<(Transformer, Tokenizer), String> {
+    let dev = match device_flag {
+        "auto" => Device::Auto,
+        "cpu" => Device::Cpu,
+        "cuda" => Device::Cuda,
+        other => return Err(format!("--device {other}: expected auto, cpu or cuda")),
+    };
+    device(dev)?;
+    let backend = Box::new(CpuBackend::new(0));
+    if synthetic::is_synthetic(spec) {
+        let s = synthetic::build(spec, seed, backend).map_err(|e| e.to_string())?;
+        eprintln!("synthetic model {}: the weights are RANDOM", s.shape);
+        let tok = Tokenizer::from_dir(&s.tokenizer_dir).map_err(|e| e.to_string())?;
+        return Ok((s.model, tok));
+    }
+    let dir = Path::new(spec);
+    if !dir.is_dir() {
+        return Err(format!(
+            "{spec}: not a directory (expected a Hugging Face checkpoint)"
+        ));
+    }
+    let model = Transformer::load(dir, backend).map_err(|e| e.to_string())?;
+    let tok = Tokenizer::from_dir(dir).map_err(|e| e.to_string())?;
+    Ok((model, tok))
 }

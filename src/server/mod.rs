@@ -91,8 +91,13 @@ fn allowed_cpus() -> Vec<usize> {
 /// Starts the engine and every shard; returns once every shard accepts connections.
 pub fn start(config: Config) -> Result<Server, StartError> {
     let engine_metrics = Arc::new(EngineMetrics::default());
-    let built = crate::engine::build::build(&config.engine, engine_metrics.clone())
-        .map_err(|reason| StartError::Model { model: config.engine.model.clone(), reason })?;
+    let built =
+        crate::engine::build::build(&config.engine, engine_metrics.clone()).map_err(|reason| {
+            StartError::Model {
+                model: config.engine.model.clone(),
+                reason,
+            }
+        })?;
     let generator = built.generator;
     let n = config.server.cores;
     let cpus = allowed_cpus();
