@@ -1,0 +1,238 @@
+//! The two client protocols the load generator speaks: WebSocket (`/v1/chat`) and OpenAI SSE
+//! (`/v1/completions`, `stream: true`), each measuring one request's timings.
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use bytes::{Buf, BytesMut};
+use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+use monoio::net::TcpStream;
+use seedance::ws::codec::{Decoder, Message};
+use seedance::ws::frame::{write_frame_masked, Limits, OpCode, Role};
+
+/// One request's measurements.
+#[derive(Default, Debug)]
+pub struct Sample {
+    pub sent: Option<Instant>,
+    pub first: Option<Instant>,
+    pub end: Option<Instant>,
+    /// Arrival times of the deltas after the first (for ITL).
+    pub gaps: Vec<f64>,
+    pub deltas: u64,
+    pub tokens: u64,
+    pub error: Option<String>,
+}
+
+impl Sample {
+    fn delta(&mut self, now: Instant, last: &mut Instant) {
+        match self.first {
+            None => self.first = Some(now),
+            Some(_) => self.gaps.push(now.duration_since(*last).as_secs_f64()),
+        }
+        *last = now;
+        self.deltas += 1;
+    }
+}
+
+/// A keep-alive connection of either protocol.
+pub struct Client {
+    stream: TcpStream,
+    buf: BytesMut,
+    ws: Option<Decoder>,
+    addr: SocketAddr,
+}
+
+impl Client {
+    async fn tcp(addr: SocketAddr) -> std::io::Result<Client> {
+        let stream = TcpStream::connect_addr(addr).await?;
+        stream.set_nodelay(true)?;
+        Ok(Client { stream, buf: BytesMut::with_capacity(64 * 1024), ws: None, addr })
+    }
+
+    pub async fn http(addr: SocketAddr) -> std::io::Result<Client> {
+        Self::tcp(addr).await
+    }
+
+    pub async fn websocket(addr: SocketAddr, query: &str) -> std::io::Result<Client> {
+        let mut c = Self::tcp(addr).await?;
+        let req = format!(
+            "GET /v1/chat{query} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        );
+        c.write(req.into_bytes()).await?;
+        let end = c.head_end().await?;
+        if !c.buf.starts_with(b"HTTP/1.1 101") {
+            return Err(std::io::Error::other(String::from_utf8_lossy(&c.buf[..end]).into_owned()));
+        }
+        c.buf.advance(end);
+        c.ws = Some(Decoder::new(Role::Client, Limits::default()));
+        Ok(c)
+    }
+
+    async fn write(&mut self, bytes: Vec<u8>) -> std::io::Result<()> {
+        let (res, _) = self.stream.write_all(bytes).await;
+        res.map(|_| ())
+    }
+
+    pub async fn read(&mut self) -> std::io::Result<()> {
+        use monoio::buf::IoBufMut;
+        self.buf.reserve(64 * 1024);
+        let (len, cap) = (self.buf.len(), self.buf.capacity());
+        let owned = std::mem::take(&mut self.buf);
+        let (res, slice) = self.stream.read(owned.slice_mut(len..cap)).await;
+        self.buf = slice.into_inner();
+        match res? {
+            0 => Err(std::io::ErrorKind::UnexpectedEof.into()),
+            _ => Ok(()),
+        }
+    }
+
+    /// Reads until a complete HTTP head is buffered; returns its length.
+    async fn head_end(&mut self) -> std::io::Result<usize> {
+        loop {
+            if let Some(i) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                return Ok(i + 4);
+            }
+            self.read().await?;
+        }
+    }
+
+    async fn send_ws(&mut self, op: OpCode, payload: &[u8]) -> std::io::Result<()> {
+        let mut f = BytesMut::with_capacity(payload.len() + 14);
+        write_frame_masked(&mut f, op, payload, [1, 2, 3, 4]);
+        self.write(f.to_vec()).await
+    }
+
+    /// One WebSocket generation: `generate`, deltas, `done`.
+    pub async fn ws_request(&mut self, body: &str) -> Sample {
+        let mut s = Sample::default();
+        let sent = Instant::now();
+        s.sent = Some(sent);
+        if let Err(e) = self.send_ws(OpCode::Text, body.as_bytes()).await {
+            s.error = Some(e.to_string());
+            return s;
+        }
+        let mut last = sent;
+        loop {
+            let Some(dec) = self.ws.as_mut() else {
+                s.error = Some("not a websocket".into());
+                return s;
+            };
+            match dec.decode(&mut self.buf) {
+                Ok(Some(Message::Text(t))) => {
+                    let now = Instant::now();
+                    if t.starts_with(b"{\"type\":\"delta\"") {
+                        s.delta(now, &mut last);
+                        continue;
+                    }
+                    let v: serde_json::Value = serde_json::from_slice(&t).unwrap_or_default();
+                    match v["type"].as_str() {
+                        Some("done") => {
+                            s.tokens = v["usage"]["completion_tokens"].as_u64().unwrap_or(s.deltas);
+                            s.end = Some(now);
+                            return s;
+                        }
+                        Some("error") => {
+                            s.error = Some(v.to_string());
+                            return s;
+                        }
+                        _ => {}
+                    }
+                }
+                Ok(Some(Message::Ping(p))) => {
+                    let _ = self.send_ws(OpCode::Pong, &p).await;
+                }
+                Ok(Some(Message::Close(_))) => {
+                    s.error = Some("closed by server".into());
+                    return s;
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => {
+                    if let Err(e) = self.read().await {
+                        s.error = Some(e.to_string());
+                        return s;
+                    }
+                }
+                Err(e) => {
+                    s.error = Some(e.to_string());
+                    return s;
+                }
+            }
+        }
+    }
+
+    /// One OpenAI streaming completion over SSE (chunked transfer coding).
+    pub async fn sse_request(&mut self, body: &str) -> Sample {
+        let mut s = Sample::default();
+        let req = format!(
+            "POST /v1/completions HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            self.addr,
+            body.len()
+        );
+        let sent = Instant::now();
+        s.sent = Some(sent);
+        if let Err(e) = self.write(req.into_bytes()).await {
+            s.error = Some(e.to_string());
+            return s;
+        }
+        let end = match self.head_end().await {
+            Ok(e) => e,
+            Err(e) => {
+                s.error = Some(e.to_string());
+                return s;
+            }
+        };
+        if !self.buf.starts_with(b"HTTP/1.1 200") {
+            s.error = Some(String::from_utf8_lossy(&self.buf[..end]).into_owned());
+            return s;
+        }
+        self.buf.advance(end);
+        let mut last = sent;
+        let mut body = BytesMut::new();
+        loop {
+            // Chunked framing: size line, data, CRLF; 0 ends the body.
+            let Some(eol) = self.buf.windows(2).position(|w| w == b"\r\n") else {
+                if let Err(e) = self.read().await {
+                    s.error = Some(e.to_string());
+                    return s;
+                }
+                continue;
+            };
+            let size = std::str::from_utf8(&self.buf[..eol]).ok().and_then(|h| usize::from_str_radix(h.trim(), 16).ok());
+            let Some(size) = size else {
+                s.error = Some("bad chunk size".into());
+                return s;
+            };
+            if self.buf.len() < eol + 2 + size + 2 {
+                if let Err(e) = self.read().await {
+                    s.error = Some(e.to_string());
+                    return s;
+                }
+                continue;
+            }
+            let now = Instant::now();
+            if size == 0 {
+                self.buf.advance(eol + 4);
+                s.end = Some(now);
+                return s;
+            }
+            body.extend_from_slice(&self.buf[eol + 2..eol + 2 + size]);
+            self.buf.advance(eol + 2 + size + 2);
+            while let Some(i) = body.windows(2).position(|w| w == b"\n\n") {
+                let ev = body.split_to(i + 2);
+                if ev.windows(8).any(|w| w == b"\"text\":\"") && !ev.windows(10).any(|w| w == b"\"text\":\"\",") {
+                    s.delta(now, &mut last);
+                    s.tokens += 1;
+                } else if let Some(pos) = ev.windows(8).position(|w| w == b"\"usage\":") {
+                    let v: serde_json::Value =
+                        serde_json::from_slice(ev.get(ev.iter().position(|&b| b == b'{').unwrap_or(0)..ev.len() - 2).unwrap_or(b""))
+                            .unwrap_or_default();
+                    let _ = pos;
+                    if let Some(t) = v["usage"]["completion_tokens"].as_u64() {
+                        s.tokens = t;
+                    }
+                }
+            }
+        }
+    }
+}
