@@ -22,7 +22,7 @@ use rand_chacha::ChaCha20Rng;
 
 mod params;
 
-pub use params::{ParamError, SamplingParams};
+pub use params::{ParamError, SamplingDefaults, SamplingParams};
 
 /// One sampled token.
 #[derive(Debug, Clone, PartialEq)]

@@ -324,3 +324,30 @@ fn fast_exp_is_accurate() {
     assert_eq!(weight(f32::NAN, 0.0, 1.0), 0.0);
     assert_eq!(weight(1.0, 1.0, 1.0), 1.0);
 }
+
+#[test]
+fn request_fields_win_over_checkpoint_defaults() {
+    let defaults = SamplingDefaults {
+        do_sample: Some(true),
+        temperature: Some(0.7),
+        top_p: Some(0.8),
+        top_k: Some(20),
+        min_p: None,
+        repetition_penalty: Some(1.05),
+    };
+    let body: serde_json::Value =
+        serde_json::from_str(r#"{"temperature": 0.2, "messages": []}"#).unwrap();
+    let p = SamplingParams::from_request(&body, &defaults).unwrap();
+    assert_eq!(
+        (p.temperature, p.top_p, p.top_k, p.repetition_penalty),
+        (0.2, 0.8, 20, 1.05)
+    );
+    let greedy = SamplingDefaults {
+        do_sample: Some(false),
+        ..SamplingDefaults::default()
+    };
+    let p = SamplingParams::from_request(&serde_json::json!({}), &greedy).unwrap();
+    assert_eq!(p.temperature, 0.0);
+    let e = SamplingParams::from_request(&serde_json::json!({"top_p": 7}), &defaults).unwrap_err();
+    assert_eq!(e.field, "top_p");
+}
