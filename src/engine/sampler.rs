@@ -47,6 +47,8 @@ struct Scratch {
     /// Top-k candidates, or the top-p boundary bucket: (logit, id).
     pairs: Vec<(f32, u32)>,
     mass: Vec<f64>,
+    /// Each id's top-p bucket.
+    buckets: Vec<u16>,
     /// One bit per id: "already penalized this step"; all clear between calls.
     seen: Vec<u64>,
 }
@@ -282,17 +284,21 @@ fn nucleus(
     total: f64,
     s: &mut Scratch,
 ) -> ((f32, u32), f64) {
+    // Four interleaved histograms so that neighbours landing in one bucket do not serialize
+    // on the same memory cell; each id's bucket is kept for the collection pass.
     s.mass.clear();
-    s.mass.resize(BUCKETS, 0.0);
-    for (&l, &w) in logits.iter().zip(&s.w) {
-        if w > 0.0 {
-            s.mass[bucket(l, max, inv_t)] += f64::from(w);
-        }
+    s.mass.resize(4 * BUCKETS, 0.0);
+    s.buckets.clear();
+    s.buckets
+        .extend(logits.iter().map(|&l| bucket(l, max, inv_t) as u16));
+    for (i, (&b, &w)) in s.buckets.iter().zip(&s.w).enumerate() {
+        s.mass[(i & 3) * BUCKETS + b as usize] += f64::from(w);
     }
     let target = f64::from(top_p) * total;
     let mut cum = 0.0;
     let mut cut = BUCKETS - 1;
-    for (b, m) in s.mass.iter().enumerate() {
+    for b in 0..BUCKETS {
+        let m: f64 = (0..4).map(|h| s.mass[h * BUCKETS + b]).sum();
         if cum + m >= target {
             cut = b;
             break;
@@ -300,9 +306,10 @@ fn nucleus(
         cum += m;
     }
     s.pairs.clear();
-    for (i, (&l, &w)) in logits.iter().zip(&s.w).enumerate() {
-        if w > 0.0 && bucket(l, max, inv_t) == cut {
-            s.pairs.push((l, i as u32));
+    let cut16 = cut as u16;
+    for (i, (&b, &w)) in s.buckets.iter().zip(&s.w).enumerate() {
+        if b == cut16 && w > 0.0 {
+            s.pairs.push((logits[i], i as u32));
         }
     }
     s.pairs.sort_unstable_by(order);
