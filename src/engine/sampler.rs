@@ -22,7 +22,7 @@ use rand_chacha::ChaCha20Rng;
 
 mod params;
 
-pub use params::{ParamError, SamplingParams};
+pub use params::{ParamError, SamplingDefaults, SamplingParams};
 
 /// One sampled token.
 #[derive(Debug, Clone, PartialEq)]
@@ -44,11 +44,11 @@ const BUCKETS: usize = 16 * 40;
 struct Scratch {
     /// Weight `exp((l - max) / T)` of every id (full-vocabulary paths).
     w: Vec<f32>,
-    /// Candidate ids after truncation.
-    cands: Vec<u32>,
     /// Top-k candidates, or the top-p boundary bucket: (logit, id).
     pairs: Vec<(f32, u32)>,
     mass: Vec<f64>,
+    /// Each id's top-p bucket.
+    buckets: Vec<u16>,
     /// One bit per id: "already penalized this step"; all clear between calls.
     seen: Vec<u64>,
 }
@@ -174,25 +174,33 @@ impl Sampler {
         if self.top_k > 0 && self.top_k < logits.len() {
             return self.draw_top_k(logits, max, inv_t, s);
         }
-        let total = weights(logits, max, inv_t, &mut s.w);
-        if self.top_p >= 1.0 && self.min_p <= 0.0 {
-            let u = self.rng.random::<f64>() * total;
-            return pick(s.w.iter().enumerate().map(|(i, &w)| (i as u32, w)), u);
-        }
-        if self.top_p < 1.0 {
-            nucleus(logits, max, inv_t, self.top_p, total, s);
+        let mut total = weights(logits, max, inv_t, &mut s.w);
+        // Membership in the nucleus is a threshold in `order`: everything up to `last`.
+        let last = if self.top_p < 1.0 {
+            let (last, mass) = nucleus(logits, max, inv_t, self.top_p, total, s);
+            total = mass;
+            Some(last)
         } else {
-            s.cands.clear();
-            s.cands
-                .extend((0..logits.len() as u32).filter(|&i| s.w[i as usize] > 0.0));
-        }
+            None
+        };
+        let member =
+            |i: usize, l: f32| last.is_none_or(|(ll, li)| l > ll || (l == ll && i as u32 <= li));
         if self.min_p > 0.0 {
-            let (w, floor) = (&s.w, self.min_p);
-            s.cands.retain(|&i| w[i as usize] >= floor);
+            let floor = self.min_p;
+            for (i, (w, &l)) in s.w.iter_mut().zip(logits).enumerate() {
+                if *w < floor || !member(i, l) {
+                    *w = 0.0;
+                }
+            }
+            total = s.w.iter().map(|&w| f64::from(w)).sum();
         }
-        let total: f64 = s.cands.iter().map(|&i| f64::from(s.w[i as usize])).sum();
         let u = self.rng.random::<f64>() * total;
-        pick(s.cands.iter().map(|&i| (i, s.w[i as usize])), u)
+        let it = s.w.iter().zip(logits).enumerate();
+        pick(
+            it.filter(|&(i, (_, &l))| member(i, l))
+                .map(|(i, (&w, _))| (i as u32, w)),
+            u,
+        )
     }
 
     /// Top-k (then top-p and min-p over the k, renormalized) and a draw.
@@ -241,52 +249,79 @@ fn pick(it: impl Iterator<Item = (u32, f32)>, mut u: f64) -> u32 {
     last
 }
 
-/// Fills `w` with every id's weight; returns their sum.
+/// Fills `w` with every id's weight; returns their sum. Sixteen f32 lanes so the loop
+/// vectorizes (each lane sums under 10^4 terms of at most 1: ample precision for a draw).
 fn weights(logits: &[f32], max: f32, inv_t: f32, w: &mut Vec<f32>) -> f64 {
+    const LANES: usize = 16;
     w.clear();
-    w.extend(logits.iter().map(|&l| weight(l, max, inv_t)));
-    w.iter().map(|&x| f64::from(x)).sum()
+    w.resize(logits.len(), 0.0);
+    let mut acc = [0f32; LANES];
+    let mut wc = w.chunks_exact_mut(LANES);
+    let mut lc = logits.chunks_exact(LANES);
+    for (wc, lc) in (&mut wc).zip(&mut lc) {
+        for j in 0..LANES {
+            let x = weight(lc[j], max, inv_t);
+            wc[j] = x;
+            acc[j] += x;
+        }
+    }
+    let mut total: f64 = acc.iter().map(|&a| f64::from(a)).sum();
+    for (x, &l) in wc.into_remainder().iter_mut().zip(lc.remainder()) {
+        *x = weight(l, max, inv_t);
+        total += f64::from(*x);
+    }
+    total
 }
 
-/// The smallest set of most likely ids whose probability reaches `top_p`, into `s.cands`
-/// (weights already in `s.w`). Buckets by distance from `max`; sorts only the crossing bucket.
-fn nucleus(logits: &[f32], max: f32, inv_t: f32, top_p: f32, total: f64, s: &mut Scratch) {
+/// The smallest set of most likely ids whose probability reaches `top_p` is every id up to a
+/// threshold in `order`; returns that last (logit, id) and the set's mass (weights already in
+/// `s.w`). Buckets by distance from `max`; sorts only the bucket where the mass is crossed.
+fn nucleus(
+    logits: &[f32],
+    max: f32,
+    inv_t: f32,
+    top_p: f32,
+    total: f64,
+    s: &mut Scratch,
+) -> ((f32, u32), f64) {
+    // Four interleaved histograms so that neighbours landing in one bucket do not serialize
+    // on the same memory cell; each id's bucket is kept for the collection pass.
     s.mass.clear();
-    s.mass.resize(BUCKETS, 0.0);
-    for (&l, &w) in logits.iter().zip(&s.w) {
-        if w > 0.0 {
-            s.mass[bucket(l, max, inv_t)] += f64::from(w);
-        }
+    s.mass.resize(4 * BUCKETS, 0.0);
+    s.buckets.clear();
+    s.buckets
+        .extend(logits.iter().map(|&l| bucket(l, max, inv_t) as u16));
+    for (i, (&b, &w)) in s.buckets.iter().zip(&s.w).enumerate() {
+        s.mass[(i & 3) * BUCKETS + b as usize] += f64::from(w);
     }
     let target = f64::from(top_p) * total;
     let mut cum = 0.0;
     let mut cut = BUCKETS - 1;
-    for (b, m) in s.mass.iter().enumerate() {
+    for b in 0..BUCKETS {
+        let m: f64 = (0..4).map(|h| s.mass[h * BUCKETS + b]).sum();
         if cum + m >= target {
             cut = b;
             break;
         }
         cum += m;
     }
-    s.cands.clear();
     s.pairs.clear();
-    for (i, (&l, &w)) in logits.iter().zip(&s.w).enumerate() {
-        if w > 0.0 {
-            match bucket(l, max, inv_t) {
-                b if b < cut => s.cands.push(i as u32),
-                b if b == cut => s.pairs.push((l, i as u32)),
-                _ => {}
-            }
+    let cut16 = cut as u16;
+    for (i, (&b, &w)) in s.buckets.iter().zip(&s.w).enumerate() {
+        if b == cut16 && w > 0.0 {
+            s.pairs.push((logits[i], i as u32));
         }
     }
     s.pairs.sort_unstable_by(order);
-    for &(l, id) in &s.pairs {
-        s.cands.push(id);
-        cum += f64::from(weight(l, max, inv_t));
-        if cum >= target {
+    let mut last = (max, 0);
+    for (j, &(l, id)) in s.pairs.iter().enumerate() {
+        last = (l, id);
+        cum += f64::from(s.w[id as usize]);
+        if cum >= target || j + 1 == s.pairs.len() {
             break;
         }
     }
+    (last, cum)
 }
 
 /// The `k` best (logit, id) pairs, unordered. Every one of `n / k` (or more) chunks holds its
@@ -348,13 +383,35 @@ pub fn argmax(logits: &[f32]) -> u32 {
     logits.iter().position(|&l| l == max).unwrap_or(0) as u32
 }
 
+/// `exp((l - max) / T)`; 0 for NaN and for anything below e^-87 (masked `-inf` logits).
 #[inline]
 fn weight(l: f32, max: f32, inv_t: f32) -> f32 {
-    if l.is_nan() {
-        0.0
+    let x = (l - max) * inv_t;
+    if x >= -87.0 {
+        exp_neg(x)
     } else {
-        ((l - max) * inv_t).exp()
+        0.0
     }
+}
+
+/// e^x for x in [-87, 0] (Cephes `expf`: x = n ln 2 + r, degree-6 polynomial for e^r, 2^n
+/// from the exponent bits; relative error ~1e-7). Branch-free so the weight loop vectorizes.
+#[inline(always)]
+fn exp_neg(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
+    let x = x.clamp(-87.0, 0.0);
+    let n = (x * LOG2E + ROUND) - ROUND;
+    let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
+    let mut p = 1.987_569_1e-4_f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 0.5;
+    let e = p * r * r + r + 1.0;
+    // n is in [-126, 0], so n + 127 is a normal exponent.
+    e * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
 #[inline]

@@ -532,4 +532,33 @@ mod tests {
         d.finish(&mut out);
         assert_eq!(out, tok.decode(&ids, true).unwrap());
     }
+
+    #[test]
+    fn metaspace_decoder_exhaustive() {
+        for scheme in ["always", "first", "never"] {
+            let json = format!(
+                r###"{{"version":"1.0","truncation":null,"padding":null,"added_tokens":[
+                {{"id":4,"content":"<s>","single_word":false,"lstrip":false,"rstrip":false,"normalized":false,"special":true}}],
+                "normalizer":null,"pre_tokenizer":null,"post_processor":null,
+                "decoder":{{"type":"Metaspace","replacement":"▁","prepend_scheme":"{scheme}","split":true}},
+                "model":{{"type":"BPE","dropout":null,"unk_token":null,"continuing_subword_prefix":null,
+                "end_of_word_suffix":null,"fuse_unk":false,"byte_fallback":false,"ignore_merges":false,
+                "vocab":{{"▁hello":0,"▁wor▁ld":1,"x":2,"▁":3,"<s>":4}},"merges":[]}}}}"###
+            );
+            let inner: tokenizers::Tokenizer = json.parse().unwrap();
+            let tok = Tokenizer::from_parts(inner);
+            let table = DetokTable::new(&tok);
+            assert!(table.is_direct());
+            for n in 0..5u32.pow(4) {
+                let ids: Vec<u32> = (0..4).map(|k| n / 5u32.pow(k) % 5).collect();
+                let mut d = Detokenizer::new(Arc::clone(&table));
+                let mut out = String::new();
+                for &id in &ids {
+                    d.push(id, &mut out);
+                }
+                d.finish(&mut out);
+                assert_eq!(out, tok.decode(&ids, true).unwrap(), "{scheme} {ids:?}");
+            }
+        }
+    }
 }

@@ -78,6 +78,7 @@ impl ChatTemplate {
                 .map_err(|e| TemplateError::Compile(e.to_string()))?,
         );
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.set_formatter(python_formatter);
         env.add_function("raise_exception", raise_exception);
         env.add_filter("tojson", tojson);
         env.add_function(
@@ -152,6 +153,27 @@ pub fn special_tokens(tok: &Tokenizer) -> SpecialTokens {
         pad_token: tok.pad_token().map(str::to_string),
         unk_token: tok.unk_token().map(str::to_string),
     }
+}
+
+/// Prints values the way Jinja2 prints Python objects where minijinja differs: `None`,
+/// `True`, `False` (an assistant turn with `content: null` renders "None" in HF).
+fn python_formatter(
+    out: &mut minijinja::Output,
+    state: &mut minijinja::State,
+    value: &Value,
+) -> Result<(), Error> {
+    let word = if value.is_none() {
+        "None"
+    } else if value.kind() == minijinja::value::ValueKind::Bool {
+        if value.is_true() {
+            "True"
+        } else {
+            "False"
+        }
+    } else {
+        return minijinja::escape_formatter(out, state, value);
+    };
+    out.write_str(word).map_err(Error::from)
 }
 
 /// Marker on errors raised by `raise_exception`, so they reach the client verbatim.
@@ -280,6 +302,13 @@ mod tests {
         let src = "{% for m in messages %}\n  {{ m.content.strip().upper() }}\n  {% if m.content.startswith(' a') %}yes{% endif %}\n{% endfor %}";
         let out = render(src, json!([{"content": " ab "}]));
         assert_eq!(out.as_deref(), Ok("  AB\nyes"));
+    }
+
+    #[test]
+    fn none_and_booleans_print_like_jinja2() {
+        let src = "{{ messages[0].content }}|{{ messages[0].x }}|{{ true }}|{{ 1 == 2 }}|{{ messages | length }}";
+        let out = render(src, json!([{"content": null, "x": true}]));
+        assert_eq!(out.as_deref(), Ok("None|True|True|False|1"));
     }
 
     #[test]

@@ -261,6 +261,21 @@ impl Tokenizer {
         &self.defaults
     }
 
+    /// The sampling part of the generation defaults, for [`SamplingParams::from_request`].
+    ///
+    /// [`SamplingParams::from_request`]: crate::engine::sampler::SamplingParams::from_request
+    pub fn sampling_defaults(&self) -> crate::engine::sampler::SamplingDefaults {
+        let d = &self.defaults;
+        crate::engine::sampler::SamplingDefaults {
+            do_sample: d.do_sample,
+            temperature: d.temperature,
+            top_p: d.top_p,
+            top_k: d.top_k,
+            min_p: d.min_p,
+            repetition_penalty: d.repetition_penalty,
+        }
+    }
+
     /// The wrapped `tokenizers` tokenizer (the detokenizer reads its vocabulary and decoder).
     pub fn inner(&self) -> &tokenizers::Tokenizer {
         &self.inner

@@ -169,6 +169,36 @@ impl SamplingParams {
     }
 }
 
+/// A checkpoint's sampling defaults (`generation_config.json`), applied to the fields a request
+/// leaves out, as `transformers` and vLLM do.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SamplingDefaults {
+    /// `do_sample: false` makes greedy the default.
+    pub do_sample: Option<bool>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<i64>,
+    pub min_p: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+}
+
+impl SamplingParams {
+    /// Parses the sampling fields of a request object, taking absent ones from `defaults`.
+    pub fn from_request(body: &Json, defaults: &SamplingDefaults) -> Result<Self, ParamError> {
+        let mut raw = RawParams::deserialize(body).map_err(|e| err("request", e.to_string()))?;
+        let f = |v: Option<f32>| v.map(f64::from);
+        if defaults.do_sample == Some(false) {
+            raw.temperature = raw.temperature.or(Some(0.0));
+        }
+        raw.temperature = raw.temperature.or(f(defaults.temperature));
+        raw.top_p = raw.top_p.or(f(defaults.top_p));
+        raw.top_k = raw.top_k.or(defaults.top_k);
+        raw.min_p = raw.min_p.or(f(defaults.min_p));
+        raw.repetition_penalty = raw.repetition_penalty.or(f(defaults.repetition_penalty));
+        SamplingParams::try_from(raw)
+    }
+}
+
 /// The wire form: every field optional, loosely typed, checked in `try_from`. Unknown fields
 /// are ignored (the same JSON object carries the messages, the id, ...).
 #[derive(Deserialize, Default)]

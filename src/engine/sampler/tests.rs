@@ -186,8 +186,10 @@ fn top_p_over_a_large_vocabulary_keeps_the_exact_nucleus() {
         idx[..=keep.unwrap_or(0)].iter().copied().collect();
     let mut scratch = Scratch::default();
     let total = weights(&logits, max, 1.0 / 0.7, &mut scratch.w);
-    nucleus(&logits, max, 1.0 / 0.7, 0.5, total, &mut scratch);
-    let got: std::collections::HashSet<u32> = scratch.cands.iter().copied().collect();
+    let (last, _) = nucleus(&logits, max, 1.0 / 0.7, 0.5, total, &mut scratch);
+    let got: std::collections::HashSet<u32> = (0..logits.len() as u32)
+        .filter(|&i| order(&(logits[i as usize], i), &last).is_le())
+        .collect();
     assert_eq!(got, nucleus_ref);
     let mut s = Sampler::new(&p, logits.len());
     for _ in 0..200 {
@@ -308,4 +310,44 @@ fn top_k_selection_is_exact() {
         all.truncate(k);
         assert_eq!(got, all, "n={n} k={k}");
     }
+}
+
+#[test]
+fn fast_exp_is_accurate() {
+    let mut x = -87.0f32;
+    while x <= 0.0 {
+        let (got, want) = (exp_neg(x), x.exp());
+        assert!(((got - want) / want).abs() < 5e-7, "{x}: {got} vs {want}");
+        x += 0.013;
+    }
+    assert_eq!(weight(f32::NEG_INFINITY, 0.0, 1.0), 0.0);
+    assert_eq!(weight(f32::NAN, 0.0, 1.0), 0.0);
+    assert_eq!(weight(1.0, 1.0, 1.0), 1.0);
+}
+
+#[test]
+fn request_fields_win_over_checkpoint_defaults() {
+    let defaults = SamplingDefaults {
+        do_sample: Some(true),
+        temperature: Some(0.7),
+        top_p: Some(0.8),
+        top_k: Some(20),
+        min_p: None,
+        repetition_penalty: Some(1.05),
+    };
+    let body: serde_json::Value =
+        serde_json::from_str(r#"{"temperature": 0.2, "messages": []}"#).unwrap();
+    let p = SamplingParams::from_request(&body, &defaults).unwrap();
+    assert_eq!(
+        (p.temperature, p.top_p, p.top_k, p.repetition_penalty),
+        (0.2, 0.8, 20, 1.05)
+    );
+    let greedy = SamplingDefaults {
+        do_sample: Some(false),
+        ..SamplingDefaults::default()
+    };
+    let p = SamplingParams::from_request(&serde_json::json!({}), &greedy).unwrap();
+    assert_eq!(p.temperature, 0.0);
+    let e = SamplingParams::from_request(&serde_json::json!({"top_p": 7}), &defaults).unwrap_err();
+    assert_eq!(e.field, "top_p");
 }
