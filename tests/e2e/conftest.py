@@ -74,12 +74,12 @@ _raise_nofile()
 class Server:
     """One seedance-server process."""
 
-    def __init__(self, *extra: str, env: dict[str, str] | None = None, cores: int = 2):
+    def __init__(self, *extra: str, env: dict[str, str] | None = None, cores: int = 2, model: str = "null"):
         if not BIN.exists():
             pytest.fail(f"server binary {BIN} not found: run `cargo build` or set SEEDANCE_BIN")
         full_env = dict(os.environ)
         full_env.update(env or {})
-        self.args = [str(BIN), "--model", "null", "--listen", "127.0.0.1:0", "--cores", str(cores), *extra]
+        self.args = [str(BIN), "--model", model, "--listen", "127.0.0.1:0", "--cores", str(cores), *extra]
         self.proc = subprocess.Popen(
             self.args,
             stdin=subprocess.DEVNULL,

@@ -46,7 +46,12 @@ impl Client {
     async fn tcp(addr: SocketAddr) -> std::io::Result<Client> {
         let stream = TcpStream::connect_addr(addr).await?;
         stream.set_nodelay(true)?;
-        Ok(Client { stream, buf: BytesMut::with_capacity(64 * 1024), ws: None, addr })
+        Ok(Client {
+            stream,
+            buf: BytesMut::with_capacity(64 * 1024),
+            ws: None,
+            addr,
+        })
     }
 
     pub async fn http(addr: SocketAddr) -> std::io::Result<Client> {
@@ -62,7 +67,9 @@ impl Client {
         c.write(req.into_bytes()).await?;
         let end = c.head_end().await?;
         if !c.buf.starts_with(b"HTTP/1.1 101") {
-            return Err(std::io::Error::other(String::from_utf8_lossy(&c.buf[..end]).into_owned()));
+            return Err(std::io::Error::other(
+                String::from_utf8_lossy(&c.buf[..end]).into_owned(),
+            ));
         }
         c.buf.advance(end);
         c.ws = Some(Decoder::new(Role::Client, Limits::default()));
@@ -198,7 +205,9 @@ impl Client {
                 }
                 continue;
             };
-            let size = std::str::from_utf8(&self.buf[..eol]).ok().and_then(|h| usize::from_str_radix(h.trim(), 16).ok());
+            let size = std::str::from_utf8(&self.buf[..eol])
+                .ok()
+                .and_then(|h| usize::from_str_radix(h.trim(), 16).ok());
             let Some(size) = size else {
                 s.error = Some("bad chunk size".into());
                 return s;
@@ -220,13 +229,17 @@ impl Client {
             self.buf.advance(eol + 2 + size + 2);
             while let Some(i) = body.windows(2).position(|w| w == b"\n\n") {
                 let ev = body.split_to(i + 2);
-                if ev.windows(8).any(|w| w == b"\"text\":\"") && !ev.windows(10).any(|w| w == b"\"text\":\"\",") {
+                if ev.windows(8).any(|w| w == b"\"text\":\"")
+                    && !ev.windows(10).any(|w| w == b"\"text\":\"\",")
+                {
                     s.delta(now, &mut last);
                     s.tokens += 1;
                 } else if let Some(pos) = ev.windows(8).position(|w| w == b"\"usage\":") {
-                    let v: serde_json::Value =
-                        serde_json::from_slice(ev.get(ev.iter().position(|&b| b == b'{').unwrap_or(0)..ev.len() - 2).unwrap_or(b""))
-                            .unwrap_or_default();
+                    let v: serde_json::Value = serde_json::from_slice(
+                        ev.get(ev.iter().position(|&b| b == b'{').unwrap_or(0)..ev.len() - 2)
+                            .unwrap_or(b""),
+                    )
+                    .unwrap_or_default();
                     let _ = pos;
                     if let Some(t) = v["usage"]["completion_tokens"].as_u64() {
                         s.tokens = t;

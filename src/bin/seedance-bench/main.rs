@@ -25,7 +25,10 @@ use rand::{Rng, SeedableRng};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser, Debug)]
-#[command(name = "seedance-bench", about = "Load generator for seedance (WebSocket and SSE)")]
+#[command(
+    name = "seedance-bench",
+    about = "Load generator for seedance (WebSocket and SSE)"
+)]
 struct Args {
     #[command(subcommand)]
     cmd: Cmd,
@@ -105,7 +108,10 @@ fn main() {
     if let Some(cpu) = cpu {
         let _ = monoio::utils::bind_to_cpu_set([cpu]);
     }
-    let rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new().enable_timer().with_entries(8192).build();
+    let rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+        .enable_timer()
+        .with_entries(8192)
+        .build();
     let mut rt = match rt {
         Ok(rt) => rt,
         Err(e) => {
@@ -149,7 +155,8 @@ impl Run {
             Some(rate) => {
                 let t = self.next_arrival.get();
                 let u: f64 = self.rng.borrow_mut().random_range(f64::EPSILON..1.0);
-                self.next_arrival.set(t + Duration::from_secs_f64(-u.ln() / rate.max(1e-9)));
+                self.next_arrival
+                    .set(t + Duration::from_secs_f64(-u.ln() / rate.max(1e-9)));
                 t
             }
         };
@@ -197,7 +204,9 @@ async fn worker(run: Rc<Run>, n: usize) {
         let sample = if run.sse {
             client.sse_request(&run.body).await
         } else {
-            let body = run.body.replacen("\"id\":\"r\"", &format!("\"id\":\"r{n}-{req_no}\""), 1);
+            let body = run
+                .body
+                .replacen("\"id\":\"r\"", &format!("\"id\":\"r{n}-{req_no}\""), 1);
             client.ws_request(&body).await
         };
         if let Some(e) = &sample.error {
@@ -217,7 +226,13 @@ fn percentiles(v: &mut [f64]) -> [f64; 5] {
     }
     v.sort_by(|a, b| a.total_cmp(b));
     let p = |q: f64| v[((q / 100.0) * (v.len() - 1) as f64).round() as usize];
-    [v.iter().sum::<f64>() / v.len() as f64, p(50.0), p(90.0), p(95.0), p(99.0)]
+    [
+        v.iter().sum::<f64>() / v.len() as f64,
+        p(50.0),
+        p(90.0),
+        p(95.0),
+        p(99.0),
+    ]
 }
 
 async fn run_load(args: LoadArgs, sse: bool) -> i32 {
@@ -232,7 +247,10 @@ async fn run_load(args: LoadArgs, sse: bool) -> i32 {
     .to_string();
     let t0 = Instant::now();
     let start_measure = t0 + Duration::from_secs_f64(args.warmup);
-    let deadline = args.num_requests.is_none().then(|| start_measure + Duration::from_secs_f64(args.duration));
+    let deadline = args
+        .num_requests
+        .is_none()
+        .then(|| start_measure + Duration::from_secs_f64(args.duration));
     let run = Rc::new(Run {
         sse,
         body,
@@ -270,7 +288,9 @@ fn report(run: &Run) -> i32 {
     let (mut ttft, mut itl, mut tpot, mut e2e) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut tokens, mut deltas) = (0u64, 0u64);
     for s in samples.iter() {
-        let (Some(sent), Some(end)) = (s.sent, s.end) else { continue };
+        let (Some(sent), Some(end)) = (s.sent, s.end) else {
+            continue;
+        };
         tokens += s.tokens;
         deltas += s.deltas;
         let total = end.duration_since(sent).as_secs_f64();
@@ -286,8 +306,13 @@ fn report(run: &Run) -> i32 {
     }
     let n = samples.len() as u64;
     let proto = if run.sse { "sse" } else { "ws" };
-    let rate = a.request_rate.map_or("inf (closed loop)".to_string(), |r| format!("{r}/s"));
-    println!("protocol {proto}  connections {}  request rate {rate}  input {} words  output {} tokens", a.connections, a.input_len, a.output_len);
+    let rate = a
+        .request_rate
+        .map_or("inf (closed loop)".to_string(), |r| format!("{r}/s"));
+    println!(
+        "protocol {proto}  connections {}  request rate {rate}  input {} words  output {} tokens",
+        a.connections, a.input_len, a.output_len
+    );
     println!(
         "requests {n}  errors {}  duration {secs:.2}s  req/s {:.2}  output tok/s {:.1}  deltas/s {:.0}",
         run.errors.get(),
@@ -295,11 +320,27 @@ fn report(run: &Run) -> i32 {
         tokens as f64 / secs,
         deltas as f64 / secs
     );
-    println!("{:<6} {:>10} {:>10} {:>10} {:>10} {:>10}   (ms)", "", "mean", "p50", "p90", "p95", "p99");
+    println!(
+        "{:<6} {:>10} {:>10} {:>10} {:>10} {:>10}   (ms)",
+        "", "mean", "p50", "p90", "p95", "p99"
+    );
     let mut json = serde_json::Map::new();
-    for (name, v) in [("ttft", &mut ttft), ("itl", &mut itl), ("tpot", &mut tpot), ("e2el", &mut e2e)] {
+    for (name, v) in [
+        ("ttft", &mut ttft),
+        ("itl", &mut itl),
+        ("tpot", &mut tpot),
+        ("e2el", &mut e2e),
+    ] {
         let p = percentiles(v).map(|x| x * 1e3);
-        println!("{:<6} {:>10.3} {:>10.3} {:>10.3} {:>10.3} {:>10.3}", name.to_uppercase(), p[0], p[1], p[2], p[3], p[4]);
+        println!(
+            "{:<6} {:>10.3} {:>10.3} {:>10.3} {:>10.3} {:>10.3}",
+            name.to_uppercase(),
+            p[0],
+            p[1],
+            p[2],
+            p[3],
+            p[4]
+        );
         json.insert(
             name.into(),
             serde_json::json!({"mean_ms": p[0], "p50_ms": p[1], "p90_ms": p[2], "p95_ms": p[3], "p99_ms": p[4]}),
@@ -334,7 +375,11 @@ async fn run_idle(a: IdleArgs) -> i32 {
             }
         }
     }
-    println!("open {} idle connections ({failed} failed); holding {:.0}s", conns.len(), a.hold);
+    println!(
+        "open {} idle connections ({failed} failed); holding {:.0}s",
+        conns.len(),
+        a.hold
+    );
     monoio::time::sleep(Duration::from_secs_f64(a.hold)).await;
     drop(conns);
     i32::from(failed > 0)
