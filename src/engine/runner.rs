@@ -123,6 +123,7 @@ impl ModelRunner {
             let s: &mut Seq<SeqState> = &mut self.sched.running[it.index];
             let tok = s.data.sampler.sample(&mut self.row, &s.tokens).token;
             s.tokens.push(tok);
+            self.metrics.tokens.inc();
             let key = s.key;
             let is_eos =
                 !s.data.ignore_eos && self.eos.contains(&tok) || s.data.stop_ids.contains(&tok);
