@@ -178,6 +178,21 @@ mod tests {
         assert_eq!(r.gen.params.seed, Some(3));
     }
 
+    proptest::proptest! {
+        #[test]
+        fn fuzz_request_bodies_never_panic(body in "[ -~]{0,200}") {
+            let _ = parse(Endpoint::Chat, body.as_bytes(), "x".into(), &cfg());
+            let _ = parse(Endpoint::Completion, body.as_bytes(), "x".into(), &cfg());
+        }
+
+        #[test]
+        fn fuzz_typed_fields_never_panic(t in proptest::prelude::any::<f64>(), m in proptest::prelude::any::<i64>(), stop in ".{0,80}") {
+            let v = serde_json::json!({"model":"m","messages":[{"role":"user","content":"x"}],
+                "temperature":t,"max_tokens":m,"stop":stop,"stream":true});
+            let _ = parse(Endpoint::Chat, v.to_string().as_bytes(), "x".into(), &cfg());
+        }
+    }
+
     #[test]
     fn errors_are_openai_shaped() {
         let e = parse(Endpoint::Chat, b"{", "x".into(), &cfg()).expect_err("bad json");

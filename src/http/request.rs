@@ -318,6 +318,29 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        #[test]
+        fn fuzz_parse_head_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600)) {
+            let _ = parse_head(&bytes, 512);
+        }
+
+        #[test]
+        fn fuzz_chunked_decoder_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300)) {
+            let mut d = ChunkedDecoder::default();
+            let mut out = Vec::new();
+            if let Ok(n) = d.feed(&bytes, &mut out, 256) {
+                proptest::prop_assert!(n <= bytes.len());
+                proptest::prop_assert!(out.len() <= 256);
+            }
+        }
+
+        #[test]
+        fn fuzz_head_with_random_headers(name in "[A-Za-z-]{1,20}", value in "[ -~]{0,40}", path in "/[ -~]{0,30}") {
+            let raw = format!("GET {path} HTTP/1.1\r\n{name}: {value}\r\n\r\n");
+            let _ = parse_head(raw.as_bytes(), 4096);
+        }
+    }
+
     #[test]
     fn chunked_body_over_limit_is_413() {
         let mut d = ChunkedDecoder::default();
