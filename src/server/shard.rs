@@ -184,10 +184,12 @@ async fn dispatch(shard: Rc<Shard>) {
     let wake = shard.link.borrow().wake.clone();
     loop {
         wake.wait().await;
+        // One clock read per batch: every event of an engine step arrived together.
+        let now = Instant::now();
         loop {
             let ev = shard.link.borrow_mut().events.pop();
             let Ok(ev) = ev else { break };
-            crate::session::request::on_event(&shard, ev);
+            crate::session::request::on_event(&shard, ev, now);
         }
         shard.flush_dirty();
     }

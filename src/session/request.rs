@@ -164,8 +164,7 @@ pub fn start_ws(shard: &Rc<Shard>, conn: &Rc<Conn>, g: GenerateMsg) -> Result<()
 }
 
 /// Routes one engine event. `now` is taken once per dispatched batch.
-pub fn on_event(shard: &Shard, ev: TokenEvent) {
-    let now = Instant::now();
+pub fn on_event(shard: &Shard, ev: TokenEvent, now: Instant) {
     let mut reqs = shard.requests.borrow_mut();
     let slot = ev.key.slot as usize;
     let Some(entry) = reqs.get_mut(slot) else {
