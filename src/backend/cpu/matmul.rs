@@ -82,10 +82,11 @@ pub fn matmul(isa: Isa, threads: usize, x: &[f32], w: &Weight, y: &mut [f32]) {
     let nchunks = panels.div_ceil(chunk);
     XPACK.with(|buf| {
         let mut buf = buf.borrow_mut();
+        let tt = token_tile(n);
         let xs: &[f32] = if n == 1 {
             x
         } else {
-            pack_x(x, n, cols, &mut buf)
+            pack_x(x, n, cols, tt, &mut buf)
         };
         let run = |c: usize| {
             let p0 = c * chunk;
@@ -93,7 +94,7 @@ pub fn matmul(isa: Isa, threads: usize, x: &[f32], w: &Weight, y: &mut [f32]) {
             // SAFETY: p0..p1 ⊂ 0..panels; x has n·cols elements, the packed weight panels·cols·16,
             // y n·rows (all checked above); this task alone writes rows p0·16..p1·16 ∩ 0..rows of
             // every token's output.
-            unsafe { panels_range(isa, xs, n, w, p0, p1, out) }
+            unsafe { panels_range(isa, xs, n, tt, w, p0, p1, out) }
         };
         if nchunks == 1 || threads <= 1 {
             (0..nchunks).for_each(run);
@@ -103,34 +104,46 @@ pub fn matmul(isa: Isa, threads: usize, x: &[f32], w: &Weight, y: &mut [f32]) {
     });
 }
 
-/// Tokens per micro-kernel tile for n > 1.
+/// Largest tokens per micro-kernel tile.
 const TT: usize = 12;
+
+/// Tokens per tile for an n-token call: 1, 4, 8 or 12 (small batches are not padded to 12).
+fn token_tile(n: usize) -> usize {
+    match n {
+        1 => 1,
+        2..=4 => 4,
+        5..=8 => 8,
+        _ => TT,
+    }
+}
 
 thread_local! {
     /// Packed activations, reused across calls so steady-state steps do not allocate.
     static XPACK: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Packs x (n, cols) as (n.div_ceil(12), cols, 12), zero-padding the last tile, so the kernel
+/// Packs x (n, cols) as (n.div_ceil(tt), cols, tt), zero-padding the last tile, so the kernel
 /// broadcasts x[t][k] from constant offsets of one pointer.
-fn pack_x<'b>(x: &[f32], n: usize, cols: usize, buf: &'b mut Vec<f32>) -> &'b [f32] {
-    let tiles = n.div_ceil(TT);
+fn pack_x<'b>(x: &[f32], n: usize, cols: usize, tt: usize, buf: &'b mut Vec<f32>) -> &'b [f32] {
+    let tiles = n.div_ceil(tt);
     buf.clear();
-    buf.resize(tiles * cols * TT, 0.0);
+    buf.resize(tiles * cols * tt, 0.0);
     for (t, row) in x.chunks_exact(cols).enumerate() {
-        let tile = &mut buf[(t / TT) * cols * TT..][..cols * TT];
+        let tile = &mut buf[(t / tt) * cols * tt..][..cols * tt];
         for (k, v) in row.iter().enumerate() {
-            tile[k * TT + t % TT] = *v;
+            tile[k * tt + t % tt] = *v;
         }
     }
     buf
 }
 
 /// Computes output rows of panels p0..p1 for all n tokens; `x` is packed when n > 1.
+#[allow(clippy::too_many_arguments)]
 unsafe fn panels_range(
     isa: Isa,
     x: &[f32],
     n: usize,
+    tt: usize,
     w: &Weight,
     p0: usize,
     p1: usize,
@@ -145,15 +158,15 @@ unsafe fn panels_range(
         let valid = (rows - p * PANEL).min(np * PANEL);
         let mut t = 0;
         while t < n {
-            let nt = if n == 1 { 1 } else { (n - t).min(TT) };
+            let nt = (n - t).min(tt);
             let xp = if n == 1 {
                 x.as_ptr()
             } else {
                 x.as_ptr().add(t * cols)
             };
             let mut tmp = [0f32; 2 * PANEL * TT];
-            // The kernel writes np·16 rows × (1 or 12) tokens into tmp; copy out the real ones.
-            tile(isa, wp, cols, xp, np, n == 1, tmp.as_mut_ptr());
+            // The kernel writes np·16 rows × tt tokens into tmp; copy out the real ones.
+            tile(isa, wp, cols, xp, np, tt, tmp.as_mut_ptr());
             for ti in 0..nt {
                 let dst = out.0.add((t + ti) * rows + p * PANEL);
                 std::ptr::copy_nonoverlapping(tmp.as_ptr().add(ti * 2 * PANEL), dst, valid);
@@ -164,7 +177,8 @@ unsafe fn panels_range(
     }
 }
 
-/// Dispatches an np-panel tile: one token (x contiguous) or 12 packed tokens. y: (tokens, 32).
+/// Dispatches an np-panel × tt-token tile (x packed with stride tt; contiguous for tt = 1).
+/// y: (tt, 32).
 #[inline]
 unsafe fn tile(
     isa: Isa,
@@ -172,16 +186,20 @@ unsafe fn tile(
     k: usize,
     x: *const f32,
     np: usize,
-    one: bool,
+    tt: usize,
     y: *mut f32,
 ) {
     macro_rules! go {
         ($f:ident) => {
-            match (np, one) {
-                (2, true) => $f::<2, 1>(w, k, x, y),
-                (2, false) => $f::<2, TT>(w, k, x, y),
-                (_, true) => $f::<1, 1>(w, k, x, y),
-                (_, false) => $f::<1, TT>(w, k, x, y),
+            match (np, tt) {
+                (2, 1) => $f::<2, 1>(w, k, x, y),
+                (2, 4) => $f::<2, 4>(w, k, x, y),
+                (2, 8) => $f::<2, 8>(w, k, x, y),
+                (2, _) => $f::<2, TT>(w, k, x, y),
+                (_, 1) => $f::<1, 1>(w, k, x, y),
+                (_, 4) => $f::<1, 4>(w, k, x, y),
+                (_, 8) => $f::<1, 8>(w, k, x, y),
+                (_, _) => $f::<1, TT>(w, k, x, y),
             }
         };
     }
