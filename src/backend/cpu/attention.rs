@@ -110,7 +110,10 @@ unsafe fn one(
     let mut m = vec![f32::NEG_INFINITY; nq];
     let mut l = vec![0f32; nq];
     let mut acc = vec![0f32; nq * hd];
-    let mut kt = vec![0f32; bs * hd];
+    let mut kraw = vec![0f32; bs * hd];
+    // K tile transposed, (head_dim, block_size): scores of one query against the whole block are
+    // then head_dim vector FMAs across the block's keys, with no horizontal sums.
+    let mut kt = vec![0f32; hd * bs];
     let mut vt = vec![0f32; bs * hd];
     let mut p = vec![0f32; bs];
     let nblocks = total.div_ceil(bs);
@@ -122,7 +125,12 @@ unsafe fn one(
         let base = b * bs;
         let valid = (total - base).min(bs);
         let off = ((sq.blocks[b] as usize * s.num_kv_heads + g) * bs) * hd;
-        kc[off..off + valid * hd].convert_to_f32_slice(&mut kt[..valid * hd]);
+        kc[off..off + valid * hd].convert_to_f32_slice(&mut kraw[..valid * hd]);
+        for j in 0..valid {
+            for d in 0..hd {
+                kt[d * bs + j] = kraw[j * hd + d];
+            }
+        }
         vc[off..off + valid * hd].convert_to_f32_slice(&mut vt[..valid * hd]);
         for t in 0..sq.len {
             let pos = sq.start_pos + t;
@@ -142,10 +150,15 @@ unsafe fn one(
                 let qi = t * group + hg;
                 let qrow = &q[((sq.row + t) * s.num_heads + h) * hd..][..hd];
                 let mut mx = f32::NEG_INFINITY;
-                for j in lo..hi {
-                    let sc = dot(qrow, &kt[j * hd..(j + 1) * hd]) * s.scale;
-                    p[j] = sc;
-                    mx = mx.max(sc);
+                p.fill(0.0);
+                for (d, &qd) in qrow.iter().enumerate() {
+                    for (pj, kj) in p.iter_mut().zip(&kt[d * bs..(d + 1) * bs]) {
+                        *pj += qd * kj;
+                    }
+                }
+                for pj in &mut p[lo..hi] {
+                    *pj *= s.scale;
+                    mx = mx.max(*pj);
                 }
                 let m_new = m[qi].max(mx);
                 let corr = (m[qi] - m_new).exp();
@@ -175,23 +188,6 @@ unsafe fn one(
             }
         }
     }
-}
-
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut s = [0f32; 16];
-    let (ac, at) = a.split_at(a.len() / 16 * 16);
-    let (bc, bt) = b.split_at(ac.len());
-    for (x, y) in ac.chunks_exact(16).zip(bc.chunks_exact(16)) {
-        for l in 0..16 {
-            s[l] += x[l] * y[l];
-        }
-    }
-    let mut r: f32 = s.iter().sum();
-    for (x, y) in at.iter().zip(bt) {
-        r += x * y;
-    }
-    r
 }
 
 #[inline(always)]
