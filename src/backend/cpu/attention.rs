@@ -150,10 +150,22 @@ unsafe fn one(
                 let qi = t * group + hg;
                 let qrow = &q[((sq.row + t) * s.num_heads + h) * hd..][..hd];
                 let mut mx = f32::NEG_INFINITY;
-                p.fill(0.0);
-                for (d, &qd) in qrow.iter().enumerate() {
-                    for (pj, kj) in p.iter_mut().zip(&kt[d * bs..(d + 1) * bs]) {
-                        *pj += qd * kj;
+                if bs == 16 {
+                    // The default block size: a 16-float accumulator the compiler keeps in
+                    // one register.
+                    let mut a = [0f32; 16];
+                    for (qd, kr) in qrow.iter().zip(kt.chunks_exact(16)) {
+                        for j in 0..16 {
+                            a[j] += qd * kr[j];
+                        }
+                    }
+                    p[..16].copy_from_slice(&a);
+                } else {
+                    p.fill(0.0);
+                    for (d, &qd) in qrow.iter().enumerate() {
+                        for (pj, kj) in p.iter_mut().zip(&kt[d * bs..(d + 1) * bs]) {
+                            *pj += qd * kj;
+                        }
                     }
                 }
                 for pj in &mut p[lo..hi] {
