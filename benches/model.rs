@@ -1,5 +1,6 @@
 //! CPU model benchmarks: matmul bandwidth, one decode step and a 512-token prefill on
-//! `synthetic:qwen2.5-0.5b`, and the machine's read bandwidth for context.
+//! `synthetic:qwen2.5-0.5b` (more shapes with SEEDANCE_BENCH_SHAPES), and the machine's read
+//! bandwidth for context.
 //!
 //! `cargo bench --bench model` (SEEDANCE_BENCH_THREADS sets the thread count, default 2).
 
@@ -23,7 +24,7 @@ fn threads() -> usize {
 
 fn read_bandwidth(c: &mut Criterion) {
     let n: usize = 1 << 30; // bytes
-    let data: Vec<f32> = (0..n / 4).map(|i| (i % 1024) as f32).collect();
+    let data: Vec<u64> = (0..n as u64 / 8).collect();
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads())
         .build()
@@ -31,22 +32,21 @@ fn read_bandwidth(c: &mut Criterion) {
     let mut g = c.benchmark_group("read_bandwidth");
     g.sample_size(10).measurement_time(Duration::from_secs(5));
     g.throughput(Throughput::Bytes(n as u64));
-    g.bench_function(format!("sum_1GiB_{}threads", threads()), |b| {
-        b.iter(|| pool.install(|| data.par_chunks(1 << 20).map(sum16).sum::<f32>()))
+    g.bench_function(format!("xor_1GiB_{}threads", threads()), |b| {
+        b.iter(|| {
+            pool.install(|| {
+                data.par_chunks(1 << 17)
+                    .map(xor_reduce)
+                    .reduce(|| 0, |a, b| a ^ b)
+            })
+        })
     });
     g.finish();
 }
 
-/// Sum with 16 independent accumulators so the loop vectorises and is bound by memory, not by
-/// the latency of one dependent add chain.
-fn sum16(c: &[f32]) -> f32 {
-    let mut acc = [0f32; 16];
-    for ch in c.chunks_exact(16) {
-        for (a, v) in acc.iter_mut().zip(ch) {
-            *a += v;
-        }
-    }
-    acc.iter().sum()
+/// XOR-reduce: associative integer ops, so the loop vectorises freely and is bound by memory.
+fn xor_reduce(c: &[u64]) -> u64 {
+    c.iter().fold(0, |a, &b| a ^ b)
 }
 
 fn matmul(c: &mut Criterion) {
@@ -75,15 +75,20 @@ fn matmul(c: &mut Criterion) {
     g.finish();
 }
 
-fn qwen05(c: &mut Criterion) {
-    let syn = synthetic::build(
-        "synthetic:qwen2.5-0.5b",
-        1,
-        Box::new(CpuBackend::new(threads())),
-    )
-    .unwrap();
+/// Decode and prefill on each shape in SEEDANCE_BENCH_SHAPES (comma-separated; default
+/// `qwen2.5-0.5b`; e.g. `qwen2.5-0.5b,llama3.2-1b`).
+fn shapes(c: &mut Criterion) {
+    let list = std::env::var("SEEDANCE_BENCH_SHAPES").unwrap_or_else(|_| "qwen2.5-0.5b".into());
+    for shape in list.split(',').filter(|s| !s.is_empty()) {
+        shape_bench(c, shape);
+    }
+}
+
+fn shape_bench(c: &mut Criterion, shape: &str) {
+    let backend = Box::new(CpuBackend::new(threads()));
+    let syn = synthetic::build(&format!("synthetic:{shape}"), 1, backend).unwrap();
     let m = syn.model;
-    let mut g = c.benchmark_group("qwen2.5-0.5b");
+    let mut g = c.benchmark_group(shape);
     g.sample_size(10).measurement_time(Duration::from_secs(10));
     let blocks = 128;
     let mut kv = KvCache::new(m.kv_config(blocks, 16));
@@ -134,5 +139,5 @@ fn qwen05(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, read_bandwidth, matmul, qwen05);
+criterion_group!(benches, read_bandwidth, matmul, shapes);
 criterion_main!(benches);

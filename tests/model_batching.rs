@@ -59,7 +59,7 @@ fn whole(m: &Transformer, toks: &[u32]) -> Vec<f32> {
 
 #[test]
 fn batched_prefill_equals_sequential() {
-    for name in ["llama3-rope", "qwen2", "phi3"] {
+    for name in ["llama3-rope", "qwen2", "phi3-partial"] {
         let m = fixture(name);
         let v = m.config().vocab_size;
         let ps = prompts(v as u32);
@@ -98,7 +98,7 @@ fn batched_prefill_equals_sequential() {
 
 #[test]
 fn chunked_prefill_equals_whole_and_decode_over_paged_kv_equals_prefill() {
-    for name in ["llama", "mistral", "qwen2-bf16"] {
+    for name in ["llama", "mistral-swa", "qwen2-bf16"] {
         let m = fixture(name);
         let v = m.config().vocab_size;
         let toks: Vec<u32> = (0..45).map(|i| (i * 13 + 5) % v as u32).collect();

@@ -197,3 +197,13 @@ fn llama_sharded() {
 fn llama_f32_checkpoint() {
     check_fixture("llama-f32");
 }
+
+#[test]
+fn mistral_sliding_window() {
+    check_fixture("mistral-swa");
+}
+
+#[test]
+fn phi3_partial_rotary() {
+    check_fixture("phi3-partial");
+}

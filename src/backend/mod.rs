@@ -10,19 +10,69 @@ pub mod cpu;
 
 use half::f16;
 
-/// An `(rows, cols)` F16 matrix, row-major: `rows` outputs, each a dot product over `cols` inputs.
+/// Rows per panel of [`Weight`]'s storage.
+pub const PANEL: usize = 16;
+
+/// An `(rows, cols)` F16 matrix: `rows` outputs, each a dot product over `cols` inputs.
+///
+/// Stored panel-major for the matmul kernels: rows are grouped in panels of [`PANEL`] (the last
+/// one zero-padded) and a panel is stored column by column, so element (r, k) sits at
+/// `((r / 16) · cols + k) · 16 + r % 16`. One 32-byte load gives column k of 16 output rows, which
+/// the kernel multiplies by a broadcast activation: no horizontal sums, and the output of a panel
+/// is 16 contiguous floats. [`Weight::to_row_major`] and [`Weight::row_f32`] give the checkpoint's
+/// `(rows, cols)` view.
 #[derive(Debug, Clone)]
 pub struct Weight {
     pub rows: usize,
     pub cols: usize,
-    /// (rows, cols)
-    pub data: Vec<f16>,
+    /// (rows.div_ceil(16), cols, 16)
+    data: Vec<f16>,
 }
 
 impl Weight {
-    pub fn new(rows: usize, cols: usize, data: Vec<f16>) -> Self {
-        debug_assert_eq!(data.len(), rows * cols);
+    /// Packs a row-major `(rows, cols)` matrix.
+    pub fn new(rows: usize, cols: usize, row_major: Vec<f16>) -> Self {
+        assert_eq!(
+            row_major.len(),
+            rows * cols,
+            "Weight::new: data is not rows × cols"
+        );
+        let panels = rows.div_ceil(PANEL);
+        let mut data = vec![f16::ZERO; panels * cols * PANEL];
+        for (p, panel) in data.chunks_exact_mut(cols * PANEL).enumerate() {
+            for i in 0..PANEL.min(rows - p * PANEL) {
+                let src = &row_major[(p * PANEL + i) * cols..][..cols];
+                for (k, v) in src.iter().enumerate() {
+                    panel[k * PANEL + i] = *v;
+                }
+            }
+        }
         Self { rows, cols, data }
+    }
+
+    /// The packed storage, (rows.div_ceil(16), cols, 16).
+    pub fn panels(&self) -> &[f16] {
+        &self.data
+    }
+
+    /// Row `r` as F32 (embedding lookup). `out`: (cols,).
+    pub fn row_f32(&self, r: usize, out: &mut [f32]) {
+        let base = (r / PANEL) * self.cols * PANEL + r % PANEL;
+        for (k, o) in out.iter_mut().enumerate().take(self.cols) {
+            *o = self.data[base + k * PANEL].to_f32();
+        }
+    }
+
+    /// The `(rows, cols)` row-major matrix.
+    pub fn to_row_major(&self) -> Vec<f16> {
+        let mut out = vec![f16::ZERO; self.rows * self.cols];
+        for r in 0..self.rows {
+            let base = (r / PANEL) * self.cols * PANEL + r % PANEL;
+            for k in 0..self.cols {
+                out[r * self.cols + k] = self.data[base + k * PANEL];
+            }
+        }
+        out
     }
 
     /// Stacks matrices with equal `cols` row-wise (q|k|v, gate|up fusion).
@@ -31,12 +81,13 @@ impl Weight {
         let rows = parts.iter().map(|p| p.rows).sum();
         let mut data = Vec::with_capacity(rows * cols);
         for p in parts {
-            debug_assert_eq!(p.cols, cols);
-            data.extend_from_slice(&p.data);
+            assert_eq!(p.cols, cols, "concat_rows: column mismatch");
+            data.extend_from_slice(&p.to_row_major());
         }
-        Self { rows, cols, data }
+        Self::new(rows, cols, data)
     }
 
+    /// Bytes of F16 data a matmul streams.
     pub fn bytes(&self) -> usize {
         self.data.len() * 2
     }

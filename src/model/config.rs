@@ -144,13 +144,7 @@ impl ModelConfig {
         if f.opt_bool("mlp_bias")?.unwrap_or(false) {
             return Err(f.bad("mlp_bias", "MLP bias is not supported"));
         }
-        let sliding_window = match arch {
-            Arch::Mistral => f.opt_usize("sliding_window")?,
-            Arch::Qwen2 if f.opt_bool("use_sliding_window")?.unwrap_or(false) => {
-                f.opt_usize("sliding_window")?
-            }
-            _ => None,
-        };
+        let sliding_window = f.sliding_window(arch)?;
         Ok(Self {
             arch,
             vocab_size: f.usize("vocab_size")?,
@@ -251,6 +245,41 @@ impl Fields<'_> {
     }
     fn str(&self, field: &str) -> Result<String, ModelError> {
         self.opt_str(field).ok_or_else(|| self.missing(field))
+    }
+
+    /// The attention window, when every layer uses one. transformers 5 lists `layer_types`;
+    /// older Qwen2 configs slide only layers ≥ `max_window_layers` when `use_sliding_window`.
+    /// A mix of sliding and full layers is rejected rather than computed wrongly.
+    fn sliding_window(&self, arch: Arch) -> Result<Option<usize>, ModelError> {
+        let window = self.opt_usize("sliding_window")?;
+        let layers = self.usize("num_hidden_layers")?;
+        let sliding_layers = if let Some(types) = self.get("layer_types").and_then(Value::as_array)
+        {
+            types
+                .iter()
+                .filter(|t| t.as_str() == Some("sliding_attention"))
+                .count()
+        } else {
+            match arch {
+                Arch::Mistral => layers,
+                Arch::Qwen2 if self.opt_bool("use_sliding_window")?.unwrap_or(false) => {
+                    let first = self
+                        .opt_usize("max_window_layers")?
+                        .unwrap_or(0)
+                        .min(layers);
+                    layers - first
+                }
+                _ => 0,
+            }
+        };
+        match (window, sliding_layers) {
+            (None, _) | (_, 0) => Ok(None),
+            (Some(w), n) if n == layers => Ok(Some(w)),
+            _ => Err(self.bad(
+                "layer_types",
+                "a mix of sliding-window and full-attention layers is not supported",
+            )),
+        }
     }
 
     /// (theta, scaling, partial_rotary_factor) from either layout.
@@ -419,6 +448,13 @@ mod tests {
         let c = parse(&v).unwrap();
         assert!(c.qkv_bias && !c.o_bias && c.tie_word_embeddings);
         assert_eq!(c.sliding_window, None);
+        v["use_sliding_window"] = json!(true);
+        v["max_window_layers"] = json!(28);
+        assert_eq!(parse(&v).unwrap().sliding_window, None);
+        v["max_window_layers"] = json!(0);
+        assert_eq!(parse(&v).unwrap().sliding_window, Some(32));
+        v["max_window_layers"] = json!(1);
+        assert!(parse(&v).unwrap_err().to_string().contains("layer_types"));
         let mut v = base();
         v["architectures"] = json!(["Phi3ForCausalLM"]);
         v["partial_rotary_factor"] = json!(0.5);

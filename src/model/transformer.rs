@@ -486,8 +486,7 @@ impl Transformer {
         let mut x = std::mem::take(&mut s.x); // (n, hidden)
         let toks = seqs.iter().flat_map(|q| q.tokens.iter());
         for (row, &t) in x.chunks_exact_mut(h).zip(toks) {
-            let e = &self.embed_tokens.data[t as usize * h..(t as usize + 1) * h];
-            row.iter_mut().zip(e).for_each(|(r, e)| *r = e.to_f32());
+            self.embed_tokens.row_f32(t as usize, row);
         }
         for (i, layer) in self.layers.iter().enumerate() {
             layer.forward(self, i, &mut x[..n * h], seqs, kv, s);

@@ -7,6 +7,7 @@
 //! memory is O(queries × head_dim) whatever the context length. Tasks write disjoint output
 //! elements (their own rows × their own heads).
 
+use super::matmul::Isa;
 use crate::backend::{AttnSeq, AttnShape};
 use half::f16;
 use half::slice::HalfFloatSliceExt;
@@ -19,7 +20,9 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
+#[allow(clippy::too_many_arguments)]
 pub fn attention(
+    isa: Isa,
     threads: usize,
     q: &[f32],
     k_cache: &[f16],
@@ -41,7 +44,15 @@ pub fn attention(
     let o = OutPtr(out.as_mut_ptr());
     let run = |&(i, g): &(usize, usize)| {
         // SAFETY: see OutPtr; bounds checked above (rows, block tables) and by slice indexing.
-        unsafe { one(q, k_cache, v_cache, &seqs[i], g, s, o) }
+        unsafe {
+            match isa {
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx512 => one_avx512(q, k_cache, v_cache, &seqs[i], g, s, o),
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx2 => one_avx2(q, k_cache, v_cache, &seqs[i], g, s, o),
+                _ => one(q, k_cache, v_cache, &seqs[i], g, s, o),
+            }
+        }
     };
     if threads <= 1 || tasks.len() == 1 {
         tasks.iter().for_each(run);
@@ -50,6 +61,37 @@ pub fn attention(
     }
 }
 
+/// `one` compiled for AVX-512 (the compiler vectorises the dot products and AXPYs 16 wide).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn one_avx512(
+    q: &[f32],
+    kc: &[f16],
+    vc: &[f16],
+    sq: &AttnSeq<'_>,
+    g: usize,
+    s: &AttnShape,
+    o: OutPtr,
+) {
+    one(q, kc, vc, sq, g, s, o)
+}
+
+/// `one` compiled for AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn one_avx2(
+    q: &[f32],
+    kc: &[f16],
+    vc: &[f16],
+    sq: &AttnSeq<'_>,
+    g: usize,
+    s: &AttnShape,
+    o: OutPtr,
+) {
+    one(q, kc, vc, sq, g, s, o)
+}
+
+#[inline(always)]
 unsafe fn one(
     q: &[f32],
     kc: &[f16],
@@ -68,7 +110,10 @@ unsafe fn one(
     let mut m = vec![f32::NEG_INFINITY; nq];
     let mut l = vec![0f32; nq];
     let mut acc = vec![0f32; nq * hd];
-    let mut kt = vec![0f32; bs * hd];
+    let mut kraw = vec![0f32; bs * hd];
+    // K tile transposed, (head_dim, block_size): scores of one query against the whole block are
+    // then head_dim vector FMAs across the block's keys, with no horizontal sums.
+    let mut kt = vec![0f32; hd * bs];
     let mut vt = vec![0f32; bs * hd];
     let mut p = vec![0f32; bs];
     let nblocks = total.div_ceil(bs);
@@ -80,7 +125,12 @@ unsafe fn one(
         let base = b * bs;
         let valid = (total - base).min(bs);
         let off = ((sq.blocks[b] as usize * s.num_kv_heads + g) * bs) * hd;
-        kc[off..off + valid * hd].convert_to_f32_slice(&mut kt[..valid * hd]);
+        kc[off..off + valid * hd].convert_to_f32_slice(&mut kraw[..valid * hd]);
+        for j in 0..valid {
+            for d in 0..hd {
+                kt[d * bs + j] = kraw[j * hd + d];
+            }
+        }
         vc[off..off + valid * hd].convert_to_f32_slice(&mut vt[..valid * hd]);
         for t in 0..sq.len {
             let pos = sq.start_pos + t;
@@ -100,10 +150,27 @@ unsafe fn one(
                 let qi = t * group + hg;
                 let qrow = &q[((sq.row + t) * s.num_heads + h) * hd..][..hd];
                 let mut mx = f32::NEG_INFINITY;
-                for j in lo..hi {
-                    let sc = dot(qrow, &kt[j * hd..(j + 1) * hd]) * s.scale;
-                    p[j] = sc;
-                    mx = mx.max(sc);
+                if bs == 16 {
+                    // The default block size: a 16-float accumulator the compiler keeps in
+                    // one register.
+                    let mut a = [0f32; 16];
+                    for (qd, kr) in qrow.iter().zip(kt.chunks_exact(16)) {
+                        for j in 0..16 {
+                            a[j] += qd * kr[j];
+                        }
+                    }
+                    p[..16].copy_from_slice(&a);
+                } else {
+                    p.fill(0.0);
+                    for (d, &qd) in qrow.iter().enumerate() {
+                        for (pj, kj) in p.iter_mut().zip(&kt[d * bs..(d + 1) * bs]) {
+                            *pj += qd * kj;
+                        }
+                    }
+                }
+                for pj in &mut p[lo..hi] {
+                    *pj *= s.scale;
+                    mx = mx.max(*pj);
                 }
                 let m_new = m[qi].max(mx);
                 let corr = (m[qi] - m_new).exp();
@@ -135,24 +202,7 @@ unsafe fn one(
     }
 }
 
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut s = [0f32; 8];
-    let (ac, at) = a.split_at(a.len() / 8 * 8);
-    let (bc, bt) = b.split_at(ac.len());
-    for (x, y) in ac.chunks_exact(8).zip(bc.chunks_exact(8)) {
-        for l in 0..8 {
-            s[l] += x[l] * y[l];
-        }
-    }
-    let mut r: f32 = s.iter().sum();
-    for (x, y) in at.iter().zip(bt) {
-        r += x * y;
-    }
-    r
-}
-
-#[inline]
+#[inline(always)]
 fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
     for (yi, xi) in y.iter_mut().zip(x) {
         *yi += a * xi;

@@ -1,29 +1,26 @@
-//! F16-weight × F32-activation matmul: y (n, rows) = x (n, cols) · Wᵀ, W (rows, cols) F16.
+//! F16-weight × F32-activation matmul: y (n, rows) = x (n, cols) · Wᵀ, W packed in 16-row panels
+//! (see [`Weight`]).
 //!
-//! Work split: output rows are cut into chunks (a multiple of 4 rows), one rayon task each, so
-//! threads never share an output element. Inside a chunk, tokens are taken in blocks of
-//! [`TOKEN_BLOCK`] (their activations stay in L2) and, for each 4-row weight tile, the micro-kernel
-//! computes the 4 × T dot products of that tile with T ≤ 4 tokens at once: each weight vector is
-//! converted F16→F32 once per T tokens, so prefill reads each weight byte from memory once per
-//! token block instead of once per token. Decode (n = 1) degenerates to 4 rows × 1 token, streaming
-//! the weights once — it is bound by memory bandwidth.
+//! Micro-kernel (outer-product form): for each k, load column k of P panels (P × 16 F16 →
+//! F32, one `vcvtph2ps` each), broadcast x[t][k] for T tokens, and do P × T FMAs into P × T
+//! accumulators of 16 output rows each. With P = 2, T = 12 on AVX-512 that is 24 FMAs per 2
+//! conversions and 14 loads, so prefill is FMA-bound; each weight byte is read from memory once
+//! per call (the panel pair stays in L2 while all token tiles pass over it). Decode (n = 1) is
+//! P × 1: it streams the weights once and is bound by memory bandwidth.
 //!
-//! ISA: AVX-512F (16 lanes, `vcvtph2ps zmm`), else AVX2 + FMA + F16C (8 lanes), else a portable
-//! loop; chosen once at start-up with `is_x86_feature_detected!`.
+//! Activations of a multi-token call are first packed as (tiles of 12 tokens, cols, 12), so the
+//! kernel's broadcasts come from constant offsets of one pointer.
+//!
+//! Work split: panels are cut into chunks, one rayon task each, so threads never share an output
+//! element. ISA: AVX-512F, else AVX2 + FMA + F16C (each panel as two 8-lane halves), else a
+//! portable loop; chosen once with `is_x86_feature_detected!`.
 
-// Kernels index fixed-size register tiles by (row, token); index loops read clearer there.
+// Kernels index fixed-size register tiles by (panel, token); index loops read clearer there.
 #![allow(clippy::needless_range_loop)]
 
-use crate::backend::Weight;
+use crate::backend::{Weight, PANEL};
 use half::f16;
 use rayon::prelude::*;
-
-/// Tokens whose activations are kept hot while a chunk of weight rows streams past.
-const TOKEN_BLOCK: usize = 64;
-/// Weight rows per micro-kernel tile.
-const ROWS: usize = 4;
-/// Tokens per micro-kernel tile.
-const TOKS: usize = 4;
 
 /// Instruction set used by the matmul kernels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,7 +53,7 @@ impl Isa {
 /// Raw output pointer shared by tasks that write disjoint columns.
 #[derive(Clone, Copy)]
 struct OutPtr(*mut f32);
-// SAFETY: tasks write disjoint elements (each owns a distinct row range of W, i.e. a distinct
+// SAFETY: tasks write disjoint elements (each owns a distinct panel range of W, i.e. a distinct
 // column range of y), and the pointer outlives the parallel scope that uses it.
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
@@ -72,91 +69,137 @@ pub fn matmul(isa: Isa, threads: usize, x: &[f32], w: &Weight, y: &mut [f32]) {
     );
     let n = x.len() / cols;
     assert_eq!(y.len(), n * rows, "matmul: y size");
-    assert_eq!(w.data.len(), rows * cols, "matmul: weight size");
-    // Enough chunks to balance threads; each a multiple of ROWS.
+    let panels = rows.div_ceil(PANEL);
+    assert_eq!(
+        w.panels().len(),
+        panels * cols * PANEL,
+        "matmul: weight size"
+    );
+    // Enough chunks to balance threads; each an even number of panels (the kernel takes pairs).
     let tasks = (threads * 4).max(1);
-    let chunk = rows.div_ceil(tasks).div_ceil(ROWS) * ROWS;
-    let chunk = chunk.max(ROWS);
+    let chunk = (panels.div_ceil(tasks).div_ceil(2) * 2).max(2);
     let out = OutPtr(y.as_mut_ptr());
-    let nchunks = rows.div_ceil(chunk);
-    let run = |c: usize| {
-        let r0 = c * chunk;
-        let r1 = (r0 + chunk).min(rows);
-        // SAFETY: r0..r1 ⊂ 0..rows; x has n·cols elements, w has rows·cols, y has n·rows (checked
-        // above); this task alone writes columns r0..r1 of y.
-        unsafe { rows_range(isa, x, n, w, r0, r1, out) }
-    };
-    if nchunks == 1 || threads <= 1 {
-        (0..nchunks).for_each(run);
-    } else {
-        (0..nchunks).into_par_iter().for_each(run);
-    }
-}
-
-/// Computes columns r0..r1 of y for all n tokens.
-unsafe fn rows_range(isa: Isa, x: &[f32], n: usize, w: &Weight, r0: usize, r1: usize, out: OutPtr) {
-    let (rows, cols) = (w.rows, w.cols);
-    let wp = w.data.as_ptr();
-    let xp = x.as_ptr();
-    let mut tb = 0;
-    while tb < n {
-        let te = (tb + TOKEN_BLOCK).min(n);
-        let mut r = r0;
-        while r < r1 {
-            let nr = (r1 - r).min(ROWS);
-            let mut t = tb;
-            while t < te {
-                let nt = (te - t).min(TOKS);
-                let mut acc = [[0f32; TOKS]; ROWS];
-                tile(
-                    isa,
-                    wp.add(r * cols),
-                    cols,
-                    xp.add(t * cols),
-                    nr,
-                    nt,
-                    &mut acc,
-                );
-                for (ri, acc_r) in acc.iter().enumerate().take(nr) {
-                    for (ti, v) in acc_r.iter().enumerate().take(nt) {
-                        *out.0.add((t + ti) * rows + r + ri) = *v;
-                    }
-                }
-                t += nt;
-            }
-            r += nr;
+    let nchunks = panels.div_ceil(chunk);
+    XPACK.with(|buf| {
+        let mut buf = buf.borrow_mut();
+        let tt = token_tile(n);
+        let xs: &[f32] = if n == 1 {
+            x
+        } else {
+            pack_x(x, n, cols, tt, &mut buf)
+        };
+        let run = |c: usize| {
+            let p0 = c * chunk;
+            let p1 = (p0 + chunk).min(panels);
+            // SAFETY: p0..p1 ⊂ 0..panels; x has n·cols elements, the packed weight panels·cols·16,
+            // y n·rows (all checked above); this task alone writes rows p0·16..p1·16 ∩ 0..rows of
+            // every token's output.
+            unsafe { panels_range(isa, xs, n, tt, w, p0, p1, out) }
+        };
+        if nchunks == 1 || threads <= 1 {
+            (0..nchunks).for_each(run);
+        } else {
+            (0..nchunks).into_par_iter().for_each(run);
         }
-        tb = te;
+    });
+}
+
+/// Largest tokens per micro-kernel tile.
+const TT: usize = 12;
+
+/// Tokens per tile for an n-token call: 1, 4, 8 or 12 (small batches are not padded to 12).
+fn token_tile(n: usize) -> usize {
+    match n {
+        1 => 1,
+        2..=4 => 4,
+        5..=8 => 8,
+        _ => TT,
     }
 }
 
-/// Dispatches the nr × nt tile to a monomorphised kernel.
+thread_local! {
+    /// Packed activations, reused across calls so steady-state steps do not allocate.
+    static XPACK: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Packs x (n, cols) as (n.div_ceil(tt), cols, tt), zero-padding the last tile, so the kernel
+/// broadcasts x[t][k] from constant offsets of one pointer.
+fn pack_x<'b>(x: &[f32], n: usize, cols: usize, tt: usize, buf: &'b mut Vec<f32>) -> &'b [f32] {
+    let tiles = n.div_ceil(tt);
+    buf.clear();
+    buf.resize(tiles * cols * tt, 0.0);
+    for (t, row) in x.chunks_exact(cols).enumerate() {
+        let tile = &mut buf[(t / tt) * cols * tt..][..cols * tt];
+        for (k, v) in row.iter().enumerate() {
+            tile[k * tt + t % tt] = *v;
+        }
+    }
+    buf
+}
+
+/// Computes output rows of panels p0..p1 for all n tokens; `x` is packed when n > 1.
+#[allow(clippy::too_many_arguments)]
+unsafe fn panels_range(
+    isa: Isa,
+    x: &[f32],
+    n: usize,
+    tt: usize,
+    w: &Weight,
+    p0: usize,
+    p1: usize,
+    out: OutPtr,
+) {
+    let (rows, cols) = (w.rows, w.cols);
+    let mut p = p0;
+    while p < p1 {
+        let np = (p1 - p).min(2);
+        let wp = w.panels().as_ptr().add(p * cols * PANEL);
+        // A panel pair's rows that exist (the last panel may be padding beyond `rows`).
+        let valid = (rows - p * PANEL).min(np * PANEL);
+        let mut t = 0;
+        while t < n {
+            let nt = (n - t).min(tt);
+            let xp = if n == 1 {
+                x.as_ptr()
+            } else {
+                x.as_ptr().add(t * cols)
+            };
+            let mut tmp = [0f32; 2 * PANEL * TT];
+            // The kernel writes np·16 rows × tt tokens into tmp; copy out the real ones.
+            tile(isa, wp, cols, xp, np, tt, tmp.as_mut_ptr());
+            for ti in 0..nt {
+                let dst = out.0.add((t + ti) * rows + p * PANEL);
+                std::ptr::copy_nonoverlapping(tmp.as_ptr().add(ti * 2 * PANEL), dst, valid);
+            }
+            t += nt;
+        }
+        p += np;
+    }
+}
+
+/// Dispatches an np-panel × tt-token tile (x packed with stride tt; contiguous for tt = 1).
+/// y: (tt, 32).
 #[inline]
 unsafe fn tile(
     isa: Isa,
     w: *const f16,
     k: usize,
     x: *const f32,
-    nr: usize,
-    nt: usize,
-    acc: &mut [[f32; TOKS]; ROWS],
+    np: usize,
+    tt: usize,
+    y: *mut f32,
 ) {
     macro_rules! go {
         ($f:ident) => {
-            match (nr, nt) {
-                (4, 4) => $f::<4, 4>(w, k, x, acc),
-                (4, 3) => $f::<4, 3>(w, k, x, acc),
-                (4, 2) => $f::<4, 2>(w, k, x, acc),
-                (4, 1) => $f::<4, 1>(w, k, x, acc),
-                (nr, nt) => {
-                    for ri in 0..nr {
-                        for ti in 0..nt {
-                            let mut one = [[0f32; TOKS]; ROWS];
-                            $f::<1, 1>(w.add(ri * k), k, x.add(ti * k), &mut one);
-                            acc[ri][ti] = one[0][0];
-                        }
-                    }
-                }
+            match (np, tt) {
+                (2, 1) => $f::<2, 1>(w, k, x, y),
+                (2, 4) => $f::<2, 4>(w, k, x, y),
+                (2, 8) => $f::<2, 8>(w, k, x, y),
+                (2, _) => $f::<2, TT>(w, k, x, y),
+                (_, 1) => $f::<1, 1>(w, k, x, y),
+                (_, 4) => $f::<1, 4>(w, k, x, y),
+                (_, 8) => $f::<1, 8>(w, k, x, y),
+                (_, _) => $f::<1, TT>(w, k, x, y),
             }
         };
     }
@@ -169,106 +212,103 @@ unsafe fn tile(
     }
 }
 
-/// Portable reference kernel (also the tail of the SIMD ones).
-unsafe fn tile_portable<const R: usize, const T: usize>(
+/// Portable reference kernel.
+unsafe fn tile_portable<const P: usize, const T: usize>(
     w: *const f16,
     k: usize,
     x: *const f32,
-    acc: &mut [[f32; TOKS]; ROWS],
+    y: *mut f32,
 ) {
-    for r in 0..R {
-        let wr = std::slice::from_raw_parts(w.add(r * k), k);
-        for t in 0..T {
-            let xt = std::slice::from_raw_parts(x.add(t * k), k);
-            let mut s = [0f32; 8];
-            let mut i = 0;
-            while i + 8 <= k {
-                for l in 0..8 {
-                    s[l] += wr[i + l].to_f32() * xt[i + l];
+    let mut acc = [[[0f32; PANEL]; T]; P];
+    for kk in 0..k {
+        for p in 0..P {
+            let col = std::slice::from_raw_parts(w.add((p * k + kk) * PANEL), PANEL);
+            let mut wv = [0f32; PANEL];
+            for (d, s) in wv.iter_mut().zip(col) {
+                *d = s.to_f32();
+            }
+            for t in 0..T {
+                let xv = *x.add(kk * T + t);
+                for i in 0..PANEL {
+                    acc[p][t][i] += wv[i] * xv;
                 }
-                i += 8;
             }
-            let mut sum: f32 = s.iter().sum();
-            while i < k {
-                sum += wr[i].to_f32() * xt[i];
-                i += 1;
-            }
-            acc[r][t] = sum;
+        }
+    }
+    for p in 0..P {
+        for t in 0..T {
+            std::ptr::copy_nonoverlapping(
+                acc[p][t].as_ptr(),
+                y.add(t * 2 * PANEL + p * PANEL),
+                PANEL,
+            );
         }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn tile_avx512<const R: usize, const T: usize>(
+unsafe fn tile_avx512<const P: usize, const T: usize>(
     w: *const f16,
     k: usize,
     x: *const f32,
-    acc: &mut [[f32; TOKS]; ROWS],
+    y: *mut f32,
 ) {
     use std::arch::x86_64::*;
-    let mut a = [[_mm512_setzero_ps(); T]; R];
-    let mut i = 0;
-    while i + 16 <= k {
-        let mut wv = [_mm512_setzero_ps(); R];
-        for (r, v) in wv.iter_mut().enumerate() {
-            *v = _mm512_cvtph_ps(_mm256_loadu_si256(w.add(r * k + i) as *const __m256i));
+    let mut a = [[_mm512_setzero_ps(); T]; P];
+    for kk in 0..k {
+        let mut wv = [_mm512_setzero_ps(); P];
+        for p in 0..P {
+            wv[p] = _mm512_cvtph_ps(_mm256_loadu_si256(
+                w.add((p * k + kk) * PANEL) as *const __m256i
+            ));
         }
         for t in 0..T {
-            let xv = _mm512_loadu_ps(x.add(t * k + i));
-            for r in 0..R {
-                a[r][t] = _mm512_fmadd_ps(wv[r], xv, a[r][t]);
+            let xb = _mm512_set1_ps(*x.add(kk * T + t));
+            for p in 0..P {
+                a[p][t] = _mm512_fmadd_ps(wv[p], xb, a[p][t]);
             }
         }
-        i += 16;
     }
-    for r in 0..R {
+    for p in 0..P {
         for t in 0..T {
-            let mut s = _mm512_reduce_add_ps(a[r][t]);
-            for j in i..k {
-                s += (*w.add(r * k + j)).to_f32() * *x.add(t * k + j);
-            }
-            acc[r][t] = s;
+            _mm512_storeu_ps(y.add(t * 2 * PANEL + p * PANEL), a[p][t]);
         }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn tile_avx2<const R: usize, const T: usize>(
+unsafe fn tile_avx2<const P: usize, const T: usize>(
     w: *const f16,
     k: usize,
     x: *const f32,
-    acc: &mut [[f32; TOKS]; ROWS],
+    y: *mut f32,
 ) {
     use std::arch::x86_64::*;
-    let mut a = [[_mm256_setzero_ps(); T]; R];
-    let mut i = 0;
-    while i + 8 <= k {
-        let mut wv = [_mm256_setzero_ps(); R];
-        for (r, v) in wv.iter_mut().enumerate() {
-            *v = _mm256_cvtph_ps(_mm_loadu_si128(w.add(r * k + i) as *const __m128i));
-        }
-        for t in 0..T {
-            let xv = _mm256_loadu_ps(x.add(t * k + i));
-            for r in 0..R {
-                a[r][t] = _mm256_fmadd_ps(wv[r], xv, a[r][t]);
+    // 16 ymm registers: tile at most 1 panel (2 halves) × 6 tokens per pass.
+    let mut t0 = 0;
+    while t0 < T {
+        let tn = (T - t0).min(6);
+        for p in 0..P {
+            let mut a = [[_mm256_setzero_ps(); 2]; 6];
+            let wpan = w.add(p * k * PANEL);
+            for kk in 0..k {
+                let lo = _mm256_cvtph_ps(_mm_loadu_si128(wpan.add(kk * PANEL) as *const __m128i));
+                let hi =
+                    _mm256_cvtph_ps(_mm_loadu_si128(wpan.add(kk * PANEL + 8) as *const __m128i));
+                for t in 0..tn {
+                    let xb = _mm256_set1_ps(*x.add(kk * T + t0 + t));
+                    a[t][0] = _mm256_fmadd_ps(lo, xb, a[t][0]);
+                    a[t][1] = _mm256_fmadd_ps(hi, xb, a[t][1]);
+                }
+            }
+            for t in 0..tn {
+                let dst = y.add((t0 + t) * 2 * PANEL + p * PANEL);
+                _mm256_storeu_ps(dst, a[t][0]);
+                _mm256_storeu_ps(dst.add(8), a[t][1]);
             }
         }
-        i += 8;
-    }
-    for r in 0..R {
-        for t in 0..T {
-            let v = a[r][t];
-            let hi = _mm256_extractf128_ps(v, 1);
-            let q = _mm_add_ps(_mm256_castps256_ps128(v), hi);
-            let q = _mm_add_ps(q, _mm_movehl_ps(q, q));
-            let q = _mm_add_ss(q, _mm_shuffle_ps(q, q, 1));
-            let mut s = _mm_cvtss_f32(q);
-            for j in i..k {
-                s += (*w.add(r * k + j)).to_f32() * *x.add(t * k + j);
-            }
-            acc[r][t] = s;
-        }
+        t0 += tn;
     }
 }

@@ -102,8 +102,18 @@ impl Backend for CpuBackend {
         shape: &AttnShape,
         out: &mut [f32],
     ) {
-        self.pool
-            .install(|| attention::attention(self.threads, q, k_cache, v_cache, seqs, shape, out));
+        self.pool.install(|| {
+            attention::attention(
+                self.isa,
+                self.threads,
+                q,
+                k_cache,
+                v_cache,
+                seqs,
+                shape,
+                out,
+            )
+        });
     }
 }
 
@@ -138,7 +148,13 @@ mod tests {
                 .collect();
             let x = rand_vec(n * cols, 2);
             let wt = Weight::new(rows, cols, w.clone());
-            for isa in [Isa::detect(), Isa::Portable] {
+            assert_eq!(wt.to_row_major(), w);
+            let isas = match Isa::detect() {
+                Isa::Portable => vec![Isa::Portable],
+                Isa::Avx2 => vec![Isa::Avx2, Isa::Portable],
+                Isa::Avx512 => vec![Isa::Avx512, Isa::Avx2, Isa::Portable],
+            };
+            for isa in isas {
                 for threads in [1, 2] {
                     let be = CpuBackend::new(threads).with_isa(isa);
                     let mut y = vec![0f32; n * rows];
