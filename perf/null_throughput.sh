@@ -11,7 +11,7 @@ PORT=${PORT:-18190}
 cargo build --release --bins -q
 ulimit -n "$(ulimit -Hn)"
 taskset -c 0 target/release/seedance-server --model null --null-tokens-per-s 0 \
-  --listen 127.0.0.1:$PORT --cores 1 --log warn 2>/tmp/null_srv.log &
+  --max-running 1024 --listen 127.0.0.1:$PORT --cores 1 --log warn 2>/tmp/null_srv.log &
 SRV=$!
 trap 'kill $SRV 2>/dev/null || true' EXIT
 for _ in $(seq 50); do grep -q "listening on" /tmp/null_srv.log && break; sleep 0.1; done

@@ -42,6 +42,7 @@ pub fn build(cfg: &EngineConfig, metrics: Arc<EngineMetrics>) -> Result<Built, S
         let generator = Box::new(super::null::NullModel::new(
             cfg.null_tokens_per_s,
             cfg.max_running,
+            cfg.max_waiting,
         ));
         return Ok(Built {
             generator,

@@ -3,7 +3,7 @@
 //! It exercises the whole serving path — queues, wake-ups, detokenizing on the shard, framing,
 //! backpressure — with the model's cost taken out.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -74,20 +74,30 @@ pub struct NullModel {
     /// Time between two tokens of one sequence; `None` = as fast as possible.
     interval: Option<Duration>,
     max_running: usize,
+    /// Sequences beyond `max_running`, admitted FCFS as others finish.
+    waiting: VecDeque<NullSeq>,
+    max_waiting: usize,
     /// Terminal events that found their shard's queue full, retried first on the next step.
     pending: Vec<TokenEvent>,
 }
 
 impl NullModel {
-    pub fn new(tokens_per_s: f64, max_running: usize) -> Self {
+    pub fn new(tokens_per_s: f64, max_running: usize, max_waiting: usize) -> Self {
         let interval = (tokens_per_s > 0.0).then(|| Duration::from_secs_f64(1.0 / tokens_per_s));
         Self {
             seqs: Vec::new(),
             index: HashMap::new(),
             interval,
             max_running,
+            waiting: VecDeque::new(),
+            max_waiting,
             pending: Vec::new(),
         }
+    }
+
+    fn start(&mut self, s: NullSeq) {
+        self.index.insert(s.key, self.seqs.len());
+        self.seqs.push(s);
     }
 
     fn emit_final(&mut self, sink: &mut EventSink<'_>, key: SeqKey, kind: EventKind) {
@@ -113,22 +123,27 @@ impl Generator for NullModel {
     fn handle(&mut self, msg: EngineMsg, sink: &mut EventSink<'_>) {
         match msg {
             EngineMsg::Generate(req) => {
-                if self.seqs.len() >= self.max_running || self.index.contains_key(&req.key) {
-                    let kind = EventKind::Rejected(RejectReason::Overloaded);
-                    self.emit_final(sink, req.key, kind);
-                    return;
-                }
-                self.index.insert(req.key, self.seqs.len());
-                self.seqs.push(NullSeq {
+                let seq = NullSeq {
                     key: req.key,
                     next: 0,
                     max_tokens: req.params.max_tokens.unwrap_or(256),
                     paused: false,
                     due: Instant::now(),
-                });
+                };
+                if self.index.contains_key(&req.key) {
+                    self.emit_final(sink, req.key, EventKind::Rejected(RejectReason::Overloaded));
+                } else if self.seqs.len() < self.max_running {
+                    self.start(seq);
+                } else if self.waiting.len() < self.max_waiting {
+                    self.waiting.push_back(seq);
+                } else {
+                    self.emit_final(sink, req.key, EventKind::Rejected(RejectReason::Overloaded));
+                }
             }
             EngineMsg::Cancel(key) => {
-                if self.remove(key) {
+                let queued = self.waiting.len();
+                self.waiting.retain(|s| s.key != key);
+                if self.remove(key) || self.waiting.len() < queued {
                     self.emit_final(sink, key, EventKind::Done(FinishReason::Cancelled));
                 }
             }
@@ -136,6 +151,8 @@ impl Generator for NullModel {
                 let paused = matches!(msg, EngineMsg::Pause(_));
                 if let Some(&i) = self.index.get(&key) {
                     self.seqs[i].paused = paused;
+                } else if let Some(s) = self.waiting.iter_mut().find(|s| s.key == key) {
+                    s.paused = paused;
                 }
             }
         }
@@ -143,6 +160,11 @@ impl Generator for NullModel {
 
     fn step(&mut self, sink: &mut EventSink<'_>) -> StepOutcome {
         self.pending.retain(|ev| !sink.push(*ev));
+        while self.seqs.len() < self.max_running {
+            let Some(mut s) = self.waiting.pop_front() else { break };
+            s.due = Instant::now();
+            self.start(s);
+        }
         let words = vocab().len() as u32;
         let now = self.interval.map(|_| Instant::now());
         let mut earliest: Option<Instant> = None;
@@ -202,7 +224,7 @@ impl Generator for NullModel {
             StepOutcome::WaitUntil(t)
         } else if blocked || !self.pending.is_empty() {
             StepOutcome::WaitUntil(Instant::now() + Duration::from_micros(200))
-        } else if self.seqs.iter().any(|s| !s.paused) {
+        } else if self.seqs.iter().any(|s| !s.paused) || !self.waiting.is_empty() {
             StepOutcome::Busy
         } else {
             StepOutcome::Idle
@@ -248,7 +270,7 @@ mod tests {
     #[test]
     fn streams_max_tokens_then_length() {
         let (mut shard, mut engine, _) = links(1, 16, 1024);
-        let mut model = NullModel::new(0.0, 8);
+        let mut model = NullModel::new(0.0, 8, 0);
         let mut sink = EventSink::for_tests(&mut engine);
         let params = GenParams {
             max_tokens: Some(5),
@@ -275,7 +297,7 @@ mod tests {
     #[test]
     fn cancel_confirms_and_forgets_the_sequence() {
         let (mut shard, mut engine, _) = links(1, 16, 1024);
-        let mut model = NullModel::new(0.0, 8);
+        let mut model = NullModel::new(0.0, 8, 0);
         let mut sink = EventSink::for_tests(&mut engine);
         let req = GenerateRequest {
             key: key(1),
@@ -300,7 +322,7 @@ mod tests {
     #[test]
     fn full_event_queue_pauses_instead_of_dropping() {
         let (mut shard, mut engine, _) = links(1, 16, 4);
-        let mut model = NullModel::new(0.0, 8);
+        let mut model = NullModel::new(0.0, 8, 0);
         let mut sink = EventSink::for_tests(&mut engine);
         let params = GenParams {
             max_tokens: Some(10),
@@ -324,9 +346,27 @@ mod tests {
     }
 
     #[test]
+    fn beyond_max_running_sequences_wait_their_turn() {
+        let (mut shard, mut engine, _) = links(1, 16, 1024);
+        let mut model = NullModel::new(0.0, 1, 4);
+        let mut sink = EventSink::for_tests(&mut engine);
+        for slot in 0..3 {
+            let params = GenParams { max_tokens: Some(2), ..GenParams::default() };
+            let req = GenerateRequest { key: key(slot), prompt: vec![], params };
+            model.handle(EngineMsg::Generate(Box::new(req)), &mut sink);
+        }
+        run_until_idle(&mut model, &mut sink);
+        let done: Vec<u32> = std::iter::from_fn(|| shard[0].events.pop().ok())
+            .filter(|e| e.kind == EventKind::Done(FinishReason::Length))
+            .map(|e| e.key.slot)
+            .collect();
+        assert_eq!(done, vec![0, 1, 2], "all served, in arrival order");
+    }
+
+    #[test]
     fn over_capacity_is_rejected_as_overloaded() {
         let (mut shard, mut engine, _) = links(1, 16, 64);
-        let mut model = NullModel::new(0.0, 1);
+        let mut model = NullModel::new(0.0, 1, 0);
         let mut sink = EventSink::for_tests(&mut engine);
         for slot in 0..2 {
             let req = GenerateRequest {
