@@ -185,7 +185,7 @@ def wait_for(pred, timeout: float = 5.0, interval: float = 0.02, what: str = "co
     last = None
     while True:
         last = pred()
-        if last:
+        if last is True or (last and not isinstance(last, tuple)):
             return last
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
@@ -199,6 +199,6 @@ def wait_kv_free(server: Server, timeout: float = 5.0) -> None:
         text = server.metrics()
         kv = metric_value(text, "seedance_kv_cache_usage_ratio")
         running = metric_value(text, "seedance_engine_running")
-        return (kv == 0 and running == 0) or None
+        return True if kv == 0 and running == 0 else (False, f"kv usage {kv}, running {running}")
 
     wait_for(idle, timeout, what="seedance_kv_cache_usage_ratio 0 and seedance_engine_running 0")

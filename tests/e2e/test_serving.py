@@ -18,7 +18,6 @@ async), `websockets`, and `http.client` for raw bodies and SSE.
 from __future__ import annotations
 
 import asyncio
-import http.client
 import json
 import socket
 import threading
@@ -27,7 +26,7 @@ import time
 import openai
 import pytest
 
-from conftest import Server, run
+from conftest import Server, metric_value, run
 from servinglib import (
     assert_openai_error,
     chat_text,
@@ -298,10 +297,13 @@ def _stop_candidate(text: str) -> str:
     raise AssertionError(f"no usable stop string in {text!r}")
 
 
+STOP_MAX_TOKENS = 150  # far beyond the stop string: the engine cannot finish before the stop lands
+
+
 @pytest.mark.parametrize("endpoint", ["completions", "chat"])
 def test_openai_stop_truncates_before_stop_string(qwen, endpoint):
     client = oai(qwen)
-    kw = dict(model="qwen2", max_tokens=64, temperature=0.8, seed=3, extra_body={"ignore_eos": True})
+    kw = dict(model="qwen2", max_tokens=STOP_MAX_TOKENS, temperature=0.8, seed=3, extra_body={"ignore_eos": True})
 
     def create(**more):
         if endpoint == "chat":
@@ -319,28 +321,80 @@ def test_openai_stop_truncates_before_stop_string(qwen, endpoint):
                 finish = c.finish_reason or finish
         return "".join(parts), finish
 
-    full = text_of(create())
+    unstopped = create()
+    assert unstopped.choices[0].finish_reason == "length"
+    full = text_of(unstopped)
     stop = _stop_candidate(full)
     cut = full[: full.index(stop)]
 
     stopped = create(stop=[stop, "never-occurs-zz"])
-    assert stopped.choices[0].finish_reason == "stop"
     assert stop not in text_of(stopped)
     assert text_of(stopped) == cut
-    assert stopped.usage.completion_tokens < 64
+    assert stopped.choices[0].finish_reason == "stop"
+    assert stopped.usage.completion_tokens < STOP_MAX_TOKENS
 
     s_text, s_finish = stream_text(stop=[stop])
-    assert s_finish == "stop"
     assert stop not in s_text
     assert s_text == cut
+    assert s_finish == "stop"
 
     # A single string works too, and WS honours `stop` in every mode.
     assert text_of(create(stop=stop)) == cut
     if endpoint == "completions":
-        streams = ws_all_modes(qwen, prompt=PROMPT, max_tokens=64, temperature=0.8, seed=3, ignore_eos=True, stop=[stop])
+        streams = ws_all_modes(
+            qwen, prompt=PROMPT, max_tokens=STOP_MAX_TOKENS, temperature=0.8, seed=3, ignore_eos=True, stop=[stop]
+        )
         for mode, s in streams.items():
             assert s.text == cut, mode
             assert s.done["finish_reason"] == "stop", (mode, s.done)
+
+
+def _tokens_until(server: Server, stop: str, **fields) -> tuple[int, str]:
+    """Streams `fields` in token mode and returns (k, text of the first k tokens), k the first
+    token count whose text contains `stop`."""
+    s = run(ws_generate(server, stream_mode="token", **fields))
+    acc = ""
+    for k, d in enumerate(s.deltas, 1):
+        acc += d["text"]
+        if stop in acc:
+            return k, acc
+    raise AssertionError(f"{stop!r} not in {acc!r}")
+
+
+STOP_RACE = (
+    "server bug: the stop string is detected on the shard, which then sends Cancel to the engine; "
+    "tokens the engine produced meanwhile still count in usage, and a Done(length) that arrives "
+    "before the cancel lands wins over `stop` (session/request.rs finish() maps only Cancelled to Stop)"
+)
+
+
+@pytest.mark.xfail(strict=True, reason=STOP_RACE)
+def test_stop_string_completed_by_last_token_is_finish_stop(qwen):
+    """The stop string is completed by token k and max_tokens is k: the text is truncated before
+    it, so finish_reason must be "stop" (OpenAI, vLLM), and usage counts k tokens."""
+    fields = dict(prompt=PROMPT, temperature=0.8, seed=3, ignore_eos=True)
+    full = completion_text(post_ok(qwen, "/v1/completions", {"model": "qwen2", "max_tokens": 64, **fields}))
+    stop = _stop_candidate(full)
+    k, _ = _tokens_until(qwen, stop, max_tokens=64, **fields)
+    body = post_ok(qwen, "/v1/completions", {"model": "qwen2", "max_tokens": k, "stop": [stop], **fields})
+    assert completion_text(body) == full[: full.index(stop)]
+    assert (body["choices"][0]["finish_reason"], body["usage"]["completion_tokens"]) == ("stop", k)
+
+
+@pytest.mark.xfail(strict=True, reason=STOP_RACE)
+def test_stop_string_usage_is_deterministic(qwen):
+    """The same seeded request stopped by a stop string reports the same usage every time: the k
+    tokens up to the one that completed the stop string (not whatever the engine ran ahead)."""
+    fields = dict(prompt=PROMPT, temperature=0.8, seed=3, ignore_eos=True)
+    full = completion_text(post_ok(qwen, "/v1/completions", {"model": "qwen2", "max_tokens": 64, **fields}))
+    stop = _stop_candidate(full)
+    k, _ = _tokens_until(qwen, stop, max_tokens=64, **fields)
+    seen = []
+    for _ in range(30):
+        body = post_ok(qwen, "/v1/completions", {"model": "qwen2", "max_tokens": 64, "stop": [stop], **fields})
+        assert completion_text(body) == full[: full.index(stop)]
+        seen.append(body["usage"]["completion_tokens"])
+    assert seen == [k] * 30, f"completion_tokens over 30 identical requests: {seen}, stop completed by token {k}"
 
 
 def test_openai_errors(qwen):
@@ -386,9 +440,24 @@ def test_openai_errors(qwen):
     assert client.completions.create(model="qwen2", prompt="x", max_tokens=2).usage.completion_tokens >= 1
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="server bug: a prompt longer than the context (max_model_len 256) is answered 429 "
+    '{"code":"prompt_too_long","message":"the engine refused the request; retry later"} '
+    "(session/request.rs sends every engine Rejected as 429); it is a client error: 400, "
+    "so the openai client raises RateLimitError and retries a request that can never succeed",
+)
+def test_prompt_longer_than_context_is_400(qwen):
+    client = oai(qwen)
+    prompt = "word " * 400  # > 256 tokens
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="qwen2", prompt=prompt, max_tokens=4)
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="qwen2", messages=[{"role": "user", "content": prompt}], max_tokens=4, stream=True)
+
+
 # ---------------------------------------------------------------- 3. cancellation frees KV
 
-SYNTH = "tiny"  # served name of synthetic:tiny is checked below
 LONG = 4000  # tokens: seconds of generation on synthetic:tiny, far longer than any cancel takes
 
 
@@ -443,7 +512,9 @@ def test_ws_disconnect_mid_stream_frees_kv(synth, how):
     before = outcome_count(synth, "cancelled", synth.model_name)
 
     async def go():
-        ws = await open_ws(synth)
+        # max_queue=None: websockets stops reading the socket once 16 unread messages queue up,
+        # and would then never see the server's close frame (close() would wait close_timeout).
+        ws = await open_ws(synth, max_queue=None)
         await session_of(ws)
         for i in range(3):  # several generations on the one connection
             await ws.send(json.dumps({"type": "generate", "id": f"d{i}", "prompt": f"{i} {PROMPT}", "max_tokens": LONG, "ignore_eos": True, "stream_mode": "token"}))
@@ -542,10 +613,11 @@ def _request(i: int) -> dict:
     "flags",
     [
         pytest.param((), id="default"),
-        # Tight: a 1 MiB KV cache (256 blocks) for ~64 sequences of up to ~150 tokens, and a small
-        # per-step token budget: admission waits for blocks, preemption by recompute, chunked
-        # prefill interleaved with decodes.
-        pytest.param(("--kv-cache-mb", "1", "--max-num-batched-tokens", "64"), id="tight-kv"),
+        # Tight: a 1 MiB KV cache in 64-token blocks (64 blocks, 4096 tokens) for 64 sequences
+        # needing ~7,000 tokens, and a small per-step token budget: admission waits for blocks,
+        # running sequences run out of blocks (preemption by recompute), chunked prefill is
+        # interleaved with decodes.
+        pytest.param(("--kv-cache-mb", "1", "--kv-block-size", "64", "--max-num-batched-tokens", "128"), id="tight-kv"),
     ],
 )
 def test_64_concurrent_streams_match_solo(start_server, flags):
@@ -572,9 +644,15 @@ def test_64_concurrent_streams_match_solo(start_server, flags):
     peak = [0.0]
     stop = threading.Event()
 
+    sample_errors: list[BaseException] = []
+
     def sample():
         while not stop.is_set():
-            peak[0] = max(peak[0], kv_usage(server))
+            try:
+                peak[0] = max(peak[0], kv_usage(server))
+            except BaseException as e:  # reported below, with the server's state
+                sample_errors.append(e)
+                return
             time.sleep(0.01)
 
     async def together():
@@ -602,6 +680,8 @@ def test_64_concurrent_streams_match_solo(start_server, flags):
         stop.set()
         sampler.join(5)
     t_conc = time.monotonic() - t0
+    assert server.proc.poll() is None, f"server exited ({server.proc.returncode}):\n{server.stderr[-4000:]}"
+    assert not sample_errors, f"/metrics failed during the run: {sample_errors!r}\n{server.stderr[-4000:]}"
 
     bad = []
     for r in reqs:
@@ -616,6 +696,8 @@ def test_64_concurrent_streams_match_solo(start_server, flags):
             bad.append(r["id"])
     assert not bad, f"{len(bad)} of 64 concurrent streams differ from the same request alone: {bad}"
     wait_kv_free(server, 5.0)
+    if flags:
+        assert peak[0] > 0.5, f"the tight KV cache was never under pressure (peak usage {peak[0]})"
     print(f"64 streams: solo sequential {t_solo:.2f}s, concurrent {t_conc:.2f}s, peak KV usage {peak[0]:.2f}")
 
 
@@ -623,73 +705,108 @@ def test_64_concurrent_streams_match_solo(start_server, flags):
 
 
 def test_overload_http_429_and_ws_overloaded(start_server):
-    server = start_server("--max-running", "1", "--max-waiting", "1", model=fixture_model("qwen2"))
-    model = "qwen2"
-    long_body = {"model": model, "prompt": PROMPT, "max_tokens": 200, "ignore_eos": True}
+    server = start_server("--max-running", "1", "--max-waiting", "1", "--kv-cache-mb", "4", model="synthetic:tiny")
+    model = json.loads(server.get("/v1/models")[2])["data"][0]["id"]
+    burst_body = {"model": model, "prompt": PROMPT, "max_tokens": 300, "ignore_eos": True}
 
-    # HTTP: 6 requests at once; one runs, one waits, the rest are refused.
-    results: list[tuple[int, bytes]] = [None] * 6  # type: ignore[list-item]
+    # HTTP burst: 6 requests at once; one runs, one waits, the rest are refused.
+    results: list = [None] * 6
     barrier = threading.Barrier(6)
 
     def fire(i: int):
         barrier.wait()
-        status, _, data = post_json(server, "/v1/completions", long_body)
+        status, _, data = post_json(server, "/v1/completions", burst_body)
         results[i] = (status, data)
 
     threads = [threading.Thread(target=fire, args=(i,)) for i in range(6)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join(30)
+        t.join(60)
     statuses = sorted(s for s, _ in results)
     assert set(statuses) <= {200, 429}, results
-    assert statuses.count(200) >= 1, statuses
-    assert statuses.count(429) >= 1, statuses
+    assert statuses.count(200) >= 1 and statuses.count(429) >= 1, statuses
     for status, data in results:
         if status == 429:
             err = assert_openai_error(status, data, 429)
             assert err["code"] == "overloaded", err
         else:
-            assert json.loads(data)["usage"]["completion_tokens"] == 200
-    rejected_http = statuses.count(429)
+            assert json.loads(data)["usage"]["completion_tokens"] == 300
+    rejected = statuses.count(429)
+    wait_kv_free(server, 5.0)
 
-    # WS: 4 generations at once on one connection.
+    # WS burst: 4 generations at once on one connection.
     async def ws_burst():
         async with open_ws(server) as ws:
             await session_of(ws)
             ids = [f"w{i}" for i in range(4)]
             for i in ids:
-                await ws.send(json.dumps({"type": "generate", "id": i, "prompt": PROMPT, "max_tokens": 200, "ignore_eos": True}))
+                await ws.send(json.dumps({"type": "generate", "id": i, "prompt": PROMPT, "max_tokens": 300, "ignore_eos": True}))
             streams = await collect(ws, ids)
-            done = [s for s in streams.values() if s.done]
-            refused = [s for s in streams.values() if s.errors]
-            assert done and refused, streams
-            for s in refused:
-                assert [e["code"] for e in s.errors] == ["overloaded"], s.errors
-                assert not s.deltas
-            for s in done:
-                s.check_order()
-                assert s.done["finish_reason"] == "length"
-            return len(refused)
+        done = [s for s in streams.values() if s.done]
+        refused = [s for s in streams.values() if s.errors]
+        assert done and refused, streams
+        for s in refused:
+            assert [e["code"] for e in s.errors] == ["overloaded"], s.errors
+            assert not s.deltas
+        for s in done:
+            s.check_order()
+            assert s.done["finish_reason"] == "length"
+        return len(refused)
 
-    rejected_ws = run(ws_burst())
-
-    # The openai client (retries off) raises RateLimitError for a 429.
-    client = oai(server)
-    with client.completions.with_streaming_response.create(model=model, prompt=PROMPT, max_tokens=200, extra_body={"ignore_eos": True}, stream=True) as busy:
-        assert busy.status_code == 200
-        second = threading.Thread(target=lambda: post_json(server, "/v1/completions", long_body))
-        second.start()
-        wait_for(lambda: _queue_depth(server) >= 1, 5.0, what="a waiting request")
-        with pytest.raises(openai.RateLimitError) as ei:
-            client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=4)
-        assert ei.value.status_code == 429 and ei.value.code == "overloaded"
-        for _ in busy.iter_lines():
-            pass
-    second.join(30)
-
-    assert outcome_count(server, "rejected", model) == rejected_http + rejected_ws + 1
+    rejected += run(ws_burst())
     wait_kv_free(server, 5.0)
+
+    # Deterministic: two long WS generations hold the one running slot and the one waiting slot;
+    # then every further request is refused, over HTTP (raw, SSE, the openai client) and WS.
+    client = oai(server)
+
+    async def held():
+        nonlocal rejected
+        async with open_ws(server, max_queue=None) as ws:
+            await session_of(ws)
+            for i in ("run", "wait"):
+                # One at a time: two arriving in one engine iteration both count as waiting.
+                await ws.send(json.dumps({"type": "generate", "id": i, "prompt": PROMPT, "max_tokens": LONG, "ignore_eos": True, "stream_mode": "token"}))
+                if i == "run":
+                    first = json.loads(await ws.recv())
+                    assert first["type"] == "delta" and first["id"] == "run", first
+            await asyncio.to_thread(wait_for, lambda: _queue_depth(server) == 1, 5.0, 0.02, "queue depth 1")
+
+            def refused_over_http():
+                status, _, data = post_json(server, "/v1/completions", burst_body)
+                assert assert_openai_error(status, data, 429)["code"] == "overloaded"
+                status, _, data = post_json(server, "/v1/chat/completions", {"model": model, "messages": MESSAGES, "stream": True})
+                assert assert_openai_error(status, data, 429)["code"] == "overloaded"
+                with pytest.raises(openai.RateLimitError) as ei:
+                    client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=4)
+                assert ei.value.status_code == 429 and ei.value.code == "overloaded"
+                with pytest.raises(openai.RateLimitError):
+                    client.completions.create(model=model, prompt="x", max_tokens=4, stream=True)
+
+            await asyncio.to_thread(refused_over_http)
+            rejected += 4
+            await ws.send(json.dumps({"type": "generate", "id": "extra", "prompt": "x", "max_tokens": 4}))
+            while True:
+                m = json.loads(await ws.recv())
+                if m["id"] == "extra":
+                    break
+            assert m["type"] == "error" and m["code"] == "overloaded", m
+            rejected += 1
+            for i in ("run", "wait"):
+                await ws.send(json.dumps({"type": "cancel", "id": i}))
+            ends = {}
+            while len(ends) < 2:
+                m = json.loads(await ws.recv())
+                if m["type"] == "done":
+                    ends[m["id"]] = m["finish_reason"]
+            assert ends == {"run": "cancelled", "wait": "cancelled"}, ends
+
+    run(held())
+    assert outcome_count(server, "rejected", model) == rejected
+    wait_kv_free(server, 5.0)
+    assert _queue_depth(server) == 0
+
     # Keeps serving afterwards.
     c = client.completions.create(model=model, prompt=PROMPT, max_tokens=8, extra_body={"ignore_eos": True})
     assert c.usage.completion_tokens == 8
@@ -697,6 +814,4 @@ def test_overload_http_429_and_ws_overloaded(start_server):
 
 
 def _queue_depth(server: Server) -> float:
-    from conftest import metric_value
-
     return metric_value(server.metrics(), "seedance_queue_depth")
