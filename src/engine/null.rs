@@ -161,7 +161,9 @@ impl Generator for NullModel {
     fn step(&mut self, sink: &mut EventSink<'_>) -> StepOutcome {
         self.pending.retain(|ev| !sink.push(*ev));
         while self.seqs.len() < self.max_running {
-            let Some(mut s) = self.waiting.pop_front() else { break };
+            let Some(mut s) = self.waiting.pop_front() else {
+                break;
+            };
             s.due = Instant::now();
             self.start(s);
         }
@@ -351,8 +353,15 @@ mod tests {
         let mut model = NullModel::new(0.0, 1, 4);
         let mut sink = EventSink::for_tests(&mut engine);
         for slot in 0..3 {
-            let params = GenParams { max_tokens: Some(2), ..GenParams::default() };
-            let req = GenerateRequest { key: key(slot), prompt: vec![], params };
+            let params = GenParams {
+                max_tokens: Some(2),
+                ..GenParams::default()
+            };
+            let req = GenerateRequest {
+                key: key(slot),
+                prompt: vec![],
+                params,
+            };
             model.handle(EngineMsg::Generate(Box::new(req)), &mut sink);
         }
         run_until_idle(&mut model, &mut sink);

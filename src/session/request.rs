@@ -13,7 +13,10 @@ use super::chunker::Chunker;
 use super::codec::Detok;
 use super::json::{quoted, write_delta_frame, write_json_frame};
 use super::protocol::{GenerateMsg, ProtocolError};
-use crate::engine::{EngineMsg, EventKind, FinishReason, GenerateRequest, SeqKey, TokenEvent};
+use crate::engine::sampler::SamplingParams;
+use crate::engine::{
+    EngineMsg, EventKind, FinishReason, GenerateRequest, RejectReason, SeqKey, TokenEvent,
+};
 use crate::http::sse::{self, SseMeta};
 use crate::server::conn::Conn;
 use crate::server::shard::Shard;
@@ -66,6 +69,68 @@ pub struct HttpSink {
 /// Silence after which a streaming HTTP response gets a `: keep-alive` comment.
 pub const SSE_KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(15);
 
+impl ReqEntry {
+    /// A new request of `conn`; its key is set when the shard registers it.
+    fn new(
+        shard: &Shard,
+        conn: &Rc<Conn>,
+        g: &GenerateMsg,
+        mode: StreamMode,
+        prompt_tokens: usize,
+        sink: Sink,
+    ) -> Self {
+        let now = Instant::now();
+        ReqEntry {
+            key: SeqKey {
+                shard: shard.id,
+                slot: 0,
+                gen: 0,
+            },
+            conn: conn.clone(),
+            id: g.id.clone().into_boxed_str(),
+            id_json: quoted(&g.id).into_boxed_str(),
+            mode,
+            detok: shard.shared.codec.detok(&g.stop),
+            seq: 0,
+            tokens: 0,
+            prompt_tokens: prompt_tokens as u32,
+            arrived: now,
+            first_token: None,
+            last_token: now,
+            chunker: Chunker::default(),
+            sink,
+            stop_hit: false,
+            scratch: String::new(),
+        }
+    }
+}
+
+/// Registers the request on the shard and hands it to the engine; a full queue is `overloaded`.
+fn submit(
+    shard: &Shard,
+    entry: ReqEntry,
+    prompt: Vec<u32>,
+    params: SamplingParams,
+) -> Result<SeqKey, ProtocolError> {
+    let id = entry.id.clone();
+    let key = shard.insert_request(entry);
+    let msg = EngineMsg::Generate(Box::new(GenerateRequest {
+        key,
+        prompt,
+        params,
+    }));
+    if shard.link.borrow_mut().send(msg).is_err() {
+        shard.requests.borrow_mut().try_remove(key.slot as usize);
+        shard.metrics.outcome("rejected");
+        return Err(ProtocolError::new(
+            Some(&id),
+            "overloaded",
+            "the engine queue is full; retry later",
+        ));
+    }
+    Ok(key)
+}
+
 /// Starts a generation for a WebSocket `generate` message.
 pub fn start_ws(shard: &Rc<Shard>, conn: &Rc<Conn>, g: GenerateMsg) -> Result<(), ProtocolError> {
     let shared = &shard.shared;
@@ -115,48 +180,8 @@ pub fn start_ws(shard: &Rc<Shard>, conn: &Rc<Conn>, g: GenerateMsg) -> Result<()
         e.id = Some(g.id.clone());
         e
     })?;
-    let now = Instant::now();
-    let entry = ReqEntry {
-        key: SeqKey {
-            shard: shard.id,
-            slot: 0,
-            gen: 0,
-        },
-        conn: conn.clone(),
-        id: g.id.clone().into_boxed_str(),
-        id_json: quoted(&g.id).into_boxed_str(),
-        mode,
-        detok: shared.codec.detok(&g.stop),
-        seq: 0,
-        tokens: 0,
-        prompt_tokens: prompt.len() as u32,
-        arrived: now,
-        first_token: None,
-        last_token: now,
-        chunker: Chunker::default(),
-        sink: Sink::Ws,
-        stop_hit: false,
-        scratch: String::new(),
-    };
-    let key = shard.insert_request(entry);
-    let req = GenerateRequest {
-        key,
-        prompt,
-        params: g.params,
-    };
-    let sent = shard
-        .link
-        .borrow_mut()
-        .send(EngineMsg::Generate(Box::new(req)));
-    if sent.is_err() {
-        shard.requests.borrow_mut().try_remove(key.slot as usize);
-        shard.metrics.outcome("rejected");
-        return Err(ProtocolError::new(
-            Some(id),
-            "overloaded",
-            "the engine queue is full; retry later",
-        ));
-    }
+    let entry = ReqEntry::new(shard, conn, &g, mode, prompt.len(), Sink::Ws);
+    let key = submit(shard, entry, prompt, g.params.clone())?;
     if let Some(ws) = conn.ws.borrow_mut().as_mut() {
         ws.reqs.push((g.id.into_boxed_str(), key));
     }
@@ -184,11 +209,14 @@ pub fn on_event(shard: &Shard, ev: TokenEvent, now: Instant) {
             let entry = reqs.remove(slot);
             drop(reqs);
             shard.metrics.outcome("rejected");
-            let e = ProtocolError::new(
-                Some(&entry.id),
-                why.code(),
-                "the engine refused the request; retry later",
-            );
+            let (status, message) = match why {
+                RejectReason::Overloaded => (429, "the engine is at capacity; retry later"),
+                RejectReason::PromptTooLong => (
+                    400,
+                    "the prompt does not fit the model's context (max_model_len) or KV cache",
+                ),
+            };
+            let e = ProtocolError::new(Some(&entry.id), why.code(), message);
             forget(shard, &entry);
             if !entry.conn.is_closing() {
                 match &entry.sink {
@@ -200,7 +228,7 @@ pub fn on_event(shard: &Shard, ev: TokenEvent, now: Instant) {
                         } else {
                             crate::http::response::write_json_error(
                                 &mut out.buf,
-                                429,
+                                status,
                                 e.code,
                                 &e.message,
                                 None,
@@ -218,6 +246,10 @@ pub fn on_event(shard: &Shard, ev: TokenEvent, now: Instant) {
 
 #[inline]
 fn on_token(shard: &Shard, e: &mut ReqEntry, id: u32, now: Instant) {
+    if e.stop_hit {
+        // Generated after the stop string completed, before the engine saw the cancel.
+        return;
+    }
     e.tokens += 1;
     shard.metrics.generated_tokens.inc();
     match e.first_token {
@@ -326,7 +358,8 @@ pub fn flush_stale_chunks(shard: &Shard, now: Instant) {
 }
 
 fn finish(shard: &Shard, mut e: ReqEntry, reason: FinishReason, now: Instant) {
-    let reason = if e.stop_hit && reason == FinishReason::Cancelled {
+    // A matched stop string wins over whatever the engine reports after it.
+    let reason = if e.stop_hit {
         FinishReason::Stop
     } else {
         reason
@@ -467,7 +500,6 @@ pub fn start_http(
         }
     }
     let prompt = shared.codec.encode(&g.input)?;
-    let now = Instant::now();
     let created = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -482,50 +514,18 @@ pub fn start_http(
         .into_boxed_str(),
         created,
     };
-    let entry = ReqEntry {
-        key: SeqKey {
-            shard: shard.id,
-            slot: 0,
-            gen: 0,
-        },
-        conn: conn.clone(),
-        id: g.id.clone().into_boxed_str(),
-        id_json: quoted(&g.id).into_boxed_str(),
-        mode: StreamMode::Token,
-        detok: shared.codec.detok(&g.stop),
-        seq: 0,
-        tokens: 0,
-        prompt_tokens: prompt.len() as u32,
-        arrived: now,
-        first_token: None,
-        last_token: now,
-        chunker: Chunker::default(),
-        sink: Sink::Http(HttpSink {
-            meta,
-            stream: req.stream,
-            include_usage: req.include_usage,
-            started: false,
-            last_write: now,
-        }),
-        stop_hit: false,
-        scratch: String::new(),
-    };
-    let key = shard.insert_request(entry);
-    let msg = EngineMsg::Generate(Box::new(GenerateRequest {
-        key,
-        prompt,
-        params: g.params,
-    }));
-    if shard.link.borrow_mut().send(msg).is_err() {
-        shard.requests.borrow_mut().try_remove(key.slot as usize);
-        shard.metrics.outcome("rejected");
-        return Err(ProtocolError::new(
-            None,
-            "overloaded",
-            "the engine queue is full; retry later",
-        )
-        .into());
-    }
+    let sink = Sink::Http(HttpSink {
+        meta,
+        stream: req.stream,
+        include_usage: req.include_usage,
+        started: false,
+        last_write: Instant::now(),
+    });
+    let entry = ReqEntry::new(shard, conn, &g, StreamMode::Token, prompt.len(), sink);
+    let key = submit(shard, entry, prompt, g.params.clone()).map_err(|mut e| {
+        e.id = None;
+        e
+    })?;
     conn.http_busy.set(Some(key));
     Ok(())
 }

@@ -361,14 +361,7 @@ def _tokens_until(server: Server, stop: str, **fields) -> tuple[int, str]:
     raise AssertionError(f"{stop!r} not in {acc!r}")
 
 
-STOP_RACE = (
-    "server bug: the stop string is detected on the shard, which then sends Cancel to the engine; "
-    "tokens the engine produced meanwhile still count in usage, and a Done(length) that arrives "
-    "before the cancel lands wins over `stop` (session/request.rs finish() maps only Cancelled to Stop)"
-)
 
-
-@pytest.mark.xfail(strict=True, reason=STOP_RACE)
 def test_stop_string_completed_by_last_token_is_finish_stop(qwen):
     """The stop string is completed by token k and max_tokens is k: the text is truncated before
     it, so finish_reason must be "stop" (OpenAI, vLLM), and usage counts k tokens."""
@@ -381,7 +374,6 @@ def test_stop_string_completed_by_last_token_is_finish_stop(qwen):
     assert (body["choices"][0]["finish_reason"], body["usage"]["completion_tokens"]) == ("stop", k)
 
 
-@pytest.mark.xfail(strict=True, reason=STOP_RACE)
 def test_stop_string_usage_is_deterministic(qwen):
     """The same seeded request stopped by a stop string reports the same usage every time: the k
     tokens up to the one that completed the stop string (not whatever the engine ran ahead)."""
@@ -440,13 +432,6 @@ def test_openai_errors(qwen):
     assert client.completions.create(model="qwen2", prompt="x", max_tokens=2).usage.completion_tokens >= 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server bug: a prompt longer than the context (max_model_len 256) is answered 429 "
-    '{"code":"prompt_too_long","message":"the engine refused the request; retry later"} '
-    "(session/request.rs sends every engine Rejected as 429); it is a client error: 400, "
-    "so the openai client raises RateLimitError and retries a request that can never succeed",
-)
 def test_prompt_longer_than_context_is_400(qwen):
     client = oai(qwen)
     prompt = "word " * 400  # > 256 tokens
