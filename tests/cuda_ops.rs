@@ -141,10 +141,18 @@ fn attention_case(
     let bs = 16;
     let num_blocks = 300;
     let cache_len = num_blocks * kv_heads * bs * hd;
-    let kc: Vec<f16> = rand_h(cache_len, 11, 1.0).into_iter().map(f16::from_f32).collect();
-    let vc: Vec<f16> = rand_h(cache_len, 12, 1.0).into_iter().map(f16::from_f32).collect();
+    let kc: Vec<f16> = rand_h(cache_len, 11, 1.0)
+        .into_iter()
+        .map(f16::from_f32)
+        .collect();
+    let vc: Vec<f16> = rand_h(cache_len, 12, 1.0)
+        .into_iter()
+        .map(f16::from_f32)
+        .collect();
     // Block tables: a scrambled permutation, so position order != block id order.
-    let perm: Vec<u32> = (0..num_blocks as u32).map(|i| (i * 7 + 3) % num_blocks as u32).collect();
+    let perm: Vec<u32> = (0..num_blocks as u32)
+        .map(|i| (i * 7 + 3) % num_blocks as u32)
+        .collect();
     let shape = AttnShape {
         num_heads: heads,
         num_kv_heads: kv_heads,
@@ -217,7 +225,10 @@ fn cuda_embedding_argmax_and_sampling() {
         let s = ops.stream.clone();
         // embedding: out-of-range ids give zero rows.
         let (vocab, hidden) = (1000, 256);
-        let table: Vec<f16> = rand_h(vocab * hidden, 21, 1.0).into_iter().map(f16::from_f32).collect();
+        let table: Vec<f16> = rand_h(vocab * hidden, 21, 1.0)
+            .into_iter()
+            .map(f16::from_f32)
+            .collect();
         let toks = [0u32, 999, 5, 1000];
         let td = s.clone_htod(&table).unwrap();
         let kd = s.clone_htod(&toks).unwrap();
@@ -226,7 +237,11 @@ fn cuda_embedding_argmax_and_sampling() {
         let got = s.clone_dtoh(&od).unwrap();
         for (r, &t) in toks.iter().enumerate() {
             for c in 0..hidden {
-                let want = if (t as usize) < vocab { table[t as usize * hidden + c].to_f32() } else { 0.0 };
+                let want = if (t as usize) < vocab {
+                    table[t as usize * hidden + c].to_f32()
+                } else {
+                    0.0
+                };
                 assert_eq!(got[r * hidden + c], want, "embedding row {r} col {c}");
             }
         }
@@ -249,14 +264,17 @@ fn cuda_embedding_argmax_and_sampling() {
         let step = s.clone_htod(&[0u32, 1, 2, 3]).unwrap();
         let seed = s.clone_htod(&[42u64, 43, 44, 45]).unwrap();
         let k1 = s.clone_htod(&[1u32; 4]).unwrap();
-        ops.sample(&ld, vocab, &temp, &k1, &topp, &seed, &step, &mut out).unwrap();
+        ops.sample(&ld, vocab, &temp, &k1, &topp, &seed, &step, &mut out)
+            .unwrap();
         assert_eq!(s.clone_dtoh(&out).unwrap(), am);
         let k50 = s.clone_htod(&[50u32; 4]).unwrap();
         let flat = rand_h(rows * vocab, 23, 1.0);
         let fd = s.clone_htod(&flat).unwrap();
-        ops.sample(&fd, vocab, &temp, &k50, &topp, &seed, &step, &mut out).unwrap();
+        ops.sample(&fd, vocab, &temp, &k50, &topp, &seed, &step, &mut out)
+            .unwrap();
         let a = s.clone_dtoh(&out).unwrap();
-        ops.sample(&fd, vocab, &temp, &k50, &topp, &seed, &step, &mut out).unwrap();
+        ops.sample(&fd, vocab, &temp, &k50, &topp, &seed, &step, &mut out)
+            .unwrap();
         assert_eq!(a, s.clone_dtoh(&out).unwrap(), "same seed, same tokens");
         for (r, &t) in a.iter().enumerate() {
             // The sampled token must be among the row's 50 largest logits.

@@ -85,7 +85,13 @@ impl CudaBackend {
         })
     }
 
-    fn rmsnorm_impl(&self, x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) -> Result<(), CudaError> {
+    fn rmsnorm_impl(
+        &self,
+        x: &[f32],
+        weight: &[f32],
+        eps: f32,
+        out: &mut [f32],
+    ) -> Result<(), CudaError> {
         assert_eq!(x.len(), out.len(), "rmsnorm: x/out size");
         self.with_ops(|ops| {
             let mut res = Self::up(ops, x)?;
@@ -107,7 +113,11 @@ impl CudaBackend {
         f: &RopeFreqs,
     ) -> Result<(), CudaError> {
         let n = positions.len();
-        assert_eq!(x.len(), n * heads * head_dim, "rope: x not (n, heads, head_dim)");
+        assert_eq!(
+            x.len(),
+            n * heads * head_dim,
+            "rope: x not (n, heads, head_dim)"
+        );
         self.with_ops(|ops| {
             // q-only call of the fused kernel: kv_heads = 0, so the caches are never touched.
             let xd = Self::up(ops, x)?;
@@ -128,7 +138,16 @@ impl CudaBackend {
                 scale: 1.0,
             };
             ops.rope_qkv_cache(
-                &xd, None, &pd, &slots, &fd, &mut qd, &mut kc, &mut vc, &a, f.rotary_dim,
+                &xd,
+                None,
+                &pd,
+                &slots,
+                &fd,
+                &mut qd,
+                &mut kc,
+                &mut vc,
+                &a,
+                f.rotary_dim,
                 f.attention_scaling,
             )?;
             let q = Self::down(ops, &qd, x.len())?;
@@ -137,7 +156,12 @@ impl CudaBackend {
         })
     }
 
-    fn silu_mul_impl(&self, gate_up: &[f32], inter: usize, out: &mut [f32]) -> Result<(), CudaError> {
+    fn silu_mul_impl(
+        &self,
+        gate_up: &[f32],
+        inter: usize,
+        out: &mut [f32],
+    ) -> Result<(), CudaError> {
         assert_eq!(gate_up.len() / 2, out.len(), "silu_mul: sizes");
         self.with_ops(|ops| {
             let gd = Self::up(ops, gate_up)?;
@@ -164,7 +188,12 @@ impl CudaBackend {
         let rows = q.len() / row_len.max(1);
         let tile = s.num_kv_heads * s.block_size * s.head_dim;
         let num_blocks = k_cache.len() / tile.max(1);
-        let max_blocks = seqs.iter().map(|q| q.blocks.len()).max().unwrap_or(0).max(1);
+        let max_blocks = seqs
+            .iter()
+            .map(|q| q.blocks.len())
+            .max()
+            .unwrap_or(0)
+            .max(1);
         let mut tables = vec![0u32; seqs.len() * max_blocks];
         let mut tok_seq = vec![0u32; rows];
         let mut positions = vec![0u32; rows];
@@ -210,7 +239,10 @@ impl CudaBackend {
             let o = Self::down(ops, &od, q.len())?;
             for (r, c) in covered.iter().enumerate() {
                 if *c {
-                    let (dst, src) = (&mut out[r * row_len..][..row_len], &o[r * row_len..][..row_len]);
+                    let (dst, src) = (
+                        &mut out[r * row_len..][..row_len],
+                        &o[r * row_len..][..row_len],
+                    );
                     dst.iter_mut().zip(src).for_each(|(d, s)| *d = s.to_f32());
                 }
             }
@@ -225,7 +257,8 @@ impl Backend for CudaBackend {
     }
 
     fn matmul(&self, x: &[f32], w: &Weight, y: &mut [f32]) {
-        self.matmul_impl(x, w, y).unwrap_or_else(|e| fail("matmul", e))
+        self.matmul_impl(x, w, y)
+            .unwrap_or_else(|e| fail("matmul", e))
     }
 
     fn rmsnorm(&self, x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
@@ -233,7 +266,14 @@ impl Backend for CudaBackend {
             .unwrap_or_else(|e| fail("rmsnorm", e))
     }
 
-    fn rope(&self, x: &mut [f32], positions: &[u32], heads: usize, head_dim: usize, freqs: &RopeFreqs) {
+    fn rope(
+        &self,
+        x: &mut [f32],
+        positions: &[u32],
+        heads: usize,
+        head_dim: usize,
+        freqs: &RopeFreqs,
+    ) {
         self.rope_impl(x, positions, heads, head_dim, freqs)
             .unwrap_or_else(|e| fail("rope", e))
     }

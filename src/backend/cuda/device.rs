@@ -55,12 +55,17 @@ pub fn probe_ordinal(ordinal: usize) -> Result<DeviceInfo, String> {
             compute_capability: ctx
                 .compute_capability()
                 .map_err(|e| format!("compute capability: {e:?}"))?,
-            total_mem: ctx.total_mem().map_err(|e| format!("total memory: {e:?}"))?,
+            total_mem: ctx
+                .total_mem()
+                .map_err(|e| format!("total memory: {e:?}"))?,
         })
     };
     match catch_unwind(AssertUnwindSafe(run)) {
         Ok(r) => r,
-        Err(_) => Err("the CUDA driver library could not be used (missing symbol or panic while loading it)".into()),
+        Err(_) => Err(
+            "the CUDA driver library could not be used (missing symbol or panic while loading it)"
+                .into(),
+        ),
     }
 }
 

@@ -44,17 +44,30 @@ pub const KERNELS: &[KernelSource] = &[
     kernel!(
         "gemv.cu",
         [
-            "gemv_f16_t1", "gemv_f16_t2", "gemv_f16_t3", "gemv_f16_t4", "gemv_f16_t5",
-            "gemv_f16_t6", "gemv_f16_t7", "gemv_f16_t8", "gemv_reduce"
+            "gemv_f16_t1",
+            "gemv_f16_t2",
+            "gemv_f16_t3",
+            "gemv_f16_t4",
+            "gemv_f16_t5",
+            "gemv_f16_t6",
+            "gemv_f16_t7",
+            "gemv_f16_t8",
+            "gemv_reduce"
         ]
     ),
     kernel!("gemm.cu", ["gemm_f16_mma"]),
     kernel!(
         "paged_attention.cu",
         [
-            "paged_attn_decode_g1", "paged_attn_decode_g2", "paged_attn_decode_g3",
-            "paged_attn_decode_g4", "paged_attn_decode_g5", "paged_attn_decode_g6",
-            "paged_attn_decode_g7", "paged_attn_decode_g8", "paged_attn_reduce"
+            "paged_attn_decode_g1",
+            "paged_attn_decode_g2",
+            "paged_attn_decode_g3",
+            "paged_attn_decode_g4",
+            "paged_attn_decode_g5",
+            "paged_attn_decode_g6",
+            "paged_attn_decode_g7",
+            "paged_attn_decode_g8",
+            "paged_attn_reduce"
         ]
     ),
     kernel!("prefill_attention.cu", ["prefill_attn"]),
@@ -256,12 +269,13 @@ mod tests {
     fn every_listed_function_is_defined_in_its_file() {
         for k in KERNELS {
             for f in k.functions {
-                let direct = k.src.contains(&format!("void {f}("));
+                let direct = k.src.contains(&format!(" {f}("));
                 // gemv_f16_t<N> / paged_attn_decode_g<N> come from an instance macro.
                 let via_macro = f
                     .rsplit_once('_')
                     .map(|(stem, n)| {
-                        k.src.contains(&format!("{stem}_")) && k.src.contains(&format!("INSTANCE({})", &n[1..]))
+                        k.src.contains(&format!("{stem}_"))
+                            && k.src.contains(&format!("INSTANCE({})", &n[1..]))
                     })
                     .unwrap_or(false);
                 assert!(direct || via_macro, "{}: {f} not found", k.file);

@@ -68,7 +68,11 @@ fn u32_of(v: usize, what: &str) -> Result<u32, CudaError> {
 
 fn grid(x: usize, y: usize, z: usize, block: u32) -> Result<LaunchConfig, CudaError> {
     Ok(LaunchConfig {
-        grid_dim: (u32_of(x, "grid.x")?, u32_of(y, "grid.y")?, u32_of(z, "grid.z")?),
+        grid_dim: (
+            u32_of(x, "grid.x")?,
+            u32_of(y, "grid.y")?,
+            u32_of(z, "grid.z")?,
+        ),
         block_dim: (block, 1, 1),
         shared_mem_bytes: 0,
     })
@@ -133,8 +137,12 @@ impl CudaOps {
         out: &mut CudaSlice<f32>,
     ) -> Result<(), CudaError> {
         let n = tokens.len();
-        shape(hidden % 8 == 0, || format!("embedding: hidden {hidden} % 8"))?;
-        shape(table.len() >= vocab * hidden, || "embedding: table size".into())?;
+        shape(hidden.is_multiple_of(8), || {
+            format!("embedding: hidden {hidden} % 8")
+        })?;
+        shape(table.len() >= vocab * hidden, || {
+            "embedding: table size".into()
+        })?;
         shape(out.len() >= n * hidden, || "embedding: out size".into())?;
         let (v, h) = (u32_of(vocab, "vocab")?, u32_of(hidden, "hidden")?);
         let mut b = self.stream.launch_builder(self.f("embedding_f16")?);
@@ -155,9 +163,13 @@ impl CudaOps {
         out: &mut CudaSlice<f16>,
     ) -> Result<(), CudaError> {
         let dim = weight.len();
-        shape(dim > 0 && residual.len() % dim == 0, || "rmsnorm: residual not (n, dim)".into())?;
+        shape(dim > 0 && residual.len().is_multiple_of(dim), || {
+            "rmsnorm: residual not (n, dim)".into()
+        })?;
         let n = residual.len() / dim;
-        shape(add.is_none_or(|a| a.len() == residual.len()), || "rmsnorm: add size".into())?;
+        shape(add.is_none_or(|a| a.len() == residual.len()), || {
+            "rmsnorm: add size".into()
+        })?;
         shape(out.len() >= n * dim, || "rmsnorm: out size".into())?;
         let d = u32_of(dim, "dim")?;
         let null = 0u64;
@@ -194,15 +206,28 @@ impl CudaOps {
         let n = positions.len();
         let cols = a.heads + 2 * a.kv_heads;
         shape(slots.len() == n, || "rope: slots/positions length".into())?;
-        shape(qkv.len() == n * cols * a.head_dim, || "rope: qkv size".into())?;
-        shape(bias.is_none_or(|b| b.len() == cols * a.head_dim), || "rope: bias size".into())?;
-        shape(rotary_dim % 2 == 0 && rotary_dim <= a.head_dim, || "rope: rotary_dim".into())?;
-        shape(inv_freq.len() >= rotary_dim / 2, || "rope: inv_freq length".into())?;
-        shape(q_out.len() >= n * a.heads * a.head_dim, || "rope: q_out size".into())?;
-        shape(k_cache.len() == v_cache.len(), || "rope: k/v cache sizes".into())?;
-        shape(k_cache.len() % (a.kv_heads.max(1) * a.block_size * a.head_dim) == 0, || {
-            "rope: cache not (blocks, kv_heads, block_size, hd)".into()
+        shape(qkv.len() == n * cols * a.head_dim, || {
+            "rope: qkv size".into()
         })?;
+        shape(bias.is_none_or(|b| b.len() == cols * a.head_dim), || {
+            "rope: bias size".into()
+        })?;
+        shape(rotary_dim.is_multiple_of(2) && rotary_dim <= a.head_dim, || {
+            "rope: rotary_dim".into()
+        })?;
+        shape(inv_freq.len() >= rotary_dim / 2, || {
+            "rope: inv_freq length".into()
+        })?;
+        shape(q_out.len() >= n * a.heads * a.head_dim, || {
+            "rope: q_out size".into()
+        })?;
+        shape(k_cache.len() == v_cache.len(), || {
+            "rope: k/v cache sizes".into()
+        })?;
+        shape(
+            k_cache.len().is_multiple_of(a.kv_heads.max(1) * a.block_size * a.head_dim),
+            || "rope: cache not (blocks, kv_heads, block_size, hd)".into(),
+        )?;
         let null = 0u64;
         let (h, kv, hd, rd, bs) = (
             u32_of(a.heads, "heads")?,
@@ -217,7 +242,12 @@ impl CudaOps {
             Some(x) => b.arg(x),
             None => b.arg(&null),
         };
-        b.arg(positions).arg(slots).arg(inv_freq).arg(q_out).arg(k_cache).arg(v_cache);
+        b.arg(positions)
+            .arg(slots)
+            .arg(inv_freq)
+            .arg(q_out)
+            .arg(k_cache)
+            .arg(v_cache);
         b.arg(&h).arg(&kv).arg(&hd).arg(&rd).arg(&bs).arg(&scaling);
         // SAFETY: qkv = n*cols*hd floats, q_out >= n*heads*hd halfs, inv_freq >= rotary_dim/2;
         // slots[t] must be < num_blocks*block_size: the caller builds slots from block tables of
@@ -233,7 +263,9 @@ impl CudaOps {
         inter: usize,
         out: &mut CudaSlice<f16>,
     ) -> Result<(), CudaError> {
-        shape(inter > 0 && gate_up.len() % (2 * inter) == 0, || "swiglu: gate_up size".into())?;
+        shape(inter > 0 && gate_up.len().is_multiple_of(2 * inter), || {
+            "swiglu: gate_up size".into()
+        })?;
         let n = gate_up.len() / (2 * inter);
         shape(out.len() >= n * inter, || "swiglu: out size".into())?;
         let (nn, i) = (u32_of(n, "n")?, u32_of(inter, "inter")?);
@@ -259,11 +291,13 @@ impl CudaOps {
         shape(x.len() >= rows * k, || "matmul: x size".into())?;
         shape(w.len() == n_out * k, || "matmul: w size".into())?;
         shape(y.len() >= rows * n_out, || "matmul: y size".into())?;
-        shape(bias.is_none_or(|b| b.len() == n_out), || "matmul: bias size".into())?;
+        shape(bias.is_none_or(|b| b.len() == n_out), || {
+            "matmul: bias size".into()
+        })?;
         if rows == 0 {
             return Ok(());
         }
-        if rows <= GEMV_MAX_ROWS && k % 8 == 0 {
+        if rows <= GEMV_MAX_ROWS && k.is_multiple_of(8) {
             self.gemv(x, rows, w, n_out, k, bias, y)
         } else {
             self.gemm(x, rows, w, n_out, k, bias, y)
@@ -274,7 +308,7 @@ impl CudaOps {
     fn gemv_splits(&self, n_out: usize, k: usize) -> usize {
         let blocks = n_out.div_ceil(4);
         let mut s = 1;
-        while blocks * s < 2 * self.sm_count * 4 && k % (256 * s * 2) == 0 && s < 16 {
+        while blocks * s < 2 * self.sm_count * 4 && k.is_multiple_of(256 * s * 2) && s < 16 {
             s *= 2;
         }
         s
@@ -291,12 +325,18 @@ impl CudaOps {
         bias: Option<&CudaSlice<f32>>,
         y: &mut CudaSlice<f32>,
     ) -> Result<(), CudaError> {
-        shape(k % 8 == 0 && (1..=GEMV_MAX_ROWS).contains(&rows), || {
+        shape(k.is_multiple_of(8) && (1..=GEMV_MAX_ROWS).contains(&rows), || {
             format!("gemv: K = {k} must be a multiple of 8, rows {rows} in 1..=8")
         })?;
         const NAMES: [&str; 8] = [
-            "gemv_f16_t1", "gemv_f16_t2", "gemv_f16_t3", "gemv_f16_t4",
-            "gemv_f16_t5", "gemv_f16_t6", "gemv_f16_t7", "gemv_f16_t8",
+            "gemv_f16_t1",
+            "gemv_f16_t2",
+            "gemv_f16_t3",
+            "gemv_f16_t4",
+            "gemv_f16_t5",
+            "gemv_f16_t6",
+            "gemv_f16_t7",
+            "gemv_f16_t8",
         ];
         let splits = self.gemv_splits(n_out, k);
         let (n32, k32, s32, r32) = (
@@ -323,7 +363,10 @@ impl CudaOps {
         }
         let red = self.f("gemv_reduce")?.clone();
         Self::ensure(&self.stream, &mut self.gemv_ws, splits * rows * n_out)?;
-        let ws = self.gemv_ws.as_mut().ok_or(CudaError::Shape("gemv workspace".into()))?;
+        let ws = self
+            .gemv_ws
+            .as_mut()
+            .ok_or(CudaError::Shape("gemv workspace".into()))?;
         let mut b = self.stream.launch_builder(&f);
         b.arg(x).arg(w).arg(&null).arg(&mut *ws).arg(&n32).arg(&k32);
         // SAFETY: as above; partials go to ws >= splits*rows*N floats; K % (256*splits) == 0
@@ -352,7 +395,9 @@ impl CudaOps {
         bias: Option<&CudaSlice<f32>>,
         y: &mut CudaSlice<f32>,
     ) -> Result<(), CudaError> {
-        shape(k % 32 == 0, || format!("gemm: K = {k} must be a multiple of 32"))?;
+        shape(k.is_multiple_of(32), || {
+            format!("gemm: K = {k} must be a multiple of 32")
+        })?;
         let to_i32 = |v: usize, what: &str| {
             i32::try_from(v).map_err(|_| CudaError::Shape(format!("gemm: {what} = {v} > i32")))
         };
@@ -387,15 +432,28 @@ impl CudaOps {
         out: &mut CudaSlice<f16>,
     ) -> Result<(), CudaError> {
         let n = positions.len();
-        shape(a.kv_heads > 0 && a.heads % a.kv_heads == 0, || "attention: heads % kv_heads".into())?;
-        shape(a.head_dim <= MAX_HEAD_DIM && a.head_dim % 32 == 0, || {
-            format!("attention: head_dim {} must be a multiple of 32, <= 256", a.head_dim)
+        shape(a.kv_heads > 0 && a.heads.is_multiple_of(a.kv_heads), || {
+            "attention: heads % kv_heads".into()
+        })?;
+        shape(a.head_dim <= MAX_HEAD_DIM && a.head_dim.is_multiple_of(32), || {
+            format!(
+                "attention: head_dim {} must be a multiple of 32, <= 256",
+                a.head_dim
+            )
         })?;
         shape(tok_seq.len() == n, || "attention: tok_seq length".into())?;
-        shape(q.len() >= n * a.heads * a.head_dim, || "attention: q size".into())?;
-        shape(out.len() >= n * a.heads * a.head_dim, || "attention: out size".into())?;
-        shape(k_cache.len() == v_cache.len(), || "attention: cache sizes".into())?;
-        shape(a.max_blocks * a.block_size >= a.max_context, || "attention: max_blocks".into())?;
+        shape(q.len() >= n * a.heads * a.head_dim, || {
+            "attention: q size".into()
+        })?;
+        shape(out.len() >= n * a.heads * a.head_dim, || {
+            "attention: out size".into()
+        })?;
+        shape(k_cache.len() == v_cache.len(), || {
+            "attention: cache sizes".into()
+        })?;
+        shape(a.max_blocks * a.block_size >= a.max_context, || {
+            "attention: max_blocks".into()
+        })?;
         if n == 0 {
             return Ok(());
         }
@@ -410,8 +468,20 @@ impl CudaOps {
         let scale = a.scale;
         if !decode {
             let mut b = self.stream.launch_builder(self.f("prefill_attn")?);
-            b.arg(q).arg(k_cache).arg(v_cache).arg(block_tables).arg(tok_seq).arg(positions);
-            b.arg(out).arg(&h).arg(&kv).arg(&hd).arg(&bs).arg(&mb).arg(&win).arg(&scale);
+            b.arg(q)
+                .arg(k_cache)
+                .arg(v_cache)
+                .arg(block_tables)
+                .arg(tok_seq)
+                .arg(positions);
+            b.arg(out)
+                .arg(&h)
+                .arg(&kv)
+                .arg(&hd)
+                .arg(&bs)
+                .arg(&mb)
+                .arg(&win)
+                .arg(&scale);
             // SAFETY: q/out >= n*heads*hd halfs; block_tables (seqs, max_blocks) with every
             // entry < num_blocks and positions[t] < max_blocks*block_size (caller's contract,
             // asserted by CudaBackend), so cache reads stay inside the cache.
@@ -419,13 +489,24 @@ impl CudaOps {
             return Ok(());
         }
         let group = a.heads / a.kv_heads;
-        shape(group <= MAX_GROUP, || format!("attention: GQA group {group} > {MAX_GROUP}"))?;
+        shape(group <= MAX_GROUP, || {
+            format!("attention: GQA group {group} > {MAX_GROUP}")
+        })?;
         const NAMES: [&str; 8] = [
-            "paged_attn_decode_g1", "paged_attn_decode_g2", "paged_attn_decode_g3",
-            "paged_attn_decode_g4", "paged_attn_decode_g5", "paged_attn_decode_g6",
-            "paged_attn_decode_g7", "paged_attn_decode_g8",
+            "paged_attn_decode_g1",
+            "paged_attn_decode_g2",
+            "paged_attn_decode_g3",
+            "paged_attn_decode_g4",
+            "paged_attn_decode_g5",
+            "paged_attn_decode_g6",
+            "paged_attn_decode_g7",
+            "paged_attn_decode_g8",
         ];
-        let ctx_len = if a.window > 0 { a.max_context.min(a.window) } else { a.max_context };
+        let ctx_len = if a.window > 0 {
+            a.max_context.min(a.window)
+        } else {
+            a.max_context
+        };
         let splits = ctx_len.div_ceil(SPLIT_LEN).max(1);
         let split_len = u32_of(SPLIT_LEN, "split_len")?;
         let f = self.f(NAMES[group - 1])?.clone();
@@ -437,9 +518,21 @@ impl CudaOps {
             return Err(CudaError::Shape("attention workspace".into()));
         };
         let mut b = self.stream.launch_builder(&f);
-        b.arg(q).arg(k_cache).arg(v_cache).arg(block_tables).arg(tok_seq).arg(positions);
+        b.arg(q)
+            .arg(k_cache)
+            .arg(v_cache)
+            .arg(block_tables)
+            .arg(tok_seq)
+            .arg(positions);
         b.arg(&mut *out).arg(&mut *acc).arg(&mut *ml);
-        b.arg(&h).arg(&kv).arg(&hd).arg(&bs).arg(&mb).arg(&win).arg(&split_len).arg(&scale);
+        b.arg(&h)
+            .arg(&kv)
+            .arg(&hd)
+            .arg(&bs)
+            .arg(&mb)
+            .arg(&win)
+            .arg(&split_len)
+            .arg(&scale);
         // SAFETY: as for prefill; splits*SPLIT_LEN >= context so every key is covered;
         // acc >= n*heads*splits*hd and ml >= n*heads*splits*2 floats.
         unsafe { b.launch(grid(n, a.kv_heads, splits, 128)?) }?;
@@ -460,7 +553,9 @@ impl CudaOps {
         vocab: usize,
         out: &mut CudaSlice<u32>,
     ) -> Result<(), CudaError> {
-        shape(vocab > 0 && logits.len() % vocab == 0, || "argmax: logits not (rows, vocab)".into())?;
+        shape(vocab > 0 && logits.len().is_multiple_of(vocab), || {
+            "argmax: logits not (rows, vocab)".into()
+        })?;
         let rows = logits.len() / vocab;
         shape(out.len() >= rows, || "argmax: out size".into())?;
         let v = u32_of(vocab, "vocab")?;
@@ -484,7 +579,9 @@ impl CudaOps {
         step: &CudaSlice<u32>,
         out: &mut CudaSlice<u32>,
     ) -> Result<(), CudaError> {
-        shape(vocab > 0 && logits.len() % vocab == 0, || "sample: logits not (rows, vocab)".into())?;
+        shape(vocab > 0 && logits.len().is_multiple_of(vocab), || {
+            "sample: logits not (rows, vocab)".into()
+        })?;
         let rows = logits.len() / vocab;
         for (len, what) in [
             (temperature.len(), "temperature"),
@@ -493,12 +590,21 @@ impl CudaOps {
             (seed.len(), "seed"),
             (step.len(), "step"),
         ] {
-            shape(len >= rows, || format!("sample: {what} has {len} < {rows} rows"))?;
+            shape(len >= rows, || {
+                format!("sample: {what} has {len} < {rows} rows")
+            })?;
         }
         shape(out.len() >= rows, || "sample: out size".into())?;
         let v = u32_of(vocab, "vocab")?;
         let mut b = self.stream.launch_builder(self.f("sample_rows")?);
-        b.arg(logits).arg(out).arg(temperature).arg(top_k).arg(top_p).arg(seed).arg(step).arg(&v);
+        b.arg(logits)
+            .arg(out)
+            .arg(temperature)
+            .arg(top_k)
+            .arg(top_p)
+            .arg(seed)
+            .arg(step)
+            .arg(&v);
         // SAFETY: logits rows*vocab floats; every parameter array and out >= rows entries.
         unsafe { b.launch(grid(rows, 1, 1, 1024)?) }?;
         Ok(())
