@@ -30,8 +30,17 @@ fn gpu() -> Option<CudaBackend> {
     }
 }
 
-/// Deterministic uniform values in [-scale, scale], rounded to F16-representable F32.
+/// Inputs are fixed by default; `SEEDANCE_CHECK_SEED=<n>` draws fresh ones (perf/cuda_check.sh).
+fn seed_base() -> u64 {
+    std::env::var("SEEDANCE_CHECK_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Uniform values in [-scale, scale], rounded to F16-representable F32.
 fn rand_h(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let seed = seed ^ seed_base().wrapping_mul(0xD6E8_FEB8_6659_FD93);
     let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     (0..n)
         .map(|_| {

@@ -212,9 +212,10 @@ impl CudaOps {
         shape(bias.is_none_or(|b| b.len() == cols * a.head_dim), || {
             "rope: bias size".into()
         })?;
-        shape(rotary_dim.is_multiple_of(2) && rotary_dim <= a.head_dim, || {
-            "rope: rotary_dim".into()
-        })?;
+        shape(
+            rotary_dim.is_multiple_of(2) && rotary_dim <= a.head_dim,
+            || "rope: rotary_dim".into(),
+        )?;
         shape(inv_freq.len() >= rotary_dim / 2, || {
             "rope: inv_freq length".into()
         })?;
@@ -225,7 +226,9 @@ impl CudaOps {
             "rope: k/v cache sizes".into()
         })?;
         shape(
-            k_cache.len().is_multiple_of(a.kv_heads.max(1) * a.block_size * a.head_dim),
+            k_cache
+                .len()
+                .is_multiple_of(a.kv_heads.max(1) * a.block_size * a.head_dim),
             || "rope: cache not (blocks, kv_heads, block_size, hd)".into(),
         )?;
         let null = 0u64;
@@ -325,9 +328,10 @@ impl CudaOps {
         bias: Option<&CudaSlice<f32>>,
         y: &mut CudaSlice<f32>,
     ) -> Result<(), CudaError> {
-        shape(k.is_multiple_of(8) && (1..=GEMV_MAX_ROWS).contains(&rows), || {
-            format!("gemv: K = {k} must be a multiple of 8, rows {rows} in 1..=8")
-        })?;
+        shape(
+            k.is_multiple_of(8) && (1..=GEMV_MAX_ROWS).contains(&rows),
+            || format!("gemv: K = {k} must be a multiple of 8, rows {rows} in 1..=8"),
+        )?;
         const NAMES: [&str; 8] = [
             "gemv_f16_t1",
             "gemv_f16_t2",
@@ -435,12 +439,15 @@ impl CudaOps {
         shape(a.kv_heads > 0 && a.heads.is_multiple_of(a.kv_heads), || {
             "attention: heads % kv_heads".into()
         })?;
-        shape(a.head_dim <= MAX_HEAD_DIM && a.head_dim.is_multiple_of(32), || {
-            format!(
-                "attention: head_dim {} must be a multiple of 32, <= 256",
-                a.head_dim
-            )
-        })?;
+        shape(
+            a.head_dim <= MAX_HEAD_DIM && a.head_dim.is_multiple_of(32),
+            || {
+                format!(
+                    "attention: head_dim {} must be a multiple of 32, <= 256",
+                    a.head_dim
+                )
+            },
+        )?;
         shape(tok_seq.len() == n, || "attention: tok_seq length".into())?;
         shape(q.len() >= n * a.heads * a.head_dim, || {
             "attention: q size".into()
