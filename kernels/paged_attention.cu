@@ -72,33 +72,36 @@ __device__ __forceinline__ void decode_body(
 
     // Phase 1: scores.
     const unsigned int grp = threadIdx.x / 16, l16 = threadIdx.x % 16;
-    for (unsigned int j = lo + grp; j < hi; j += NTHREADS / 16) {
-        const size_t row = ((size_t)table[j / block_size] * kv_heads + g) * block_size + j % block_size;
+    // The loop bound is block-uniform (jb), so both 16-lane groups of a warp always reach the
+    // full-mask shuffles together; a group past the end contributes zeros and writes nothing.
+    for (unsigned int jb = lo; jb < hi; jb += NTHREADS / 16) {
+        const unsigned int j = jb + grp;
+        const bool valid = j < hi;
+        const size_t row =
+            valid ? ((size_t)table[j / block_size] * kv_heads + g) * block_size + j % block_size : 0;
         const __half* kr = k_cache + row * hd;
-        float acc[MAX_G];
+        float acc[G];
         #pragma unroll
-        for (int hg = 0; hg < MAX_G; ++hg) acc[hg] = 0.f;
-        for (unsigned int c = l16; c < hd / 8; c += 16) {
+        for (int hg = 0; hg < G; ++hg) acc[hg] = 0.f;
+        for (unsigned int c = l16; valid && c < hd / 8; c += 16) {
             const uint4 raw = *reinterpret_cast<const uint4*>(kr + c * 8);
             const unsigned int w4[4] = {raw.x, raw.y, raw.z, raw.w};
             #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const float2 f = unpack_h2(w4[e]);
                 #pragma unroll
-                for (int hg = 0; hg < MAX_G; ++hg) {
-                    if (hg < G) {
-                        acc[hg] = fmaf(f.x, q_s[hg][c * 8 + 2 * e], acc[hg]);
-                        acc[hg] = fmaf(f.y, q_s[hg][c * 8 + 2 * e + 1], acc[hg]);
-                    }
+                for (int hg = 0; hg < G; ++hg) {
+                    acc[hg] = fmaf(f.x, q_s[hg][c * 8 + 2 * e], acc[hg]);
+                    acc[hg] = fmaf(f.y, q_s[hg][c * 8 + 2 * e + 1], acc[hg]);
                 }
             }
         }
         #pragma unroll
-        for (int hg = 0; hg < MAX_G; ++hg) {
+        for (int hg = 0; hg < G; ++hg) {
             float v = acc[hg];
             #pragma unroll
             for (int o = 8; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-            if (l16 == 0 && hg < G) sc[hg][j - lo] = v * scale;
+            if (valid && l16 == 0) sc[hg][j - lo] = v * scale;
         }
     }
     __syncthreads();
@@ -126,19 +129,17 @@ __device__ __forceinline__ void decode_body(
 
     // Phase 3: weighted sum of V rows.
     for (unsigned int d = threadIdx.x; d < hd; d += NTHREADS) {
-        float acc[MAX_G];
+        float acc[G];
         #pragma unroll
-        for (int hg = 0; hg < MAX_G; ++hg) acc[hg] = 0.f;
+        for (int hg = 0; hg < G; ++hg) acc[hg] = 0.f;
         for (unsigned int j = lo; j < hi; ++j) {
             const size_t row = ((size_t)table[j / block_size] * kv_heads + g) * block_size + j % block_size;
             const float v = __half2float(v_cache[row * hd + d]);
             #pragma unroll
-            for (int hg = 0; hg < MAX_G; ++hg)
-                if (hg < G) acc[hg] = fmaf(sc[hg][j - lo], v, acc[hg]);
+            for (int hg = 0; hg < G; ++hg) acc[hg] = fmaf(sc[hg][j - lo], v, acc[hg]);
         }
         #pragma unroll
-        for (int hg = 0; hg < MAX_G; ++hg) {
-            if (hg >= G) continue;
+        for (int hg = 0; hg < G; ++hg) {
             const unsigned int h = g * G + hg;
             if (splits == 1) {
                 const float inv = l_s[hg] > 0.f ? 1.f / l_s[hg] : 0.f;

@@ -120,7 +120,8 @@ extern "C" __global__ void __launch_bounds__(THREADS) sample_rows(
     if (k > 0 && k < vocab) {
         unsigned int lo = 0, hi = 0xffffffffu;  // invariant: count(>= lo) >= k
         while (lo < hi) {
-            const unsigned int mid = lo + (hi - lo + 1) / 2;
+            // 64-bit midpoint: hi - lo + 1 overflows 32 bits on the first step.
+            const unsigned int mid = (unsigned int)(((unsigned long long)lo + hi + 1) / 2);
             unsigned int c = 0;
             for (unsigned int i = threadIdx.x; i < vocab; i += THREADS) c += fkey(x[i]) >= mid;
             if (block_sum<unsigned int>(c, shu) >= k) lo = mid; else hi = mid - 1;
@@ -137,7 +138,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) sample_rows(
     if (p < 1.f) {
         unsigned int lo = kth, hi = fkey(mx);  // invariant: mass(>= lo) >= p * zk
         while (lo < hi) {
-            const unsigned int mid = lo + (hi - lo + 1) / 2;
+            const unsigned int mid = (unsigned int)(((unsigned long long)lo + hi + 1) / 2);
             float s = 0.f;
             for (unsigned int i = threadIdx.x; i < vocab; i += THREADS)
                 if (fkey(x[i]) >= mid) s += __expf((x[i] - mx) * invT);

@@ -5,6 +5,7 @@
 //! Layout:
 //! - [`device`]: `probe()` (never panics without a driver) and `select()` for `--device`.
 //! - [`nvrtc`]: the kernel sources, CUBIN compilation for the device's `sm_XY`, the on-disk cache.
+//! - [`graph`]: decode steps captured as CUDA graphs per batch-size bucket.
 //! - [`ops`]: one launcher per kernel on device buffers (shape checks, `// SAFETY:` per launch).
 //! - [`backend`]: [`CudaBackend`], the [`crate::backend::Backend`] trait on top of the launchers.
 //!
@@ -32,6 +33,7 @@
 
 pub mod backend;
 pub mod device;
+pub mod graph;
 pub mod nvrtc;
 pub mod ops;
 

@@ -298,5 +298,21 @@ mod tests {
             let bin = compile(k, "sm_80", &inc).unwrap_or_else(|e| panic!("{e}"));
             assert!(bin.len() > 1000, "{}: tiny CUBIN", k.file);
         }
+        // The cache: a miss compiles and stores, a hit returns the same bytes.
+        let dir = std::env::temp_dir().join(format!("seedance-kcache-{}", std::process::id()));
+        // No other test in this binary reads XDG_CACHE_HOME.
+        std::env::set_var("XDG_CACHE_HOME", &dir);
+        let k = &KERNELS[0];
+        let first = cubin(k, "sm_90").unwrap_or_else(|e| panic!("{e}"));
+        let files: Vec<_> = std::fs::read_dir(cache_dir())
+            .map(|rd| rd.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        assert_eq!(files.len(), 1, "one cached CUBIN: {files:?}");
+        assert_eq!(cubin(k, "sm_90").ok(), Some(first));
+        let _ = std::fs::remove_dir_all(&dir);
+        eprintln!(
+            "compiled {} kernel files with NVRTC; cache hit ok",
+            KERNELS.len()
+        );
     }
 }

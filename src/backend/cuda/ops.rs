@@ -84,6 +84,11 @@ impl CudaOps {
         let info = super::device::probe_ordinal(ordinal).map_err(CudaError::NoDevice)?;
         let ctx = CudaContext::new(ordinal)?;
         let stream = ctx.new_stream()?;
+        // SAFETY: every buffer of this backend is used on this one stream, whose order already
+        // serialises the accesses; cudarc's per-slice events (made for multi-stream use) would
+        // only add event records and waits, and a wait on an event recorded before a graph
+        // capture invalidates the capture.
+        unsafe { ctx.disable_event_tracking() };
         let arch = info.arch();
         let mut funcs = HashMap::new();
         for k in KERNELS {
