@@ -18,7 +18,7 @@
 use cudarc::driver::{sys::CUevent_flags, CudaSlice, DeviceRepr, ValidAsZeroBits};
 use half::f16;
 use seedance::backend::cuda::graph::{DecodeGraphs, GraphKey};
-use seedance::backend::cuda::ops::{CudaOps, DevAttn, SPLIT_LEN};
+use seedance::backend::cuda::ops::{CudaOps, DevAttn};
 use seedance::backend::cuda::{probe, CudaBackend, CudaError};
 
 struct Row {
@@ -300,7 +300,7 @@ fn decode_step(
     let eager = time(o, 3, &mut step)?;
     let key = GraphKey {
         batch_bucket: batch,
-        kv_splits: (ctx + 1).div_ceil(SPLIT_LEN),
+        kv_splits: o.decode_splits(batch, m.kv_heads, ctx + 1),
     };
     let mut graphs = DecodeGraphs::default();
     let graphed = time(o, 3, |o| graphs.run(o, key, &mut step))?;

@@ -78,6 +78,14 @@ fn grid(x: usize, y: usize, z: usize, block: u32) -> Result<LaunchConfig, CudaEr
     })
 }
 
+/// See [`CudaOps::decode_splits`]; aims at two blocks per SM.
+pub fn decode_splits(sm_count: usize, n: usize, kv_heads: usize, ctx_len: usize) -> usize {
+    let min_splits = ctx_len.div_ceil(SPLIT_LEN).max(1);
+    let want = (2 * sm_count).div_ceil((n * kv_heads).max(1));
+    let cap = (ctx_len / 64).max(1);
+    min_splits.max(want.min(cap))
+}
+
 impl CudaOps {
     /// Opens device `ordinal` and loads every kernel (compiled or from the CUBIN cache).
     pub fn new(ordinal: usize) -> Result<Self, CudaError> {
@@ -312,6 +320,13 @@ impl CudaOps {
         }
     }
 
+    /// Split-KV count of a decode call: at least ceil(ctx / SPLIT_LEN) (the shared score buffer
+    /// holds SPLIT_LEN keys), more when n·kv_heads blocks would leave SMs idle (batch 1 has
+    /// only kv_heads blocks), but never under 64 keys per split. Part of a decode graph's key.
+    pub fn decode_splits(&self, n: usize, kv_heads: usize, ctx_len: usize) -> usize {
+        decode_splits(self.sm_count, n, kv_heads, ctx_len)
+    }
+
     /// Split-K factor: enough blocks for ~2 waves of 4-row blocks, K split in 256-column units.
     fn gemv_splits(&self, n_out: usize, k: usize) -> usize {
         let blocks = n_out.div_ceil(4);
@@ -519,8 +534,8 @@ impl CudaOps {
         } else {
             a.max_context
         };
-        let splits = ctx_len.div_ceil(SPLIT_LEN).max(1);
-        let split_len = u32_of(SPLIT_LEN, "split_len")?;
+        let splits = self.decode_splits(n, a.kv_heads, ctx_len);
+        let split_len = u32_of(ctx_len.div_ceil(splits).max(1), "split_len")?;
         let f = self.f(NAMES[group - 1])?.clone();
         let reduce = self.f("paged_attn_reduce")?.clone();
         let parts = n * a.heads * splits;
@@ -545,7 +560,8 @@ impl CudaOps {
             .arg(&win)
             .arg(&split_len)
             .arg(&scale);
-        // SAFETY: as for prefill; splits*SPLIT_LEN >= context so every key is covered;
+        // SAFETY: as for prefill; splits*split_len >= context so every key is covered and
+        // split_len <= SPLIT_LEN fits the kernel's score buffer;
         // acc >= n*heads*splits*hd and ml >= n*heads*splits*2 floats.
         unsafe { b.launch(grid(n, a.kv_heads, splits, 128)?) }?;
         if splits > 1 {
@@ -620,5 +636,32 @@ impl CudaOps {
         // SAFETY: logits rows*vocab floats; every parameter array and out >= rows entries.
         unsafe { b.launch(grid(rows, 1, 1, 1024)?) }?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decode_splits_cover_the_context_within_the_score_buffer() {
+        for sm in [1, 108, 132] {
+            for n in [1, 8, 64, 256] {
+                for kv in [1, 4, 8] {
+                    for ctx in [1, 63, 64, 65, 511, 512, 513, 4096, 131072] {
+                        let s = decode_splits(sm, n, kv, ctx);
+                        let len = ctx.div_ceil(s);
+                        assert!(
+                            s >= 1 && len <= SPLIT_LEN,
+                            "sm={sm} n={n} kv={kv} ctx={ctx}: {s}"
+                        );
+                        assert!(s * len >= ctx);
+                        assert!(s == ctx.div_ceil(SPLIT_LEN).max(1) || len >= 64 || ctx < 64);
+                    }
+                }
+            }
+        }
+        // Batch 1 on an H100 (132 SMs), kv_heads 8, 4k context: ~33 splits of 128 keys.
+        assert_eq!(decode_splits(132, 1, 8, 4096), 33);
     }
 }
