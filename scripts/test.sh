@@ -8,7 +8,8 @@
 #   clippy   cargo clippy --all-targets -- -D warnings
 #   build    cargo build --all-targets (debug; dependencies at opt-level 2)
 #   kernels  every kernels/*.cu compiled with NVRTC (PyPI wheels) for sm_80 and sm_90; fails on a
-#            compile error or any register spill, prints the register table
+#            compile error or any register spill, prints the register table; then the server's
+#            own NVRTC compile + cache path (cargo test backend::cuda::nvrtc) on the same wheel
 #   test     cargo test --workspace (unit, integration and property tests)
 #   pytest   tests/e2e with the Python websockets client against the built server
 #   node     tests/e2e with the Node ws client (node --test)
@@ -125,6 +126,12 @@ kernels() {
     python3 -m pip show -q nvidia-cuda-nvrtc-cu12 nvidia-cuda-runtime-cu12 >/dev/null 2>&1 ||
         python3 -m pip install -q --root-user-action=ignore "${NVRTC_WHEELS[@]}"
     python3 scripts/check_kernels.py
+    # The server's own NVRTC path (src/backend/cuda/nvrtc.rs: options, CUBIN, on-disk cache) on
+    # the same wheel; cudarc finds libnvrtc.so.12 through LD_LIBRARY_PATH.
+    local sp
+    sp=$(python3 -c 'import site; print(site.getsitepackages()[0])')
+    LD_LIBRARY_PATH="$sp/nvidia/cuda_nvrtc/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
+        cargo test --locked --lib backend::cuda::nvrtc -- --nocapture
 }
 
 pytest_e2e() {
