@@ -7,6 +7,9 @@
 #   fmt      cargo fmt --check
 #   clippy   cargo clippy --all-targets -- -D warnings
 #   build    cargo build --all-targets (debug; dependencies at opt-level 2)
+#   kernels  every kernels/*.cu compiled with NVRTC (PyPI wheels) for sm_80 and sm_90; fails on a
+#            compile error or any register spill, prints the register table; then the server's
+#            own NVRTC compile + cache path (cargo test backend::cuda::nvrtc) on the same wheel
 #   test     cargo test --workspace (unit, integration and property tests)
 #   pytest   tests/e2e with the Python websockets client against the built server
 #   node     tests/e2e with the Node ws client (node --test)
@@ -25,7 +28,7 @@ export SEEDANCE_BIN="${SEEDANCE_BIN:-$TARGET_DIR/debug/seedance-server}"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 export PYTHONDONTWRITEBYTECODE=1
 
-ALL_STAGES=(deps fmt clippy build test pytest node)
+ALL_STAGES=(deps fmt clippy build kernels test pytest node)
 if (($# > 0)); then
     for s in "$@"; do
         [[ " ${ALL_STAGES[*]} " == *" $s "* ]] || { echo "unknown stage '$s' (stages: ${ALL_STAGES[*]})" >&2; exit 2; }
@@ -116,6 +119,21 @@ clippy() { cargo clippy --locked --all-targets -- -D warnings; }
 build() { cargo build --locked --all-targets; }
 rust_tests() { cargo test --locked --workspace; }
 
+# NVRTC and cuda_fp16.h from PyPI (no CUDA toolkit or GPU needed); pinned, ~90 MB.
+NVRTC_WHEELS=(nvidia-cuda-nvrtc-cu12==12.9.86 nvidia-cuda-runtime-cu12==12.9.79)
+kernels() {
+    need python3 "install Python 3.11+ with pip"
+    python3 -m pip show -q nvidia-cuda-nvrtc-cu12 nvidia-cuda-runtime-cu12 >/dev/null 2>&1 ||
+        python3 -m pip install -q --root-user-action=ignore "${NVRTC_WHEELS[@]}"
+    python3 scripts/check_kernels.py
+    # The server's own NVRTC path (src/backend/cuda/nvrtc.rs: options, CUBIN, on-disk cache) on
+    # the same wheel; cudarc finds libnvrtc.so.12 through LD_LIBRARY_PATH.
+    local sp
+    sp=$(python3 -c 'import site; print(site.getsitepackages()[0])')
+    LD_LIBRARY_PATH="$sp/nvidia/cuda_nvrtc/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
+        cargo test --locked --lib backend::cuda::nvrtc -- --nocapture
+}
+
 pytest_e2e() {
     [[ -x $SEEDANCE_BIN ]] || die "server binary $SEEDANCE_BIN missing: run the build stage"
     # 1,000 concurrent connections need ~2,000 descriptors (client + server ends).
@@ -134,6 +152,7 @@ stage deps deps
 stage fmt fmt
 stage clippy clippy
 stage build build
+stage kernels kernels
 stage test rust_tests
 stage pytest pytest_e2e
 stage node node_e2e

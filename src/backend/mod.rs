@@ -7,6 +7,7 @@
 //! [`crate::engine::kv`]. Ops never allocate on the hot path; callers pass output buffers.
 
 pub mod cpu;
+pub mod cuda;
 
 use half::f16;
 
