@@ -23,18 +23,22 @@ pub struct Built {
     pub pin_engine: bool,
 }
 
-/// Chooses the device: CUDA is not in this build yet, so `auto` is the CPU and `cuda` is an error.
-pub fn device(requested: Device) -> Result<&'static str, String> {
-    match requested {
-        Device::Cpu => Ok("cpu"),
-        Device::Auto => {
-            tracing::info!("device: cpu (auto; this build has no CUDA backend)");
-            Ok("cpu")
-        }
-        Device::Cuda => Err(
-            "--device cuda: this build has no CUDA backend yet; use --device cpu or auto".into(),
+/// The compute backend for `--device`: `auto` picks CUDA when the driver library is present and
+/// a device answers, else the CPU (one log line says which). The CUDA backend behind the
+/// `Backend` trait copies activations over PCIe per call (a correctness bridge; see
+/// `backend/cuda/mod.rs`), and has not yet run on a GPU in this project.
+pub fn backend(
+    requested: Device,
+    cpu_threads: usize,
+) -> Result<Box<dyn crate::backend::Backend>, String> {
+    use crate::backend::cuda::device::{select, Selected};
+    Ok(match select(requested)? {
+        Selected::Cpu => Box::new(CpuBackend::new(cpu_threads)),
+        Selected::Cuda(d) => Box::new(
+            crate::backend::cuda::backend::CudaBackend::new(d.ordinal)
+                .map_err(|e| e.to_string())?,
         ),
-    }
+    })
 }
 
 pub fn build(cfg: &EngineConfig, metrics: Arc<EngineMetrics>) -> Result<Built, String> {
@@ -50,8 +54,7 @@ pub fn build(cfg: &EngineConfig, metrics: Arc<EngineMetrics>) -> Result<Built, S
             pin_engine: true,
         });
     }
-    device(cfg.device)?;
-    let backend = Box::new(CpuBackend::new(cfg.cpu_threads));
+    let backend = backend(cfg.device, cfg.cpu_threads)?;
     let (model, tok_dir) = if synthetic::is_synthetic(&cfg.model) {
         let s =
             synthetic::build(&cfg.model, cfg.synthetic_seed, backend).map_err(|e| e.to_string())?;
@@ -182,8 +185,7 @@ pub fn load_for_cli(
         "cuda" => Device::Cuda,
         other => return Err(format!("--device {other}: expected auto, cpu or cuda")),
     };
-    device(dev)?;
-    let backend = Box::new(CpuBackend::new(0));
+    let backend = backend(dev, 0)?;
     if synthetic::is_synthetic(spec) {
         let s = synthetic::build(spec, seed, backend).map_err(|e| e.to_string())?;
         eprintln!("synthetic model {}: the weights are RANDOM", s.shape);
