@@ -1,0 +1,186 @@
+#!/usr/bin/env bash
+# seedance CPU backend vs llama.cpp, same F16 weights, same thread count, side by side in one run
+# (issue 3, "Must show": batch-1 decode tokens/s and 512-token prefill tokens/s).
+#
+# Usage: perf/llamacpp_compare.sh [SHAPE...]     (default: qwen2.5-0.5b llama3.2-1b)
+#   env: THREADS=2 ROUNDS=3 REPS=3 LLAMA_CPP_PYTHON_VERSION=0.3.36 SEED=0
+#
+# From a clean checkout, in one call:
+#  1. builds seedance (cargo build --release --bins);
+#  2. writes a random-weight HF checkpoint of the exact SHAPE (F16 safetensors, fixed seed, via
+#     transformers: perf/make_hf_checkpoint.py) with the repo's synthetic tokenizer;
+#  3. downloads the llama-cpp-python sdist from PyPI (it vendors llama.cpp), extracts it under
+#     perf/.cache/ (git-ignored), builds llama-bench (CPU only, GGML_NATIVE, Release) and converts
+#     the checkpoint with convert_hf_to_gguf.py --outtype f16. The converter rejects the unknown
+#     synthetic tokenizer (BPE pre-tokenizer hash check); the downloaded copy is patched to call
+#     it "qwen2" — the tokenizer plays no part in either benchmark;
+#  4. alternates ROUNDS times: `llama-bench -m model.gguf -t THREADS -p 512 -n 128 -r REPS`, then
+#     REPS runs of `seedance-server generate --model DIR --prompt <512 tokens> --max-tokens 128
+#     --ignore-eos --ids` (prefill tok/s = prompt_tokens / prefill, decode tok/s =
+#     (generated_tokens - 1) / decode, from its GenerateStats line);
+#  5. prints one table with the medians over all samples, and the load average before/after.
+#
+# Threads: llama.cpp gets -t THREADS. `seedance-server generate` uses CpuBackend::new(0) = all
+# CPUs the process may run on (available_parallelism), so where nproc > THREADS both programs are
+# pinned to CPUs 0..THREADS-1 with taskset.
+# Difference to keep in mind: llama-bench's tg128 decodes from an empty context; seedance's
+# decode follows the 512-token prompt (attention over 512-640 positions; the KV read is < 2% of
+# the weight read for these shapes).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+THREADS=${THREADS:-2}
+ROUNDS=${ROUNDS:-3}
+REPS=${REPS:-3}
+VER=${LLAMA_CPP_PYTHON_VERSION:-0.3.36}
+SEED=${SEED:-0}
+SHAPES=("$@")
+[ ${#SHAPES[@]} -gt 0 ] || SHAPES=(qwen2.5-0.5b llama3.2-1b)
+CACHE=$ROOT/perf/.cache
+mkdir -p "$CACHE"
+log() { echo "[llamacpp_compare] $*" >&2; }
+
+# --- tools -------------------------------------------------------------------------------------
+need_py=()
+for m in torch transformers safetensors numpy sentencepiece tokenizers; do
+  python3 -c "import $m" 2>/dev/null || need_py+=("$m")
+done
+command -v cmake >/dev/null || need_py+=(cmake)
+command -v ninja >/dev/null || need_py+=(ninja)
+if [ ${#need_py[@]} -gt 0 ]; then
+  log "pip install ${need_py[*]}"
+  python3 -m pip install -q "${need_py[@]}"
+  hash -r
+fi
+
+# --- seedance ----------------------------------------------------------------------------------
+log "cargo build --release --bins"
+cargo build --release --bins -q
+SEEDANCE=$ROOT/target/release/seedance-server
+
+# --- llama.cpp ---------------------------------------------------------------------------------
+SRC=$CACHE/llama_cpp_python-$VER
+LLAMA=$SRC/vendor/llama.cpp
+BUILD=$CACHE/build
+BENCH=$BUILD/bin/llama-bench
+if [ ! -f "$LLAMA/convert_hf_to_gguf.py" ]; then
+  log "pip download llama-cpp-python==$VER (sdist)"
+  # --no-binary for this package only: with ':all:' pip would also build its build
+  # dependencies (cmake, ninja) from source just to read the sdist's metadata.
+  python3 -m pip download -q --no-binary llama-cpp-python --no-deps \
+    "llama-cpp-python==$VER" -d "$CACHE"
+  tar -xzf "$CACHE/llama_cpp_python-$VER.tar.gz" -C "$CACHE"
+fi
+# The converter refuses a tokenizer whose pre-tokenizer hash it does not know; ours is synthetic.
+sed -i 's/raise NotImplementedError("BPE pre-tokenizer was not recognized - update get_vocab_base_pre()")/res = "qwen2"  # patched by seedance perf\/llamacpp_compare.sh/' \
+  "$LLAMA/conversion/base.py" "$LLAMA/convert_hf_to_gguf.py" 2>/dev/null || true
+if [ ! -x "$BENCH" ] || [ "$(cat "$BUILD/.version" 2>/dev/null)" != "$VER" ]; then
+  rm -rf "$BUILD"
+  log "building llama-bench (a few minutes on 2 cores)"
+  cmake -S "$LLAMA" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+    -DGGML_NATIVE=ON -DGGML_CUDA=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF \
+    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
+    -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF \
+    >"$CACHE/cmake-$VER.log" 2>&1 || { tail -20 "$CACHE/cmake-$VER.log"; exit 1; }
+  cmake --build "$BUILD" --target llama-bench -j "$(nproc)" \
+    >"$CACHE/build-$VER.log" 2>&1 || { tail -40 "$CACHE/build-$VER.log"; exit 1; }
+  echo "$VER" >"$BUILD/.version"
+fi
+
+PIN=()
+if [ "$(nproc)" -gt "$THREADS" ]; then PIN=(taskset -c "0-$((THREADS - 1))"); fi
+
+# --- checkpoints, GGUFs, prompt ----------------------------------------------------------------
+for s in "${SHAPES[@]}"; do
+  d=$CACHE/ckpt-$s-seed$SEED
+  if [ ! -f "$d/.done" ]; then
+    log "checkpoint $s"
+    python3 perf/make_hf_checkpoint.py --shape "$s" --seed "$SEED" --out "$d"
+    touch "$d/.done"
+  fi
+  if [ ! -f "$d.f16.gguf" ]; then
+    log "convert_hf_to_gguf $s -> F16 GGUF"
+    python3 "$LLAMA/convert_hf_to_gguf.py" "$d" --outtype f16 --outfile "$d.f16.gguf.tmp" \
+      >"$CACHE/convert-$s.log" 2>&1 || { tail -30 "$CACHE/convert-$s.log"; exit 1; }
+    mv "$d.f16.gguf.tmp" "$d.f16.gguf"
+  fi
+done
+
+# A 512-token prompt of ordinary text: encode a repeated passage, keep 512 tokens, decode, and
+# check that the text re-encodes to exactly 512 tokens (seedance's prompt_tokens is checked too).
+PROMPT=$(python3 - <<'EOF'
+from tokenizers import Tokenizer
+t = Tokenizer.from_file("assets/synthetic/tokenizer.json")
+base = ("Once upon a time there was a small model that lived on a CPU. It read its weights from "
+        "a file, multiplied matrices all day, and wrote one token at a time. The quick brown fox "
+        "jumps over the lazy dog. Hello, world! How are you today? I am fine, thank you. ")
+for n in range(512, 480, -1):
+    text = t.decode(t.encode(base * 40).ids[:n])
+    if len(t.encode(text).ids) == 512:
+        break
+assert len(t.encode(text).ids) == 512, "could not build a 512-token prompt"
+print(text, end="")
+EOF
+)
+
+# --- alternating runs --------------------------------------------------------------------------
+LOAD_BEFORE=$(uptime)
+log "load before: $LOAD_BEFORE"
+RES=$(mktemp)
+trap 'rm -f "$RES"' EXIT
+for r in $(seq "$ROUNDS"); do
+  for s in "${SHAPES[@]}"; do
+    d=$CACHE/ckpt-$s-seed$SEED
+    log "round $r/$ROUNDS $s: llama-bench -t $THREADS -p 512 -n 128 -r $REPS"
+    "${PIN[@]}" "$BENCH" -m "$d.f16.gguf" -t "$THREADS" -p 512 -n 128 -r "$REPS" -o json 2>/dev/null |
+      python3 -c '
+import json, sys
+for t in json.load(sys.stdin):
+    print("meta", "llama_build", "commit", t["build_commit"])
+    kind = "pp" if t["n_prompt"] == 512 and t["n_gen"] == 0 else "tg"
+    for v in t["samples_ts"]:
+        print(sys.argv[1], "llama", kind, v)' "$s" >>"$RES"
+    for _ in $(seq "$REPS"); do
+      log "round $r/$ROUNDS $s: seedance-server generate (512-token prompt, 128 tokens)"
+      "${PIN[@]}" "$SEEDANCE" generate --model "$d" --prompt "$PROMPT" --max-tokens 128 \
+        --ignore-eos --ids 2>&1 >/dev/null | grep 'GenerateStats' | python3 -c '
+import re, sys
+line = sys.stdin.read()
+def dur(name):
+    v, u = re.search(name + r": ([0-9.]+)(ns|µs|us|ms|s)\b", line).groups()
+    return float(v) * {"ns": 1e-9, "µs": 1e-6, "us": 1e-6, "ms": 1e-3, "s": 1.0}[u]
+p = int(re.search(r"prompt_tokens: (\d+)", line).group(1))
+g = int(re.search(r"generated_tokens: (\d+)", line).group(1))
+assert p == 512 and g == 128, (p, g)
+print(sys.argv[1], "seedance", "pp", p / dur("prefill"))
+print(sys.argv[1], "seedance", "tg", (g - 1) / dur("decode"))' "$s" >>"$RES"
+    done
+  done
+done
+LOAD_AFTER=$(uptime)
+
+# --- table -------------------------------------------------------------------------------------
+echo
+echo "seedance $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src || echo '+uncommitted src changes') CPU vs llama.cpp $(awk '$1 == "meta" {c=$4} END {print c}' "$RES") (llama-cpp-python $VER sdist) — F16, $THREADS threads, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), nproc $(nproc)"
+echo "medians of ROUNDS=$ROUNDS alternating rounds x REPS=$REPS (llama-bench -r $REPS; $REPS seedance generate runs)"
+python3 - "$RES" "${SHAPES[@]}" <<'EOF'
+import statistics, sys
+rows = [l.split() for l in open(sys.argv[1])]
+def med(s, who, k):
+    v = [float(r[3]) for r in rows if r[0] == s and r[1] == who and r[2] == k]
+    return statistics.median(v), len(v), min(v), max(v)
+print(f"| shape | llama.cpp pp512 t/s | seedance prefill-512 t/s | ratio | llama.cpp tg128 t/s | seedance decode t/s | ratio |")
+print(f"|---|---|---|---|---|---|---|")
+for s in sys.argv[2:]:
+    lp, sp, lt, st = (med(s, w, k) for w, k in
+                      (("llama", "pp"), ("seedance", "pp"), ("llama", "tg"), ("seedance", "tg")))
+    print(f"| {s} | {lp[0]:.1f} | {sp[0]:.1f} | {sp[0]/lp[0]:.2f}x | {lt[0]:.2f} | {st[0]:.2f} | {st[0]/lt[0]:.2f}x |")
+print()
+print("samples (n, min-max):")
+for s in sys.argv[2:]:
+    for w, k in (("llama", "pp"), ("seedance", "pp"), ("llama", "tg"), ("seedance", "tg")):
+        m, n, lo, hi = med(s, w, k)
+        print(f"  {s:14} {w:9} {k}: n={n} median {m:.2f}  [{lo:.2f} - {hi:.2f}]")
+EOF
+echo "load before: $LOAD_BEFORE"
+echo "load after:  $LOAD_AFTER"
