@@ -95,7 +95,7 @@ for s in "${SHAPES[@]}"; do
   d=$CACHE/ckpt-$s-seed$SEED
   if [ ! -f "$d/.done" ]; then
     log "checkpoint $s"
-    python3 perf/make_hf_checkpoint.py --shape "$s" --seed "$SEED" --out "$d"
+    python3 perf/make_hf_checkpoint.py --shape "$s" --seed "$SEED" --out "$d" >&2
     touch "$d/.done"
   fi
   if [ ! -f "$d.f16.gguf" ]; then
