@@ -87,9 +87,6 @@ impl ProtocolError {
 
 /// Longest request id accepted.
 pub const MAX_ID_LEN: usize = 128;
-/// Most stop strings per request, and the longest one.
-pub const MAX_STOP: usize = 4;
-pub const MAX_STOP_LEN: usize = 64;
 
 /// Parses one text message.
 pub fn parse(text: &[u8], cfg: &SessionConfig) -> Result<ClientMsg, ProtocolError> {
@@ -289,13 +286,8 @@ fn generation_fields(
             )
         })?),
     };
+    // Stop-string limits are the sampler's (`SamplingParams` validation above).
     let stop = params.stop.clone();
-    if stop.len() > MAX_STOP || stop.iter().any(|s| s.is_empty() || s.len() > MAX_STOP_LEN) {
-        return Err(f.err(
-            "invalid_field",
-            format!("stop: at most {MAX_STOP} non-empty strings of at most {MAX_STOP_LEN} bytes"),
-        ));
-    }
     Ok(GenerateMsg {
         id,
         model,
