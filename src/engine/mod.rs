@@ -65,9 +65,18 @@ impl FinishReason {
 }
 
 /// What the engine reports for a sequence.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub enum EventKind {
     Token(u32),
+    /// Only for requests that asked for logprobs, sent just before the `Token` event they
+    /// describe: rank 0 is the sampled token's own log-probability, ranks 1..=n the n most
+    /// likely tokens of that step, best first (OpenAI's `top_logprobs`). Several small `Copy`
+    /// events instead of one boxed list keep the queue allocation-free.
+    Logprob {
+        rank: u8,
+        token: u32,
+        logprob: f32,
+    },
     Done(FinishReason),
     /// The request was refused (queue full, prompt too long); the sequence is gone.
     Rejected(RejectReason),
@@ -88,8 +97,8 @@ impl RejectReason {
     }
 }
 
-/// Engine → shard, 20 bytes, `Copy`: no allocation per token.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Engine → shard, 24 bytes, `Copy`: no allocation per token.
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct TokenEvent {
     pub key: SeqKey,
     pub kind: EventKind,

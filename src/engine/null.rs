@@ -63,6 +63,9 @@ struct NullSeq {
     key: SeqKey,
     next: u32,
     max_tokens: u32,
+    /// The request asked for logprobs with this many alternatives. The null model's next word
+    /// is certain: logprob 0 for it, and it is the only alternative with a finite logprob.
+    logprobs: Option<u8>,
     paused: bool,
     due: Instant,
 }
@@ -101,10 +104,7 @@ impl NullModel {
     }
 
     fn emit_final(&mut self, sink: &mut EventSink<'_>, key: SeqKey, kind: EventKind) {
-        let ev = TokenEvent { key, kind };
-        if !sink.push(ev) {
-            self.pending.push(ev);
-        }
+        sink.push_ordered(&mut self.pending, TokenEvent { key, kind });
     }
 
     fn remove(&mut self, key: SeqKey) -> bool {
@@ -127,6 +127,7 @@ impl Generator for NullModel {
                     key: req.key,
                     next: 0,
                     max_tokens: req.params.max_tokens.unwrap_or(256),
+                    logprobs: req.params.logprobs,
                     paused: false,
                     due: Instant::now(),
                 };
@@ -159,7 +160,7 @@ impl Generator for NullModel {
     }
 
     fn step(&mut self, sink: &mut EventSink<'_>) -> StepOutcome {
-        self.pending.retain(|ev| !sink.push(*ev));
+        sink.flush_pending(&mut self.pending);
         while self.seqs.len() < self.max_running {
             let Some(mut s) = self.waiting.pop_front() else {
                 break;
@@ -191,7 +192,8 @@ impl Generator for NullModel {
                 }
             }
             // Keep one slot for the terminal event so a sequence never ends half-reported.
-            if sink.room(s.key.shard) < 2 {
+            let lp_slots = s.logprobs.map_or(0, |n| 1 + usize::from(n.min(1)));
+            if sink.room(s.key.shard) < 2 + lp_slots {
                 blocked = true;
                 i += 1;
                 continue;
@@ -211,6 +213,16 @@ impl Generator for NullModel {
                 });
                 self.remove(key);
                 continue;
+            }
+            for rank in 0..lp_slots {
+                sink.push(TokenEvent {
+                    key,
+                    kind: EventKind::Logprob {
+                        rank: rank as u8,
+                        token: s.next,
+                        logprob: 0.0,
+                    },
+                });
             }
             sink.push(TokenEvent {
                 key,

@@ -32,8 +32,18 @@ pub struct ModelRunner {
     row: Vec<f32>,
     eos: Vec<u32>,
     metrics: Arc<EngineMetrics>,
-    /// Terminal events that found their shard's queue full.
+    /// Events that found their shard's queue full, in order (see `EventSink::push_ordered`).
     pending: Vec<TokenEvent>,
+    /// Event slots promised per shard while planning a step.
+    reserved: Vec<usize>,
+}
+
+impl SeqState {
+    /// Event slots one step of this sequence may use: its token, its terminal event and, when
+    /// logprobs were asked for, one per reported logprob.
+    fn event_slots(&self) -> usize {
+        2 + self.sampler.logprobs().map_or(0, |n| n + 1)
+    }
 }
 
 impl ModelRunner {
@@ -55,14 +65,12 @@ impl ModelRunner {
             eos,
             metrics,
             pending: Vec::new(),
+            reserved: Vec::new(),
         }
     }
 
     fn emit(&mut self, sink: &mut EventSink<'_>, key: SeqKey, kind: EventKind) {
-        let ev = TokenEvent { key, kind };
-        if !sink.push(ev) {
-            self.pending.push(ev);
-        }
+        sink.push_ordered(&mut self.pending, TokenEvent { key, kind });
     }
 
     fn publish_metrics(&self, batch: usize) {
@@ -121,7 +129,8 @@ impl ModelRunner {
             r += 1;
             self.row.copy_from_slice(row);
             let s: &mut Seq<SeqState> = &mut self.sched.running[it.index];
-            let tok = s.data.sampler.sample(&mut self.row, &s.tokens).token;
+            let out = s.data.sampler.sample(&mut self.row, &s.tokens);
+            let tok = out.token;
             s.tokens.push(tok);
             self.metrics.tokens.inc();
             let key = s.key;
@@ -137,13 +146,25 @@ impl ModelRunner {
                 None
             };
             if !is_eos {
+                if let Some(logprob) = out.logprob {
+                    let lp = |rank: usize, token: u32, logprob: f32| TokenEvent {
+                        key,
+                        kind: EventKind::Logprob {
+                            rank: rank as u8,
+                            token,
+                            logprob,
+                        },
+                    };
+                    sink.push_ordered(&mut self.pending, lp(0, tok, logprob));
+                    for (i, &(id, l)) in out.top_logprobs.iter().enumerate() {
+                        sink.push_ordered(&mut self.pending, lp(i + 1, id, l));
+                    }
+                }
                 let ev = TokenEvent {
                     key,
                     kind: EventKind::Token(tok),
                 };
-                if !sink.push(ev) {
-                    self.pending.push(ev);
-                }
+                sink.push_ordered(&mut self.pending, ev);
             }
             if let Some(reason) = reason {
                 finished.push((key, reason));
@@ -186,14 +207,23 @@ impl Generator for ModelRunner {
     }
 
     fn step(&mut self, sink: &mut EventSink<'_>) -> StepOutcome {
-        let pending = std::mem::take(&mut self.pending);
-        for ev in pending {
-            if !sink.push(ev) {
-                self.pending.push(ev);
+        sink.flush_pending(&mut self.pending);
+        // A sequence runs only if its shard's queue has room for everything it may emit this
+        // step, counting what the step already promised to that shard's other sequences.
+        let reserved = &mut self.reserved;
+        reserved.clear();
+        let items = self.sched.next_batch(|s| {
+            let shard = s.key.shard as usize;
+            if reserved.len() <= shard {
+                reserved.resize(shard + 1, 0);
             }
-        }
-        // Two slots per sequence: its token and possibly its terminal event.
-        let items = self.sched.next_batch(|k| sink.room(k.shard) >= 2);
+            let need = s.data.event_slots().min(sink.capacity(s.key.shard));
+            let ok = sink.room(s.key.shard) >= reserved[shard] + need;
+            if ok {
+                reserved[shard] += need;
+            }
+            ok
+        });
         if items.is_empty() {
             self.publish_metrics(0);
             return if self.sched.has_work() || !self.pending.is_empty() {

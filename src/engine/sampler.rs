@@ -101,6 +101,11 @@ impl Sampler {
         }
     }
 
+    /// `Some(n)` when the request asked for logprobs with `n` alternatives per token.
+    pub fn logprobs(&self) -> Option<usize> {
+        self.logprobs
+    }
+
     /// How many leading tokens of every `history` are prompt (default 0: all are generated).
     pub fn set_prompt_len(&mut self, n: usize) {
         self.prompt_len = n;

@@ -107,9 +107,9 @@ impl<T> Scheduler<T> {
         Ok(())
     }
 
-    /// Plans the next step. `can_emit(key)` says whether the sequence's shard can take an event
+    /// Plans the next step. `can_emit(seq)` says whether the sequence's shard can take its events
     /// now (a sequence that cannot is skipped this step, like a paused one).
-    pub fn next_batch(&mut self, mut can_emit: impl FnMut(SeqKey) -> bool) -> Vec<BatchItem> {
+    pub fn next_batch(&mut self, mut can_emit: impl FnMut(&Seq<T>) -> bool) -> Vec<BatchItem> {
         let bs = self.cfg.block_size;
         let mut budget = self.cfg.step_token_budget;
         let mut items = Vec::new();
@@ -117,7 +117,7 @@ impl<T> Scheduler<T> {
         let mut i = 0;
         while i < self.running.len() {
             let s = &self.running[i];
-            if s.paused || s.tokens.len() - s.computed != 1 || budget == 0 || !can_emit(s.key) {
+            if s.paused || s.tokens.len() - s.computed != 1 || budget == 0 || !can_emit(s) {
                 i += 1;
                 continue;
             }
@@ -153,7 +153,7 @@ impl<T> Scheduler<T> {
             }
             let s = &mut self.running[i];
             let pending = s.tokens.len() - s.computed;
-            if s.paused || pending <= 1 && s.computed > 0 || pending == 0 || !can_emit(s.key) {
+            if s.paused || pending <= 1 && s.computed > 0 || pending == 0 || !can_emit(s) {
                 continue;
             }
             if items.iter().any(|it| it.index == i) {
@@ -178,7 +178,7 @@ impl<T> Scheduler<T> {
             let Some(front) = self.waiting.front() else {
                 break;
             };
-            if !can_emit(front.key) {
+            if !can_emit(front) {
                 break;
             }
             let len = front.tokens.len().min(budget);
@@ -430,7 +430,7 @@ mod tests {
         let b = s.next_batch(|_| true);
         run(&mut s, &b);
         s.set_paused(key(1), true);
-        let b = s.next_batch(|k| k.slot != 2);
+        let b = s.next_batch(|q| q.key.slot != 2);
         assert!(b.is_empty());
         s.set_paused(key(1), false);
         assert_eq!(s.next_batch(|_| true).len(), 2);

@@ -22,6 +22,29 @@ impl EventSink<'_> {
             .map_or(0, |l| l.events.slots())
     }
 
+    /// Size of the event queue of `shard` (a sequence never needs more slots than this).
+    pub fn capacity(&self, shard: u16) -> usize {
+        self.links
+            .get(shard as usize)
+            .map_or(0, |l| l.events.buffer().capacity())
+    }
+
+    /// Pushes an event in order after `pending` events of the same shard: appends it to
+    /// `pending` instead when that shard already has events waiting or its queue is full, so a
+    /// sequence's events never overtake each other.
+    pub fn push_ordered(&mut self, pending: &mut Vec<TokenEvent>, ev: TokenEvent) {
+        if pending.iter().any(|p| p.key.shard == ev.key.shard) || !self.push(ev) {
+            pending.push(ev);
+        }
+    }
+
+    /// Retries `pending` events in order (see [`EventSink::push_ordered`]).
+    pub fn flush_pending(&mut self, pending: &mut Vec<TokenEvent>) {
+        for ev in std::mem::take(pending) {
+            self.push_ordered(pending, ev);
+        }
+    }
+
     /// Pushes an event; returns false when the shard's queue is full (the caller keeps the
     /// sequence's state and retries on a later step).
     pub fn push(&mut self, ev: TokenEvent) -> bool {

@@ -10,7 +10,7 @@ use monoio::io::{AsyncReadRent, CancelableAsyncReadRent, Canceller};
 use super::error::HttpError;
 use super::openai;
 use super::request::{parse_head, BodyKind, ChunkedDecoder, Head};
-use super::response::write_json_error;
+use super::response::{error_body, write_response};
 use super::routes;
 use crate::config::Mode;
 use crate::server::conn::{read_more, Conn};
@@ -133,12 +133,13 @@ pub async fn serve<R: AsyncReadRent + CancelableAsyncReadRent>(
                         }
                     }
                     Err(e) => {
-                        write_json_error(
+                        let body = error_body(e.code, &e.message, e.param);
+                        write_response(
                             &mut conn.out.borrow_mut().buf,
                             e.status,
-                            e.code,
-                            &e.message,
-                            None,
+                            "application/json",
+                            &[],
+                            &body,
                             false,
                         );
                         conn.wake_writer.notify();
@@ -176,6 +177,7 @@ fn openai_request(
             status: 405,
             code: "method_not_allowed",
             message: format!("{} takes POST", info.path),
+            param: None,
         });
     }
     let id = format!("{}{}", endpoint.id_prefix(), random_hex());

@@ -62,6 +62,7 @@ pub struct OpenAiError {
     pub status: u16,
     pub code: &'static str,
     pub message: String,
+    pub param: Option<&'static str>,
 }
 
 impl From<ProtocolError> for OpenAiError {
@@ -76,6 +77,7 @@ impl From<ProtocolError> for OpenAiError {
             status,
             code: e.code,
             message: e.message,
+            param: e.param,
         }
     }
 }
@@ -85,6 +87,7 @@ fn bad(msg: impl Into<String>) -> OpenAiError {
         status: 400,
         code: "invalid_request_error",
         message: msg.into(),
+        param: None,
     }
 }
 

@@ -73,14 +73,14 @@ pub fn write_head(out: &mut BytesMut, status: u16, content_type: &str, len: usiz
 }
 
 /// `{"error":{"message","type","param","code"}}`: the SPEC's shape, which is also OpenAI's.
-pub fn error_body(code: &str, message: &str) -> Vec<u8> {
+pub fn error_body(code: &str, message: &str, param: Option<&str>) -> Vec<u8> {
     let kind = if code == "internal_error" {
         "server_error"
     } else {
         "invalid_request_error"
     };
     serde_json::to_vec(&serde_json::json!({
-        "error": { "code": code, "message": message, "type": kind, "param": null }
+        "error": { "code": code, "message": message, "type": kind, "param": param }
     }))
     .unwrap_or_default()
 }
@@ -93,7 +93,7 @@ pub fn write_json_error(
     extra: Option<(&str, &str)>,
     close: bool,
 ) {
-    let body = error_body(code, message);
+    let body = error_body(code, message, None);
     let extra: Vec<(&str, &str)> = extra.into_iter().collect();
     write_response(out, status, "application/json", &extra, &body, close);
 }

@@ -50,9 +50,17 @@ pub fn write_last_chunk(out: &mut BytesMut) {
     out.put_slice(b"0\r\n\r\n");
 }
 
-/// Writes `id: <seq>\ndata: <chunk object>\n\n` for a piece of generated text.
+/// Writes `id: <seq>\ndata: <chunk object>\n\n` for a piece of generated text; `logprobs` is
+/// the choice's `logprobs` value as JSON (`null` when absent).
 #[inline]
-pub fn write_text_event(out: &mut BytesMut, m: &SseMeta, seq: u64, text: &str, role: bool) {
+pub fn write_text_event(
+    out: &mut BytesMut,
+    m: &SseMeta,
+    seq: u64,
+    text: &str,
+    role: bool,
+    logprobs: Option<&Value>,
+) {
     write_chunk(out, |o| {
         let mut n = itoa::Buffer::new();
         o.put_slice(b"id: ");
@@ -76,12 +84,17 @@ pub fn write_text_event(out: &mut BytesMut, m: &SseMeta, seq: u64, text: &str, r
             Endpoint::Completion => o.put_slice(b",\"choices\":[{\"index\":0,\"text\":\""),
         }
         escape_into(o, text);
-        match m.endpoint {
-            Endpoint::Chat => o.put_slice(b"\"},\"logprobs\":null,\"finish_reason\":null}]}\n\n"),
-            Endpoint::Completion => {
-                o.put_slice(b"\",\"logprobs\":null,\"finish_reason\":null}]}\n\n")
+        o.put_slice(match m.endpoint {
+            Endpoint::Chat => b"\"},\"logprobs\":",
+            Endpoint::Completion => b"\",\"logprobs\":",
+        });
+        match logprobs {
+            Some(v) => {
+                let _ = serde_json::to_writer((&mut *o).writer(), v);
             }
+            None => o.put_slice(b"null"),
         }
+        o.put_slice(b",\"finish_reason\":null}]}\n\n");
     });
 }
 
@@ -124,14 +137,16 @@ pub fn write_stream_end(
     seq: u64,
     finish: &str,
     usage_v: Option<Value>,
+    logprobs: Option<Value>,
 ) {
     let mut o = base(m, m.endpoint.chunk_object());
+    let lp = logprobs.unwrap_or(Value::Null);
     let choice = match m.endpoint {
         Endpoint::Chat => {
-            json!({"index": 0, "delta": {}, "logprobs": null, "finish_reason": finish})
+            json!({"index": 0, "delta": {}, "logprobs": lp, "finish_reason": finish})
         }
         Endpoint::Completion => {
-            json!({"index": 0, "text": "", "logprobs": null, "finish_reason": finish})
+            json!({"index": 0, "text": "", "logprobs": lp, "finish_reason": finish})
         }
     };
     o.insert("choices".into(), json!([choice]));
@@ -162,13 +177,15 @@ pub fn write_json_response(
     text: &str,
     finish: &str,
     usage_v: Value,
+    logprobs: Option<Value>,
 ) {
     let mut o = base(m, m.endpoint.object());
+    let lp = logprobs.unwrap_or(Value::Null);
     let choice = match m.endpoint {
         Endpoint::Chat => json!({"index": 0, "message": {"role": "assistant", "content": text},
-                                 "logprobs": null, "finish_reason": finish}),
+                                 "logprobs": lp, "finish_reason": finish}),
         Endpoint::Completion => {
-            json!({"index": 0, "text": text, "logprobs": null, "finish_reason": finish})
+            json!({"index": 0, "text": text, "logprobs": lp, "finish_reason": finish})
         }
     };
     o.insert("choices".into(), json!([choice]));
@@ -212,9 +229,10 @@ mod tests {
     fn stream_is_chunked_sse_with_valid_json_events() {
         let m = meta(Endpoint::Chat);
         let mut out = BytesMut::new();
-        write_text_event(&mut out, &m, 1, "", true);
-        write_text_event(&mut out, &m, 2, "hé \"x\"\n", false);
-        write_stream_end(&mut out, &m, 3, "length", Some(usage(2, 1)));
+        write_text_event(&mut out, &m, 1, "", true, None);
+        let lp = json!({"content": [{"token": "h", "logprob": -0.5}], "refusal": null});
+        write_text_event(&mut out, &m, 2, "hé \"x\"\n", false, Some(&lp));
+        write_stream_end(&mut out, &m, 3, "length", Some(usage(2, 1)), None);
         let body = String::from_utf8(dechunk(&out)).expect("utf8");
         let events: Vec<&str> = body.split("\n\n").filter(|e| !e.is_empty()).collect();
         assert_eq!(events.len(), 5);
@@ -227,6 +245,8 @@ mod tests {
             data(events[1])["choices"][0]["delta"]["content"],
             "hé \"x\"\n"
         );
+        assert_eq!(data(events[1])["choices"][0]["logprobs"], lp);
+        assert!(data(events[0])["choices"][0]["logprobs"].is_null());
         assert_eq!(data(events[2])["choices"][0]["finish_reason"], "length");
         assert_eq!(data(events[3])["usage"]["total_tokens"], 3);
         assert_eq!(events[4], "data: [DONE]");

@@ -96,7 +96,11 @@ impl DetokTable {
             let token = u32::try_from(id).ok().and_then(|id| inner.id_to_token(id));
             let kind = match &token {
                 None => Kind::Skip,
-                Some(t) if specials.contains(t) => Kind::Skip,
+                Some(t) if specials.contains(t) => {
+                    // Never decoded into text; kept for `token_bytes` (logprobs name it).
+                    table.arena.extend_from_slice(t.as_bytes());
+                    Kind::Skip
+                }
                 Some(t) => match scheme {
                     Scheme::ByteLevel => {
                         push_byte_level(&mut table.arena, t, &byte_map);
@@ -140,6 +144,22 @@ impl DetokTable {
     /// True when this tokenizer's decoder is replayed from the table (not the window fallback).
     pub fn is_direct(&self) -> bool {
         self.scheme != Scheme::Window
+    }
+
+    /// The bytes token `id` stands for on its own, as logprobs report it: its decoded piece (a
+    /// byte-fallback token is its one byte, possibly half a character), a special token's
+    /// text, nothing for an id outside the vocabulary.
+    pub fn token_bytes(&self, id: u32) -> std::borrow::Cow<'_, [u8]> {
+        let idx = id as usize;
+        if idx + 1 >= self.offsets.len() {
+            return std::borrow::Cow::Borrowed(&[]);
+        }
+        match &self.fallback {
+            Some(tok) => {
+                std::borrow::Cow::Owned(tok.decode(&[id], false).unwrap_or_default().into_bytes())
+            }
+            None => std::borrow::Cow::Borrowed(self.piece(idx)),
+        }
     }
 
     fn piece(&self, id: usize) -> &[u8] {

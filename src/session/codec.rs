@@ -102,6 +102,14 @@ impl Codec {
         }
     }
 
+    /// The bytes token `id` stands for on its own (logprobs' `token` and `bytes`).
+    pub fn token_bytes(&self, id: u32) -> std::borrow::Cow<'_, [u8]> {
+        match self {
+            Codec::Null => std::borrow::Cow::Borrowed(null::piece(id).as_bytes()),
+            Codec::Hf(hf) => hf.table.token_bytes(id),
+        }
+    }
+
     /// Fresh per-request state; `stop` strings are held back until they cannot match.
     pub fn detok(&self, stop: &[String]) -> Detok {
         match self {

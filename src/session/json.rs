@@ -110,6 +110,27 @@ pub fn write_delta_frame(out: &mut BytesMut, id_json: &str, seq: u64, text: &str
     write_delta_payload(out, id_json, seq, text);
 }
 
+/// Appends one delta message that also carries `"logprobs": <logprobs>` as a text frame (only
+/// requests that asked for logprobs take this path).
+pub fn write_delta_frame_logprobs(
+    out: &mut BytesMut,
+    id_json: &str,
+    seq: u64,
+    text: &str,
+    logprobs: &serde_json::Value,
+) {
+    const KEY: &[u8] = b",\"logprobs\":";
+    let lp = serde_json::to_vec(logprobs).unwrap_or_else(|_| b"null".to_vec());
+    let len = delta_len(id_json, seq, text) + KEY.len() + lp.len();
+    out.reserve(len + 10);
+    put_text_header(out, len);
+    write_delta_payload(out, id_json, seq, text);
+    out.truncate(out.len() - 1); // the closing brace
+    out.put_slice(KEY);
+    out.put_slice(&lp);
+    out.put_slice(b"}");
+}
+
 /// Appends the delta payload alone (SSE and tests use it without a frame header).
 #[inline]
 pub fn write_delta_payload(out: &mut BytesMut, id_json: &str, seq: u64, text: &str) {
@@ -150,6 +171,18 @@ mod tests {
         assert_eq!(v["id"], "c\"1");
         assert_eq!(v["seq"], 42);
         assert_eq!(v["text"], "tab\there \"q\" \\ \u{1} é 你");
+    }
+
+    #[test]
+    fn delta_with_logprobs_is_one_exact_frame() {
+        let mut out = BytesMut::new();
+        let lp = serde_json::json!([{"token": "a", "logprob": -0.5}]);
+        write_delta_frame_logprobs(&mut out, &quoted("c1"), 3, "a\"", &lp);
+        assert_eq!(out[1] as usize, out.len() - 2, "header length");
+        let v: serde_json::Value = serde_json::from_slice(&out[2..]).expect("valid json");
+        assert_eq!(v["text"], "a\"");
+        assert_eq!(v["seq"], 3);
+        assert_eq!(v["logprobs"], lp);
     }
 
     #[test]

@@ -5,6 +5,7 @@ pub mod chunker;
 pub mod codec;
 pub mod heartbeat;
 pub mod json;
+pub mod logprobs;
 pub mod protocol;
 pub mod request;
 pub mod state;

@@ -62,6 +62,8 @@ pub struct ProtocolError {
     pub id: Option<String>,
     pub code: &'static str,
     pub message: String,
+    /// The request field at fault, when one is (OpenAI's `error.param`).
+    pub param: Option<&'static str>,
 }
 
 impl ProtocolError {
@@ -70,7 +72,14 @@ impl ProtocolError {
             id: id.map(str::to_owned),
             code,
             message: message.into(),
+            param: None,
         }
+    }
+
+    /// Names the request field at fault.
+    pub fn with_param(mut self, field: &'static str) -> Self {
+        self.param = (!field.is_empty()).then_some(field);
+        self
     }
 
     pub fn to_json(&self) -> Value {
@@ -274,8 +283,8 @@ fn generation_fields(
             return Err(f.err("invalid_field", format!("{k} must be a number")));
         }
     }
-    let mut params: SamplingParams = serde_json::from_value(Value::Object(f.m.clone()))
-        .map_err(|e| f.err("invalid_field", e.to_string()))?;
+    let mut params = SamplingParams::from_json(Value::Object(f.m.clone()))
+        .map_err(|e| f.err("invalid_field", e.to_string()).with_param(e.field))?;
     params.max_tokens = Some(max_tokens);
     let stream_mode = match f.opt_str("stream_mode")? {
         None => None,

@@ -11,7 +11,8 @@ use serde_json::json;
 
 use super::chunker::Chunker;
 use super::codec::Detok;
-use super::json::{quoted, write_delta_frame, write_json_frame};
+use super::json::{quoted, write_delta_frame, write_delta_frame_logprobs, write_json_frame};
+use super::logprobs::{Logprobs, Shape};
 use super::protocol::{GenerateMsg, ProtocolError};
 use crate::engine::sampler::SamplingParams;
 use crate::engine::{
@@ -46,6 +47,8 @@ pub struct ReqEntry {
     pub stop_hit: bool,
     /// This token's text, reused across tokens (no allocation per token).
     pub scratch: String,
+    /// Set when the request asked for logprobs.
+    pub logprobs: Option<Box<Logprobs>>,
 }
 
 /// Where a request's output goes.
@@ -80,6 +83,13 @@ impl ReqEntry {
         sink: Sink,
     ) -> Self {
         let now = Instant::now();
+        let shape = match &sink {
+            Sink::Ws => Shape::Ws,
+            Sink::Http(h) => match h.meta.endpoint {
+                crate::http::openai::Endpoint::Chat => Shape::Chat,
+                crate::http::openai::Endpoint::Completion => Shape::Completion,
+            },
+        };
         ReqEntry {
             key: SeqKey {
                 shard: shard.id,
@@ -101,6 +111,7 @@ impl ReqEntry {
             sink,
             stop_hit: false,
             scratch: String::new(),
+            logprobs: g.params.logprobs.map(|_| Box::new(Logprobs::new(shape))),
         }
     }
 }
@@ -200,6 +211,15 @@ pub fn on_event(shard: &Shard, ev: TokenEvent, now: Instant) {
     }
     match ev.kind {
         EventKind::Token(id) => on_token(shard, entry, id, now),
+        EventKind::Logprob {
+            rank,
+            token,
+            logprob,
+        } => {
+            if let Some(lp) = entry.logprobs.as_deref_mut() {
+                lp.on_event(rank, token, logprob);
+            }
+        }
         EventKind::Done(reason) => {
             let entry = reqs.remove(slot);
             drop(reqs);
@@ -252,6 +272,9 @@ fn on_token(shard: &Shard, e: &mut ReqEntry, id: u32, now: Instant) {
     }
     e.tokens += 1;
     shard.metrics.generated_tokens.inc();
+    if let Some(lp) = e.logprobs.as_deref_mut() {
+        lp.on_token(id);
+    }
     match e.first_token {
         None => {
             e.first_token = Some(now);
@@ -283,11 +306,12 @@ fn emit_text(shard: &Shard, e: &mut ReqEntry, text: &str, now: Instant) {
                 h.started = true;
                 sse::write_stream_head(&mut out.buf);
                 e.seq += 1;
-                sse::write_text_event(&mut out.buf, &h.meta, e.seq, "", true);
+                sse::write_text_event(&mut out.buf, &h.meta, e.seq, "", true, None);
             }
             if !text.is_empty() {
                 e.seq += 1;
-                sse::write_text_event(&mut out.buf, &h.meta, e.seq, text, false);
+                let lp = take_logprobs(shard, &mut e.logprobs);
+                sse::write_text_event(&mut out.buf, &h.meta, e.seq, text, false, lp.as_ref());
             }
             h.last_write = now;
             drop(out);
@@ -301,7 +325,7 @@ fn emit_text(shard: &Shard, e: &mut ReqEntry, text: &str, now: Instant) {
     match e.mode {
         StreamMode::Token => {
             e.seq += 1;
-            write_delta_frame(&mut e.conn.out.borrow_mut().buf, &e.id_json, e.seq, text);
+            write_ws_delta(shard, e.seq, &e.id_json, &e.conn, text, &mut e.logprobs);
             shard.metrics.deltas_out.inc();
             shard.mark_dirty(&e.conn);
         }
@@ -320,15 +344,38 @@ fn flush_chunk(shard: &Shard, e: &mut ReqEntry) {
         return;
     }
     e.seq += 1;
-    write_delta_frame(
-        &mut e.conn.out.borrow_mut().buf,
-        &e.id_json,
+    write_ws_delta(
+        shard,
         e.seq,
+        &e.id_json,
+        &e.conn,
         &e.chunker.pending,
+        &mut e.logprobs,
     );
     e.chunker.clear();
     shard.metrics.deltas_out.inc();
     shard.mark_dirty(&e.conn);
+}
+
+/// The waiting logprob reports of a request that asked for them, for the message going out.
+fn take_logprobs(shard: &Shard, lp: &mut Option<Box<Logprobs>>) -> Option<serde_json::Value> {
+    lp.as_deref_mut()?.take_json(&shard.shared.codec)
+}
+
+/// Writes one WebSocket `delta` frame, with the logprobs of the tokens it carries if asked for.
+fn write_ws_delta(
+    shard: &Shard,
+    seq: u64,
+    id_json: &str,
+    conn: &Conn,
+    text: &str,
+    lp: &mut Option<Box<Logprobs>>,
+) {
+    let buf = &mut conn.out.borrow_mut().buf;
+    match take_logprobs(shard, lp) {
+        Some(v) => write_delta_frame_logprobs(buf, id_json, seq, text, &v),
+        None => write_delta_frame(buf, id_json, seq, text),
+    }
 }
 
 /// The tick's latency cap: chunks that waited too long for punctuation go out as they are.
@@ -375,18 +422,31 @@ fn finish(shard: &Shard, mut e: ReqEntry, reason: FinishReason, now: Instant) {
 
 /// Queues held-back text and the end of the response (`done`, SSE end or JSON body).
 fn write_end(shard: &Shard, e: &mut ReqEntry, reason: FinishReason, now: Instant) {
+    if e.stop_hit {
+        // Reports of tokens whose text the stop string swallowed.
+        if let Some(lp) = e.logprobs.as_deref_mut() {
+            lp.drop_queued();
+        }
+    }
     let tail = e.detok.finish().to_owned();
     if !tail.is_empty() && matches!(reason, FinishReason::Stop | FinishReason::Length) {
         if e.mode == StreamMode::Token && matches!(e.sink, Sink::Ws) {
             // Held-back text is its own delta in token mode.
             e.seq += 1;
-            write_delta_frame(&mut e.conn.out.borrow_mut().buf, &e.id_json, e.seq, &tail);
+            write_ws_delta(shard, e.seq, &e.id_json, &e.conn, &tail, &mut e.logprobs);
         } else {
             emit_text(shard, e, &tail, now);
         }
     }
     if let Sink::Http(h) = &e.sink {
-        finish_http(shard, e, h, reason);
+        let logprobs = match e.logprobs.as_deref_mut() {
+            // A non-streamed answer always has the object; a stream's last chunk only when
+            // tokens that produced no text are left.
+            Some(lp) if !h.stream => Some(lp.take_json_or_empty(&shard.shared.codec)),
+            Some(lp) => lp.take_json(&shard.shared.codec),
+            None => None,
+        };
+        finish_http(shard, e, h, reason, logprobs);
         return;
     }
     flush_chunk(shard, e);
@@ -401,17 +461,27 @@ fn write_end(shard: &Shard, e: &mut ReqEntry, reason: FinishReason, now: Instant
     } else {
         0.0
     };
-    let done = json!({
+    let mut done = json!({
         "type": "done", "id": &*e.id, "seq": e.seq + 1, "finish_reason": reason.as_str(),
         "usage": {"prompt_tokens": e.prompt_tokens, "completion_tokens": e.tokens,
                   "total_tokens": e.prompt_tokens + e.tokens},
         "timings": {"ttft_ms": ttft_ms, "tokens_per_s": tps},
     });
+    // Tokens that produced no text (e.g. a skipped special token at the end).
+    if let Some(lp) = take_logprobs(shard, &mut e.logprobs) {
+        done["logprobs"] = lp;
+    }
     write_json_frame(&mut e.conn.out.borrow_mut().buf, &done);
     shard.mark_dirty(&e.conn);
 }
 
-fn finish_http(shard: &Shard, e: &ReqEntry, h: &HttpSink, reason: FinishReason) {
+fn finish_http(
+    shard: &Shard,
+    e: &ReqEntry,
+    h: &HttpSink,
+    reason: FinishReason,
+    logprobs: Option<serde_json::Value>,
+) {
     let mut out = e.conn.out.borrow_mut();
     // OpenAI has no "cancelled"; a cancelled HTTP request has no reader anyway.
     let finish = if reason == FinishReason::Length {
@@ -438,12 +508,19 @@ fn finish_http(shard: &Shard, e: &ReqEntry, h: &HttpSink, reason: FinishReason) 
         if !h.started {
             sse::write_stream_head(&mut out.buf);
             seq += 1;
-            sse::write_text_event(&mut out.buf, &h.meta, seq, "", true);
+            sse::write_text_event(&mut out.buf, &h.meta, seq, "", true, None);
         }
         let usage = h.include_usage.then_some(u);
-        sse::write_stream_end(&mut out.buf, &h.meta, seq + 1, finish, usage);
+        sse::write_stream_end(&mut out.buf, &h.meta, seq + 1, finish, usage, logprobs);
     } else {
-        sse::write_json_response(&mut out.buf, &h.meta, &e.chunker.pending, finish, u);
+        sse::write_json_response(
+            &mut out.buf,
+            &h.meta,
+            &e.chunker.pending,
+            finish,
+            u,
+            logprobs,
+        );
     }
     drop(out);
     shard.mark_dirty(&e.conn);

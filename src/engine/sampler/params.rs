@@ -35,6 +35,16 @@ pub struct ParamError {
     pub message: String,
 }
 
+impl SamplingParams {
+    /// Parses and validates the sampling fields of a request object (other fields ignored);
+    /// the error names the offending field (`field` is empty for a JSON type error serde
+    /// reports without one).
+    pub fn from_json(v: serde_json::Value) -> Result<Self, ParamError> {
+        let raw: RawParams = serde_json::from_value(v).map_err(|e| err("", e.to_string()))?;
+        Self::try_from(raw)
+    }
+}
+
 fn err(field: &'static str, message: impl Into<String>) -> ParamError {
     ParamError {
         field,

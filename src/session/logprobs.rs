@@ -1,0 +1,225 @@
+//! Logprobs on the shard: the engine reports each sampled token's log-probability and the `n`
+//! most likely alternatives as small `Logprob` events ahead of the token; this collects them per
+//! request and writes them, when the token's text goes out, in the shape the client expects.
+//!
+//! A token's logprob travels with the message that carries its text. Tokens whose text is still
+//! held back (an incomplete UTF-8 character, a possible stop string) wait for the next message
+//! that sends text; in `full` mode and non-streamed HTTP that is the one final message. Tokens
+//! whose text a matched stop string swallowed are not reported (their text is not in the output
+//! either). Shapes:
+//! - chat completions and WebSocket deltas: `{"content": [{"token", "logprob", "bytes",
+//!   "top_logprobs": [{"token", "logprob", "bytes"}]}], "refusal": null}` (WS sends the list);
+//! - completions: `{"tokens", "token_logprobs", "top_logprobs": [{token: logprob}], "text_offset"}`
+//!   where `text_offset` counts characters of the completion (tokens' own texts, as vLLM does).
+
+use serde_json::{json, Map, Value};
+
+use super::codec::Codec;
+
+/// One sampled token's report.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub token: u32,
+    pub logprob: f32,
+    /// `(id, logprob)`, best first.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// Which JSON shape a request's logprobs take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    /// `logprobs.content` of chat completions.
+    Chat,
+    /// The legacy completions arrays.
+    Completion,
+    /// The WebSocket delta's `logprobs` list (chat entries).
+    Ws,
+}
+
+/// Per-request logprob state.
+#[derive(Debug)]
+pub struct Logprobs {
+    pub shape: Shape,
+    /// The report being received (events arrive before their token).
+    cur: Option<TokenLogprob>,
+    /// Tokens reported whose text has not gone out yet.
+    queued: Vec<TokenLogprob>,
+    /// Characters of token text reported so far (completions' `text_offset`).
+    offset: usize,
+}
+
+impl Logprobs {
+    pub fn new(shape: Shape) -> Self {
+        Self {
+            shape,
+            cur: None,
+            queued: Vec::new(),
+            offset: 0,
+        }
+    }
+
+    /// One `Logprob` event: rank 0 starts a token's report, ranks 1.. add alternatives.
+    pub fn on_event(&mut self, rank: u8, token: u32, logprob: f32) {
+        if rank == 0 {
+            self.cur = Some(TokenLogprob {
+                token,
+                logprob,
+                top: Vec::new(),
+            });
+        } else if let Some(cur) = &mut self.cur {
+            cur.top.push((token, logprob));
+        }
+    }
+
+    /// The token the current report describes arrived.
+    pub fn on_token(&mut self, id: u32) {
+        match self.cur.take() {
+            Some(cur) if cur.token == id => self.queued.push(cur),
+            _ => {}
+        }
+    }
+
+    /// Whether reports are waiting for a message.
+    pub fn has_queued(&self) -> bool {
+        !self.queued.is_empty()
+    }
+
+    /// Forgets waiting reports (their text was cut by a stop string).
+    pub fn drop_queued(&mut self) {
+        self.queued.clear();
+    }
+
+    /// The waiting reports in this request's shape, emptied; `None` when none wait.
+    pub fn take_json(&mut self, codec: &Codec) -> Option<Value> {
+        if self.queued.is_empty() {
+            return None;
+        }
+        let entries = std::mem::take(&mut self.queued);
+        Some(match self.shape {
+            Shape::Chat => json!({"content": chat_entries(codec, &entries), "refusal": null}),
+            Shape::Ws => chat_entries(codec, &entries),
+            Shape::Completion => completion_arrays(codec, &entries, &mut self.offset),
+        })
+    }
+
+    /// Like [`Logprobs::take_json`], and an empty report instead of `None` (the final message of
+    /// a request that asked for logprobs always carries the object).
+    pub fn take_json_or_empty(&mut self, codec: &Codec) -> Value {
+        self.take_json(codec).unwrap_or_else(|| match self.shape {
+            Shape::Chat => json!({"content": [], "refusal": null}),
+            Shape::Ws => json!([]),
+            Shape::Completion => {
+                json!({"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []})
+            }
+        })
+    }
+}
+
+/// A token's own text and bytes, as OpenAI reports them (invalid UTF-8 replaced in `token`,
+/// exact in `bytes`).
+fn token_text(codec: &Codec, id: u32) -> (String, Vec<u8>) {
+    let bytes = codec.token_bytes(id).into_owned();
+    (String::from_utf8_lossy(&bytes).into_owned(), bytes)
+}
+
+/// A logprob as JSON: finite numbers as they are, `-inf` (a token the sampler ruled out) as
+/// OpenAI's floor of -9999.0 because JSON has no infinity.
+fn num(l: f32) -> Value {
+    if l.is_finite() {
+        json!(l)
+    } else {
+        json!(-9999.0)
+    }
+}
+
+fn chat_entries(codec: &Codec, entries: &[TokenLogprob]) -> Value {
+    let one = |id: u32, l: f32| {
+        let (token, bytes) = token_text(codec, id);
+        json!({"token": token, "logprob": num(l), "bytes": bytes})
+    };
+    entries
+        .iter()
+        .map(|e| {
+            let mut v = one(e.token, e.logprob);
+            let top: Vec<Value> = e.top.iter().map(|&(id, l)| one(id, l)).collect();
+            v["top_logprobs"] = Value::Array(top);
+            v
+        })
+        .collect()
+}
+
+fn completion_arrays(codec: &Codec, entries: &[TokenLogprob], offset: &mut usize) -> Value {
+    let mut tokens = Vec::with_capacity(entries.len());
+    let mut token_logprobs = Vec::with_capacity(entries.len());
+    let mut top_logprobs = Vec::with_capacity(entries.len());
+    let mut text_offset = Vec::with_capacity(entries.len());
+    for e in entries {
+        let (text, _) = token_text(codec, e.token);
+        text_offset.push(json!(*offset));
+        *offset += text.chars().count();
+        tokens.push(Value::String(text));
+        token_logprobs.push(num(e.logprob));
+        let mut top = Map::new();
+        for &(id, l) in &e.top {
+            top.entry(token_text(codec, id).0).or_insert_with(|| num(l));
+        }
+        top_logprobs.push(Value::Object(top));
+    }
+    json!({"tokens": tokens, "token_logprobs": token_logprobs,
+           "top_logprobs": top_logprobs, "text_offset": text_offset})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::null as words;
+
+    fn report(lp: &mut Logprobs, id: u32, l: f32, top: &[(u32, f32)]) {
+        lp.on_event(0, id, l);
+        for (i, &(t, tl)) in top.iter().enumerate() {
+            lp.on_event(i as u8 + 1, t, tl);
+        }
+        lp.on_token(id);
+    }
+
+    #[test]
+    fn chat_shape_carries_text_bytes_and_alternatives() {
+        let mut lp = Logprobs::new(Shape::Chat);
+        report(&mut lp, 1, -0.25, &[(1, -0.25), (2, -1.5)]);
+        let v = lp.take_json(&Codec::Null).expect("queued");
+        let e = &v["content"][0];
+        assert_eq!(e["token"], words::piece(1));
+        assert_eq!(e["logprob"], -0.25);
+        assert_eq!(e["bytes"], json!(words::piece(1).as_bytes()));
+        assert_eq!(e["top_logprobs"][1]["token"], words::piece(2));
+        assert_eq!(e["top_logprobs"][1]["logprob"], -1.5);
+        assert!(v["refusal"].is_null());
+        assert!(lp.take_json(&Codec::Null).is_none(), "taken once");
+    }
+
+    #[test]
+    fn completion_offsets_run_across_messages() {
+        let mut lp = Logprobs::new(Shape::Completion);
+        report(&mut lp, 0, -0.5, &[(0, -0.5)]);
+        report(&mut lp, 1, f32::NEG_INFINITY, &[]);
+        let a = lp.take_json(&Codec::Null).expect("queued");
+        assert_eq!(a["tokens"], json!([words::piece(0), words::piece(1)]));
+        assert_eq!(a["token_logprobs"], json!([-0.5, -9999.0]));
+        assert_eq!(a["top_logprobs"][0][words::piece(0)], -0.5);
+        let first = words::piece(0).chars().count();
+        assert_eq!(a["text_offset"], json!([0, first]));
+        report(&mut lp, 2, -1.0, &[]);
+        let b = lp.take_json(&Codec::Null).expect("queued");
+        let second = first + words::piece(1).chars().count();
+        assert_eq!(b["text_offset"], json!([second]));
+    }
+
+    #[test]
+    fn a_report_for_another_token_is_not_attached() {
+        let mut lp = Logprobs::new(Shape::Ws);
+        lp.on_event(0, 3, -0.1);
+        lp.on_token(4);
+        assert!(!lp.has_queued());
+        assert_eq!(lp.take_json_or_empty(&Codec::Null), json!([]));
+    }
+}
