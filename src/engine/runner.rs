@@ -241,3 +241,116 @@ impl Generator for ModelRunner {
         StepOutcome::Busy
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::CpuBackend;
+    use crate::engine::queue::links;
+    use crate::engine::sampler::SamplingParams;
+    use crate::engine::GenerateRequest;
+    use crate::model::synthetic;
+
+    fn runner() -> ModelRunner {
+        let s = synthetic::build("synthetic:tiny", 7, Box::new(CpuBackend::new(1))).expect("tiny");
+        let cfg = SchedulerConfig {
+            max_running: 8,
+            max_waiting: 8,
+            step_token_budget: 64,
+            block_size: 16,
+            max_model_len: 256,
+        };
+        ModelRunner::new(s.model, 64, cfg, Vec::new(), Arc::default())
+    }
+
+    fn request(slot: u32, logprobs: Option<u8>) -> EngineMsg {
+        let params = SamplingParams {
+            max_tokens: Some(6),
+            temperature: 0.0,
+            logprobs,
+            ..SamplingParams::default()
+        };
+        EngineMsg::Generate(Box::new(GenerateRequest {
+            key: SeqKey {
+                shard: 0,
+                slot,
+                gen: 1,
+            },
+            prompt: vec![1, 2, 3, 4, 5],
+            params,
+        }))
+    }
+
+    /// An event queue just big enough for one logprob-reporting token: every report arrives
+    /// complete and in order (ranks 0..=n, then the token), nothing is lost, both sequences end.
+    #[test]
+    fn logprob_reports_fit_a_tight_queue_in_order() {
+        const TOP: u8 = 5;
+        let (mut shard, mut engine, _) = links(1, 16, 2 + usize::from(TOP) + 1);
+        let mut r = runner();
+        let mut per_seq: [Vec<EventKind>; 2] = [Vec::new(), Vec::new()];
+        {
+            let mut sink = EventSink::for_tests(&mut engine);
+            r.handle(request(0, Some(TOP)), &mut sink);
+            r.handle(request(1, None), &mut sink);
+        }
+        for _ in 0..500 {
+            let mut sink = EventSink::for_tests(&mut engine);
+            r.step(&mut sink);
+            while let Ok(ev) = shard[0].events.pop() {
+                per_seq[ev.key.slot as usize].push(ev.kind);
+            }
+            if per_seq
+                .iter()
+                .all(|evs| matches!(evs.last(), Some(EventKind::Done(_))))
+            {
+                break;
+            }
+        }
+        let [with, without] = per_seq;
+        assert_eq!(without.len(), 7, "6 tokens and done: {without:?}");
+        assert!(without
+            .iter()
+            .all(|k| !matches!(k, EventKind::Logprob { .. })));
+        let per_token = usize::from(TOP) + 2;
+        assert_eq!(with.len(), 6 * per_token + 1, "{with:?}");
+        assert_eq!(with.last(), Some(&EventKind::Done(FinishReason::Length)));
+        for (t, group) in with.chunks(per_token).take(6).enumerate() {
+            let EventKind::Token(tok) = group[per_token - 1] else {
+                panic!("token {t}: group does not end with its token: {group:?}");
+            };
+            let mut best = f32::INFINITY;
+            for (rank, k) in group[..per_token - 1].iter().enumerate() {
+                let EventKind::Logprob {
+                    rank: r,
+                    token,
+                    logprob,
+                } = *k
+                else {
+                    panic!("token {t}: expected a logprob report, got {k:?}");
+                };
+                assert_eq!(usize::from(r), rank);
+                assert!(logprob <= 0.0 && logprob <= best, "token {t}: {group:?}");
+                if rank == 0 {
+                    assert_eq!(token, tok, "rank 0 reports the sampled token");
+                } else {
+                    best = logprob;
+                }
+                if rank == 1 {
+                    // Greedy: the sampled token is the most likely one.
+                    assert_eq!(token, tok);
+                }
+            }
+        }
+        // The report does not change what is generated.
+        let tokens = |evs: &[EventKind]| -> Vec<u32> {
+            evs.iter()
+                .filter_map(|k| match k {
+                    EventKind::Token(t) => Some(*t),
+                    _ => None,
+                })
+                .collect()
+        };
+        assert_eq!(tokens(&with), tokens(&without));
+    }
+}
