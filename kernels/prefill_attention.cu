@@ -9,8 +9,9 @@
 //          so memory is O(hd) per query whatever the context.
 // Launch:  grid = (n, ceil(heads / 4)); block = 128 = 4 warps, one query head per warp.
 //          Keys in chunks of 32: lane i scores key base + i (16-byte K loads), warp-shuffle max
-//          and sum; lane owns dims lane + 32k of the accumulator and reads V rows coalesced.
-// Requires: hd % 32 == 0, hd <= 256 (launcher checks).
+//          and sum; lane owns dims lane + 32k (< hd) of the accumulator and reads V rows coalesced.
+// Requires: hd % 8 == 0, hd <= 256 (launcher checks).
+// v2: hd % 8 instead of hd % 32 (lanes past hd idle), so head_dim 16 test checkpoints run.
 // v1: CUDA cores only; a tensor-core (mma.sync) tile version for long prompts is the next step.
 // CPU twin: backend::cpu::attention.
 #include <cuda_fp16.h>
@@ -57,7 +58,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) prefill_attn(
         q_s[warp][d] = __half2float(q[((size_t)t * heads + h) * hd + d]);
     __syncwarp();
 
-    const unsigned int nd = hd / 32;
+    const unsigned int nd = (hd + 31) / 32;
     float acc[MAX_HD / 32];
     #pragma unroll
     for (int i = 0; i < MAX_HD / 32; ++i) acc[i] = 0.f;
@@ -96,11 +97,13 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) prefill_attn(
             const __half* vr = v_cache + rj * hd;
             #pragma unroll
             for (int i = 0; i < MAX_HD / 32; ++i)
-                if (i < (int)nd) acc[i] = fmaf(pj, __half2float(vr[lane + 32 * i]), acc[i]);
+                if (i < (int)nd && lane + 32 * i < hd)
+                    acc[i] = fmaf(pj, __half2float(vr[lane + 32 * i]), acc[i]);
         }
     }
     const float inv = l > 0.f ? 1.f / l : 0.f;
     #pragma unroll
     for (int i = 0; i < MAX_HD / 32; ++i)
-        if (i < (int)nd) out[((size_t)t * heads + h) * hd + lane + 32 * i] = __float2half(acc[i] * inv);
+        if (i < (int)nd && lane + 32 * i < hd)
+            out[((size_t)t * heads + h) * hd + lane + 32 * i] = __float2half(acc[i] * inv);
 }

@@ -15,7 +15,7 @@
 //! (`backend::cuda::graph`): tokens/s = batch / step time, and the fraction of copy bandwidth
 //! the weight bytes reach (weight bytes / step time / copy bandwidth).
 
-use cudarc::driver::{sys::CUevent_flags, CudaSlice, DeviceRepr, ValidAsZeroBits};
+use cudarc::driver::{sys::CUevent_flags, CudaSlice, DevicePtr, DeviceRepr, ValidAsZeroBits};
 use half::f16;
 use seedance::backend::cuda::graph::{DecodeGraphs, GraphKey};
 use seedance::backend::cuda::ops::{CudaOps, DevAttn};
@@ -277,7 +277,7 @@ fn decode_step(
         o.embedding(&tokens, &embed, m.vocab, m.hidden, &mut resid)?;
         let mut first = true;
         for l in layers.iter_mut() {
-            let add = if first { None } else { Some(&branch) };
+            let add: Option<&dyn DevicePtr<f32>> = if first { None } else { Some(&branch) };
             first = false;
             o.rmsnorm_residual(&mut resid, add, &l.n1, 1e-5, &mut xh)?;
             o.matmul(&xh, batch, &l.qkv, qkv_n, m.hidden, None, &mut qkv)?;

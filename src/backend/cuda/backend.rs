@@ -65,7 +65,8 @@ impl CudaBackend {
         if let Some(d) = cache.get(&key) {
             return Ok(d.clone());
         }
-        let d = Self::up(ops, &w.data)?;
+        // The kernels read the checkpoint's row-major (rows, cols) layout, not the CPU panels.
+        let d = Self::up(ops, &w.to_row_major())?;
         cache.insert(key, d.clone());
         Ok(d)
     }

@@ -4,13 +4,19 @@
 //!
 //! Conventions (FP16 storage, FP32 accumulation): weights, KV cache, matmul inputs and attention
 //! in/out are F16; matmul outputs, the residual stream, norm weights, RoPE tables and logits are
-//! F32. Nothing here allocates except the split-K / split-KV workspaces, which grow once to the
-//! largest shape seen and are then reused (so a captured CUDA graph sees stable pointers).
+//! F32. Nothing here allocates except the split-K / split-KV workspaces, which grow to the largest
+//! shape seen and are then reused; each growth bumps [`CudaOps::workspace_epoch`], so captured
+//! CUDA graphs (which hold the old addresses) know to re-capture.
+//!
+//! Buffers are anything cudarc can give a device address for (`CudaSlice`, `CudaView`,
+//! `CudaViewMut`): the device-resident model passes views of fixed-size workspaces cut to the
+//! step's row count, and a launcher derives the row count from those lengths.
 
 use super::nvrtc::{self, KERNELS};
 use super::CudaError;
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
+    sys, CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig,
+    PushKernelArg,
 };
 use half::f16;
 use std::collections::HashMap;
@@ -36,6 +42,8 @@ pub struct CudaOps {
     /// decode split-KV partials: accumulators (n, heads, splits, hd) and (max, sum) pairs.
     attn_acc: Option<CudaSlice<f32>>,
     attn_ml: Option<CudaSlice<f32>>,
+    /// Bumped whenever a workspace is reallocated (see the module doc).
+    epoch: u64,
 }
 
 /// Shape of an attention call on device buffers (the metadata arrays are on the device too).
@@ -60,6 +68,23 @@ fn shape(cond: bool, msg: impl FnOnce() -> String) -> Result<(), CudaError> {
     } else {
         Err(CudaError::Shape(msg()))
     }
+}
+
+/// The device address of `x` as a kernel argument. cudarc's guard (the second value) records
+/// events only when event tracking is on; [`CudaOps::new`] turns it off for the context (one
+/// stream orders every access), so dropping the guard at once is sound.
+fn dptr<T>(x: &(impl DevicePtr<T> + ?Sized), s: &CudaStream) -> u64 {
+    x.device_ptr(s).0
+}
+
+/// [`dptr`] for a buffer the kernel writes.
+fn dptr_mut<T>(x: &mut (impl DevicePtrMut<T> + ?Sized), s: &CudaStream) -> u64 {
+    x.device_ptr_mut(s).0
+}
+
+/// `Some(x)` → its address, `None` → the null pointer the kernels test for.
+fn opt_ptr<T>(x: Option<&dyn DevicePtr<T>>, s: &CudaStream) -> u64 {
+    x.map_or(0, |x| x.device_ptr(s).0)
 }
 
 fn u32_of(v: usize, what: &str) -> Result<u32, CudaError> {
@@ -119,7 +144,18 @@ impl CudaOps {
             gemv_ws: None,
             attn_acc: None,
             attn_ml: None,
+            epoch: 0,
         })
+    }
+
+    /// Changes whenever a workspace moved; a graph captured under another epoch is stale.
+    pub fn workspace_epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Streaming multiprocessors of the device (split-K / split-KV choices).
+    pub fn sm_count(&self) -> usize {
+        self.sm_count
     }
 
     fn f(&self, name: &'static str) -> Result<&CudaFunction, CudaError> {
@@ -128,14 +164,16 @@ impl CudaOps {
             .ok_or_else(|| CudaError::Nvrtc(format!("kernel {name} not loaded")))
     }
 
-    /// Grows a workspace to at least `n` elements.
+    /// Grows a workspace to at least `n` elements (bumping `epoch` when it moves).
     fn ensure(
         stream: &Arc<CudaStream>,
+        epoch: &mut u64,
         ws: &mut Option<CudaSlice<f32>>,
         n: usize,
     ) -> Result<(), CudaError> {
         if ws.as_ref().is_none_or(|w| w.len() < n) {
             *ws = Some(stream.alloc_zeros::<f32>(n.max(1))?);
+            *epoch += 1;
         }
         Ok(())
     }
@@ -143,11 +181,11 @@ impl CudaOps {
     /// out (n, hidden) F32 = table[tokens]; tokens >= vocab give zero rows.
     pub fn embedding(
         &self,
-        tokens: &CudaSlice<u32>,
-        table: &CudaSlice<f16>,
+        tokens: &impl DevicePtr<u32>,
+        table: &impl DevicePtr<f16>,
         vocab: usize,
         hidden: usize,
-        out: &mut CudaSlice<f32>,
+        out: &mut impl DevicePtrMut<f32>,
     ) -> Result<(), CudaError> {
         let n = tokens.len();
         shape(hidden.is_multiple_of(8), || {
@@ -157,9 +195,14 @@ impl CudaOps {
             "embedding: table size".into()
         })?;
         shape(out.len() >= n * hidden, || "embedding: out size".into())?;
+        if n == 0 {
+            return Ok(());
+        }
         let (v, h) = (u32_of(vocab, "vocab")?, u32_of(hidden, "hidden")?);
-        let mut b = self.stream.launch_builder(self.f("embedding_f16")?);
-        b.arg(tokens).arg(table).arg(out).arg(&v).arg(&h);
+        let s = &self.stream;
+        let (tp, wp, op) = (dptr(tokens, s), dptr(table, s), dptr_mut(out, s));
+        let mut b = s.launch_builder(self.f("embedding_f16")?);
+        b.arg(&tp).arg(&wp).arg(&op).arg(&v).arg(&h);
         // SAFETY: tokens has n entries; table >= vocab*hidden halfs (rows read only for tok < vocab);
         // out >= n*hidden floats; hidden % 8 == 0 keeps the 16-byte loads in the row.
         unsafe { b.launch(grid(n, 1, 1, 256)?) }?;
@@ -169,11 +212,11 @@ impl CudaOps {
     /// residual (n, dim) += add; out (n, dim) F16 = rmsnorm(residual) · weight.
     pub fn rmsnorm_residual(
         &self,
-        residual: &mut CudaSlice<f32>,
-        add: Option<&CudaSlice<f32>>,
-        weight: &CudaSlice<f32>,
+        residual: &mut impl DevicePtrMut<f32>,
+        add: Option<&dyn DevicePtr<f32>>,
+        weight: &impl DevicePtr<f32>,
         eps: f32,
-        out: &mut CudaSlice<f16>,
+        out: &mut impl DevicePtrMut<f16>,
     ) -> Result<(), CudaError> {
         let dim = weight.len();
         shape(dim > 0 && residual.len().is_multiple_of(dim), || {
@@ -184,15 +227,19 @@ impl CudaOps {
             "rmsnorm: add size".into()
         })?;
         shape(out.len() >= n * dim, || "rmsnorm: out size".into())?;
+        if n == 0 {
+            return Ok(());
+        }
         let d = u32_of(dim, "dim")?;
-        let null = 0u64;
-        let mut b = self.stream.launch_builder(self.f("rmsnorm_residual")?);
-        b.arg(residual);
-        match add {
-            Some(a) => b.arg(a),
-            None => b.arg(&null),
-        };
-        b.arg(weight).arg(out).arg(&d).arg(&eps);
+        let s = &self.stream;
+        let (rp, ap, wp, op) = (
+            dptr_mut(residual, s),
+            opt_ptr(add, s),
+            dptr(weight, s),
+            dptr_mut(out, s),
+        );
+        let mut b = s.launch_builder(self.f("rmsnorm_residual")?);
+        b.arg(&rp).arg(&ap).arg(&wp).arg(&op).arg(&d).arg(&eps);
         // SAFETY: residual (and add, if any) hold n*dim floats, weight dim floats, out >= n*dim
         // halfs; one block per row reads/writes only its row.
         unsafe { b.launch(grid(n, 1, 1, 256)?) }?;
@@ -204,14 +251,14 @@ impl CudaOps {
     #[allow(clippy::too_many_arguments)]
     pub fn rope_qkv_cache(
         &self,
-        qkv: &CudaSlice<f32>,
-        bias: Option<&CudaSlice<f32>>,
-        positions: &CudaSlice<u32>,
-        slots: &CudaSlice<u32>,
-        inv_freq: &CudaSlice<f32>,
-        q_out: &mut CudaSlice<f16>,
-        k_cache: &mut CudaSlice<f16>,
-        v_cache: &mut CudaSlice<f16>,
+        qkv: &impl DevicePtr<f32>,
+        bias: Option<&dyn DevicePtr<f32>>,
+        positions: &impl DevicePtr<u32>,
+        slots: &impl DevicePtr<u32>,
+        inv_freq: &impl DevicePtr<f32>,
+        q_out: &mut impl DevicePtrMut<f16>,
+        k_cache: &mut impl DevicePtrMut<f16>,
+        v_cache: &mut impl DevicePtrMut<f16>,
         a: &DevAttn,
         rotary_dim: usize,
         scaling: f32,
@@ -244,7 +291,9 @@ impl CudaOps {
                 .is_multiple_of(a.kv_heads.max(1) * a.block_size * a.head_dim),
             || "rope: cache not (blocks, kv_heads, block_size, hd)".into(),
         )?;
-        let null = 0u64;
+        if n == 0 {
+            return Ok(());
+        }
         let (h, kv, hd, rd, bs) = (
             u32_of(a.heads, "heads")?,
             u32_of(a.kv_heads, "kv_heads")?,
@@ -252,22 +301,27 @@ impl CudaOps {
             u32_of(rotary_dim, "rotary_dim")?,
             u32_of(a.block_size, "block_size")?,
         );
-        let mut b = self.stream.launch_builder(self.f("rope_qkv_cache")?);
-        b.arg(qkv);
-        match bias {
-            Some(x) => b.arg(x),
-            None => b.arg(&null),
-        };
-        b.arg(positions)
-            .arg(slots)
-            .arg(inv_freq)
-            .arg(q_out)
-            .arg(k_cache)
-            .arg(v_cache);
+        let s = &self.stream;
+        let (xp, bp, pp, sp, fp) = (
+            dptr(qkv, s),
+            opt_ptr(bias, s),
+            dptr(positions, s),
+            dptr(slots, s),
+            dptr(inv_freq, s),
+        );
+        let (qp, kp, vp) = (
+            dptr_mut(q_out, s),
+            dptr_mut(k_cache, s),
+            dptr_mut(v_cache, s),
+        );
+        let mut b = s.launch_builder(self.f("rope_qkv_cache")?);
+        b.arg(&xp).arg(&bp).arg(&pp).arg(&sp).arg(&fp);
+        b.arg(&qp).arg(&kp).arg(&vp);
         b.arg(&h).arg(&kv).arg(&hd).arg(&rd).arg(&bs).arg(&scaling);
         // SAFETY: qkv = n*cols*hd floats, q_out >= n*heads*hd halfs, inv_freq >= rotary_dim/2;
-        // slots[t] must be < num_blocks*block_size: the caller builds slots from block tables of
-        // this cache (checked in debug by the backend), so K/V writes stay in the cache.
+        // slots[t] must be < num_blocks*block_size: the callers build slots from block tables of
+        // this cache (CudaBackend asserts it, the device model's planner checks every block id),
+        // so K/V writes stay in the cache.
         unsafe { b.launch(grid(n, cols, 1, 64)?) }?;
         Ok(())
     }
@@ -275,34 +329,40 @@ impl CudaOps {
     /// out (n, inter) F16 = silu(gate) · up, gate_up (n, 2·inter) F32.
     pub fn swiglu(
         &self,
-        gate_up: &CudaSlice<f32>,
+        gate_up: &impl DevicePtr<f32>,
         inter: usize,
-        out: &mut CudaSlice<f16>,
+        out: &mut impl DevicePtrMut<f16>,
     ) -> Result<(), CudaError> {
         shape(inter > 0 && gate_up.len().is_multiple_of(2 * inter), || {
             "swiglu: gate_up size".into()
         })?;
         let n = gate_up.len() / (2 * inter);
         shape(out.len() >= n * inter, || "swiglu: out size".into())?;
+        if n == 0 {
+            return Ok(());
+        }
         let (nn, i) = (u32_of(n, "n")?, u32_of(inter, "inter")?);
-        let mut b = self.stream.launch_builder(self.f("swiglu")?);
-        b.arg(gate_up).arg(out).arg(&nn).arg(&i);
+        let s = &self.stream;
+        let (gp, op) = (dptr(gate_up, s), dptr_mut(out, s));
+        let mut b = s.launch_builder(self.f("swiglu")?);
+        b.arg(&gp).arg(&op).arg(&nn).arg(&i);
         // SAFETY: gate_up n*2*inter floats, out >= n*inter halfs; threads past n*inter return.
         unsafe { b.launch(grid((n * inter).div_ceil(256), 1, 1, 256)?) }?;
         Ok(())
     }
 
     /// y (rows, n_out) F32 = x (rows, k) F16 · wᵀ (+bias); GEMV for rows <= 8, else the mma GEMM.
+    /// `w` is row-major `(n_out, k)` as in the checkpoint.
     #[allow(clippy::too_many_arguments)]
     pub fn matmul(
         &mut self,
-        x: &CudaSlice<f16>,
+        x: &impl DevicePtr<f16>,
         rows: usize,
-        w: &CudaSlice<f16>,
+        w: &impl DevicePtr<f16>,
         n_out: usize,
         k: usize,
-        bias: Option<&CudaSlice<f32>>,
-        y: &mut CudaSlice<f32>,
+        bias: Option<&dyn DevicePtr<f32>>,
+        y: &mut impl DevicePtrMut<f32>,
     ) -> Result<(), CudaError> {
         shape(x.len() >= rows * k, || "matmul: x size".into())?;
         shape(w.len() == n_out * k, || "matmul: w size".into())?;
@@ -313,10 +373,12 @@ impl CudaOps {
         if rows == 0 {
             return Ok(());
         }
+        let s = self.stream.clone();
+        let (xp, wp, bp, yp) = (dptr(x, &s), dptr(w, &s), opt_ptr(bias, &s), dptr_mut(y, &s));
         if rows <= GEMV_MAX_ROWS && k.is_multiple_of(8) {
-            self.gemv(x, rows, w, n_out, k, bias, y)
+            self.gemv(xp, rows, wp, n_out, k, bp, yp)
         } else {
-            self.gemm(x, rows, w, n_out, k, bias, y)
+            self.gemm(xp, rows, wp, n_out, k, bp, yp)
         }
     }
 
@@ -337,16 +399,18 @@ impl CudaOps {
         s
     }
 
+    /// Pointers checked by [`CudaOps::matmul`]: x (rows, K) F16, w (N, K) F16, bias (N,) F32 or
+    /// 0, y (rows, N) F32.
     #[allow(clippy::too_many_arguments)]
     fn gemv(
         &mut self,
-        x: &CudaSlice<f16>,
+        x: u64,
         rows: usize,
-        w: &CudaSlice<f16>,
+        w: u64,
         n_out: usize,
         k: usize,
-        bias: Option<&CudaSlice<f32>>,
-        y: &mut CudaSlice<f32>,
+        bias: u64,
+        y: u64,
     ) -> Result<(), CudaError> {
         shape(
             k.is_multiple_of(8) && (1..=GEMV_MAX_ROWS).contains(&rows),
@@ -369,55 +433,52 @@ impl CudaOps {
             u32_of(splits, "splits")?,
             u32_of(rows, "rows")?,
         );
-        let null = 0u64;
         let cfg = grid(n_out.div_ceil(4), splits, 1, 128)?;
         let f = self.f(NAMES[rows - 1])?.clone();
         if splits == 1 {
             let mut b = self.stream.launch_builder(&f);
-            b.arg(x).arg(w);
-            match bias {
-                Some(bb) => b.arg(bb),
-                None => b.arg(&null),
-            };
-            b.arg(y).arg(&n32).arg(&k32);
-            // SAFETY: x >= rows*K halfs, w = N*K halfs, y >= rows*N floats, bias N floats;
-            // K % 8 == 0 so every 16-byte load (8 halfs at a multiple of 8) is inside its row.
+            b.arg(&x).arg(&w).arg(&bias).arg(&y).arg(&n32).arg(&k32);
+            // SAFETY: x >= rows*K halfs, w = N*K halfs, y >= rows*N floats, bias N floats
+            // (checked by matmul); K % 8 == 0 so every 16-byte load is inside its row.
             unsafe { b.launch(cfg) }?;
             return Ok(());
         }
         let red = self.f("gemv_reduce")?.clone();
-        Self::ensure(&self.stream, &mut self.gemv_ws, splits * rows * n_out)?;
+        Self::ensure(
+            &self.stream,
+            &mut self.epoch,
+            &mut self.gemv_ws,
+            splits * rows * n_out,
+        )?;
         let ws = self
             .gemv_ws
             .as_mut()
             .ok_or(CudaError::Shape("gemv workspace".into()))?;
+        let wsp = dptr_mut(ws, &self.stream);
+        let null = 0u64;
         let mut b = self.stream.launch_builder(&f);
-        b.arg(x).arg(w).arg(&null).arg(&mut *ws).arg(&n32).arg(&k32);
+        b.arg(&x).arg(&w).arg(&null).arg(&wsp).arg(&n32).arg(&k32);
         // SAFETY: as above; partials go to ws >= splits*rows*N floats; K % (256*splits) == 0
         // (gemv_splits only doubles while that holds).
         unsafe { b.launch(cfg) }?;
         let mut b = self.stream.launch_builder(&red);
-        b.arg(&*ws);
-        match bias {
-            Some(bb) => b.arg(bb),
-            None => b.arg(&null),
-        };
-        b.arg(y).arg(&r32).arg(&n32).arg(&s32);
+        b.arg(&wsp).arg(&bias).arg(&y).arg(&r32).arg(&n32).arg(&s32);
         // SAFETY: ws holds splits*rows*N partials, y >= rows*N floats.
         unsafe { b.launch(grid((rows * n_out).div_ceil(256), 1, 1, 256)?) }?;
         Ok(())
     }
 
+    /// Pointers as for [`CudaOps::gemv`].
     #[allow(clippy::too_many_arguments)]
     fn gemm(
         &self,
-        x: &CudaSlice<f16>,
+        x: u64,
         rows: usize,
-        w: &CudaSlice<f16>,
+        w: u64,
         n_out: usize,
         k: usize,
-        bias: Option<&CudaSlice<f32>>,
-        y: &mut CudaSlice<f32>,
+        bias: u64,
+        y: u64,
     ) -> Result<(), CudaError> {
         shape(k.is_multiple_of(32), || {
             format!("gemm: K = {k} must be a multiple of 32")
@@ -426,16 +487,16 @@ impl CudaOps {
             i32::try_from(v).map_err(|_| CudaError::Shape(format!("gemm: {what} = {v} > i32")))
         };
         let (m, n, kk) = (to_i32(rows, "M")?, to_i32(n_out, "N")?, to_i32(k, "K")?);
-        let null = 0u64;
         let mut b = self.stream.launch_builder(self.f("gemm_f16_mma")?);
-        b.arg(x).arg(w);
-        match bias {
-            Some(bb) => b.arg(bb),
-            None => b.arg(&null),
-        };
-        b.arg(y).arg(&m).arg(&n).arg(&kk);
-        // SAFETY: A = x >= M*K halfs, B = w = N*K halfs, C = y >= M*N floats; K % 32 == 0; rows
-        // past M / N are zero-filled on load and skipped on store.
+        b.arg(&x)
+            .arg(&w)
+            .arg(&bias)
+            .arg(&y)
+            .arg(&m)
+            .arg(&n)
+            .arg(&kk);
+        // SAFETY: A = x >= M*K halfs, B = w = N*K halfs, C = y >= M*N floats (checked by
+        // matmul); K % 32 == 0; rows past M / N are zero-filled on load and skipped on store.
         unsafe { b.launch(grid(n_out.div_ceil(128), rows.div_ceil(128), 1, 256)?) }?;
         Ok(())
     }
@@ -445,25 +506,25 @@ impl CudaOps {
     #[allow(clippy::too_many_arguments)]
     pub fn attention(
         &mut self,
-        q: &CudaSlice<f16>,
-        k_cache: &CudaSlice<f16>,
-        v_cache: &CudaSlice<f16>,
-        block_tables: &CudaSlice<u32>,
-        tok_seq: &CudaSlice<u32>,
-        positions: &CudaSlice<u32>,
+        q: &impl DevicePtr<f16>,
+        k_cache: &impl DevicePtr<f16>,
+        v_cache: &impl DevicePtr<f16>,
+        block_tables: &impl DevicePtr<u32>,
+        tok_seq: &impl DevicePtr<u32>,
+        positions: &impl DevicePtr<u32>,
         a: &DevAttn,
         decode: bool,
-        out: &mut CudaSlice<f16>,
+        out: &mut impl DevicePtrMut<f16>,
     ) -> Result<(), CudaError> {
         let n = positions.len();
         shape(a.kv_heads > 0 && a.heads.is_multiple_of(a.kv_heads), || {
             "attention: heads % kv_heads".into()
         })?;
         shape(
-            a.head_dim <= MAX_HEAD_DIM && a.head_dim.is_multiple_of(32),
+            a.head_dim <= MAX_HEAD_DIM && a.head_dim.is_multiple_of(8),
             || {
                 format!(
-                    "attention: head_dim {} must be a multiple of 32, <= 256",
+                    "attention: head_dim {} must be a multiple of 8, <= 256",
                     a.head_dim
                 )
             },
@@ -493,16 +554,26 @@ impl CudaOps {
             u32_of(a.window, "window")?,
         );
         let scale = a.scale;
+        let s = self.stream.clone();
+        let (qp, kp, vp, tp, sp, pp, op) = (
+            dptr(q, &s),
+            dptr(k_cache, &s),
+            dptr(v_cache, &s),
+            dptr(block_tables, &s),
+            dptr(tok_seq, &s),
+            dptr(positions, &s),
+            dptr_mut(out, &s),
+        );
         if !decode {
-            let mut b = self.stream.launch_builder(self.f("prefill_attn")?);
-            b.arg(q)
-                .arg(k_cache)
-                .arg(v_cache)
-                .arg(block_tables)
-                .arg(tok_seq)
-                .arg(positions);
-            b.arg(out)
-                .arg(&h)
+            let mut b = s.launch_builder(self.f("prefill_attn")?);
+            b.arg(&qp)
+                .arg(&kp)
+                .arg(&vp)
+                .arg(&tp)
+                .arg(&sp)
+                .arg(&pp)
+                .arg(&op);
+            b.arg(&h)
                 .arg(&kv)
                 .arg(&hd)
                 .arg(&bs)
@@ -511,7 +582,8 @@ impl CudaOps {
                 .arg(&scale);
             // SAFETY: q/out >= n*heads*hd halfs; block_tables (seqs, max_blocks) with every
             // entry < num_blocks and positions[t] < max_blocks*block_size (caller's contract,
-            // asserted by CudaBackend), so cache reads stay inside the cache.
+            // asserted by CudaBackend, checked by the device model's planner), so cache reads
+            // stay inside the cache.
             unsafe { b.launch(grid(n, a.heads.div_ceil(4), 1, 128)?) }?;
             return Ok(());
         }
@@ -539,19 +611,15 @@ impl CudaOps {
         let f = self.f(NAMES[group - 1])?.clone();
         let reduce = self.f("paged_attn_reduce")?.clone();
         let parts = n * a.heads * splits;
-        Self::ensure(&self.stream, &mut self.attn_acc, parts * a.head_dim)?;
-        Self::ensure(&self.stream, &mut self.attn_ml, parts * 2)?;
+        Self::ensure(&s, &mut self.epoch, &mut self.attn_acc, parts * a.head_dim)?;
+        Self::ensure(&s, &mut self.epoch, &mut self.attn_ml, parts * 2)?;
         let (Some(acc), Some(ml)) = (self.attn_acc.as_mut(), self.attn_ml.as_mut()) else {
             return Err(CudaError::Shape("attention workspace".into()));
         };
-        let mut b = self.stream.launch_builder(&f);
-        b.arg(q)
-            .arg(k_cache)
-            .arg(v_cache)
-            .arg(block_tables)
-            .arg(tok_seq)
-            .arg(positions);
-        b.arg(&mut *out).arg(&mut *acc).arg(&mut *ml);
+        let (accp, mlp) = (dptr_mut(acc, &s), dptr_mut(ml, &s));
+        let mut b = s.launch_builder(&f);
+        b.arg(&qp).arg(&kp).arg(&vp).arg(&tp).arg(&sp).arg(&pp);
+        b.arg(&op).arg(&accp).arg(&mlp);
         b.arg(&h)
             .arg(&kv)
             .arg(&hd)
@@ -566,8 +634,8 @@ impl CudaOps {
         unsafe { b.launch(grid(n, a.kv_heads, splits, 128)?) }?;
         if splits > 1 {
             let s32 = u32_of(splits, "splits")?;
-            let mut b = self.stream.launch_builder(&reduce);
-            b.arg(&*acc).arg(&*ml).arg(out).arg(&h).arg(&hd).arg(&s32);
+            let mut b = s.launch_builder(&reduce);
+            b.arg(&accp).arg(&mlp).arg(&op).arg(&h).arg(&hd).arg(&s32);
             // SAFETY: reads the partials written above, writes out n*heads*hd halfs.
             unsafe { b.launch(grid(n, a.heads, 1, 128)?) }?;
         }
@@ -577,18 +645,23 @@ impl CudaOps {
     /// out[r] = argmax of logits row r, (rows, vocab) F32.
     pub fn argmax(
         &self,
-        logits: &CudaSlice<f32>,
+        logits: &impl DevicePtr<f32>,
         vocab: usize,
-        out: &mut CudaSlice<u32>,
+        out: &mut impl DevicePtrMut<u32>,
     ) -> Result<(), CudaError> {
         shape(vocab > 0 && logits.len().is_multiple_of(vocab), || {
             "argmax: logits not (rows, vocab)".into()
         })?;
         let rows = logits.len() / vocab;
         shape(out.len() >= rows, || "argmax: out size".into())?;
+        if rows == 0 {
+            return Ok(());
+        }
         let v = u32_of(vocab, "vocab")?;
-        let mut b = self.stream.launch_builder(self.f("argmax_rows")?);
-        b.arg(logits).arg(out).arg(&v);
+        let s = &self.stream;
+        let (lp, op) = (dptr(logits, s), dptr_mut(out, s));
+        let mut b = s.launch_builder(self.f("argmax_rows")?);
+        b.arg(&lp).arg(&op).arg(&v);
         // SAFETY: logits rows*vocab floats, out >= rows.
         unsafe { b.launch(grid(rows, 1, 1, 1024)?) }?;
         Ok(())
@@ -598,14 +671,14 @@ impl CudaOps {
     #[allow(clippy::too_many_arguments)]
     pub fn sample(
         &self,
-        logits: &CudaSlice<f32>,
+        logits: &impl DevicePtr<f32>,
         vocab: usize,
-        temperature: &CudaSlice<f32>,
-        top_k: &CudaSlice<u32>,
-        top_p: &CudaSlice<f32>,
-        seed: &CudaSlice<u64>,
-        step: &CudaSlice<u32>,
-        out: &mut CudaSlice<u32>,
+        temperature: &impl DevicePtr<f32>,
+        top_k: &impl DevicePtr<u32>,
+        top_p: &impl DevicePtr<f32>,
+        seed: &impl DevicePtr<u64>,
+        step: &impl DevicePtr<u32>,
+        out: &mut impl DevicePtrMut<u32>,
     ) -> Result<(), CudaError> {
         shape(vocab > 0 && logits.len().is_multiple_of(vocab), || {
             "sample: logits not (rows, vocab)".into()
@@ -623,18 +696,65 @@ impl CudaOps {
             })?;
         }
         shape(out.len() >= rows, || "sample: out size".into())?;
+        if rows == 0 {
+            return Ok(());
+        }
         let v = u32_of(vocab, "vocab")?;
-        let mut b = self.stream.launch_builder(self.f("sample_rows")?);
-        b.arg(logits)
-            .arg(out)
-            .arg(temperature)
-            .arg(top_k)
-            .arg(top_p)
-            .arg(seed)
-            .arg(step)
+        let s = &self.stream;
+        let (lp, op, tp, kp, pp, sp, stp) = (
+            dptr(logits, s),
+            dptr_mut(out, s),
+            dptr(temperature, s),
+            dptr(top_k, s),
+            dptr(top_p, s),
+            dptr(seed, s),
+            dptr(step, s),
+        );
+        let mut b = s.launch_builder(self.f("sample_rows")?);
+        b.arg(&lp)
+            .arg(&op)
+            .arg(&tp)
+            .arg(&kp)
+            .arg(&pp)
+            .arg(&sp)
+            .arg(&stp)
             .arg(&v);
         // SAFETY: logits rows*vocab floats; every parameter array and out >= rows entries.
         unsafe { b.launch(grid(rows, 1, 1, 1024)?) }?;
+        Ok(())
+    }
+
+    /// Sets columns `from..cols` of every row of `x` (rows, cols) F32 to `value`: one strided
+    /// memset (a graph node when captured), used to mask logits past a model's real vocabulary.
+    pub fn fill_cols(
+        &self,
+        x: &mut impl DevicePtrMut<f32>,
+        cols: usize,
+        from: usize,
+        value: f32,
+    ) -> Result<(), CudaError> {
+        shape(cols > 0 && x.len().is_multiple_of(cols), || {
+            "fill_cols: x not (rows, cols)".into()
+        })?;
+        let rows = x.len() / cols;
+        if rows == 0 || from >= cols {
+            return Ok(());
+        }
+        self.ctx.bind_to_thread()?;
+        let base = dptr_mut(x, &self.stream);
+        // SAFETY: x holds rows*cols floats at `base`; the memset writes columns from..cols of
+        // each row (pitch cols*4 bytes), all inside x; the stream is this context's.
+        unsafe {
+            sys::cuMemsetD2D32Async(
+                base + (from * 4) as u64,
+                cols * 4,
+                value.to_bits(),
+                cols - from,
+                rows,
+                self.stream.cu_stream(),
+            )
+        }
+        .result()?;
         Ok(())
     }
 }
