@@ -300,7 +300,7 @@ fn decode_step(
     let eager = time(o, 3, &mut step)?;
     let key = GraphKey {
         batch_bucket: batch,
-        kv_splits: o.decode_splits(batch, m.kv_heads, ctx + 1),
+        ctx_bucket: ctx + 1,
     };
     let mut graphs = DecodeGraphs::default();
     let graphed = time(o, 3, |o| graphs.run(o, key, &mut step))?;

@@ -39,7 +39,7 @@ fn generate(args: &seedance::model::generate::GenerateArgs) {
         Ok(o) => o,
         Err(e) => fail(2, &e.to_string()),
     };
-    let (model, tok) = match load_for_cli(&args.model, &args.device, 0) {
+    let (model, tok, device) = match load_for_cli(&args.model, &args.device, 0) {
         Ok(m) => m,
         Err(e) => fail(1, &e),
     };
@@ -47,7 +47,10 @@ fn generate(args: &seedance::model::generate::GenerateArgs) {
         .config()
         .max_position_embeddings
         .min(opts.max_tokens as usize + 8192);
-    let mut lm = SingleSequence::new(model, max_len);
+    let mut lm = match SingleSequence::new(model, max_len, &device) {
+        Ok(lm) => lm,
+        Err(e) => fail(1, &e),
+    };
     let mut stdout = std::io::stdout().lock();
     match seedance::model::generate::generate(&mut lm, &tok, &opts, &mut stdout) {
         Ok(stats) => {

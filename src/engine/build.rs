@@ -1,12 +1,21 @@
 //! From `--model` / `--device` to a running generator and the shards' text codec.
+//!
+//! The model is always loaded into a [`Transformer`] first (checkpoint or synthetic weights, by
+//! the checkpoint's tensor names). On the CPU it runs as is; with a CUDA device it is uploaded
+//! once into a [`DeviceModel`] (weights, KV cache and workspaces on the GPU) and the host copy is
+//! dropped. The slice-based `CudaBackend` bridge is not used here: it panics on a driver error and
+//! stays for the op-level tests (`tests/cuda_ops.rs`).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use super::forward::Forward;
 use super::runner::ModelRunner;
 use super::scheduler::SchedulerConfig;
 use super::thread::Generator;
 use crate::backend::cpu::CpuBackend;
+use crate::backend::cuda::device::{select, Selected};
+use crate::backend::cuda::model::{DeviceConfig, DeviceModel};
 use crate::config::{Device, EngineConfig};
 use crate::engine::kv::KvConfig;
 use crate::metrics::EngineMetrics;
@@ -23,22 +32,52 @@ pub struct Built {
     pub pin_engine: bool,
 }
 
-/// The compute backend for `--device`: `auto` picks CUDA when the driver library is present and
-/// a device answers, else the CPU (one log line says which). The CUDA backend behind the
-/// `Backend` trait copies activations over PCIe per call (a correctness bridge; see
-/// `backend/cuda/mod.rs`), and has not yet run on a GPU in this project.
-pub fn backend(
-    requested: Device,
+/// Loads `spec` (a checkpoint directory or `synthetic:<shape>`) on a CPU backend of
+/// `cpu_threads` threads; returns the model and its tokenizer's directory.
+pub fn load_model(
+    spec: &str,
+    seed: u64,
     cpu_threads: usize,
-) -> Result<Box<dyn crate::backend::Backend>, String> {
-    use crate::backend::cuda::device::{select, Selected};
-    Ok(match select(requested)? {
-        Selected::Cpu => Box::new(CpuBackend::new(cpu_threads)),
-        Selected::Cuda(d) => Box::new(
-            crate::backend::cuda::backend::CudaBackend::new(d.ordinal)
-                .map_err(|e| e.to_string())?,
-        ),
-    })
+) -> Result<(Transformer, PathBuf), String> {
+    let backend = Box::new(CpuBackend::new(cpu_threads));
+    if synthetic::is_synthetic(spec) {
+        let s = synthetic::build(spec, seed, backend).map_err(|e| e.to_string())?;
+        tracing::warn!(shape = %s.shape, "synthetic model: the weights are RANDOM, output is gibberish by design");
+        return Ok((s.model, s.tokenizer_dir));
+    }
+    let dir = Path::new(spec);
+    if !dir.is_dir() {
+        return Err(format!(
+            "{spec}: not a directory (expected a Hugging Face checkpoint)"
+        ));
+    }
+    let model = Transformer::load(dir, backend).map_err(|e| e.to_string())?;
+    Ok((model, dir.to_path_buf()))
+}
+
+/// The forward pass on the selected device: the CPU transformer, or `model` uploaded to the GPU
+/// (a start-up error names the CUDA failure).
+pub fn forward(model: Transformer, device: &Selected, dc: DeviceConfig) -> Result<Forward, String> {
+    match device {
+        Selected::Cpu => Ok(Forward::cpu(model, dc.num_blocks, dc.block_size)),
+        Selected::Cuda(d) => {
+            let dc = DeviceConfig {
+                ordinal: d.ordinal,
+                ..dc
+            };
+            let dm = DeviceModel::new(&model, &dc)
+                .map_err(|e| format!("--device cuda: uploading the model: {e}"))?;
+            tracing::info!(
+                weights_mib = dm.weight_bytes() >> 20,
+                kv_blocks = dc.num_blocks,
+                graphs = dc.graphs,
+                "model resident on cuda:{} ({})",
+                d.ordinal,
+                d.name
+            );
+            Ok(Forward::Cuda(dm))
+        }
+    }
 }
 
 pub fn build(cfg: &EngineConfig, metrics: Arc<EngineMetrics>) -> Result<Built, String> {
@@ -54,25 +93,13 @@ pub fn build(cfg: &EngineConfig, metrics: Arc<EngineMetrics>) -> Result<Built, S
             pin_engine: true,
         });
     }
-    let backend = backend(cfg.device, cfg.cpu_threads)?;
-    let (model, tok_dir) = if synthetic::is_synthetic(&cfg.model) {
-        let s =
-            synthetic::build(&cfg.model, cfg.synthetic_seed, backend).map_err(|e| e.to_string())?;
-        tracing::warn!(shape = %s.shape, "synthetic model: the weights are RANDOM, output is gibberish by design");
-        (s.model, s.tokenizer_dir)
-    } else {
-        let dir = Path::new(&cfg.model);
-        if !dir.is_dir() {
-            return Err(format!(
-                "{}: not a directory (expected a Hugging Face checkpoint)",
-                cfg.model
-            ));
-        }
-        (
-            Transformer::load(dir, backend).map_err(|e| e.to_string())?,
-            dir.to_path_buf(),
-        )
+    let device = select(cfg.device)?;
+    // On the GPU the host model only feeds the upload: one CPU thread is enough.
+    let threads = match device {
+        Selected::Cpu => cfg.cpu_threads,
+        Selected::Cuda(_) => 1,
     };
+    let (model, tok_dir) = load_model(&cfg.model, cfg.synthetic_seed, threads)?;
     let tokenizer = Tokenizer::from_dir(&tok_dir).map_err(|e| e.to_string())?;
     let mc = model.config();
     let max_model_len = match cfg.max_model_len {
@@ -108,8 +135,18 @@ pub fn build(cfg: &EngineConfig, metrics: Arc<EngineMetrics>) -> Result<Built, S
         "model loaded: {}",
         cfg.model
     );
+    let dc = DeviceConfig {
+        ordinal: 0,
+        num_blocks,
+        block_size: cfg.kv_block_size,
+        max_tokens: cfg.max_num_batched_tokens,
+        max_seqs: cfg.max_running,
+        max_model_len,
+        graphs: true,
+    };
+    let fwd = forward(model, &device, dc)?;
     let eos = tokenizer.eos_ids().to_vec();
-    let generator = Box::new(ModelRunner::new(model, num_blocks, sched, eos, metrics));
+    let generator = Box::new(ModelRunner::new(fwd, num_blocks, sched, eos, metrics));
     let codec = Codec::Hf(Arc::new(HfText::new(tokenizer)));
     Ok(Built {
         generator,
@@ -119,39 +156,45 @@ pub fn build(cfg: &EngineConfig, metrics: Arc<EngineMetrics>) -> Result<Built, S
 }
 
 /// One sequence on its own KV cache: the engine-alone path of `seedance-server generate`.
+/// Every row comes back as logits (the CLI samples on the host), on either device.
 pub struct SingleSequence {
-    model: Transformer,
-    kv: crate::engine::kv::KvCache,
+    fwd: Forward,
     alloc: crate::engine::kv::BlockAllocator,
     table: crate::engine::kv::BlockTable,
-    scratch: crate::model::transformer::Scratch,
     pos: usize,
     block_size: usize,
 }
 
 impl SingleSequence {
-    pub fn new(model: Transformer, max_len: usize) -> Self {
+    pub fn new(model: Transformer, max_len: usize, device: &Selected) -> Result<Self, String> {
         let block_size = 16;
         let blocks = max_len.div_ceil(block_size) + 1;
-        let kv = crate::engine::kv::KvCache::new(model.kv_config(blocks, block_size));
-        Self {
-            model,
-            kv,
+        let dc = DeviceConfig {
+            ordinal: 0,
+            num_blocks: blocks,
+            block_size,
+            max_tokens: max_len.max(1),
+            max_seqs: 1,
+            max_model_len: max_len.max(1),
+            graphs: false,
+        };
+        Ok(Self {
+            fwd: forward(model, device, dc)?,
             alloc: crate::engine::kv::BlockAllocator::new(blocks),
             table: crate::engine::kv::BlockTable::new(),
-            scratch: Default::default(),
             pos: 0,
             block_size,
-        }
+        })
     }
 }
 
 impl crate::model::generate::LanguageModel for SingleSequence {
     fn vocab_size(&self) -> usize {
-        self.model.config().vocab_size
+        self.fwd.vocab_size()
     }
 
     fn feed(&mut self, tokens: &[u32]) -> Result<Vec<f32>, crate::model::generate::GenerateError> {
+        use super::forward::RowOut;
         use crate::model::generate::GenerateError;
         use crate::model::transformer::{Logits, SeqInput};
         let end = self.pos + tokens.len();
@@ -164,41 +207,37 @@ impl crate::model::generate::LanguageModel for SingleSequence {
             blocks: &self.table,
             logits: Logits::Last,
         };
-        let logits = self
-            .model
-            .forward(&[input], &mut self.kv, &mut self.scratch)
+        let out = self
+            .fwd
+            .run(&[input], &[None])
             .map_err(|e| GenerateError::Model(e.to_string()))?;
+        let logits = match out.row(0) {
+            Some(RowOut::Logits(l)) => l.to_vec(),
+            _ => return Err(GenerateError::Model("no logits came back".into())),
+        };
         self.pos = end;
-        Ok(logits.to_vec())
+        Ok(logits)
     }
 }
 
-/// Loads `--model` (directory or `synthetic:<shape>`) for the engine-alone CLI.
+/// Loads `--model` (directory or `synthetic:<shape>`) for the engine-alone CLI, and picks the
+/// device for `--device`.
 pub fn load_for_cli(
     spec: &str,
     device_flag: &str,
     seed: u64,
-) -> Result<(Transformer, Tokenizer), String> {
+) -> Result<(Transformer, Tokenizer, Selected), String> {
     let dev = match device_flag {
         "auto" => Device::Auto,
         "cpu" => Device::Cpu,
         "cuda" => Device::Cuda,
         other => return Err(format!("--device {other}: expected auto, cpu or cuda")),
     };
-    let backend = backend(dev, 0)?;
+    let device = select(dev)?;
     if synthetic::is_synthetic(spec) {
-        let s = synthetic::build(spec, seed, backend).map_err(|e| e.to_string())?;
-        eprintln!("synthetic model {}: the weights are RANDOM", s.shape);
-        let tok = Tokenizer::from_dir(&s.tokenizer_dir).map_err(|e| e.to_string())?;
-        return Ok((s.model, tok));
+        eprintln!("synthetic model {spec}: the weights are RANDOM");
     }
-    let dir = Path::new(spec);
-    if !dir.is_dir() {
-        return Err(format!(
-            "{spec}: not a directory (expected a Hugging Face checkpoint)"
-        ));
-    }
-    let model = Transformer::load(dir, backend).map_err(|e| e.to_string())?;
-    let tok = Tokenizer::from_dir(dir).map_err(|e| e.to_string())?;
-    Ok((model, tok))
+    let (model, tok_dir) = load_model(spec, seed, 0)?;
+    let tok = Tokenizer::from_dir(&tok_dir).map_err(|e| e.to_string())?;
+    Ok((model, tok, device))
 }

@@ -5,6 +5,7 @@
 //! or the end of a sequence). Text never crosses this boundary: shards tokenize and detokenize.
 
 pub mod build;
+pub mod forward;
 pub mod kv;
 pub mod null;
 pub mod queue;

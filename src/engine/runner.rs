@@ -1,5 +1,6 @@
 //! The real-model generator: continuous batching ([`Scheduler`]) over the transformer's batched
-//! forward pass on a paged KV cache, sampling each sequence with its own [`Sampler`].
+//! forward pass on a paged KV cache ([`Forward`]: CPU, or device-resident on the GPU), sampling
+//! each sequence with its own [`Sampler`] or, on the GPU, in the forward pass itself.
 //!
 //! One `step` = one forward call: decode tokens of running sequences plus prefill chunks
 //! within the token budget. Only token ids leave this thread; shards detokenize.
@@ -7,13 +8,14 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::kv::KvCache;
-use super::sampler::Sampler;
+use super::forward::{device_sampling, Forward, RowOut};
+use super::sampler::{Sampled, Sampler};
 use super::scheduler::{AdmitError, BatchItem, Scheduler, SchedulerConfig, Seq};
 use super::thread::{EventSink, Generator, StepOutcome};
 use super::{EngineMsg, EventKind, FinishReason, RejectReason, SeqKey, TokenEvent};
+use crate::backend::cuda::plan::DeviceSampling;
 use crate::metrics::EngineMetrics;
-use crate::model::transformer::{Logits, Scratch, SeqInput, Transformer};
+use crate::model::transformer::{Logits, SeqInput};
 
 /// What the engine keeps per sequence beside its tokens.
 pub struct SeqState {
@@ -21,13 +23,13 @@ pub struct SeqState {
     max_tokens: usize,
     stop_ids: Vec<u32>,
     ignore_eos: bool,
+    /// Set when the GPU samples this sequence (see `engine::forward`).
+    device: Option<DeviceSampling>,
 }
 
 pub struct ModelRunner {
-    model: Transformer,
-    kv: KvCache,
+    fwd: Forward,
     sched: Scheduler<SeqState>,
-    scratch: Scratch,
     /// One logits row, copied out so the sampler may modify it.
     row: Vec<f32>,
     eos: Vec<u32>,
@@ -47,20 +49,19 @@ impl SeqState {
 }
 
 impl ModelRunner {
+    /// `fwd` holds (or, on the GPU, mirrors) a KV cache of `kv_blocks` blocks of
+    /// `cfg.block_size`.
     pub fn new(
-        model: Transformer,
+        fwd: Forward,
         kv_blocks: usize,
         cfg: SchedulerConfig,
         eos: Vec<u32>,
         metrics: Arc<EngineMetrics>,
     ) -> Self {
-        let kv = KvCache::new(model.kv_config(kv_blocks, cfg.block_size));
-        let vocab = model.config().vocab_size;
+        let vocab = fwd.vocab_size();
         Self {
-            model,
-            kv,
+            fwd,
             sched: Scheduler::new(cfg, kv_blocks),
-            scratch: Scratch::default(),
             row: vec![0.0; vocab],
             eos,
             metrics,
@@ -105,8 +106,17 @@ impl ModelRunner {
                 }
             })
             .collect();
-        let logits = match self.model.forward(&inputs, &mut self.kv, &mut self.scratch) {
-            Ok(l) => l,
+        let device: Vec<Option<DeviceSampling>> = items
+            .iter()
+            .filter(|it| it.sample)
+            .map(|it| {
+                let s = &self.sched.running[it.index];
+                let step = u32::try_from(s.generated()).unwrap_or(u32::MAX);
+                s.data.device.map(|d| DeviceSampling { step, ..d })
+            })
+            .collect();
+        let step = match self.fwd.run(&inputs, &device) {
+            Ok(out) => out,
             Err(e) => {
                 tracing::error!("forward failed: {e}");
                 return items
@@ -115,7 +125,6 @@ impl ModelRunner {
                     .collect();
             }
         };
-        let vocab = self.row.len();
         let mut finished = Vec::new();
         let mut r = 0;
         for it in items {
@@ -123,13 +132,22 @@ impl ModelRunner {
             if !it.sample {
                 continue;
             }
-            let Some(row) = logits.get(r * vocab..(r + 1) * vocab) else {
+            let Some(row) = step.row(r) else {
                 break;
             };
             r += 1;
-            self.row.copy_from_slice(row);
             let s: &mut Seq<SeqState> = &mut self.sched.running[it.index];
-            let out = s.data.sampler.sample(&mut self.row, &s.tokens);
+            let out = match row {
+                RowOut::Token(token) => Sampled {
+                    token,
+                    logprob: None,
+                    top_logprobs: Vec::new(),
+                },
+                RowOut::Logits(row) => {
+                    self.row.copy_from_slice(row);
+                    s.data.sampler.sample(&mut self.row, &s.tokens)
+                }
+            };
             let tok = out.token;
             s.tokens.push(tok);
             self.metrics.tokens.inc();
@@ -186,6 +204,11 @@ impl Generator for ModelRunner {
                     max_tokens: p.max_tokens.unwrap_or(u32::MAX) as usize,
                     stop_ids: p.stop_token_ids.clone(),
                     ignore_eos: p.ignore_eos,
+                    device: if self.fwd.samples_on_device() {
+                        device_sampling(p)
+                    } else {
+                        None
+                    },
                 };
                 let key = req.key;
                 if let Err((_, why)) = self.sched.admit(Seq::new(key, req.prompt, state)) {

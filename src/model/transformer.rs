@@ -279,6 +279,26 @@ impl DecoderLayer {
 
 // ---------------------------------------------------------------- model
 
+/// One decoder layer's weights, borrowed (see [`Transformer::layer_weights`]).
+pub struct LayerWeights<'a> {
+    /// (hidden,)
+    pub input_layernorm: &'a [f32],
+    /// (qkv_dim, hidden): q rows, then k, then v.
+    pub qkv: &'a Weight,
+    /// (qkv_dim,)
+    pub qkv_bias: Option<&'a [f32]>,
+    /// (hidden, heads·head_dim)
+    pub o_proj: &'a Weight,
+    /// (hidden,)
+    pub o_bias: Option<&'a [f32]>,
+    /// (hidden,)
+    pub post_attention_layernorm: &'a [f32],
+    /// (2·inter, hidden): gate rows then up rows.
+    pub gate_up: &'a Weight,
+    /// (hidden, inter)
+    pub down: &'a Weight,
+}
+
 /// Which logits rows a sequence wants back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Logits {
@@ -430,6 +450,49 @@ impl Transformer {
     /// Masks logits of ids ≥ `limit` (see the field doc).
     pub fn set_vocab_limit(&mut self, limit: Option<usize>) {
         self.vocab_limit = limit;
+    }
+
+    /// The input embedding, (vocab, hidden).
+    pub fn embed_tokens(&self) -> &Weight {
+        &self.embed_tokens
+    }
+
+    /// Every decoder layer's weights, in order (for uploading to a device).
+    pub fn layer_weights(&self) -> impl Iterator<Item = LayerWeights<'_>> {
+        self.layers.iter().map(|l| LayerWeights {
+            input_layernorm: &l.input_layernorm,
+            qkv: &l.self_attn.qkv,
+            qkv_bias: l.self_attn.qkv_bias.as_deref(),
+            o_proj: &l.self_attn.o_proj,
+            o_bias: l.self_attn.o_bias.as_deref(),
+            post_attention_layernorm: &l.post_attention_layernorm,
+            gate_up: &l.mlp.gate_up,
+            down: &l.mlp.down,
+        })
+    }
+
+    /// The final norm weight, (hidden,).
+    pub fn final_norm(&self) -> &[f32] {
+        &self.norm
+    }
+
+    /// The LM head, (vocab, hidden): its own matrix or the tied embedding.
+    pub fn lm_head(&self) -> &Weight {
+        self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
+    }
+
+    /// Whether the LM head is the embedding matrix (tied).
+    pub fn tied_lm_head(&self) -> bool {
+        self.lm_head.is_none()
+    }
+
+    pub fn rope(&self) -> &RopeFreqs {
+        &self.rope
+    }
+
+    /// See [`Transformer::set_vocab_limit`].
+    pub fn vocab_limit(&self) -> Option<usize> {
+        self.vocab_limit
     }
 
     /// A KV cache config for this model with `num_blocks` blocks of `block_size`.

@@ -34,8 +34,10 @@
 pub mod backend;
 pub mod device;
 pub mod graph;
+pub mod model;
 pub mod nvrtc;
 pub mod ops;
+pub mod plan;
 
 pub use backend::CudaBackend;
 pub use device::{probe, select, DeviceInfo, Selected};
