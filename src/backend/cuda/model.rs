@@ -308,7 +308,8 @@ impl DeviceModel {
         let meta_dev = zeros(&ops, meta_words)?;
         // SAFETY (both): the contents are unset until written; the planner writes every word a
         // step copies, and ids_host is read only after a copy into it completed.
-        let meta_host = unsafe { ops.ctx.alloc_pinned::<u32>(meta_words) }?;
+        // Plain pinned memory, not write-combined: the planner reads back what it wrote.
+        let meta_host = unsafe { ops.ctx.alloc_pinned_with_flags::<u32>(meta_words, 0) }?;
         let ids_host = unsafe { ops.ctx.alloc_pinned_with_flags::<u32>(max_sample_rows, 0) }?;
         ops.stream.synchronize()?;
         let plan_cfg = PlanConfig {

@@ -176,7 +176,7 @@ pub fn ctx_bucket(max_context: usize) -> usize {
 #[derive(Debug, Clone, PartialEq)]
 pub struct StepPlan {
     pub layout: MetaLayout,
-    /// Every row is a sequence's only new token (the split-KV decode kernel); else prefill.
+    /// Every sequence brings one new token (the split-KV decode kernel); else prefill.
     pub decode: bool,
     /// Longest context the attention covers (the context bucket for graphs).
     pub max_context: usize,
@@ -249,9 +249,15 @@ pub fn plan(
         )));
     }
     let m_real = samplers.len();
-    let decode = n == seqs.len() && m_real == n;
+    let decode = n == seqs.len();
     let graph_bucket = bucket(n).filter(|&b| {
-        cfg.graphs && decode && n > 0 && b <= cfg.max_tokens && b <= cfg.max_sample_rows
+        let all_sample = m_real == n;
+        cfg.graphs
+            && decode
+            && all_sample
+            && n > 0
+            && b <= cfg.max_tokens
+            && b <= cfg.max_sample_rows
     });
     let (layout, max_context, graph) = match graph_bucket {
         Some(b) => {
