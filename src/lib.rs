@@ -8,10 +8,11 @@
 //! - [`ws`]       RFC 6455: handshake, frames, masking, close codes, UTF-8, message decoder
 //! - [`session`]  above the frames: state machine, JSON protocol, heartbeat, per-request
 //!   streaming (detokenize → chunk → frame)
-//! - [`engine`]   the boundary queues, the engine thread loop, the generators (null model),
-//!   the paged KV cache (`kv`)
+//! - [`engine`]   the boundary queues, the engine thread loop, the generators (null model,
+//!   runner), the paged KV cache (`kv`), the forward pass on CPU or GPU (`forward`)
 //! - [`model`]    checkpoint config and loading, the Llama-family transformer, synthetic models
 //! - [`backend`]  the compute ops behind the transformer (`Backend` trait; `cpu` implementation)
+//!   and `cuda`: kernels, launchers, the device-resident model the GPU serves from
 //! - [`metrics`]  every metric, per shard, merged at scrape
 
 pub mod backend;

@@ -2,34 +2,43 @@
 //! driven through `cudarc` with dynamic loading — the crate builds, and the server runs, on
 //! machines with no CUDA toolkit and no driver.
 //!
-//! Layout:
+//! Layout, in the order a step uses it:
 //! - [`device`]: `probe()` (never panics without a driver) and `select()` for `--device`.
 //! - [`nvrtc`]: the kernel sources, CUBIN compilation for the device's `sm_XY`, the on-disk cache.
-//! - [`graph`]: decode steps captured as CUDA graphs per batch-size bucket.
-//! - [`ops`]: one launcher per kernel on device buffers (shape checks, `// SAFETY:` per launch).
-//! - [`backend`]: [`CudaBackend`], the [`crate::backend::Backend`] trait on top of the launchers.
+//! - [`model`]: [`model::DeviceModel`], the serving path: the transformer resident on the GPU
+//!   (weights, paged KV cache, workspaces), one step = one metadata upload + the layer chain +
+//!   GPU sampling; every call returns `Result<_, CudaError>`.
+//! - [`plan`]: the host side of a step, CUDA-free and unit-tested: row order, the pinned
+//!   metadata layout, which rows the GPU samples, the decode-graph key.
+//! - [`graph`]: decode steps captured as CUDA graphs per (batch bucket, context bucket).
+//! - [`ops`]: one launcher per kernel on device buffers or views (shape checks, `// SAFETY:` per
+//!   launch).
+//! - [`backend`]: [`CudaBackend`], the slice-based [`crate::backend::Backend`] trait on the
+//!   launchers — a correctness bridge for the op-level CPU-vs-CUDA tests (`tests/cuda_ops.rs`):
+//!   it copies activations and the KV cache over PCIe per call and panics on a driver error
+//!   (the trait is infallible), so the engine never uses it.
 //!
-//! ## How the transformer moves onto the GPU
-//! The `Backend` trait is slice-based (host `&[f32]` activations, host `&[f16]` KV cache), so
-//! [`CudaBackend`] is a *correctness bridge*: it keeps weights resident on the device (uploaded
-//! once, keyed by the host buffer) but copies activations and the current layer's KV cache over
-//! PCIe on every call. It runs the real kernels and is what the CPU-vs-CUDA tests compare, but it
-//! is not the serving path. The serving path needs the transformer to hold device buffers:
-//! 1. `Transformer` gets a `DeviceModel` variant: weights as `CudaSlice<f16>`, norm weights and
-//!    biases as `CudaSlice<f32>`, the KV cache as one `CudaSlice<f16>` pair per layer (same
-//!    `(num_blocks, kv_heads, block_size, head_dim)` layout as `engine::kv::KvCache`).
-//! 2. A step uploads only token ids, positions, slot ids and block tables (pinned host buffers,
-//!    one async copy each), then per layer: `rmsnorm_residual` → `matmul`(qkv) →
-//!    `rope_qkv_cache` (writes K/V into the cache) → `attention` → `matmul`(o) →
-//!    `rmsnorm_residual` → `matmul`(gate_up) → `swiglu` → `matmul`(down); then the final norm,
-//!    the LM head, and `sample`/`argmax`: only the sampled ids (4 bytes per row) come back.
-//! 3. Decode steps are captured as CUDA graphs per batch-size bucket (1, 2, 4, 8, 16, 32, 64, …):
-//!    pad the batch to the bucket, keep every per-step input in fixed device buffers (the
-//!    launchers' workspaces already grow once and stay put), `stream.begin_capture` / `end_capture`
-//!    once per bucket, then each step is one `memcpy_htod` of the metadata + `graph.launch()`.
-//!    The split-KV count depends on the longest context, so it is part of the graph key
-//!    (bucketed by 512-token steps) or fixed at the maximum for the captured graph.
-//! 4. `engine::build::device()` calls [`device::select`] and boxes `CudaBackend` or `CpuBackend`.
+//! ## The serving path
+//! `engine::build` loads the model into a host `Transformer`, uploads it into a `DeviceModel`
+//! and drops the host copy; `engine::forward::Forward::Cuda` drives it from the runner.
+//! - **Residency.** Matrices as row-major F16 `(out, in)`, norms / biases / RoPE tables F32, one
+//!   K and one V buffer per layer in `engine::kv`'s layout with the scheduler's block ids (plus
+//!   a scratch block for graph padding), activation workspaces for `max_num_batched_tokens`
+//!   rows, logits for `max_running` rows. A step uploads only token ids, positions, cache slots,
+//!   row → sequence, block tables and sampling parameters: one `u32` array in pinned host
+//!   memory, one async copy on the compute stream.
+//! - **Rows.** Sampling rows first (GPU-sampled, then host-sampled), then the rest, so the final
+//!   norm and the LM head run on the first `m` rows only and host rows come back in one copy.
+//! - **Sampling.** Rows whose request needs only greedy / temperature / top-k / top-p / seed are
+//!   sampled by `sampling.cu` (Philox keyed by the request seed, counter = tokens generated so
+//!   far): 4 bytes per row come back. Penalties, min-p and logprobs are not in the kernel: those
+//!   rows' logits are copied back and the CPU `Sampler` runs as on the CPU path.
+//! - **Graphs.** Decode-only steps of ≤ 256 sequences are padded to their batch bucket and
+//!   replayed from a graph per (batch bucket, context bucket); prefill and mixed steps run
+//!   eagerly.
+//! - **Errors.** A failed call drains the stream and returns the error; the runner ends the
+//!   step's sequences with `error` and keeps serving. A sticky device error (e.g. an illegal
+//!   address) fails every later step the same way; the engine thread stays up.
 
 pub mod backend;
 pub mod device;

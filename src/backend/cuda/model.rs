@@ -442,10 +442,14 @@ impl DeviceModel {
         self.ops.stream.synchronize()?;
         let ids = self.ids_host.as_slice()?;
         for &row in &p.sample_row {
-            self.out.slots.push(match ids.get(row) {
-                Some(&t) if row < p.m_gpu => Slot::Token(t),
-                _ => Slot::Host(row - p.m_gpu),
-            });
+            let slot = match row.checked_sub(p.m_gpu) {
+                Some(host_row) => Slot::Host(host_row),
+                None => Slot::Token(
+                    *ids.get(row)
+                        .ok_or_else(|| CudaError::Shape(format!("sampled row {row}")))?,
+                ),
+            };
+            self.out.slots.push(slot);
         }
         Ok(())
     }
