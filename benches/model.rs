@@ -54,7 +54,12 @@ fn matmul(c: &mut Criterion) {
     let mut g = c.benchmark_group("matmul_f16");
     g.sample_size(20).measurement_time(Duration::from_secs(3));
     // qwen2.5-0.5b: MLP up (cache-resident), MLP down, fused gate|up and the LM head (DRAM).
-    for (rows, cols) in [(4864usize, 896usize), (896, 4864), (9728, 896), (151_936, 896)] {
+    for (rows, cols) in [
+        (4864usize, 896usize),
+        (896, 4864),
+        (9728, 896),
+        (151_936, 896),
+    ] {
         let w = Weight::new(
             rows,
             cols,

@@ -283,7 +283,13 @@ mod tests {
             block_size: 16,
             max_model_len: 256,
         };
-        ModelRunner::new(s.model, 64, cfg, Vec::new(), Arc::default())
+        ModelRunner::new(
+            Forward::cpu(s.model, 64, 16),
+            64,
+            cfg,
+            Vec::new(),
+            Arc::default(),
+        )
     }
 
     fn request(slot: u32, logprobs: Option<u8>) -> EngineMsg {
