@@ -1,15 +1,28 @@
 //! `peer-tungstenite`: the null model's WebSocket streaming over tokio + tokio-tungstenite, as a
 //! baseline for seedance (SPEC 7; perf/peers.sh).
 //!
-//! One task per connection on a multi-thread runtime. Each delta is one `SinkExt::send`, which
-//! writes and flushes the frame: one write per delta, as a token streamer that wants every
-//! token on the wire at once is usually written with this library.
+//! One task per connection on a multi-thread runtime. By default each delta is one
+//! `SinkExt::send`, which writes and flushes the frame: one write per delta, as a token streamer
+//! that wants every token on the wire at once is usually written with this library. With
+//! `--coalesce` each delta is `SinkExt::feed` into tungstenite's own write buffer (128 KiB by
+//! default) and the generation is flushed once after its `done`: the library's documented way to
+//! batch, here at its limit (a 256-token generation is one write), to show how much of a gap
+//! is write coalescing.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use clap::Parser;
 use futures_util::{SinkExt, StreamExt};
 use seedance_peers::{check_request, handle_text, session_message, Action, Flags};
+
+#[derive(Parser, Debug)]
+struct Args {
+    #[command(flatten)]
+    flags: Flags,
+    /// Queue deltas in tungstenite's write buffer and flush once per generation.
+    #[arg(long)]
+    coalesce: bool,
+}
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::{self, Message};
@@ -20,22 +33,23 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 static SESSIONS: AtomicU64 = AtomicU64::new(0);
 
 fn main() {
-    let flags = Flags::parse();
-    let rt = match seedance_peers::runtime(flags.threads) {
+    let args = Args::parse();
+    let rt = match seedance_peers::runtime(args.flags.threads) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("peer-tungstenite: cannot start runtime: {e}");
             std::process::exit(1);
         }
     };
-    if let Err(e) = rt.block_on(serve(flags)) {
+    if let Err(e) = rt.block_on(serve(args)) {
         eprintln!("peer-tungstenite: {e}");
         std::process::exit(1);
     }
 }
 
-async fn serve(flags: Flags) -> std::io::Result<()> {
-    let listener = TcpListener::bind(flags.listen).await?;
+async fn serve(args: Args) -> std::io::Result<()> {
+    let coalesce = args.coalesce;
+    let listener = TcpListener::bind(args.flags.listen).await?;
     eprintln!("listening on {}", listener.local_addr()?);
     loop {
         let (stream, _) = match listener.accept().await {
@@ -48,7 +62,7 @@ async fn serve(flags: Flags) -> std::io::Result<()> {
             }
         };
         tokio::spawn(async move {
-            if let Err(e) = connection(stream).await {
+            if let Err(e) = connection(stream, coalesce).await {
                 if !matches!(
                     e,
                     tungstenite::Error::ConnectionClosed | tungstenite::Error::Protocol(_)
@@ -75,7 +89,7 @@ fn on_request(req: &Request, resp: Response) -> Result<Response, ErrorResponse> 
     }
 }
 
-async fn connection(stream: TcpStream) -> Result<(), tungstenite::Error> {
+async fn connection(stream: TcpStream, coalesce: bool) -> Result<(), tungstenite::Error> {
     stream.set_nodelay(true)?;
     let mut ws = tokio_tungstenite::accept_hdr_async(stream, on_request).await?;
     let n = SESSIONS.fetch_add(1, Ordering::Relaxed);
@@ -104,7 +118,11 @@ async fn connection(stream: TcpStream) -> Result<(), tungstenite::Error> {
                     if !g.write_next(&mut delta) {
                         break;
                     }
-                    ws.send(Message::text(delta)).await?;
+                    if coalesce {
+                        ws.feed(Message::text(delta)).await?;
+                    } else {
+                        ws.send(Message::text(delta)).await?;
+                    }
                 }
                 ws.send(Message::text(g.done())).await?;
             }
