@@ -10,8 +10,8 @@
 # write coalescing).
 #
 # Usage: perf/peers.sh [seconds=5] [rounds=3]
-#        perf/peers.sh --check    # builds everything, 1 s at 2 connections per server; fails on
-#                                 # any error or when a request's deltas != its max_tokens
+#        perf/peers.sh --check    # debug builds, 1 s at 2 connections per server; fails on any
+#                                 # error or when a request's deltas != its max_tokens (CI runs it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CHECK=0
@@ -24,14 +24,21 @@ ROUNDS=${2:-3}
 CONNS=${CONNS:-1 64 1000}
 WARMUP=${WARMUP:-1}
 OUTPUT_LEN=256
+PROFILE=release
 if [ $CHECK = 1 ]; then
-  SECS=1 ROUNDS=1 CONNS=2 WARMUP=0.2
+  SECS=1 ROUNDS=1 CONNS=2 WARMUP=0.2 PROFILE=debug
 fi
 SERVERS=(seedance tungstenite fastws tungstenite-batch)
 
-cargo build --release --bins -q
-cargo build --release -q --manifest-path perf/peers/Cargo.toml
-PEERS=perf/peers/target/release
+if [ $PROFILE = release ]; then
+  cargo build --release --bins -q
+  cargo build --release -q --locked --manifest-path perf/peers/Cargo.toml
+else
+  cargo build --bins -q
+  cargo build -q --locked --manifest-path perf/peers/Cargo.toml
+fi
+BIN=${CARGO_TARGET_DIR:-target}/$PROFILE
+PEERS=perf/peers/target/$PROFILE
 ulimit -n "$(ulimit -Hn)"
 
 TMP=$(mktemp -d)
@@ -49,7 +56,7 @@ trap 'stop; rm -rf "$TMP"' EXIT
 start() {
   local log=$TMP/$1.log
   case $1 in
-    seedance) taskset -c 0 target/release/seedance-server --model null --null-tokens-per-s 0 \
+    seedance) taskset -c 0 $BIN/seedance-server --model null --null-tokens-per-s 0 \
         --max-running 1024 --listen 127.0.0.1:0 --cores 1 --log warn 2>"$log" & ;;
     tungstenite) taskset -c 0 $PEERS/peer-tungstenite --listen 127.0.0.1:0 --threads 1 2>"$log" & ;;
     tungstenite-batch) taskset -c 0 $PEERS/peer-tungstenite --listen 127.0.0.1:0 --threads 1 \
@@ -78,7 +85,7 @@ for ((r = 0; r < ROUNDS; r++)); do
     S=${SERVERS[$(((i + r) % ${#SERVERS[@]}))]}
     start "$S"
     for C in $CONNS; do
-      OUT=$(taskset -c 1 target/release/seedance-bench ws --addr "$ADDR" --connections "$C" \
+      OUT=$(taskset -c 1 $BIN/seedance-bench ws --addr "$ADDR" --connections "$C" \
         --output-len $OUTPUT_LEN --duration "$SECS" --warmup "$WARMUP" --json 2>"$TMP/bench.err") || true
       J=$(grep '^{' <<<"$OUT" | tail -1)
       N=$(field "$J" completed) E=$(field "$J" errors)

@@ -13,6 +13,8 @@
 #   test     cargo test --workspace (unit, integration and property tests)
 #   pytest   tests/e2e with the Python websockets client against the built server
 #   node     tests/e2e with the Node ws client (node --test)
+#   peers    perf/peers (SPEC 7 peer baselines, own Cargo.lock) fmt-checked, built, and driven by
+#            seedance-bench for 1 s each (perf/peers.sh --check)
 #
 # `bash scripts/test.sh pytest node` runs only the named stages (in the order above).
 # Environment: SEEDANCE_BIN (server binary for the e2e stages; default the debug build),
@@ -28,7 +30,7 @@ export SEEDANCE_BIN="${SEEDANCE_BIN:-$TARGET_DIR/debug/seedance-server}"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 export PYTHONDONTWRITEBYTECODE=1
 
-ALL_STAGES=(deps fmt clippy build kernels test pytest node)
+ALL_STAGES=(deps fmt clippy build kernels test pytest node peers)
 if (($# > 0)); then
     for s in "$@"; do
         [[ " ${ALL_STAGES[*]} " == *" $s "* ]] || { echo "unknown stage '$s' (stages: ${ALL_STAGES[*]})" >&2; exit 2; }
@@ -134,6 +136,13 @@ kernels() {
         cargo test --locked --lib backend::cuda::nvrtc -- --nocapture
 }
 
+peers_check() {
+    # The SPEC 7 peer baselines (perf/peers, outside the main build) still speak the protocol
+    # seedance-bench drives: debug builds, 1 s at 2 connections per server.
+    cargo fmt --check --manifest-path perf/peers/Cargo.toml
+    bash perf/peers.sh --check
+}
+
 pytest_e2e() {
     [[ -x $SEEDANCE_BIN ]] || die "server binary $SEEDANCE_BIN missing: run the build stage"
     # 1,000 concurrent connections need ~2,000 descriptors (client + server ends).
@@ -156,3 +165,4 @@ stage kernels kernels
 stage test rust_tests
 stage pytest pytest_e2e
 stage node node_e2e
+stage peers peers_check
