@@ -15,7 +15,8 @@
 //          Phase 1: 8 groups of 16 lanes, one key per group, 16-byte K loads, 16-lane shuffle sum.
 //          Phase 2: one warp per head: max / exp / sum over the split's scores (warp shuffles).
 //          Phase 3: one thread per output dim accumulates p_j * V[j, d] (coalesced V rows).
-// Requires: heads % kv_heads == 0, G <= 8, hd % 8 == 0, hd <= 256 (launcher checks).
+// Requires: heads % kv_heads == 0, G <= 8, hd % 8 == 0, hd <= 256 (launcher checks; decode steps
+//          with a wider group run prefill_attention.cu, see ops::attention_kernel).
 // CPU twin: backend::cpu::attention with one new token per sequence.
 #include <cuda_fp16.h>
 

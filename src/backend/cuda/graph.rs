@@ -81,10 +81,11 @@ impl DecodeGraphs {
             ops.stream
                 .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
             let recorded = step(ops);
-            // End the capture whatever happened, so the stream is usable again.
-            let graph = ops.stream.end_capture(CUgraphInstantiate_flags(0))?;
+            // End the capture whatever happened, so the stream is usable again. A failed step
+            // also invalidates the capture: report the step's error, not the capture's.
+            let graph = ops.stream.end_capture(CUgraphInstantiate_flags(0));
             recorded?;
-            let Some(graph) = graph else {
+            let Some(graph) = graph? else {
                 return Err(CudaError::Shape(format!("{key:?}: empty decode graph")));
             };
             self.graphs.insert(key, graph);

@@ -244,6 +244,9 @@ impl DeviceModel {
     /// Uploads `model` to device `dc.ordinal` and allocates the cache and workspaces.
     pub fn new(model: &Transformer, dc: &DeviceConfig) -> Result<Self, CudaError> {
         let cfg = model.config().clone();
+        let max_sample_rows = super::graph::bucket(dc.max_seqs).unwrap_or(dc.max_seqs);
+        let rows = dc.max_tokens.max(max_sample_rows);
+        plan::check_model(&cfg, rows)?;
         let ops = CudaOps::new(dc.ordinal)?;
         let layers = model
             .layer_weights()
@@ -285,8 +288,6 @@ impl DeviceModel {
                 })
             })
             .collect::<Result<Vec<_>, CudaError>>()?;
-        let max_sample_rows = super::graph::bucket(dc.max_seqs).unwrap_or(dc.max_seqs);
-        let rows = dc.max_tokens.max(max_sample_rows);
         let (h, qd, inter) = (
             cfg.hidden_size,
             cfg.num_heads * cfg.head_dim,

@@ -103,6 +103,28 @@ fn grid(x: usize, y: usize, z: usize, block: u32) -> Result<LaunchConfig, CudaEr
     })
 }
 
+const PREFILL_ATTN: &str = "prefill_attn";
+
+/// The kernel an attention call launches: the split-KV decode kernel instantiated for the GQA
+/// group, or the causal prefill kernel — for prefill, and for decode steps whose group is wider
+/// than [`MAX_GROUP`] (it is exact for one-token rows too; e.g. 128 heads over 8 kv heads).
+pub fn attention_kernel(decode: bool, group: usize) -> &'static str {
+    const DECODE: [&str; MAX_GROUP] = [
+        "paged_attn_decode_g1",
+        "paged_attn_decode_g2",
+        "paged_attn_decode_g3",
+        "paged_attn_decode_g4",
+        "paged_attn_decode_g5",
+        "paged_attn_decode_g6",
+        "paged_attn_decode_g7",
+        "paged_attn_decode_g8",
+    ];
+    match group.checked_sub(1).and_then(|g| DECODE.get(g)) {
+        Some(name) if decode => name,
+        _ => PREFILL_ATTN,
+    }
+}
+
 /// See [`CudaOps::decode_splits`]; aims at two blocks per SM.
 pub fn decode_splits(sm_count: usize, n: usize, kv_heads: usize, ctx_len: usize) -> usize {
     let min_splits = ctx_len.div_ceil(SPLIT_LEN).max(1);
@@ -502,7 +524,8 @@ impl CudaOps {
     }
 
     /// Attention for n query rows over the paged cache. `decode` = every row is its sequence's
-    /// only new token (the split-KV GQA kernel); otherwise the causal prefill kernel.
+    /// only new token (the split-KV GQA kernel, for GQA groups up to [`MAX_GROUP`]); otherwise
+    /// the causal prefill kernel.
     #[allow(clippy::too_many_arguments)]
     pub fn attention(
         &mut self,
@@ -517,11 +540,12 @@ impl CudaOps {
         out: &mut impl DevicePtrMut<f16>,
     ) -> Result<(), CudaError> {
         let n = positions.len();
-        shape(a.kv_heads > 0 && a.heads.is_multiple_of(a.kv_heads), || {
-            "attention: heads % kv_heads".into()
-        })?;
         shape(
-            a.head_dim <= MAX_HEAD_DIM && a.head_dim.is_multiple_of(8),
+            a.kv_heads > 0 && a.heads >= a.kv_heads && a.heads.is_multiple_of(a.kv_heads),
+            || "attention: heads % kv_heads".into(),
+        )?;
+        shape(
+            a.head_dim > 0 && a.head_dim <= MAX_HEAD_DIM && a.head_dim.is_multiple_of(8),
             || {
                 format!(
                     "attention: head_dim {} must be a multiple of 8, <= 256",
@@ -564,8 +588,9 @@ impl CudaOps {
             dptr(positions, &s),
             dptr_mut(out, &s),
         );
-        if !decode {
-            let mut b = s.launch_builder(self.f("prefill_attn")?);
+        let kernel = attention_kernel(decode, a.heads / a.kv_heads);
+        if kernel == PREFILL_ATTN {
+            let mut b = s.launch_builder(self.f(PREFILL_ATTN)?);
             b.arg(&qp)
                 .arg(&kp)
                 .arg(&vp)
@@ -587,20 +612,6 @@ impl CudaOps {
             unsafe { b.launch(grid(n, a.heads.div_ceil(4), 1, 128)?) }?;
             return Ok(());
         }
-        let group = a.heads / a.kv_heads;
-        shape(group <= MAX_GROUP, || {
-            format!("attention: GQA group {group} > {MAX_GROUP}")
-        })?;
-        const NAMES: [&str; 8] = [
-            "paged_attn_decode_g1",
-            "paged_attn_decode_g2",
-            "paged_attn_decode_g3",
-            "paged_attn_decode_g4",
-            "paged_attn_decode_g5",
-            "paged_attn_decode_g6",
-            "paged_attn_decode_g7",
-            "paged_attn_decode_g8",
-        ];
         let ctx_len = if a.window > 0 {
             a.max_context.min(a.window)
         } else {
@@ -608,7 +619,7 @@ impl CudaOps {
         };
         let splits = self.decode_splits(n, a.kv_heads, ctx_len);
         let split_len = u32_of(ctx_len.div_ceil(splits).max(1), "split_len")?;
-        let f = self.f(NAMES[group - 1])?.clone();
+        let f = self.f(kernel)?.clone();
         let reduce = self.f("paged_attn_reduce")?.clone();
         let parts = n * a.heads * splits;
         Self::ensure(&s, &mut self.epoch, &mut self.attn_acc, parts * a.head_dim)?;
@@ -762,6 +773,25 @@ impl CudaOps {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gqa_groups_past_the_decode_instances_fall_back_to_the_prefill_kernel() {
+        assert_eq!(attention_kernel(true, 1), "paged_attn_decode_g1");
+        assert_eq!(attention_kernel(true, 8), "paged_attn_decode_g8");
+        assert_eq!(attention_kernel(true, 16), PREFILL_ATTN);
+        assert_eq!(attention_kernel(true, 0), PREFILL_ATTN);
+        assert_eq!(attention_kernel(false, 4), PREFILL_ATTN);
+        // Every name is a loaded entry point.
+        let loaded: Vec<&str> = KERNELS
+            .iter()
+            .flat_map(|k| k.functions.iter().copied())
+            .collect();
+        for g in 0..=MAX_GROUP + 1 {
+            for decode in [false, true] {
+                assert!(loaded.contains(&attention_kernel(decode, g)));
+            }
+        }
+    }
 
     #[test]
     fn decode_splits_cover_the_context_within_the_score_buffer() {

@@ -1,5 +1,6 @@
 //! The host side of one device step, with no CUDA in it (so CI tests it): which row goes where,
-//! what the step uploads, and whether it replays a CUDA graph.
+//! what the step uploads, and whether it replays a CUDA graph; and, once at upload, whether the
+//! kernels take the model's shapes ([`check_model`]).
 //!
 //! **Row order.** Rows of a step are independent once every new token's K/V is in the cache
 //! (`rope_qkv_cache` writes them all before attention reads), so the device model orders rows
@@ -24,8 +25,9 @@
 //! with a layout cut to their exact sizes.
 
 use super::graph::{bucket, GraphKey, BATCH_BUCKETS};
-use super::ops::SPLIT_LEN;
+use super::ops::{GEMV_MAX_ROWS, MAX_HEAD_DIM, SPLIT_LEN};
 use super::CudaError;
+use crate::model::config::ModelConfig;
 use crate::model::transformer::{Logits, SeqInput};
 use std::ops::Range;
 
@@ -165,6 +167,44 @@ impl PlanConfig {
         )
         .len
     }
+}
+
+/// Whether the kernels take `cfg`'s shapes, checked once when the model is uploaded so an
+/// unsupported checkpoint is a start-up error naming the dimension, not a failure of every step.
+/// `max_rows` is the most token rows a matmul sees (GEMV up to [`GEMV_MAX_ROWS`], else GEMM).
+pub fn check_model(cfg: &ModelConfig, max_rows: usize) -> Result<(), CudaError> {
+    let (h, hd) = (cfg.hidden_size, cfg.head_dim);
+    let need = |ok: bool, what: String| if ok { Ok(()) } else { Err(bad(what)) };
+    need(
+        h > 0 && h.is_multiple_of(8),
+        format!("hidden_size {h}: embedding needs % 8"),
+    )?;
+    // K of every matmul: the GEMV needs K % 8, the tensor-core GEMM K % 32.
+    let k_align = if max_rows > GEMV_MAX_ROWS { 32 } else { 8 };
+    for (what, k) in [
+        ("hidden_size", h),
+        ("num_heads·head_dim", cfg.num_heads * hd),
+        ("intermediate_size", cfg.intermediate_size),
+    ] {
+        need(
+            k > 0 && k.is_multiple_of(k_align),
+            format!("{what} {k}: matmul needs K % {k_align}"),
+        )?;
+    }
+    need(
+        hd > 0 && hd <= MAX_HEAD_DIM && hd.is_multiple_of(8),
+        format!("head_dim {hd}: attention needs % 8 and <= {MAX_HEAD_DIM}"),
+    )?;
+    need(
+        cfg.num_kv_heads > 0
+            && cfg.num_heads >= cfg.num_kv_heads
+            && cfg.num_heads.is_multiple_of(cfg.num_kv_heads),
+        format!("{} heads over {} kv heads", cfg.num_heads, cfg.num_kv_heads),
+    )?;
+    need(
+        cfg.rotary_dim.is_multiple_of(2) && cfg.rotary_dim <= hd,
+        format!("rotary_dim {} with head_dim {hd}", cfg.rotary_dim),
+    )
 }
 
 /// The context bucket of a decode graph: the next power of two, at least [`SPLIT_LEN`].
@@ -589,6 +629,67 @@ mod tests {
             &mut meta
         )
         .is_err());
+    }
+
+    #[test]
+    fn every_reference_checkpoint_and_synthetic_shape_fits_the_kernels() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models");
+        let mut seen = 0;
+        for e in std::fs::read_dir(root).unwrap().flatten() {
+            let f = e.path().join("config.json");
+            if f.is_file() {
+                let c = ModelConfig::from_file(&f).unwrap();
+                check_model(&c, 512).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+                seen += 1;
+            }
+        }
+        assert!(seen >= 10, "{seen} fixtures");
+        for s in [
+            "tiny",
+            "qwen2.5-0.5b",
+            "llama3.2-1b",
+            "qwen2-7b",
+            "phi3-mini",
+        ] {
+            let c = crate::model::synthetic::shape_config(s).unwrap();
+            check_model(&c, 512).unwrap_or_else(|e| panic!("{s}: {e}"));
+        }
+    }
+
+    #[test]
+    fn unsupported_shapes_are_start_up_errors() {
+        let base = crate::model::synthetic::shape_config("tiny").unwrap();
+        let bad = [
+            ModelConfig {
+                hidden_size: 60,
+                ..base.clone()
+            },
+            ModelConfig {
+                intermediate_size: 104, // % 8 but not % 32: fine for the GEMV only
+                ..base.clone()
+            },
+            ModelConfig {
+                head_dim: 12,
+                ..base.clone()
+            },
+            ModelConfig {
+                head_dim: 512,
+                ..base.clone()
+            },
+            ModelConfig {
+                num_kv_heads: 3,
+                ..base.clone()
+            },
+            ModelConfig {
+                rotary_dim: 2 * base.head_dim,
+                ..base.clone()
+            },
+        ];
+        for c in &bad {
+            assert!(check_model(c, 512).is_err(), "{c:?}");
+        }
+        // Decode-only shapes (at most GEMV_MAX_ROWS rows) need K % 8 only.
+        assert!(check_model(&bad[1], GEMV_MAX_ROWS).is_ok());
     }
 
     #[test]
