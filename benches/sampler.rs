@@ -1,4 +1,4 @@
-//! Sampler and detokenizer hot paths: one token per iteration.
+//! Sampler, detokenizer and chunker hot paths: one token per iteration.
 //!
 //! `cargo bench --bench sampler`
 
@@ -11,6 +11,7 @@ use rand_chacha::ChaCha8Rng;
 use seedance::engine::sampler::{Sampler, SamplingParams};
 use seedance::model::detok::{DetokTable, Detokenizer};
 use seedance::model::tokenizer::Tokenizer;
+use seedance::session::chunker::Chunker;
 
 /// Qwen2's vocabulary size.
 const VOCAB: usize = 151_936;
@@ -103,5 +104,41 @@ fn detok(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, sampler, detok);
+/// `stream_mode: chunk` on the shard: each token's text into the chunker, a chunk handed out at
+/// every boundary (what `session::request` does per token).
+fn chunker(c: &mut Criterion) {
+    let text = "Streaming inference servers send tokens to clients as soon as they are sampled, \
+                and a chunk ends at a clause. 你好，世界！Then the next sentence starts; it goes on: ";
+    let pieces: Vec<String> = text
+        .split_inclusive(' ')
+        .flat_map(|w| {
+            // CJK runs arrive a character per token.
+            if w.is_ascii() {
+                vec![w.to_string()]
+            } else {
+                w.chars().map(String::from).collect()
+            }
+        })
+        .collect();
+    let mut g = c.benchmark_group("chunker");
+    g.throughput(Throughput::Elements(pieces.len() as u64));
+    let now = std::time::Instant::now();
+    let mut ch = Chunker::default();
+    g.bench_function("push_per_token", |b| {
+        b.iter(|| {
+            let mut out = 0usize;
+            for p in &pieces {
+                if ch.push(black_box(p), now) {
+                    out += ch.pending.len();
+                    ch.clear();
+                }
+            }
+            ch.clear();
+            black_box(out)
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, sampler, detok, chunker);
 criterion_main!(benches);
