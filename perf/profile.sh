@@ -47,7 +47,7 @@ perf stat -p "$SRV" -e task-clock,context-switches,cpu-migrations,page-faults,cy
 perf record -F 999 -g -p "$SRV" -o "$OUT/perf.data" -- sleep "$SECS" 2>"$OUT/record.log" || true
 wait $BENCH || true
 perf report -i "$OUT/perf.data" --stdio --no-children --sort symbol --percent-limit 0.5 \
-    2>/dev/null | grep -v '^$' >"$OUT/report.txt" || true
+    2>/dev/null | grep -v '^$' | sed 's/[ -]*$//' >"$OUT/report.txt" || true
 perf script -i "$OUT/perf.data" >"$OUT/perf.script" 2>/dev/null || true
 
 echo "== load ($MODEL, $PROTO, $CONNS connections): $(grep -m1 'output tok/s' "$OUT/bench.txt" || tail -1 "$OUT/bench.txt")"
