@@ -92,16 +92,23 @@ const MODELS: [Model; 2] = [
     },
 ];
 
+impl Model {
+    /// The model's matmuls as (name, output rows, inner dimension).
+    fn matmuls(&self) -> [(&'static str, usize, usize); 4] {
+        let qkv = (self.heads + 2 * self.kv_heads) * (self.hidden / self.heads);
+        [
+            ("qkv", qkv, self.hidden),
+            ("gate_up", 2 * self.inter, self.hidden),
+            ("down", self.hidden, self.inter),
+            ("lm_head", self.vocab, self.hidden),
+        ]
+    }
+}
+
 fn kernels(o: &mut CudaOps, rows: &mut Vec<Row>) -> Result<(), CudaError> {
     for m in &MODELS {
         let hd = m.hidden / m.heads;
-        let qkv = (m.heads + 2 * m.kv_heads) * hd;
-        for (what, n, k) in [
-            ("qkv", qkv, m.hidden),
-            ("gate_up", 2 * m.inter, m.hidden),
-            ("down", m.hidden, m.inter),
-            ("lm_head", m.vocab, m.hidden),
-        ] {
+        for (what, n, k) in m.matmuls() {
             let w = zeros::<f16>(o, n * k)?;
             for batch in [1usize, 8, 64, 512] {
                 let x = zeros::<f16>(o, batch * k)?;
@@ -232,14 +239,7 @@ fn cublas_compare(o: &mut CudaOps) -> Result<(), Box<dyn std::error::Error>> {
         "matmul vs cuBLAS GemmEx", "rows", "ours us", "cuBLAS us", "ratio", "max diff"
     );
     for m in &MODELS {
-        let hd = m.hidden / m.heads;
-        let qkv = (m.heads + 2 * m.kv_heads) * hd;
-        for (what, n, k) in [
-            ("qkv", qkv, m.hidden),
-            ("gate_up", 2 * m.inter, m.hidden),
-            ("down", m.hidden, m.inter),
-            ("lm_head", m.vocab, m.hidden),
-        ] {
+        for (what, n, k) in m.matmuls() {
             let w = o.stream.clone_htod(&rand_f16(n * k, (n + k) as u64))?;
             for batch in [1usize, 8, 64, 512] {
                 let x = o.stream.clone_htod(&rand_f16(batch * k, batch as u64))?;
