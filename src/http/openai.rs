@@ -91,6 +91,48 @@ fn bad(msg: impl Into<String>) -> OpenAiError {
     }
 }
 
+/// Fields that would change what comes back and that seedance does not implement: a clear 400
+/// naming the field instead of an answer that silently ignores it. Their neutral values (what
+/// clients send by default) pass.
+fn unsupported(m: &Map<String, Value>) -> Result<(), OpenAiError> {
+    let set = |k: &str| m.get(k).filter(|v| !v.is_null());
+    let refuse = |field: &'static str, why: &str| OpenAiError {
+        status: 400,
+        code: "unsupported_parameter",
+        message: format!("`{field}` is not supported by this server: {why}"),
+        param: Some(field),
+    };
+    if set("tools").is_some_and(|t| t.as_array().is_none_or(|a| !a.is_empty())) {
+        return Err(refuse("tools", "no tool calling"));
+    }
+    if set("tool_choice").is_some_and(|t| t.as_str() != Some("none")) {
+        return Err(refuse("tool_choice", "no tool calling"));
+    }
+    if set("functions").is_some() || set("function_call").is_some() {
+        return Err(refuse("functions", "no function calling"));
+    }
+    if set("logit_bias").is_some_and(|b| b.as_object().is_none_or(|o| !o.is_empty())) {
+        return Err(refuse("logit_bias", "no per-token bias"));
+    }
+    if set("response_format").is_some_and(|f| f.get("type").and_then(Value::as_str) != Some("text"))
+    {
+        return Err(refuse(
+            "response_format",
+            "only {\"type\": \"text\"} (no JSON mode)",
+        ));
+    }
+    if set("echo").is_some_and(|e| e.as_bool() != Some(false)) {
+        return Err(refuse("echo", "the prompt is not echoed"));
+    }
+    if set("best_of").is_some_and(|b| b.as_u64() != Some(1)) {
+        return Err(refuse("best_of", "one candidate per request"));
+    }
+    if set("suffix").is_some_and(|x| x.as_str() != Some("")) {
+        return Err(refuse("suffix", "no insertion"));
+    }
+    Ok(())
+}
+
 /// Parses and validates a request body.
 pub fn parse(
     endpoint: Endpoint,
@@ -121,6 +163,7 @@ pub fn parse(
     if m.get("model").and_then(Value::as_str).is_none() {
         return Err(bad("model is required"));
     }
+    unsupported(&m)?;
     if !m.contains_key("max_tokens") {
         if let Some(v) = m.remove("max_completion_tokens") {
             m.insert("max_tokens".into(), v);
@@ -163,6 +206,51 @@ pub fn parse(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fields_that_change_the_answer_are_refused_by_name_unless_neutral() {
+        let cfg = cfg();
+        let chat = |extra: &str| {
+            let body =
+                format!(r#"{{"model":"m","messages":[{{"role":"user","content":"x"}}]{extra}}}"#);
+            parse(Endpoint::Chat, body.as_bytes(), "id".into(), &cfg)
+        };
+        for (extra, field) in [
+            (
+                r#","tools":[{"type":"function","function":{"name":"f"}}]"#,
+                "tools",
+            ),
+            (r#","tool_choice":"auto""#, "tool_choice"),
+            (r#","logit_bias":{"50256":-100}"#, "logit_bias"),
+            (
+                r#","response_format":{"type":"json_object"}"#,
+                "response_format",
+            ),
+            (r#","functions":[{"name":"f"}]"#, "functions"),
+        ] {
+            let e = chat(extra).expect_err(extra);
+            assert_eq!((e.status, e.param), (400, Some(field)), "{extra}");
+            assert_eq!(e.code, "unsupported_parameter");
+        }
+        for neutral in [
+            r#","tools":[]"#,
+            r#","tool_choice":"none""#,
+            r#","logit_bias":{}"#,
+            r#","response_format":{"type":"text"}"#,
+            r#","tools":null,"logit_bias":null"#,
+        ] {
+            assert!(chat(neutral).is_ok(), "{neutral}");
+        }
+        let completion = |extra: &str| {
+            let body = format!(r#"{{"model":"m","prompt":"x"{extra}}}"#);
+            parse(Endpoint::Completion, body.as_bytes(), "id".into(), &cfg)
+        };
+        let param = |extra: &str| completion(extra).err().and_then(|e| e.param);
+        assert_eq!(param(r#","echo":true"#), Some("echo"));
+        assert_eq!(param(r#","best_of":3"#), Some("best_of"));
+        assert_eq!(param(r#","suffix":"end""#), Some("suffix"));
+        assert!(completion(r#","suffix":"","echo":false,"best_of":1"#).is_ok());
+    }
     use crate::config::{Cli, Config};
     use clap::Parser;
 

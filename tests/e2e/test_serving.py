@@ -432,6 +432,26 @@ def test_openai_errors(qwen):
     assert client.completions.create(model="qwen2", prompt="x", max_tokens=2).usage.completion_tokens >= 1
 
 
+def test_unsupported_openai_features_are_refused_not_ignored(qwen):
+    """Tool calling, JSON mode, logit_bias, echo: a 400 naming the parameter, never an answer
+    that silently ignores what was asked; their neutral values pass."""
+    client = oai(qwen)
+    tool = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
+    for call, param in (
+        (lambda: client.chat.completions.create(model="qwen2", messages=MESSAGES, tools=[tool]), "tools"),
+        (lambda: client.chat.completions.create(model="qwen2", messages=MESSAGES, response_format={"type": "json_object"}), "response_format"),
+        (lambda: client.chat.completions.create(model="qwen2", messages=MESSAGES, logit_bias={"5": 100}), "logit_bias"),
+        (lambda: client.completions.create(model="qwen2", prompt="x", echo=True), "echo"),
+    ):
+        with pytest.raises(openai.BadRequestError) as ei:
+            call()
+        assert ei.value.param == param, ei.value.body
+        assert ei.value.code == "unsupported_parameter", ei.value.body
+    r = client.chat.completions.create(model="qwen2", messages=MESSAGES, max_tokens=2, tools=[], tool_choice="none",
+                                       response_format={"type": "text"}, logit_bias={})
+    assert r.usage.completion_tokens >= 1
+
+
 def test_prompt_longer_than_context_is_400(qwen):
     client = oai(qwen)
     prompt = "word " * 400  # > 256 tokens
