@@ -100,7 +100,10 @@ impl<T> Scheduler<T> {
         if blocks > self.alloc.num_blocks() {
             return Err((seq, AdmitError::PromptTooLong));
         }
-        if self.waiting.len() >= self.cfg.max_waiting {
+        // Requests the next step can start (free running slots) are not waiting for capacity:
+        // several arriving within one engine step must not fill `max_waiting` between them.
+        let startable = self.cfg.max_running.saturating_sub(self.running.len());
+        if self.waiting.len() >= self.cfg.max_waiting + startable {
             return Err((seq, AdmitError::QueueFull));
         }
         self.waiting.push_back(seq);
@@ -440,14 +443,23 @@ mod tests {
     fn queue_limits() {
         let mut s = Scheduler::new(
             SchedulerConfig {
+                max_running: 1,
                 max_waiting: 1,
                 ..cfg(8)
             },
             64,
         );
-        s.admit(seq(1, 2)).expect("admit");
+        // Within one step: one request the next step starts, one that waits, then full.
+        s.admit(seq(1, 2)).expect("startable");
+        s.admit(seq(2, 2)).expect("waiting");
         assert_eq!(
-            s.admit(seq(2, 2)).err().map(|e| e.1),
+            s.admit(seq(3, 2)).err().map(|e| e.1),
+            Some(AdmitError::QueueFull)
+        );
+        // Once the first runs, the second still waits: nothing more fits.
+        assert_eq!(s.next_batch(|_| true).len(), 1);
+        assert_eq!(
+            s.admit(seq(4, 2)).err().map(|e| e.1),
             Some(AdmitError::QueueFull)
         );
         assert_eq!(
