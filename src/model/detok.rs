@@ -162,6 +162,16 @@ impl DetokTable {
         }
     }
 
+    /// Length in bytes of [`DetokTable::token_bytes`] without building it; `None` for the window
+    /// fallback, whose pieces are not stored.
+    pub fn token_len(&self, id: u32) -> Option<usize> {
+        let idx = id as usize;
+        if self.fallback.is_some() || idx + 1 >= self.offsets.len() {
+            return None;
+        }
+        Some(self.piece(idx).len())
+    }
+
     fn piece(&self, id: usize) -> &[u8] {
         let (a, b) = (self.offsets[id] as usize, self.offsets[id + 1] as usize);
         &self.arena[a..b]
@@ -310,6 +320,11 @@ impl Detokenizer {
             read: 0,
         };
         Self { table, st }
+    }
+
+    /// The shared table (token texts for logprobs).
+    pub fn table(&self) -> &DetokTable {
+        &self.table
     }
 
     /// Decodes one more id, appending whatever text became final to `out`.

@@ -56,6 +56,9 @@ pub enum Detok {
         /// Text released by the stop matcher this token.
         out: String,
         stopped: bool,
+        /// Whether this token's own text was (at least partly) released, not only text held
+        /// back from earlier tokens.
+        own_released: bool,
     },
 }
 
@@ -120,6 +123,7 @@ impl Codec {
                 piece: String::new(),
                 out: String::new(),
                 stopped: false,
+                own_released: false,
             },
         }
     }
@@ -138,18 +142,39 @@ impl Detok {
                 piece,
                 out,
                 stopped,
+                own_released,
             } => {
                 piece.clear();
                 out.clear();
+                *own_released = false;
                 if *stopped {
                     return "";
                 }
                 detok.push(id, piece);
+                // The matcher sees held ++ piece and releases a prefix of it. The piece ends
+                // with this token's own text (before it: bytes the detokenizer held from
+                // earlier tokens, e.g. an incomplete character flushed as U+FFFD), so that text
+                // is out once the released prefix reaches into the piece's last `own` bytes.
+                let held_before = stop.held_len();
                 if let StopState::Stopped { .. } = stop.push(piece, out) {
                     *stopped = true;
                 }
+                let own = detok
+                    .table()
+                    .token_len(id)
+                    .map_or(piece.len(), |n| n.min(piece.len()));
+                *own_released = own > 0 && out.len() > held_before + piece.len() - own;
                 out
             }
+        }
+    }
+
+    /// Whether the last `push` released some of that token's own text (logprob reports go out
+    /// with their token's text).
+    pub fn released_own_text(&self) -> bool {
+        match self {
+            Detok::Null => true,
+            Detok::Hf { own_released, .. } => *own_released,
         }
     }
 
@@ -168,6 +193,7 @@ impl Detok {
                 piece,
                 out,
                 stopped,
+                ..
             } => {
                 out.clear();
                 if *stopped {

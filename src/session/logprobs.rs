@@ -2,11 +2,13 @@
 //! most likely alternatives as small `Logprob` events ahead of the token; this collects them per
 //! request and writes them, when the token's text goes out, in the shape the client expects.
 //!
-//! A token's logprob travels with the message that carries its text. Tokens whose text is still
-//! held back (an incomplete UTF-8 character, a possible stop string) wait for the next message
-//! that sends text; in `full` mode and non-streamed HTTP that is the one final message. Tokens
-//! whose text a matched stop string swallowed are not reported (their text is not in the output
-//! either). Shapes:
+//! A token's logprob travels with the message that carries its text: a report is *released* when
+//! some of its token's own text leaves the detokenizer and the stop-string matcher, and a message
+//! carries the reports released since the previous one. Tokens whose text is still held back (an
+//! incomplete UTF-8 character, a possible stop string) wait; in `full` mode and non-streamed HTTP
+//! everything rides in the one final message. Tokens whose text a matched stop string swallowed
+//! are not reported (their text is not in the output either); at any other end every report goes
+//! out (a token with no text at all, such as a special token, in the last message). Shapes:
 //! - chat completions and WebSocket deltas: `{"content": [{"token", "logprob", "bytes",
 //!   "top_logprobs": [{"token", "logprob", "bytes"}]}], "refusal": null}` (WS sends the list);
 //! - completions: `{"tokens", "token_logprobs", "top_logprobs": [{token: logprob}], "text_offset"}`
@@ -42,8 +44,11 @@ pub struct Logprobs {
     pub shape: Shape,
     /// The report being received (events arrive before their token).
     cur: Option<TokenLogprob>,
-    /// Tokens reported whose text has not gone out yet.
+    /// Tokens reported whose reports have not gone out yet.
     queued: Vec<TokenLogprob>,
+    /// How many of `queued` have had their text released (it may still wait in a chunk or in
+    /// a non-streamed body); the rest are held back with their text.
+    released: usize,
     /// Characters of token text reported so far (completions' `text_offset`).
     offset: usize,
 }
@@ -54,6 +59,7 @@ impl Logprobs {
             shape,
             cur: None,
             queued: Vec::new(),
+            released: 0,
             offset: 0,
         }
     }
@@ -79,22 +85,29 @@ impl Logprobs {
         }
     }
 
-    /// Whether reports are waiting for a message.
-    pub fn has_queued(&self) -> bool {
-        !self.queued.is_empty()
+    /// Text went out for every token reported so far (`own` = the last token's own text is
+    /// among it), or only for the earlier ones (`!own`: the last token's text is held back).
+    pub fn mark_released(&mut self, own: bool) {
+        let upto = if own {
+            self.queued.len()
+        } else {
+            self.queued.len().saturating_sub(1)
+        };
+        self.released = self.released.max(upto);
     }
 
-    /// Forgets waiting reports (their text was cut by a stop string).
-    pub fn drop_queued(&mut self) {
-        self.queued.clear();
+    /// Forgets the reports of tokens whose text was never released (a stop string cut it).
+    pub fn drop_unreleased(&mut self) {
+        self.queued.truncate(self.released);
     }
 
-    /// The waiting reports in this request's shape, emptied; `None` when none wait.
+    /// The released reports in this request's shape, handed out once; `None` when none are.
     pub fn take_json(&mut self, codec: &Codec) -> Option<Value> {
-        if self.queued.is_empty() {
+        if self.released == 0 {
             return None;
         }
-        let entries = std::mem::take(&mut self.queued);
+        let entries: Vec<TokenLogprob> = self.queued.drain(..self.released).collect();
+        self.released = 0;
         Some(match self.shape {
             Shape::Chat => json!({"content": chat_entries(codec, &entries), "refusal": null}),
             Shape::Ws => chat_entries(codec, &entries),
@@ -180,6 +193,7 @@ mod tests {
             lp.on_event(i as u8 + 1, t, tl);
         }
         lp.on_token(id);
+        lp.mark_released(true);
     }
 
     #[test]
@@ -215,11 +229,29 @@ mod tests {
     }
 
     #[test]
+    fn a_stop_string_drops_only_reports_whose_text_was_held_back() {
+        let mut lp = Logprobs::new(Shape::Ws);
+        report(&mut lp, 1, -0.1, &[]); // its text went into the (unsent) body
+        lp.on_event(0, 2, -0.2);
+        lp.on_token(2);
+        // Token 3's text released token 2's held text, but its own is held back.
+        lp.on_event(0, 3, -0.3);
+        lp.on_token(3);
+        lp.mark_released(false);
+        assert_eq!(lp.released, 2);
+        lp.drop_unreleased();
+        let v = lp.take_json_or_empty(&Codec::Null);
+        assert_eq!(v.as_array().map(Vec::len), Some(2), "{v}");
+        assert_eq!(v[1]["token"], words::piece(2));
+    }
+
+    #[test]
     fn a_report_for_another_token_is_not_attached() {
         let mut lp = Logprobs::new(Shape::Ws);
         lp.on_event(0, 3, -0.1);
         lp.on_token(4);
-        assert!(!lp.has_queued());
+        lp.mark_released(true);
+        assert!(lp.queued.is_empty());
         assert_eq!(lp.take_json_or_empty(&Codec::Null), json!([]));
     }
 }

@@ -289,6 +289,11 @@ fn on_token(shard: &Shard, e: &mut ReqEntry, id: u32, now: Instant) {
     let mut text = std::mem::take(&mut e.scratch);
     text.clear();
     text.push_str(e.detok.push(id));
+    if !text.is_empty() {
+        if let Some(lp) = e.logprobs.as_deref_mut() {
+            lp.mark_released(e.detok.released_own_text());
+        }
+    }
     emit_text(shard, e, &text, now);
     e.scratch = text;
     if e.detok.stopped() && !e.stop_hit {
@@ -422,10 +427,13 @@ fn finish(shard: &Shard, mut e: ReqEntry, reason: FinishReason, now: Instant) {
 
 /// Queues held-back text and the end of the response (`done`, SSE end or JSON body).
 fn write_end(shard: &Shard, e: &mut ReqEntry, reason: FinishReason, now: Instant) {
-    if e.stop_hit {
-        // Reports of tokens whose text the stop string swallowed.
-        if let Some(lp) = e.logprobs.as_deref_mut() {
-            lp.drop_queued();
+    if let Some(lp) = e.logprobs.as_deref_mut() {
+        if e.stop_hit {
+            // Reports of tokens whose text the stop string swallowed.
+            lp.drop_unreleased();
+        } else {
+            // Held-back text goes out now; tokens with no text at all are reported too.
+            lp.mark_released(true);
         }
     }
     let tail = e.detok.finish().to_owned();

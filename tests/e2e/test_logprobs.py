@@ -190,13 +190,13 @@ def test_ws_logprobs_in_every_stream_mode(qwen):
         s.check_order()
         entries = []
         for d in s.deltas:
+            # A delta carries the reports of the tokens whose text it carries (in token mode a
+            # delta whose token's text is still held back carries none).
             lp = d.get("logprobs", [])
-            if mode == "token":
-                # A delta per token, with that token's report (a final flush of held-back
-                # bytes has none).
-                assert len(lp) == 1 or (d is s.deltas[-1] and not lp), (mode, d)
-            elif d["text"]:
+            if d["text"]:
                 assert lp and spells(lp, d["text"]), (mode, d)
+            else:
+                assert not lp, (mode, d)
             entries += lp
         entries += s.done.get("logprobs", [])
         assert len(entries) == s.done["usage"]["completion_tokens"] == N, mode
@@ -231,3 +231,26 @@ def test_bad_logprob_fields_are_400_naming_the_field(qwen, body, param):
     err = json.loads(data)["error"]
     assert err["param"] == param, err
     assert err["type"] == "invalid_request_error", err
+
+
+def test_reports_stop_with_the_text_at_a_stop_string(qwen):
+    """Tokens whose text a matched stop string swallowed are not reported; the last report may
+    be the token in which the stop string begins (its text is partly in the output)."""
+    kw = dict(model="qwen2", messages=MESSAGES, max_tokens=N, temperature=0, logprobs=True,
+              extra_body={"ignore_eos": True})
+    full = client(qwen).chat.completions.create(**kw)
+    text = full.choices[0].message.content
+    # A stop string from the middle of the greedy text that does not occur earlier.
+    stop = next(text[i:i + 3] for i in range(len(text) // 2, len(text) - 3)
+                if "\ufffd" not in text[i:i + 3] and text.find(text[i:i + 3]) == i)
+    cut = client(qwen).chat.completions.create(stop=[stop], **kw)
+    content = cut.choices[0].message.content
+    assert content == text[: text.find(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+    entries = [e.model_dump() for e in cut.choices[0].logprobs.content]
+    got = spelled(entries)
+    assert got.startswith(content), (got, content)
+    last = spelled(entries[-1:]) if entries else ""
+    assert len(got) - len(content) < max(len(last), 1), (got, content)
+    # The same tokens as the unstopped run, up to where the stop cut it.
+    assert entries == [e.model_dump() for e in full.choices[0].logprobs.content][: len(entries)]
