@@ -30,6 +30,8 @@ pub struct Built {
     pub codec: Codec,
     /// Whether the engine thread may be pinned (the null model: one busy thread, no pool).
     pub pin_engine: bool,
+    /// Prompt plus generated tokens a sequence may hold (`None`: the null model, no limit).
+    pub max_model_len: Option<usize>,
 }
 
 /// Loads `spec` (a checkpoint directory or `synthetic:<shape>`) on a CPU backend of
@@ -91,6 +93,7 @@ pub fn build(cfg: &EngineConfig, metrics: Arc<EngineMetrics>) -> Result<Built, S
             generator,
             codec: Codec::Null,
             pin_engine: true,
+            max_model_len: None,
         });
     }
     let device = select(cfg.device)?;
@@ -152,6 +155,7 @@ pub fn build(cfg: &EngineConfig, metrics: Arc<EngineMetrics>) -> Result<Built, S
         generator,
         codec,
         pin_engine: false,
+        max_model_len: Some(max_model_len),
     })
 }
 

@@ -116,6 +116,7 @@ pub fn start(config: Config) -> Result<Server, StartError> {
     let shared = Arc::new(Shared {
         models: vec![config.engine.served_model_name.clone()],
         codec: built.codec,
+        max_model_len: built.max_model_len,
         registry,
         ready: AtomicBool::new(false),
         shutdown: AtomicBool::new(false),

@@ -33,6 +33,8 @@ pub struct Shared {
     pub registry: Arc<Registry>,
     pub models: Vec<String>,
     pub codec: Codec,
+    /// Prompt plus generated tokens a sequence may hold (`None`: no limit, the null model).
+    pub max_model_len: Option<usize>,
     pub ready: AtomicBool,
     pub shutdown: AtomicBool,
     pub tenants: crate::ws::tenant::Tenants,

@@ -33,6 +33,9 @@ pub struct GenerateMsg {
     pub params: SamplingParams,
     pub stream_mode: Option<StreamMode>,
     pub stop: Vec<String>,
+    /// The client set `max_tokens` (it is then checked against the context; the default is
+    /// simply cut there).
+    pub max_tokens_given: bool,
 }
 
 #[derive(Debug)]
@@ -304,6 +307,7 @@ fn generation_fields(
         params,
         stream_mode,
         stop,
+        max_tokens_given: f.get("max_tokens").is_some_and(|v| !v.is_null()),
     })
 }
 

@@ -116,6 +116,29 @@ impl ReqEntry {
     }
 }
 
+/// A `max_tokens` the client set that cannot fit beside the prompt is refused up front, as
+/// OpenAI and vLLM do, instead of being cut short at the end of the context. (A prompt that does
+/// not fit on its own is the engine's `prompt_too_long`; the default `max_tokens` is cut.)
+fn check_context(shard: &Shard, g: &GenerateMsg, prompt_len: usize) -> Result<(), ProtocolError> {
+    let Some(limit) = shard.shared.max_model_len.filter(|_| g.max_tokens_given) else {
+        return Ok(());
+    };
+    let max_tokens = g.params.max_tokens.map_or(0, |m| m as usize);
+    if prompt_len < limit && prompt_len + max_tokens > limit {
+        return Err(ProtocolError::new(
+            Some(&g.id),
+            "context_length_exceeded",
+            format!(
+                "this model's maximum context length is {limit} tokens; the request has \
+                 {prompt_len} prompt tokens, so max_tokens can be at most {} (got {max_tokens})",
+                limit - prompt_len
+            ),
+        )
+        .with_param("max_tokens"));
+    }
+    Ok(())
+}
+
 /// Registers the request on the shard and hands it to the engine; a full queue is `overloaded`.
 fn submit(
     shard: &Shard,
@@ -191,6 +214,7 @@ pub fn start_ws(shard: &Rc<Shard>, conn: &Rc<Conn>, g: GenerateMsg) -> Result<()
         e.id = Some(g.id.clone());
         e
     })?;
+    check_context(shard, &g, prompt.len())?;
     let entry = ReqEntry::new(shard, conn, &g, mode, prompt.len(), Sink::Ws);
     let key = submit(shard, entry, prompt, g.params.clone())?;
     if let Some(ws) = conn.ws.borrow_mut().as_mut() {
@@ -585,6 +609,10 @@ pub fn start_http(
         }
     }
     let prompt = shared.codec.encode(&g.input)?;
+    check_context(shard, &g, prompt.len()).map_err(|mut e| {
+        e.id = None;
+        e
+    })?;
     let created = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());

@@ -461,6 +461,32 @@ def test_prompt_longer_than_context_is_400(qwen):
         client.chat.completions.create(model="qwen2", messages=[{"role": "user", "content": prompt}], max_tokens=4, stream=True)
 
 
+def test_max_tokens_beyond_the_context_is_400_naming_it(qwen):
+    """prompt + max_tokens > max_model_len (256 for the fixture): refused up front like OpenAI
+    and vLLM, over HTTP and WS; exactly filling the context is fine."""
+    client = oai(qwen)
+    usage = client.completions.create(model="qwen2", prompt=PROMPT, max_tokens=1).usage
+    room = 256 - usage.prompt_tokens
+    with pytest.raises(openai.BadRequestError) as ei:
+        client.completions.create(model="qwen2", prompt=PROMPT, max_tokens=room + 1)
+    assert ei.value.code == "context_length_exceeded", ei.value.body
+    assert ei.value.param == "max_tokens", ei.value.body
+    assert f"at most {room}" in ei.value.message
+    full = client.completions.create(model="qwen2", prompt=PROMPT, max_tokens=room, extra_body={"ignore_eos": True})
+    assert full.usage.completion_tokens == room
+    assert full.choices[0].finish_reason == "length"
+
+    async def ws():
+        async with open_ws(qwen) as conn:
+            await session_of(conn)
+            await conn.send(json.dumps({"type": "generate", "id": "big", "prompt": PROMPT, "max_tokens": room + 1}))
+            return (await collect(conn, ["big"]))["big"]
+
+    s = run(ws())
+    assert [e["code"] for e in s.errors] == ["context_length_exceeded"], s.errors
+    assert not s.deltas
+
+
 # ---------------------------------------------------------------- 3. cancellation frees KV
 
 LONG = 4000  # tokens: seconds of generation on synthetic:tiny, far longer than any cancel takes
