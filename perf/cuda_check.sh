@@ -7,6 +7,8 @@
 # and end-to-end serving decode tokens/s through seedance-server --device cuda.
 # Any `skipped:` line from a GPU test fails the script: this host is meant to have a GPU.
 # Usage: perf/cuda_check.sh            (prints one report; exit 1 on any mismatch)
+#        SEEDANCE_PREBUILT=.gpu perf/cuda_check.sh   on a host without Rust: the executables
+#        perf/gpu_bundle.sh built elsewhere (no cargo, no kernel compile check — CI has it)
 # Needs: an NVIDIA driver; NVRTC from a CUDA toolkit or the pip wheels (installed if missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,33 +32,44 @@ elif [[ -d /usr/local/cuda/lib64 ]]; then
     export LD_LIBRARY_PATH=/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 fi
 
-echo "==> kernels compile with zero spills (NVRTC)"
-python3 scripts/check_kernels.py | tee "$OUT/kernels.txt" | tail -1
-
-echo "==> build (release)"
-cargo build --release --bins --tests --benches -q
+PREBUILT=${SEEDANCE_PREBUILT:-}
+if [[ -n $PREBUILT ]]; then
+    echo "==> prebuilt executables from $PREBUILT (commit $(cat "$PREBUILT/COMMIT" 2>/dev/null || echo ?))"
+    export SEEDANCE_REPO=$PWD
+    BIN=$PREBUILT
+    run_test() { local t=$1; shift; "$PREBUILT/$t" "$@"; }
+    run_bench() { "$PREBUILT/cuda_kernels" --bench; }
+else
+    echo "==> kernels compile with zero spills (NVRTC)"
+    python3 scripts/check_kernels.py | tee "$OUT/kernels.txt" | tail -1
+    echo "==> build (release)"
+    cargo build --release --bins --tests --benches -q
+    BIN=${CARGO_TARGET_DIR:-target}/release
+    run_test() { local t=$1; shift; cargo test --release -q --test "$t" -- "$@"; }
+    run_bench() { cargo bench -q --bench cuda_kernels; }
+fi
 
 echo "==> every op against its CPU twin (fresh inputs, NaN-poisoned outputs)"
 SEED=${SEEDANCE_CHECK_SEED:-$RANDOM$RANDOM}
-SEEDANCE_CHECK_SEED=$SEED cargo test --release -q --test cuda_ops -- --nocapture --test-threads 1 \
+SEEDANCE_CHECK_SEED=$SEED run_test cuda_ops --nocapture --test-threads 1 \
     2>&1 | tee "$OUT/ops.txt" | grep -E "max \|err\||test result|skipped|panicked"
-if grep -q "^skipped:" "$OUT/ops.txt"; then
+if grep -q "skipped:" "$OUT/ops.txt"; then
     echo "error: GPU tests skipped on a host meant to have a GPU" >&2
     exit 1
 fi
 echo "inputs seed: $SEED (rerun with SEEDANCE_CHECK_SEED=$SEED)"
 
 echo "==> greedy generation: CPU vs device-resident model, every reference checkpoint"
-cargo test --release -q --test cuda_model -- --nocapture --test-threads 1 \
+run_test cuda_model --nocapture --test-threads 1 \
     2>&1 | tee "$OUT/model.txt" | grep -E "identical|test result|skipped|panicked"
-if grep -q "^skipped:" "$OUT/model.txt" || ! grep -q "test result: ok" "$OUT/model.txt"; then
+if grep -q "skipped:" "$OUT/model.txt" || ! grep -q "test result: ok" "$OUT/model.txt"; then
     echo "error: tests/cuda_model.rs skipped or failed on a host meant to have a GPU" >&2
     exit 1
 fi
 
 echo "==> kernel timings, GEMM vs cuBLAS, device-resident decode tokens/s"
-cargo bench -q --bench cuda_kernels 2>&1 | tee "$OUT/timings.txt"
-if grep -q "^skipped:" "$OUT/timings.txt"; then
+run_bench 2>&1 | tee "$OUT/timings.txt"
+if grep -q "skipped:" "$OUT/timings.txt"; then
     echo "error: cuda_kernels skipped on a host meant to have a GPU" >&2
     exit 1
 fi
@@ -64,12 +77,12 @@ fi
 echo "==> end-to-end serving decode tokens/s (seedance-server --device cuda)"
 PORT=${PORT:-18194}
 for MODEL in synthetic:llama3.2-1b synthetic:qwen2-7b; do
-    target/release/seedance-server --model "$MODEL" --device cuda --listen 127.0.0.1:$PORT \
+    "$BIN/seedance-server" --model "$MODEL" --device cuda --listen 127.0.0.1:$PORT \
         --cores 1 --log warn 2>"$OUT/srv.log" &
     SRV=$!
     for _ in $(seq 1200); do grep -q "listening on" "$OUT/srv.log" && break; sleep 0.1; done
     for C in 1 64; do
-        TPS=$(target/release/seedance-bench ws --addr 127.0.0.1:$PORT --connections "$C" \
+        TPS=$("$BIN/seedance-bench" ws --addr 127.0.0.1:$PORT --connections "$C" \
             --input-len 16 --output-len 128 --duration 10 --json | tail -1 |
             python3 -c 'import json,sys; print(round(json.load(sys.stdin)["output_throughput"], 1))')
         printf '%-24s batch %-3s %10s tokens/s\n' "$MODEL" "$C" "$TPS" | tee -a "$OUT/e2e.txt"

@@ -31,7 +31,10 @@ const BLOCK: usize = 4;
 const BLOCKS: usize = 256;
 
 fn fixtures() -> Vec<PathBuf> {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models");
+    // A prebuilt executable (perf/gpu_bundle.sh) runs from another checkout: SEEDANCE_REPO.
+    let repo = std::env::var_os("SEEDANCE_REPO")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
+    let root = repo.join("tests/fixtures/models");
     let mut dirs: Vec<PathBuf> = std::fs::read_dir(root)
         .unwrap()
         .flatten()
