@@ -182,7 +182,7 @@ fn openai_request(
     }
     let id = format!("{}{}", endpoint.id_prefix(), random_hex());
     let req = openai::parse(endpoint, body, id, &shard.shared.config.session)?;
-    crate::session::request::start_http(shard, conn, req)
+    crate::session::request_http::start_http(shard, conn, req)
 }
 
 fn random_hex() -> String {

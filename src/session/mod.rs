@@ -8,5 +8,6 @@ pub mod json;
 pub mod logprobs;
 pub mod protocol;
 pub mod request;
+pub mod request_http;
 pub mod state;
 pub mod ws;

@@ -14,11 +14,12 @@ use super::codec::Detok;
 use super::json::{quoted, write_delta_frame, write_delta_frame_logprobs, write_json_frame};
 use super::logprobs::{Logprobs, Shape};
 use super::protocol::{GenerateMsg, ProtocolError};
+use super::request_http::{finish_http, HttpSink, SSE_KEEP_ALIVE};
 use crate::engine::sampler::SamplingParams;
 use crate::engine::{
     EngineMsg, EventKind, FinishReason, GenerateRequest, RejectReason, SeqKey, TokenEvent,
 };
-use crate::http::sse::{self, SseMeta};
+use crate::http::sse;
 use crate::server::conn::Conn;
 use crate::server::shard::Shard;
 use crate::ws::close::CloseCode;
@@ -59,22 +60,9 @@ pub enum Sink {
     Http(HttpSink),
 }
 
-pub struct HttpSink {
-    pub meta: SseMeta,
-    pub stream: bool,
-    pub include_usage: bool,
-    /// The `200` and the role chunk went out.
-    pub started: bool,
-    /// Last bytes written (SSE keep-alive comments after a silence).
-    pub last_write: Instant,
-}
-
-/// Silence after which a streaming HTTP response gets a `: keep-alive` comment.
-pub const SSE_KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(15);
-
 impl ReqEntry {
     /// A new request of `conn`; its key is set when the shard registers it.
-    fn new(
+    pub(super) fn new(
         shard: &Shard,
         conn: &Rc<Conn>,
         g: &GenerateMsg,
@@ -119,7 +107,11 @@ impl ReqEntry {
 /// A `max_tokens` the client set that cannot fit beside the prompt is refused up front, as
 /// OpenAI and vLLM do, instead of being cut short at the end of the context. (A prompt that does
 /// not fit on its own is the engine's `prompt_too_long`; the default `max_tokens` is cut.)
-fn check_context(shard: &Shard, g: &GenerateMsg, prompt_len: usize) -> Result<(), ProtocolError> {
+pub(super) fn check_context(
+    shard: &Shard,
+    g: &GenerateMsg,
+    prompt_len: usize,
+) -> Result<(), ProtocolError> {
     let Some(limit) = shard.shared.max_model_len.filter(|_| g.max_tokens_given) else {
         return Ok(());
     };
@@ -140,7 +132,7 @@ fn check_context(shard: &Shard, g: &GenerateMsg, prompt_len: usize) -> Result<()
 }
 
 /// Registers the request on the shard and hands it to the engine; a full queue is `overloaded`.
-fn submit(
+pub(super) fn submit(
     shard: &Shard,
     entry: ReqEntry,
     prompt: Vec<u32>,
@@ -507,57 +499,6 @@ fn write_end(shard: &Shard, e: &mut ReqEntry, reason: FinishReason, now: Instant
     shard.mark_dirty(&e.conn);
 }
 
-fn finish_http(
-    shard: &Shard,
-    e: &ReqEntry,
-    h: &HttpSink,
-    reason: FinishReason,
-    logprobs: Option<serde_json::Value>,
-) {
-    let mut out = e.conn.out.borrow_mut();
-    // OpenAI has no "cancelled"; a cancelled HTTP request has no reader anyway.
-    let finish = if reason == FinishReason::Length {
-        "length"
-    } else {
-        "stop"
-    };
-    let u = sse::usage(e.prompt_tokens, e.tokens);
-    if reason == FinishReason::Error {
-        if h.stream && h.started {
-            sse::write_stream_error(&mut out.buf, "internal_error", "generation failed");
-        } else {
-            crate::http::response::write_json_error(
-                &mut out.buf,
-                500,
-                "internal_error",
-                "generation failed",
-                None,
-                false,
-            );
-        }
-    } else if h.stream {
-        let mut seq = e.seq;
-        if !h.started {
-            sse::write_stream_head(&mut out.buf);
-            seq += 1;
-            sse::write_text_event(&mut out.buf, &h.meta, seq, "", true, None);
-        }
-        let usage = h.include_usage.then_some(u);
-        sse::write_stream_end(&mut out.buf, &h.meta, seq + 1, finish, usage, logprobs);
-    } else {
-        sse::write_json_response(
-            &mut out.buf,
-            &h.meta,
-            &e.chunker.pending,
-            finish,
-            u,
-            logprobs,
-        );
-    }
-    drop(out);
-    shard.mark_dirty(&e.conn);
-}
-
 /// Removes the request from its connection's list; closes a draining session that went idle.
 fn forget(shard: &Shard, e: &ReqEntry) {
     if let Sink::Http(_) = e.sink {
@@ -582,63 +523,4 @@ fn forget(shard: &Shard, e: &ReqEntry) {
             "going_away",
         );
     }
-}
-
-/// Starts a generation for an OpenAI HTTP request; the connection's reader waits until
-/// `conn.http_busy` clears before it reads the next request.
-pub fn start_http(
-    shard: &Rc<Shard>,
-    conn: &Rc<Conn>,
-    req: crate::http::openai::OpenAiRequest,
-) -> Result<(), crate::http::openai::OpenAiError> {
-    let shared = &shard.shared;
-    let g = req.gen;
-    if shard.draining.get() {
-        return Err(
-            ProtocolError::new(None, "shutting_down", "the server is shutting down").into(),
-        );
-    }
-    if let Some(m) = &g.model {
-        if !shared.models.contains(m) {
-            return Err(ProtocolError::new(
-                None,
-                "model_not_found",
-                format!("The model `{m}` does not exist"),
-            )
-            .into());
-        }
-    }
-    let prompt = shared.codec.encode(&g.input)?;
-    check_context(shard, &g, prompt.len()).map_err(|mut e| {
-        e.id = None;
-        e
-    })?;
-    let created = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let meta = SseMeta {
-        endpoint: req.endpoint,
-        id_json: quoted(&g.id).into_boxed_str(),
-        model_json: quoted(
-            g.model
-                .as_deref()
-                .unwrap_or_else(|| shared.models.first().map_or("", |s| s.as_str())),
-        )
-        .into_boxed_str(),
-        created,
-    };
-    let sink = Sink::Http(HttpSink {
-        meta,
-        stream: req.stream,
-        include_usage: req.include_usage,
-        started: false,
-        last_write: Instant::now(),
-    });
-    let entry = ReqEntry::new(shard, conn, &g, StreamMode::Token, prompt.len(), sink);
-    let key = submit(shard, entry, prompt, g.params.clone()).map_err(|mut e| {
-        e.id = None;
-        e
-    })?;
-    conn.http_busy.set(Some(key));
-    Ok(())
 }
