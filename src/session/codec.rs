@@ -46,6 +46,9 @@ impl HfText {
 }
 
 /// Per-request detokenizer state.
+// One per request, inline in its entry; `Null` is only the null model's, so boxing `Hf` would
+// add an allocation per request to save bytes no one uses.
+#[allow(clippy::large_enum_variant)]
 pub enum Detok {
     Null,
     Hf {
@@ -56,9 +59,11 @@ pub enum Detok {
         /// Text released by the stop matcher this token.
         out: String,
         stopped: bool,
-        /// Whether this token's own text was (at least partly) released, not only text held
-        /// back from earlier tokens.
-        own_released: bool,
+        /// Positions in the text stream the stop matcher sees (bytes): how much was fed to it,
+        /// how much it released, and where the last token's own text starts.
+        fed: usize,
+        sent: usize,
+        own_start: usize,
     },
 }
 
@@ -123,7 +128,9 @@ impl Codec {
                 piece: String::new(),
                 out: String::new(),
                 stopped: false,
-                own_released: false,
+                fed: 0,
+                sent: 0,
+                own_start: 0,
             },
         }
     }
@@ -142,20 +149,20 @@ impl Detok {
                 piece,
                 out,
                 stopped,
-                own_released,
+                fed,
+                sent,
+                own_start,
             } => {
                 piece.clear();
                 out.clear();
-                *own_released = false;
                 if *stopped {
                     return "";
                 }
                 detok.push(id, piece);
-                // The matcher sees held ++ piece and releases a prefix of it. The piece ends
-                // with this token's own text (before it: bytes the detokenizer held from
-                // earlier tokens, e.g. an incomplete character flushed as U+FFFD), so that text
-                // is out once the released prefix reaches into the piece's last `own` bytes.
-                let held_before = stop.held_len();
+                // The matcher releases a prefix of the stream of pieces. A piece ends with its
+                // token's own text (before it: bytes the detokenizer held from earlier tokens,
+                // e.g. an incomplete character flushed as U+FFFD), so that text is out once the
+                // released prefix reaches past `own_start`.
                 if let StopState::Stopped { .. } = stop.push(piece, out) {
                     *stopped = true;
                 }
@@ -163,18 +170,24 @@ impl Detok {
                     .table()
                     .token_len(id)
                     .map_or(piece.len(), |n| n.min(piece.len()));
-                *own_released = own > 0 && out.len() > held_before + piece.len() - own;
+                *fed += piece.len();
+                *sent += out.len();
+                *own_start = *fed - own;
                 out
             }
         }
     }
 
-    /// Whether the last `push` released some of that token's own text (logprob reports go out
-    /// with their token's text).
-    pub fn released_own_text(&self) -> bool {
+    /// `(own_start, sent)` after a `push`: where that token's own text starts in the stream of
+    /// decoded text, and how much of that stream has been released; the token's text (and its
+    /// logprob report) is out once `own_start < sent`. A token without text of its own starts
+    /// where the next one does. The null codec releases every token's text at once.
+    pub fn text_positions(&self) -> (usize, usize) {
         match self {
-            Detok::Null => true,
-            Detok::Hf { own_released, .. } => *own_released,
+            Detok::Null => (0, 1),
+            Detok::Hf {
+                sent, own_start, ..
+            } => (*own_start, *sent),
         }
     }
 
@@ -206,5 +219,49 @@ impl Detok {
                 out
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::session::logprobs::{Logprobs, Shape};
+
+    /// Stop string "\n\nUser:" after "Hi" and three "\n" tokens: the matcher releases the first
+    /// "\n" and holds two, then the stop string matches. The reports that go out are exactly
+    /// the tokens whose text is in the output ("Hi", the first "\n"), not one per token the
+    /// release happened in.
+    #[test]
+    fn a_partial_release_of_held_text_reports_only_the_tokens_it_covers() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/text/qwen2");
+        let tok = Tokenizer::from_dir(&dir).expect("fixture tokenizer");
+        let ids = |s: &str| tok.encode(s, false).expect("encode");
+        let nl = ids("\n");
+        assert_eq!(nl.len(), 1, "one newline token");
+        let all: Vec<u32> = [ids("Hi"), nl.clone(), nl.clone(), nl, ids("User:")].concat();
+        let codec = Codec::Hf(Arc::new(HfText::new(tok)));
+        let mut detok = codec.detok(&["\n\nUser:".to_string()]);
+        let mut lp = Logprobs::new(Shape::Chat);
+        let mut text = String::new();
+        for id in all {
+            lp.on_event(0, id, -0.5);
+            text.push_str(detok.push(id));
+            let (start, sent) = detok.text_positions();
+            lp.on_token(id, start);
+            lp.release_upto(sent);
+        }
+        assert!(detok.stopped());
+        assert_eq!(text, "Hi\n");
+        lp.settle(false);
+        let v = lp.take_json_or_empty(&codec);
+        let spelled: Vec<u8> = v["content"]
+            .as_array()
+            .expect("content")
+            .iter()
+            .flat_map(|e| e["bytes"].as_array().cloned().unwrap_or_default())
+            .map(|b| b.as_u64().unwrap_or(0) as u8)
+            .collect();
+        assert_eq!(spelled, b"Hi\n", "{v}");
     }
 }

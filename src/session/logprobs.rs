@@ -44,8 +44,9 @@ pub struct Logprobs {
     pub shape: Shape,
     /// The report being received (events arrive before their token).
     cur: Option<TokenLogprob>,
-    /// Tokens reported whose reports have not gone out yet.
-    queued: Vec<TokenLogprob>,
+    /// Tokens reported whose reports have not gone out yet, each with where its own text
+    /// starts in the request's text stream (see `Detok::text_positions`).
+    queued: Vec<(usize, TokenLogprob)>,
     /// How many of `queued` have had their text released (it may still wait in a chunk or in
     /// a non-streamed body); the rest are held back with their text.
     released: usize,
@@ -77,22 +78,19 @@ impl Logprobs {
         }
     }
 
-    /// The token the current report describes arrived.
-    pub fn on_token(&mut self, id: u32) {
+    /// The token the current report describes arrived; its own text starts at `start` in the
+    /// request's text stream.
+    pub fn on_token(&mut self, id: u32, start: usize) {
         match self.cur.take() {
-            Some(cur) if cur.token == id => self.queued.push(cur),
+            Some(cur) if cur.token == id => self.queued.push((start, cur)),
             _ => {}
         }
     }
 
-    /// Text went out for every token reported so far (`own` = the last token's own text is
-    /// among it), or only for the earlier ones (`!own`: the last token's text is held back).
-    pub fn mark_released(&mut self, own: bool) {
-        let upto = if own {
-            self.queued.len()
-        } else {
-            self.queued.len().saturating_sub(1)
-        };
+    /// The first `sent` bytes of the text stream went out (or into the pending chunk or body):
+    /// every token whose own text starts before that is released.
+    pub fn release_upto(&mut self, sent: usize) {
+        let upto = self.queued.partition_point(|(start, _)| *start < sent);
         self.released = self.released.max(upto);
     }
 
@@ -101,12 +99,24 @@ impl Logprobs {
         self.queued.truncate(self.released);
     }
 
+    /// At the end of a request: when its held-back text goes out (`text_out`: a normal end, no
+    /// stop string matched) every report goes with it, tokens without any text included;
+    /// otherwise (a stop string, a cancel, an error) held-back text is never sent, and neither
+    /// are its tokens' reports.
+    pub fn settle(&mut self, text_out: bool) {
+        if text_out {
+            self.released = self.queued.len();
+        } else {
+            self.drop_unreleased();
+        }
+    }
+
     /// The released reports in this request's shape, handed out once; `None` when none are.
     pub fn take_json(&mut self, codec: &Codec) -> Option<Value> {
         if self.released == 0 {
             return None;
         }
-        let entries: Vec<TokenLogprob> = self.queued.drain(..self.released).collect();
+        let entries: Vec<TokenLogprob> = self.queued.drain(..self.released).map(|q| q.1).collect();
         self.released = 0;
         Some(match self.shape {
             Shape::Chat => json!({"content": chat_entries(codec, &entries), "refusal": null}),
@@ -192,8 +202,8 @@ mod tests {
         for (i, &(t, tl)) in top.iter().enumerate() {
             lp.on_event(i as u8 + 1, t, tl);
         }
-        lp.on_token(id);
-        lp.mark_released(true);
+        lp.on_token(id, 0);
+        lp.release_upto(1);
     }
 
     #[test]
@@ -231,13 +241,13 @@ mod tests {
     #[test]
     fn a_stop_string_drops_only_reports_whose_text_was_held_back() {
         let mut lp = Logprobs::new(Shape::Ws);
-        report(&mut lp, 1, -0.1, &[]); // its text went into the (unsent) body
+        report(&mut lp, 1, -0.1, &[]); // its text (byte 0) went into the (unsent) body
         lp.on_event(0, 2, -0.2);
-        lp.on_token(2);
-        // Token 3's text released token 2's held text, but its own is held back.
+        lp.on_token(2, 1);
+        // Token 3's text released token 2's held text (byte 1), but its own is held back.
         lp.on_event(0, 3, -0.3);
-        lp.on_token(3);
-        lp.mark_released(false);
+        lp.on_token(3, 2);
+        lp.release_upto(2);
         assert_eq!(lp.released, 2);
         lp.drop_unreleased();
         let v = lp.take_json_or_empty(&Codec::Null);
@@ -245,12 +255,50 @@ mod tests {
         assert_eq!(v[1]["token"], words::piece(2));
     }
 
+    /// A cancel (or an error) never sends the text held back for a possible stop string; the
+    /// reports of the tokens that produced it must not go out in the `done` message either.
+    #[test]
+    fn a_cancel_does_not_report_tokens_whose_text_was_held_back() {
+        let mut lp = Logprobs::new(Shape::Ws);
+        report(&mut lp, 1, -0.1, &[]);
+        lp.on_event(0, 2, -0.2);
+        lp.on_token(2, 1); // its text is held back (it could start a stop string)
+        lp.settle(false);
+        let v = lp.take_json_or_empty(&Codec::Null);
+        assert_eq!(v.as_array().map(Vec::len), Some(1), "{v}");
+        assert_eq!(v[0]["token"], words::piece(1));
+        // A normal end sends the held text, and the report with it.
+        lp.on_event(0, 3, -0.3);
+        lp.on_token(3, 1);
+        lp.settle(true);
+        assert_eq!(
+            lp.take_json_or_empty(&Codec::Null)[0]["token"],
+            words::piece(3)
+        );
+    }
+
+    /// Stop string "\n\nUser:" after three "\n" tokens: the matcher releases the first "\n"
+    /// and holds two; then the stop string matches. Only the first token's report goes out
+    /// (its text is the only text out); the other two were swallowed with their text.
+    #[test]
+    fn a_partial_release_of_held_text_reports_only_the_tokens_it_covers() {
+        let mut lp = Logprobs::new(Shape::Chat);
+        for (i, id) in [5u32, 5, 5].into_iter().enumerate() {
+            lp.on_event(0, id, -0.1);
+            lp.on_token(id, i);
+        }
+        lp.release_upto(1);
+        lp.settle(false);
+        let v = lp.take_json_or_empty(&Codec::Null);
+        assert_eq!(v["content"].as_array().map(Vec::len), Some(1), "{v}");
+    }
+
     #[test]
     fn a_report_for_another_token_is_not_attached() {
         let mut lp = Logprobs::new(Shape::Ws);
         lp.on_event(0, 3, -0.1);
-        lp.on_token(4);
-        lp.mark_released(true);
+        lp.on_token(4, 0);
+        lp.release_upto(1);
         assert!(lp.queued.is_empty());
         assert_eq!(lp.take_json_or_empty(&Codec::Null), json!([]));
     }

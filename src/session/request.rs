@@ -288,9 +288,6 @@ fn on_token(shard: &Shard, e: &mut ReqEntry, id: u32, now: Instant) {
     }
     e.tokens += 1;
     shard.metrics.generated_tokens.inc();
-    if let Some(lp) = e.logprobs.as_deref_mut() {
-        lp.on_token(id);
-    }
     match e.first_token {
         None => {
             e.first_token = Some(now);
@@ -305,10 +302,10 @@ fn on_token(shard: &Shard, e: &mut ReqEntry, id: u32, now: Instant) {
     let mut text = std::mem::take(&mut e.scratch);
     text.clear();
     text.push_str(e.detok.push(id));
-    if !text.is_empty() {
-        if let Some(lp) = e.logprobs.as_deref_mut() {
-            lp.mark_released(e.detok.released_own_text());
-        }
+    if let Some(lp) = e.logprobs.as_deref_mut() {
+        let (start, sent) = e.detok.text_positions();
+        lp.on_token(id, start);
+        lp.release_upto(sent);
     }
     emit_text(shard, e, &text, now);
     e.scratch = text;
@@ -443,17 +440,14 @@ fn finish(shard: &Shard, mut e: ReqEntry, reason: FinishReason, now: Instant) {
 
 /// Queues held-back text and the end of the response (`done`, SSE end or JSON body).
 fn write_end(shard: &Shard, e: &mut ReqEntry, reason: FinishReason, now: Instant) {
+    // Held-back text goes out only at a normal end (a stop string swallowed it, a cancel or an
+    // error drops it); the reports of its tokens follow the text.
+    let tail_out = !e.stop_hit && matches!(reason, FinishReason::Stop | FinishReason::Length);
     if let Some(lp) = e.logprobs.as_deref_mut() {
-        if e.stop_hit {
-            // Reports of tokens whose text the stop string swallowed.
-            lp.drop_unreleased();
-        } else {
-            // Held-back text goes out now; tokens with no text at all are reported too.
-            lp.mark_released(true);
-        }
+        lp.settle(tail_out);
     }
     let tail = e.detok.finish().to_owned();
-    if !tail.is_empty() && matches!(reason, FinishReason::Stop | FinishReason::Length) {
+    if !tail.is_empty() && tail_out {
         if e.mode == StreamMode::Token && matches!(e.sink, Sink::Ws) {
             // Held-back text is its own delta in token mode.
             e.seq += 1;
