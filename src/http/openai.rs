@@ -105,11 +105,16 @@ fn unsupported(m: &Map<String, Value>) -> Result<(), OpenAiError> {
     if set("tools").is_some_and(|t| t.as_array().is_none_or(|a| !a.is_empty())) {
         return Err(refuse("tools", "no tool calling"));
     }
-    if set("tool_choice").is_some_and(|t| t.as_str() != Some("none")) {
+    // With no tools, "auto" (what several SDKs send by default) and "none" both mean plain text.
+    let neutral_choice = |c: &Value| matches!(c.as_str(), Some("none" | "auto"));
+    if set("tool_choice").is_some_and(|t| !neutral_choice(t)) {
         return Err(refuse("tool_choice", "no tool calling"));
     }
-    if set("functions").is_some() || set("function_call").is_some() {
+    if set("functions").is_some_and(|f| f.as_array().is_none_or(|a| !a.is_empty())) {
         return Err(refuse("functions", "no function calling"));
+    }
+    if set("function_call").is_some_and(|c| !neutral_choice(c)) {
+        return Err(refuse("function_call", "no function calling"));
     }
     if set("logit_bias").is_some_and(|b| b.as_object().is_none_or(|o| !o.is_empty())) {
         return Err(refuse("logit_bias", "no per-token bias"));
@@ -220,7 +225,7 @@ mod tests {
                 r#","tools":[{"type":"function","function":{"name":"f"}}]"#,
                 "tools",
             ),
-            (r#","tool_choice":"auto""#, "tool_choice"),
+            (r#","tool_choice":"required""#, "tool_choice"),
             (r#","logit_bias":{"50256":-100}"#, "logit_bias"),
             (
                 r#","response_format":{"type":"json_object"}"#,
@@ -238,6 +243,32 @@ mod tests {
             r#","logit_bias":{}"#,
             r#","response_format":{"type":"text"}"#,
             r#","tools":null,"logit_bias":null"#,
+        ] {
+            assert!(chat(neutral).is_ok(), "{neutral}");
+        }
+        assert_eq!(
+            chat(r#","function_call":{"name":"f"}"#)
+                .err()
+                .and_then(|e| e.param),
+            Some("function_call")
+        );
+    }
+
+    /// `tool_choice: "auto"` without tools (sent by default by some SDKs) asks for nothing
+    /// seedance lacks: the answer is plain text either way, so it must not be a 400.
+    #[test]
+    fn tool_choice_auto_without_tools_is_not_refused() {
+        let cfg = cfg();
+        let chat = |extra: &str| {
+            let body =
+                format!(r#"{{"model":"m","messages":[{{"role":"user","content":"x"}}]{extra}}}"#);
+            parse(Endpoint::Chat, body.as_bytes(), "id".into(), &cfg)
+        };
+        for neutral in [
+            r#","tool_choice":"auto""#,
+            r#","tools":[],"tool_choice":"auto""#,
+            r#","functions":[],"function_call":"auto""#,
+            r#","function_call":"none""#,
         ] {
             assert!(chat(neutral).is_ok(), "{neutral}");
         }

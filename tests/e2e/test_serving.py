@@ -452,6 +452,20 @@ def test_unsupported_openai_features_are_refused_not_ignored(qwen):
     assert r.usage.completion_tokens >= 1
 
 
+def test_tool_choice_auto_without_tools_is_not_refused(qwen):
+    """Some SDKs send `tool_choice: "auto"` (and empty tool lists) on every request; with no
+    tools it asks for plain text, which is what seedance answers: not a 400."""
+    client = oai(qwen)
+    r = client.chat.completions.create(model="qwen2", messages=MESSAGES, max_tokens=2, tool_choice="auto")
+    assert r.usage.completion_tokens >= 1
+    r = client.chat.completions.create(model="qwen2", messages=MESSAGES, max_tokens=2, tools=[], tool_choice="auto",
+                                       extra_body={"functions": [], "function_call": "none"})
+    assert r.usage.completion_tokens >= 1
+    with pytest.raises(openai.BadRequestError) as ei:
+        client.chat.completions.create(model="qwen2", messages=MESSAGES, max_tokens=2, tool_choice="required")
+    assert ei.value.param == "tool_choice", ei.value.body
+
+
 def test_prompt_longer_than_context_is_400(qwen):
     client = oai(qwen)
     prompt = "word " * 400  # > 256 tokens
