@@ -41,11 +41,6 @@ impl StopMatcher {
         self.stops.is_empty()
     }
 
-    /// Bytes held back (a suffix that could start a stop string).
-    pub fn held_len(&self) -> usize {
-        self.held.len()
-    }
-
     /// Feeds newly decoded `text`; appends to `out` what can no longer be part of a stop string.
     pub fn push(&mut self, text: &str, out: &mut String) -> StopState {
         if self.stopped {
