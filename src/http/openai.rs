@@ -212,14 +212,15 @@ pub fn parse(
 mod tests {
     use super::*;
 
+    /// A chat body with `extra` (`,"field":value`) appended.
+    fn chat(extra: &str) -> Result<OpenAiRequest, OpenAiError> {
+        let body =
+            format!(r#"{{"model":"m","messages":[{{"role":"user","content":"x"}}]{extra}}}"#);
+        parse(Endpoint::Chat, body.as_bytes(), "id".into(), &cfg())
+    }
+
     #[test]
     fn fields_that_change_the_answer_are_refused_by_name_unless_neutral() {
-        let cfg = cfg();
-        let chat = |extra: &str| {
-            let body =
-                format!(r#"{{"model":"m","messages":[{{"role":"user","content":"x"}}]{extra}}}"#);
-            parse(Endpoint::Chat, body.as_bytes(), "id".into(), &cfg)
-        };
         for (extra, field) in [
             (
                 r#","tools":[{"type":"function","function":{"name":"f"}}]"#,
@@ -258,12 +259,6 @@ mod tests {
     /// seedance lacks: the answer is plain text either way, so it must not be a 400.
     #[test]
     fn tool_choice_auto_without_tools_is_not_refused() {
-        let cfg = cfg();
-        let chat = |extra: &str| {
-            let body =
-                format!(r#"{{"model":"m","messages":[{{"role":"user","content":"x"}}]{extra}}}"#);
-            parse(Endpoint::Chat, body.as_bytes(), "id".into(), &cfg)
-        };
         for neutral in [
             r#","tool_choice":"auto""#,
             r#","tools":[],"tool_choice":"auto""#,
@@ -272,6 +267,11 @@ mod tests {
         ] {
             assert!(chat(neutral).is_ok(), "{neutral}");
         }
+    }
+
+    #[test]
+    fn completion_only_fields_are_refused_by_name_unless_neutral() {
+        let cfg = cfg();
         let completion = |extra: &str| {
             let body = format!(r#"{{"model":"m","prompt":"x"{extra}}}"#);
             parse(Endpoint::Completion, body.as_bytes(), "id".into(), &cfg)
