@@ -101,8 +101,23 @@ keys! {
     served_model_name: String = String::new(), "SEEDANCE_SERVED_MODEL_NAME";
     /// auto, cpu or cuda (auto: CUDA when a driver and device answer, else CPU).
     device: Device = Device::Auto, "SEEDANCE_DEVICE";
-    /// Redis URL for session state; empty = embedded in-memory store.
+    /// Redis URL of the state store (resume on any instance sharing it); empty = embedded
+    /// in-memory store (resume on this instance).
     redis_url: String = String::new(), "SEEDANCE_REDIS_URL";
+    /// Log WebSocket generations so a client can resume them after a dropped connection.
+    resume: bool = true, "SEEDANCE_RESUME";
+    /// How long a generation runs on after its client left, waiting for a resume.
+    resume_grace_ms: u64 = 60_000, "SEEDANCE_RESUME_GRACE_MS";
+    /// How long a log outlives its last write.
+    resume_ttl_ms: u64 = 600_000, "SEEDANCE_RESUME_TTL_MS";
+    /// Lease of an owner on its generations; a resume after it expired takes the generation over.
+    lease_ms: u64 = 5_000, "SEEDANCE_LEASE_MS";
+    /// Capacity of the shards → state thread queue (a full queue makes streams not resumable).
+    store_queue_capacity: usize = 65_536, "SEEDANCE_STORE_QUEUE_CAPACITY";
+    /// Memory the embedded store may hold, in MiB (oldest logs evicted first).
+    memory_store_max_mb: usize = 512, "SEEDANCE_MEMORY_STORE_MAX_MB";
+    /// This instance's name in the store and logs; empty = <hostname>-<pid>.
+    instance_id: String = String::new(), "SEEDANCE_INSTANCE_ID";
     /// Null model pace per sequence; 0 = as fast as possible.
     null_tokens_per_s: f64 = 0.0, "SEEDANCE_NULL_TOKENS_PER_S";
     /// Largest HTTP request head (request line + headers); larger is 431.
@@ -194,6 +209,19 @@ pub struct SessionConfig {
     pub max_tokens_limit: u32,
 }
 
+/// Resumable streams: the state store, leases, grace.
+#[derive(Clone, Debug)]
+pub struct ResumeConfig {
+    pub enabled: bool,
+    pub redis_url: String,
+    pub grace: Duration,
+    pub ttl: Duration,
+    pub lease: Duration,
+    pub queue_capacity: usize,
+    pub memory_max_bytes: usize,
+    pub instance_id: String,
+}
+
 /// Engine thread: model, device, queues.
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
@@ -219,6 +247,7 @@ pub struct Config {
     pub server: ServerConfig,
     pub session: SessionConfig,
     pub engine: EngineConfig,
+    pub resume: ResumeConfig,
     pub settings: Settings,
 }
 
@@ -237,6 +266,14 @@ pub enum ConfigError {
     },
     #[error("invalid {key}: {reason}")]
     Invalid { key: &'static str, reason: String },
+}
+
+/// `<hostname>-<pid>`: unique among the instances sharing a store.
+fn default_instance_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "seedance".into());
+    format!("{host}-{}", std::process::id())
 }
 
 fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
@@ -351,6 +388,20 @@ impl Config {
                 max_model_len: s.max_model_len,
                 cpu_threads: s.cpu_threads,
                 synthetic_seed: s.synthetic_seed,
+            },
+            resume: ResumeConfig {
+                enabled: s.resume,
+                redis_url: s.redis_url.clone(),
+                grace: ms(s.resume_grace_ms),
+                ttl: ms(s.resume_ttl_ms.max(1_000)),
+                lease: ms(s.lease_ms.max(100)),
+                queue_capacity: s.store_queue_capacity.max(16),
+                memory_max_bytes: s.memory_store_max_mb.max(1) << 20,
+                instance_id: if s.instance_id.is_empty() {
+                    default_instance_id()
+                } else {
+                    s.instance_id.clone()
+                },
             },
             settings: s,
         })

@@ -8,6 +8,8 @@
 //! - [`ws`]       RFC 6455: handshake, frames, masking, close codes, UTF-8, message decoder
 //! - [`session`]  above the frames: state machine, JSON protocol, heartbeat, per-request
 //!   streaming (detokenize → chunk → frame)
+//! - [`store`]    the state store (embedded or Redis) behind the state thread: logs, leases,
+//!   resume and takeover
 //! - [`engine`]   the boundary queues, the engine thread loop, the generators (null model,
 //!   runner), the paged KV cache (`kv`), the forward pass on CPU or GPU (`forward`)
 //! - [`model`]    checkpoint config and loading, the Llama-family transformer, synthetic models
@@ -23,4 +25,5 @@ pub mod metrics;
 pub mod model;
 pub mod server;
 pub mod session;
+pub mod store;
 pub mod ws;

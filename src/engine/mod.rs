@@ -32,6 +32,10 @@ pub struct GenerateRequest {
     /// Sampling, stop ids and `max_tokens` (always set by the shard); stop strings are
     /// matched on the shard.
     pub params: sampler::SamplingParams,
+    /// Tokens an earlier owner already generated (a takeover, SPEC 4 "Resume"): re-prefilled
+    /// after the prompt, counted against `max_tokens`, seen by the penalties, and the sampler's
+    /// random stream is advanced past them. Empty for a new request.
+    pub generated: Vec<u32>,
 }
 
 /// Shard → engine.

@@ -125,7 +125,7 @@ impl Generator for NullModel {
             EngineMsg::Generate(req) => {
                 let seq = NullSeq {
                     key: req.key,
-                    next: 0,
+                    next: req.generated.len() as u32,
                     max_tokens: req.params.max_tokens.unwrap_or(256),
                     logprobs: req.params.logprobs,
                     paused: false,
@@ -294,6 +294,7 @@ mod tests {
             key: key(3),
             prompt: vec![0; 4],
             params,
+            generated: Vec::new(),
         };
         model.handle(EngineMsg::Generate(Box::new(req)), &mut sink);
         run_until_idle(&mut model, &mut sink);
@@ -317,6 +318,7 @@ mod tests {
             key: key(1),
             prompt: vec![],
             params: GenParams::default(),
+            generated: Vec::new(),
         };
         model.handle(EngineMsg::Generate(Box::new(req)), &mut sink);
         model.step(&mut sink);
@@ -346,6 +348,7 @@ mod tests {
             key: key(1),
             prompt: vec![],
             params,
+            generated: Vec::new(),
         };
         model.handle(EngineMsg::Generate(Box::new(req)), &mut sink);
         let mut seen = Vec::new();
@@ -373,6 +376,7 @@ mod tests {
                 key: key(slot),
                 prompt: vec![],
                 params,
+                generated: Vec::new(),
             };
             model.handle(EngineMsg::Generate(Box::new(req)), &mut sink);
         }
@@ -394,6 +398,7 @@ mod tests {
                 key: key(slot),
                 prompt: vec![],
                 params: GenParams::default(),
+                generated: Vec::new(),
             };
             model.handle(EngineMsg::Generate(Box::new(req)), &mut sink);
         }

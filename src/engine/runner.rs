@@ -199,6 +199,7 @@ impl Generator for ModelRunner {
                 let p = &req.params;
                 let mut sampler = Sampler::new(p, self.row.len());
                 sampler.set_prompt_len(req.prompt.len());
+                sampler.skip_draws(req.generated.len());
                 let state = SeqState {
                     sampler,
                     max_tokens: p.max_tokens.unwrap_or(u32::MAX) as usize,
@@ -211,7 +212,13 @@ impl Generator for ModelRunner {
                     },
                 };
                 let key = req.key;
-                if let Err((_, why)) = self.sched.admit(Seq::new(key, req.prompt, state)) {
+                let req = *req;
+                let prompt_len = req.prompt.len();
+                let mut tokens = req.prompt;
+                tokens.extend_from_slice(&req.generated);
+                let mut seq = Seq::new(key, tokens, state);
+                seq.prompt_len = prompt_len;
+                if let Err((_, why)) = self.sched.admit(seq) {
                     let reason = match why {
                         AdmitError::QueueFull => RejectReason::Overloaded,
                         AdmitError::PromptTooLong => RejectReason::PromptTooLong,
@@ -307,6 +314,7 @@ mod tests {
             },
             prompt: vec![1, 2, 3, 4, 5],
             params,
+            generated: Vec::new(),
         }))
     }
 

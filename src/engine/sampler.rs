@@ -111,6 +111,18 @@ impl Sampler {
         self.prompt_len = n;
     }
 
+    /// Advances the random stream past `n` tokens sampled earlier (a takeover re-creates the
+    /// sampler of a generation another instance started): every non-greedy `sample` draws
+    /// exactly one number, so the same seed then continues with the same draws.
+    pub fn skip_draws(&mut self, n: usize) {
+        if self.temperature == 0.0 || self.top_k == 1 {
+            return;
+        }
+        for _ in 0..n {
+            let _ = self.rng.random::<f64>();
+        }
+    }
+
     /// Picks the next token. `logits` (one per vocabulary id) is modified in place by the
     /// penalties; `history` is the sequence so far, prompt first.
     pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> Sampled {

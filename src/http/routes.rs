@@ -59,7 +59,15 @@ pub fn handle(shard: &Shard, req: &RequestInfo, _body: &[u8], out: &mut BytesMut
         Route::Health => (200, "application/json", br#"{"status":"ok"}"#.to_vec()),
         Route::Ready => {
             if shared.ready.load(Ordering::Acquire) {
-                let v = serde_json::json!({"status": "ready", "model": shared.models.first()});
+                let mut v = serde_json::json!({"status": "ready", "model": shared.models.first()});
+                // The store's health is reported, not gated on: every instance shares the
+                // store, so taking them out of rotation would turn a resume outage into a full
+                // outage (live streams do not need the store).
+                if let Some(st) = &shared.store {
+                    let up = st.healthy.load(Ordering::Acquire);
+                    v["store"] = serde_json::json!({"kind": st.kind,
+                        "status": if up { "ok" } else { "unavailable" }, "instance": &*st.instance});
+                }
                 (200, "application/json", v.to_string().into_bytes())
             } else {
                 HttpError::NotReady.write(out);

@@ -126,12 +126,23 @@ fn finish(shard: &Shard, conn: &Rc<Conn>) {
     if let Some(key) = conn.http_busy.get() {
         shard.send_control(EngineMsg::Cancel(key));
     }
-    if let Some(ws) = conn.ws.borrow_mut().as_mut() {
-        for (_, key) in ws.reqs.drain(..) {
+    let (reqs, follows) = match conn.ws.borrow_mut().as_mut() {
+        Some(ws) => (
+            std::mem::take(&mut ws.reqs),
+            std::mem::take(&mut ws.follows),
+        ),
+        None => Default::default(),
+    };
+    conn.close_after_flush(shard);
+    for (_, key) in reqs {
+        // A resumable generation runs on into its log for `resume_grace`.
+        if !crate::session::journal::detach(shard, key, conn.paused.get()) {
             shard.send_control(EngineMsg::Cancel(key));
         }
     }
-    conn.close_after_flush(shard);
+    for (_, ticket, _) in follows {
+        crate::session::resume::unfollow(shard, ticket);
+    }
 }
 
 /// Reads more bytes into `buf` (appending). Returns 0 at end of stream.
@@ -248,9 +259,13 @@ pub fn on_tick(shard: &Shard, conn: &Rc<Conn>, now: Instant, now_us: u64) {
 
 /// SIGTERM: idle connections close now; busy WebSocket sessions get a final `session` note
 /// and a 1001 close once their generations finish (or at the shutdown deadline).
-pub fn begin_shutdown(shard: &Shard, conn: &Rc<Conn>) {
+pub fn begin_shutdown(
+    shard: &Shard,
+    conn: &Rc<Conn>,
+    handed: &[(crate::engine::SeqKey, crate::store::GenId, u64)],
+) {
     if conn.ws.borrow().is_some() {
-        crate::session::ws::on_shutdown(shard, conn);
+        crate::session::ws::on_shutdown(shard, conn, handed);
     } else {
         conn.close_after_flush(shard);
         conn.abort();

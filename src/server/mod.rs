@@ -19,6 +19,10 @@ use slab::Slab;
 use crate::config::Config;
 use crate::engine::queue::{self, ShardLink};
 use crate::metrics::{EngineMetrics, Registry, ShardMetrics};
+use crate::store::memory::MemoryStore;
+use crate::store::redis::RedisStore;
+use crate::store::thread::{self, StoreHandle};
+use crate::store::{StateStore, Ttls};
 use shard::{Shard, Shared};
 
 /// Why the server could not start (printed as one line, exit code 1).
@@ -38,6 +42,8 @@ pub enum StartError {
     Model { model: String, reason: String },
     #[error("cannot spawn thread: {0}")]
     Thread(std::io::Error),
+    #[error("state store {url}: {reason}")]
+    Store { url: String, reason: String },
 }
 
 /// A running server (for tests and the binary).
@@ -47,6 +53,7 @@ pub struct Server {
     shards: Vec<JoinHandle<()>>,
     engine: Option<JoinHandle<()>>,
     engine_stop: Arc<AtomicBool>,
+    state: Option<JoinHandle<()>>,
 }
 
 impl Server {
@@ -65,6 +72,13 @@ impl Server {
     pub fn join(mut self) {
         for h in self.shards.drain(..) {
             let _ = h.join();
+        }
+        // The shards' last writes and releases are queued: flush them, then stop.
+        if let Some(store) = &self.shared.store {
+            store.stop();
+        }
+        if let Some(s) = self.state.take() {
+            let _ = s.join();
         }
         self.engine_stop.store(true, Ordering::Release);
         if let Some(e) = self.engine.take() {
@@ -89,7 +103,47 @@ fn allowed_cpus() -> Vec<usize> {
 }
 
 /// Starts the engine and every shard; returns once every shard accepts connections.
+/// Opens the state store (first: an unreachable Redis fails start-up before the model loads).
+fn start_store(
+    config: &Config,
+    shards: usize,
+) -> Result<(Option<Arc<StoreHandle>>, Option<JoinHandle<()>>), StartError> {
+    let r = &config.resume;
+    if !r.enabled {
+        return Ok((None, None));
+    }
+    let ttls = Ttls {
+        log: r.ttl,
+        lease: r.lease,
+    };
+    let store: Box<dyn StateStore> = if r.redis_url.is_empty() {
+        Box::new(MemoryStore::new(ttls, r.memory_max_bytes))
+    } else {
+        let s = RedisStore::connect(&r.redis_url, ttls).map_err(|e| StartError::Store {
+            url: r.redis_url.clone(),
+            reason: e.to_string(),
+        })?;
+        Box::new(s)
+    };
+    tracing::info!(
+        store = store.kind(),
+        instance = r.instance_id,
+        "resumable streams on (grace {:?}, lease {:?})",
+        r.grace,
+        r.lease
+    );
+    let (h, j) = thread::spawn(
+        store,
+        shards,
+        r.queue_capacity,
+        r.instance_id.as_str().into(),
+    )
+    .map_err(StartError::Thread)?;
+    Ok((Some(h), Some(j)))
+}
+
 pub fn start(config: Config) -> Result<Server, StartError> {
+    let (store, state) = start_store(&config, config.server.cores)?;
     let engine_metrics = Arc::new(EngineMetrics::default());
     let built =
         crate::engine::build::build(&config.engine, engine_metrics.clone()).map_err(|reason| {
@@ -112,6 +166,7 @@ pub fn start(config: Config) -> Result<Server, StartError> {
         engine: engine_metrics,
         io_driver: (0..n).map(|_| OnceLock::new()).collect(),
         model: config.engine.served_model_name.clone(),
+        store: store.clone(),
     });
     let shared = Arc::new(Shared {
         models: vec![config.engine.served_model_name.clone()],
@@ -121,6 +176,7 @@ pub fn start(config: Config) -> Result<Server, StartError> {
         ready: AtomicBool::new(false),
         shutdown: AtomicBool::new(false),
         tenants: crate::ws::tenant::Tenants::default(),
+        store,
         config,
     });
     let engine_stop = Arc::new(AtomicBool::new(false));
@@ -173,6 +229,7 @@ pub fn start(config: Config) -> Result<Server, StartError> {
         shards: handles,
         engine: Some(engine),
         engine_stop,
+        state,
     })
 }
 
@@ -233,6 +290,7 @@ fn spawn_shard(
                     epoch: std::time::Instant::now(),
                     accept_cancel: RefCell::new(monoio::io::Canceller::new()),
                     draining: Cell::new(false),
+                    journal: Default::default(),
                 });
                 let _ = ready.send(Ok(bound));
                 shard::run(shard, listener).await;

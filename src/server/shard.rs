@@ -38,6 +38,8 @@ pub struct Shared {
     pub ready: AtomicBool,
     pub shutdown: AtomicBool,
     pub tenants: crate::ws::tenant::Tenants,
+    /// The state thread's queue (`None`: resume is off).
+    pub store: Option<Arc<crate::store::thread::StoreHandle>>,
 }
 
 /// A shard's state, owned by its thread.
@@ -58,6 +60,8 @@ pub struct Shard {
     pub epoch: Instant,
     pub accept_cancel: RefCell<Canceller>,
     pub draining: Cell<bool>,
+    /// Store traffic waiting for the end of the dispatch, and resumed clients.
+    pub journal: crate::session::journal::ShardJournal,
 }
 
 impl Shard {
@@ -103,6 +107,7 @@ impl Shard {
 
     /// Wakes the writers of every connection that got output, once each.
     pub fn flush_dirty(&self) {
+        crate::session::journal::flush(self);
         let mut dirty = self.dirty.borrow_mut();
         for c in dirty.drain(..) {
             c.dirty.set(false);
@@ -125,6 +130,7 @@ pub fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
 pub async fn run(shard: Rc<Shard>, listener: TcpListener) {
     monoio::spawn(dispatch(shard.clone()));
     monoio::spawn(tick(shard.clone()));
+    monoio::spawn(crate::session::resume::replies(shard.clone()));
     let max = shard.shared.config.server.max_connections_per_core;
     loop {
         let accepted = {
@@ -154,6 +160,8 @@ pub async fn run(shard: Rc<Shard>, listener: TcpListener) {
 /// `shutdown_timeout`, then close what is left with 1001.
 async fn drain(shard: &Rc<Shard>) {
     let deadline = Instant::now() + shard.shared.config.server.shutdown_timeout;
+    // With a shared store, resumable generations move to another instance at once.
+    let handed = crate::session::journal::hand_over(shard);
     let conns: Vec<Rc<Conn>> = shard
         .conns
         .borrow()
@@ -161,7 +169,7 @@ async fn drain(shard: &Rc<Shard>) {
         .map(|(_, c)| c.clone())
         .collect();
     for c in conns {
-        conn::begin_shutdown(shard, &c);
+        conn::begin_shutdown(shard, &c, &handed);
     }
     while !shard.conns.borrow().is_empty() && Instant::now() < deadline {
         monoio::time::sleep(TICK).await;
@@ -224,6 +232,9 @@ async fn tick(shard: Rc<Shard>) {
             conns.clear();
         }
         crate::session::request::flush_stale_chunks(&shard, now);
+        if n.is_multiple_of(5) {
+            crate::session::journal::on_tick(&shard, now);
+        }
         shard.flush_dirty();
     }
 }

@@ -119,19 +119,30 @@ pub fn write_delta_frame_logprobs(
     text: &str,
     logprobs: &serde_json::Value,
 ) {
-    const KEY: &[u8] = b",\"logprobs\":";
     let lp = serde_json::to_vec(logprobs).unwrap_or_else(|_| b"null".to_vec());
-    let len = delta_len(id_json, seq, text) + KEY.len() + lp.len();
+    let len = delta_len(id_json, seq, text) + LOGPROBS_KEY.len() + lp.len();
     out.reserve(len + 10);
     put_text_header(out, len);
+    write_delta_payload_logprobs(out, id_json, seq, text, &lp);
+}
+
+const LOGPROBS_KEY: &[u8] = b",\"logprobs\":";
+
+/// The payload of a `delta` with `logprobs` (already serialized).
+pub fn write_delta_payload_logprobs(
+    out: &mut BytesMut,
+    id_json: &str,
+    seq: u64,
+    text: &str,
+    lp: &[u8],
+) {
     write_delta_payload(out, id_json, seq, text);
     out.truncate(out.len() - 1); // the closing brace
-    out.put_slice(KEY);
-    out.put_slice(&lp);
+    out.put_slice(LOGPROBS_KEY);
+    out.put_slice(lp);
     out.put_slice(b"}");
 }
 
-/// Appends the delta payload alone (SSE and tests use it without a frame header).
 #[inline]
 pub fn write_delta_payload(out: &mut BytesMut, id_json: &str, seq: u64, text: &str) {
     let mut n = itoa::Buffer::new();

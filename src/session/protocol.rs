@@ -51,9 +51,11 @@ pub enum ClientMsg {
     WindowUpdate {
         bytes: u64,
     },
+    /// Reattach to request `id` of an earlier `session` and get its messages after `after`.
     Resume {
         session: String,
         token: String,
+        id: String,
         after: u64,
     },
     Ping,
@@ -145,6 +147,7 @@ pub fn parse(text: &[u8], cfg: &SessionConfig) -> Result<ClientMsg, ProtocolErro
         "resume" => Ok(ClientMsg::Resume {
             session: f.req_str("session")?.to_owned(),
             token: f.req_str("token")?.to_owned(),
+            id: f.id()?,
             after: f.opt_u64("after")?.unwrap_or(0),
         }),
         "ping" => Ok(ClientMsg::Ping),

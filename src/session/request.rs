@@ -11,7 +11,11 @@ use serde_json::json;
 
 use super::chunker::Chunker;
 use super::codec::Detok;
-use super::json::{quoted, write_delta_frame, write_delta_frame_logprobs, write_json_frame};
+use super::journal::{self, Journal};
+use super::json::{
+    put_text_header, quoted, write_delta_frame, write_delta_frame_logprobs, write_delta_payload,
+    write_delta_payload_logprobs, write_json_frame,
+};
 use super::logprobs::{Logprobs, Shape};
 use super::protocol::{GenerateMsg, ProtocolError};
 use super::request_http::{finish_http, HttpSink, SSE_KEEP_ALIVE};
@@ -50,6 +54,15 @@ pub struct ReqEntry {
     pub scratch: String,
     /// Set when the request asked for logprobs.
     pub logprobs: Option<Box<Logprobs>>,
+    /// Set when the generation is resumable: its messages also go to the state store.
+    pub journal: Option<Box<Journal>>,
+}
+
+impl ReqEntry {
+    /// Output goes to the connection (it is open and the client did not leave).
+    pub fn live(&self) -> bool {
+        !self.conn.is_closing() && self.journal.as_ref().is_none_or(|j| j.detached.is_none())
+    }
 }
 
 /// Where a request's output goes.
@@ -100,6 +113,7 @@ impl ReqEntry {
             stop_hit: false,
             scratch: String::new(),
             logprobs: g.params.logprobs.map(|_| Box::new(Logprobs::new(shape))),
+            journal: None,
         }
     }
 }
@@ -144,6 +158,7 @@ pub(super) fn submit(
         key,
         prompt,
         params,
+        generated: Vec::new(),
     }));
     if shard.link.borrow_mut().send(msg).is_err() {
         shard.requests.borrow_mut().try_remove(key.slot as usize);
@@ -207,12 +222,47 @@ pub fn start_ws(shard: &Rc<Shard>, conn: &Rc<Conn>, g: GenerateMsg) -> Result<()
         e
     })?;
     check_context(shard, &g, prompt.len())?;
-    let entry = ReqEntry::new(shard, conn, &g, mode, prompt.len(), Sink::Ws);
-    let key = submit(shard, entry, prompt, g.params.clone())?;
+    let mut entry = ReqEntry::new(shard, conn, &g, mode, prompt.len(), Sink::Ws);
+    let mut params = g.params.clone();
+    let start = shared.store.as_ref().and_then(|store| {
+        let ws = conn.ws.borrow();
+        let ws = ws.as_ref()?;
+        if params.seed.is_none() {
+            // A takeover must continue the same random stream.
+            params.seed = Some(random_seed());
+        }
+        let req = journal::StoredRequest {
+            id: g.id.clone(),
+            mode: mode.as_str().into(),
+            prompt: prompt.clone(),
+            params: params.clone(),
+            stop: g.stop.clone(),
+        };
+        let gen = crate::store::gen_id(&ws.session, &g.id);
+        entry.journal = Some(Box::new(Journal::new(gen.clone(), 1, None)));
+        Some(crate::store::Start {
+            gen,
+            session: ws.session.as_str().into(),
+            token_hash: ws.token_hash,
+            owner: store.instance.clone(),
+            request: super::resume::stored_request(&req)?,
+        })
+    });
+    let key = submit(shard, entry, prompt, params)?;
+    if let Some(start) = start {
+        journal::start(shard, start);
+    }
     if let Some(ws) = conn.ws.borrow_mut().as_mut() {
         ws.reqs.push((g.id.into_boxed_str(), key));
     }
     Ok(())
+}
+
+fn random_seed() -> u64 {
+    use ring::rand::{SecureRandom, SystemRandom};
+    let mut b = [0u8; 8];
+    let _ = SystemRandom::new().fill(&mut b);
+    u64::from_le_bytes(b)
 }
 
 /// Routes one engine event. `now` is taken once per dispatched batch.
@@ -296,8 +346,11 @@ fn on_token(shard: &Shard, e: &mut ReqEntry, id: u32, now: Instant) {
         Some(_) => shard.metrics.itl.observe(now.duration_since(e.last_token)),
     }
     e.last_token = now;
-    if e.conn.is_closing() {
-        return;
+    match e.journal.as_deref_mut() {
+        Some(j) if j.stopped => return,
+        Some(j) => j.tokens.push(id),
+        None if e.conn.is_closing() => return,
+        None => {}
     }
     let mut text = std::mem::take(&mut e.scratch);
     text.clear();
@@ -343,7 +396,7 @@ fn emit_text(shard: &Shard, e: &mut ReqEntry, text: &str, now: Instant) {
     match e.mode {
         StreamMode::Token => {
             e.seq += 1;
-            write_ws_delta(shard, e.seq, &e.id_json, &e.conn, text, &mut e.logprobs);
+            write_ws_delta(shard, e, text);
             shard.metrics.deltas_out.inc();
             shard.mark_dirty(&e.conn);
         }
@@ -362,14 +415,9 @@ fn flush_chunk(shard: &Shard, e: &mut ReqEntry) {
         return;
     }
     e.seq += 1;
-    write_ws_delta(
-        shard,
-        e.seq,
-        &e.id_json,
-        &e.conn,
-        &e.chunker.pending,
-        &mut e.logprobs,
-    );
+    let text = std::mem::take(&mut e.chunker.pending);
+    write_ws_delta(shard, e, &text);
+    e.chunker.pending = text;
     e.chunker.clear();
     shard.metrics.deltas_out.inc();
     shard.mark_dirty(&e.conn);
@@ -380,19 +428,36 @@ fn take_logprobs(shard: &Shard, lp: &mut Option<Box<Logprobs>>) -> Option<serde_
     lp.as_deref_mut()?.take_json(&shard.shared.codec)
 }
 
-/// Writes one WebSocket `delta` frame, with the logprobs of the tokens it carries if asked for.
-fn write_ws_delta(
-    shard: &Shard,
-    seq: u64,
-    id_json: &str,
-    conn: &Conn,
-    text: &str,
-    lp: &mut Option<Box<Logprobs>>,
-) {
-    let buf = &mut conn.out.borrow_mut().buf;
-    match take_logprobs(shard, lp) {
-        Some(v) => write_delta_frame_logprobs(buf, id_json, seq, text, &v),
-        None => write_delta_frame(buf, id_json, seq, text),
+/// Writes `delta` number `e.seq` (with the logprobs of the tokens it carries if asked for) to
+/// the connection while the client is there, and to the log when the generation is resumable.
+fn write_ws_delta(shard: &Shard, e: &mut ReqEntry, text: &str) {
+    let live = e.live();
+    let lp = take_logprobs(shard, &mut e.logprobs);
+    let (seq, id_json) = (e.seq, &*e.id_json);
+    match e.journal.as_deref_mut().filter(|j| j.logging()) {
+        Some(j) => {
+            let msg = shard.journal.payload(|b| match &lp {
+                Some(v) => {
+                    let v = serde_json::to_vec(v).unwrap_or_else(|_| b"null".to_vec());
+                    write_delta_payload_logprobs(b, id_json, seq, text, &v)
+                }
+                None => write_delta_payload(b, id_json, seq, text),
+            });
+            if live {
+                let buf = &mut e.conn.out.borrow_mut().buf;
+                put_text_header(buf, msg.len());
+                buf.extend_from_slice(&msg);
+            }
+            journal::log(shard, e.key, j, seq, msg, false);
+        }
+        None if live => {
+            let buf = &mut e.conn.out.borrow_mut().buf;
+            match lp {
+                Some(v) => write_delta_frame_logprobs(buf, id_json, seq, text, &v),
+                None => write_delta_frame(buf, id_json, seq, text),
+            }
+        }
+        None => {}
     }
 }
 
@@ -400,7 +465,7 @@ fn write_ws_delta(
 pub fn flush_stale_chunks(shard: &Shard, now: Instant) {
     let mut reqs = shard.requests.borrow_mut();
     for (_, e) in reqs.iter_mut() {
-        if e.conn.is_closing() {
+        if e.conn.is_closing() && e.journal.is_none() {
             continue;
         }
         match &mut e.sink {
@@ -429,9 +494,14 @@ fn finish(shard: &Shard, mut e: ReqEntry, reason: FinishReason, now: Instant) {
     } else {
         reason
     };
+    if e.journal.as_ref().is_some_and(|j| j.stopped) {
+        // Carried on by another instance: its end is not ours to report.
+        forget(shard, &e);
+        return;
+    }
     shard.metrics.outcome(reason.as_str());
     shard.metrics.e2e.observe(now.duration_since(e.arrived));
-    if !e.conn.is_closing() {
+    if e.live() || e.journal.is_some() {
         write_end(shard, &mut e, reason, now);
     }
     // After the end is queued: a draining session closes (1001) once its last request is done.
@@ -451,7 +521,7 @@ fn write_end(shard: &Shard, e: &mut ReqEntry, reason: FinishReason, now: Instant
         if e.mode == StreamMode::Token && matches!(e.sink, Sink::Ws) {
             // Held-back text is its own delta in token mode.
             e.seq += 1;
-            write_ws_delta(shard, e.seq, &e.id_json, &e.conn, &tail, &mut e.logprobs);
+            write_ws_delta(shard, e, &tail);
         } else {
             emit_text(shard, e, &tail, now);
         }
@@ -489,7 +559,23 @@ fn write_end(shard: &Shard, e: &mut ReqEntry, reason: FinishReason, now: Instant
     if let Some(lp) = take_logprobs(shard, &mut e.logprobs) {
         done["logprobs"] = lp;
     }
-    write_json_frame(&mut e.conn.out.borrow_mut().buf, &done);
+    if shard.shared.store.is_some() {
+        done["resumable"] = e.journal.as_ref().is_some_and(|j| j.logging()).into();
+    }
+    let live = e.live();
+    match e.journal.as_deref_mut().filter(|j| j.logging()) {
+        Some(j) => {
+            let msg = bytes::Bytes::from(serde_json::to_vec(&done).unwrap_or_default());
+            if live {
+                let buf = &mut e.conn.out.borrow_mut().buf;
+                put_text_header(buf, msg.len());
+                buf.extend_from_slice(&msg);
+            }
+            journal::log(shard, e.key, j, e.seq + 1, msg, true);
+        }
+        None if live => write_json_frame(&mut e.conn.out.borrow_mut().buf, &done),
+        None => {}
+    }
     shard.mark_dirty(&e.conn);
 }
 

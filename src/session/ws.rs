@@ -17,6 +17,7 @@ use super::state::ConnState;
 use crate::engine::{EngineMsg, SeqKey};
 use crate::server::conn::{read_more, Conn};
 use crate::server::shard::Shard;
+use crate::store::thread::StoreOp;
 use crate::ws::close::CloseCode;
 use crate::ws::codec::{Decoder, Message};
 use crate::ws::frame::{write_frame, Limits, OpCode, Role};
@@ -35,8 +36,12 @@ pub struct WsState {
     pub token: String,
     pub model: String,
     pub mode: StreamMode,
+    /// SHA-256 of `token` (what the store keeps; set when resume is on).
+    pub token_hash: [u8; 32],
     /// Generations in flight on this connection: client id → engine key.
     pub reqs: Vec<(Box<str>, SeqKey)>,
+    /// Resumed generations this connection follows: client id, ticket, store name.
+    pub follows: Vec<(Box<str>, u64, crate::store::GenId)>,
     pub hb: Heartbeat,
     pub close_sent: bool,
     /// SIGTERM arrived: close with 1001 when the last generation ends.
@@ -55,23 +60,36 @@ pub async fn run<R: AsyncReadRent>(
     conn.state.advance(ConnState::Active, now, &shard.metrics);
     let cfg = &shard.shared.config.session;
     let (session, token) = new_ids();
+    let resumable = shard.shared.store.is_some();
+    let token_hash = if resumable {
+        crate::store::token_hash(&token)
+    } else {
+        [0; 32]
+    };
     {
         let mut out = conn.out.borrow_mut();
-        let msg = json!({
+        let mut msg = json!({
             "type": "session", "session": session, "token": token,
             "heartbeat_ms": cfg.heartbeat_interval.as_millis() as u64,
             "window": INITIAL_WINDOW, "model": accepted.model,
             "stream_mode": accepted.stream_mode.as_str(),
+            "resumable": resumable,
         });
+        if let Some(store) = shard.shared.store.as_ref() {
+            msg["resume_grace_ms"] = (shard.shared.config.resume.grace.as_millis() as u64).into();
+            msg["instance"] = (*store.instance).into();
+        }
         write_json_frame(&mut out.buf, &msg);
     }
     conn.wake_writer.notify();
     *conn.ws.borrow_mut() = Some(WsState {
         session,
         token,
+        token_hash,
         model: accepted.model,
         mode: accepted.stream_mode,
         reqs: Vec::new(),
+        follows: Vec::new(),
         hb: Heartbeat::new(
             shard.now_us(),
             cfg.heartbeat_interval,
@@ -81,7 +99,7 @@ pub async fn run<R: AsyncReadRent>(
         shutting_down: false,
     });
     if shard.draining.get() {
-        on_shutdown(shard, conn);
+        on_shutdown(shard, conn, &[]);
     }
     let limits = Limits {
         max_frame_size: cfg.max_frame_bytes as u64,
@@ -231,25 +249,51 @@ fn on_client_message(
                 .borrow()
                 .as_ref()
                 .and_then(|ws| ws.reqs.iter().find(|(i, _)| **i == *id).map(|(_, k)| *k));
-            match key {
-                Some(key) => {
-                    shard.send_control(EngineMsg::Cancel(key));
-                    Ok(())
-                }
-                None => Err(ProtocolError::new(
+            if let Some(key) = key {
+                shard.send_control(EngineMsg::Cancel(key));
+                return Ok(());
+            }
+            match (
+                super::resume::followed_gen(conn, &id),
+                shard.shared.store.as_ref(),
+            ) {
+                // The owner (here or on another instance) sees it at its next renewal.
+                (Some(gen), Some(store)) if store.send(StoreOp::Cancel(gen.clone())) => Ok(()),
+                (Some(_), _) => Err(ProtocolError::new(
+                    Some(&id),
+                    "store_unavailable",
+                    "the state queue is full; retry",
+                )),
+                (None, _) => Err(ProtocolError::new(
                     Some(&id),
                     "unknown_id",
                     format!("no generation {id:?} is running"),
                 )),
             }
         }
-        // Accepted now; the resume store (trimming) and flow control act on them.
-        ClientMsg::Ack { .. } | ClientMsg::WindowUpdate { .. } => Ok(()),
-        ClientMsg::Resume { session, .. } => Err(ProtocolError::new(
-            None,
-            "unknown_session",
-            format!("session {session:?} cannot be resumed on this server"),
-        )),
+        ClientMsg::Ack { id, seq } => {
+            let gen = super::resume::followed_gen(conn, &id).or_else(|| {
+                let ws = conn.ws.borrow();
+                let ws = ws.as_ref()?;
+                ws.reqs
+                    .iter()
+                    .any(|(i, _)| **i == *id)
+                    .then(|| crate::store::gen_id(&ws.session, &id))
+            });
+            if let (Some(gen), Some(store)) = (gen, shard.shared.store.as_ref()) {
+                // Best effort: an ack that finds the queue full only delays the trim.
+                let _ = store.send(StoreOp::Trim(gen, seq));
+            }
+            Ok(())
+        }
+        // Accepted now; flow control acts on it.
+        ClientMsg::WindowUpdate { .. } => Ok(()),
+        ClientMsg::Resume {
+            session,
+            token,
+            id,
+            after,
+        } => super::resume::start(shard, conn, session, token, id, after),
         ClientMsg::Ping => {
             write_json_frame(&mut conn.out.borrow_mut().buf, &json!({"type": "pong"}));
             shard.mark_dirty(conn);
@@ -314,7 +358,7 @@ pub fn on_tick(shard: &Shard, conn: &Rc<Conn>, now: Instant, now_us: u64) {
 
 /// SIGTERM: tell the client (a final `session` note with the resume token), then close with
 /// 1001 at once if nothing runs, or when the last generation ends.
-pub fn on_shutdown(shard: &Shard, conn: &Rc<Conn>) {
+pub fn on_shutdown(shard: &Shard, conn: &Rc<Conn>, handed: &[(SeqKey, crate::store::GenId, u64)]) {
     let idle = {
         let mut ws = conn.ws.borrow_mut();
         let Some(ws) = ws.as_mut() else { return };
@@ -322,8 +366,22 @@ pub fn on_shutdown(shard: &Shard, conn: &Rc<Conn>) {
             return;
         }
         ws.shutting_down = true;
-        let note = json!({"type": "session", "session": ws.session, "token": ws.token,
+        let mut note = json!({"type": "session", "session": ws.session, "token": ws.token,
             "closing": true, "reason": "server shutting down"});
+        // Handed over (shared store): resume these on another instance, right away.
+        let resume: Vec<serde_json::Value> = ws
+            .reqs
+            .iter()
+            .filter_map(|(id, key)| {
+                let (_, _, seq) = handed.iter().find(|(k, _, _)| k == key)?;
+                Some(json!({"id": &**id, "after": seq}))
+            })
+            .collect();
+        if !resume.is_empty() {
+            ws.reqs
+                .retain(|(_, key)| !handed.iter().any(|(k, _, _)| k == key));
+            note["resume"] = resume.into();
+        }
         write_json_frame(&mut conn.out.borrow_mut().buf, &note);
         ws.reqs.is_empty()
     };

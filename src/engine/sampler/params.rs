@@ -17,7 +17,7 @@
 //! | `logprobs` | none | `true`/`false` (chat, with `top_logprobs` 0 ..= 20) or an integer 0 ..= 20 (completions) |
 //! | `ignore_eos` | false | boolean |
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 
 pub const MAX_STOP_STRINGS: usize = 4;
@@ -53,7 +53,7 @@ fn err(field: &'static str, message: impl Into<String>) -> ParamError {
 }
 
 /// Validated sampling parameters (see the module table for defaults and limits).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(try_from = "RawParams")]
 pub struct SamplingParams {
     pub temperature: f32,

@@ -1,0 +1,283 @@
+//! The shard's side of the log: every message a resumable generation sends is also queued for
+//! the state store, one batch per dispatch; leases are renewed in one batch per renewal period;
+//! a generation whose client went away runs on, detached, for `resume_grace`.
+//!
+//! Nothing here waits for the store. A batch that finds the state queue full is dropped, and
+//! its generations are marked not resumable (their `done` says so) — the live stream goes on.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+
+use super::resume::Follower;
+use crate::engine::sampler::SamplingParams;
+use crate::engine::{EngineMsg, SeqKey};
+use crate::server::shard::Shard;
+use crate::store::thread::StoreOp;
+use crate::store::{Append, GenId, Lease, Start};
+use crate::ws::handshake::StreamMode;
+
+/// A resumable generation's link to its log.
+pub struct Journal {
+    pub gen: GenId,
+    pub epoch: u64,
+    /// Generated since the last logged message (they go with the next one).
+    pub tokens: Vec<u32>,
+    /// Its client is gone (since then); the generation runs on for `resume_grace`.
+    pub detached: Option<Instant>,
+    /// Messages were lost on the way to the store: no longer logged, `done` says so.
+    pub broken: bool,
+    /// Another instance carries it on (fenced, or handed over on SIGTERM): send nothing more.
+    pub stopped: bool,
+    /// Where this generation's record sits in the shard's pending batch.
+    batch: u64,
+    idx: usize,
+}
+
+impl Journal {
+    pub fn new(gen: GenId, epoch: u64, detached: Option<Instant>) -> Self {
+        Journal {
+            gen,
+            epoch,
+            tokens: Vec::new(),
+            detached,
+            broken: false,
+            stopped: false,
+            batch: u64::MAX,
+            idx: 0,
+        }
+    }
+
+    /// Messages still go to the log.
+    pub fn logging(&self) -> bool {
+        !self.broken && !self.stopped
+    }
+}
+
+/// What a new owner needs to carry a generation on (stored as JSON with its metadata).
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct StoredRequest {
+    pub id: String,
+    pub mode: String,
+    pub prompt: Vec<u32>,
+    pub params: SamplingParams,
+    pub stop: Vec<String>,
+}
+
+impl StoredRequest {
+    pub fn stream_mode(&self) -> StreamMode {
+        StreamMode::parse(self.mode.as_bytes()).unwrap_or(StreamMode::Token)
+    }
+}
+
+/// The shard's pending store traffic and its resumed clients.
+#[derive(Default)]
+pub struct ShardJournal {
+    starts: RefCell<Vec<Start>>,
+    appends: RefCell<Vec<(Append, SeqKey)>>,
+    batch: Cell<u64>,
+    arena: RefCell<BytesMut>,
+    /// Resumed clients on this shard, by ticket.
+    pub followers: RefCell<HashMap<u64, Follower>>,
+    next_ticket: Cell<u64>,
+    last_renew: Cell<Option<Instant>>,
+}
+
+impl ShardJournal {
+    /// A ticket unique across the instance (the shard id in the top bits).
+    pub fn ticket(&self, shard: u16) -> u64 {
+        let n = self.next_ticket.get() + 1;
+        self.next_ticket.set(n);
+        (u64::from(shard) << 48) | (n & ((1 << 48) - 1))
+    }
+
+    /// Writes a message's JSON with `write` and returns it as shared bytes (one arena).
+    pub fn payload(&self, write: impl FnOnce(&mut BytesMut)) -> Bytes {
+        let mut a = self.arena.borrow_mut();
+        if a.capacity() - a.len() < 512 {
+            a.reserve(64 * 1024);
+        }
+        write(&mut a);
+        a.split().freeze()
+    }
+}
+
+/// Registers a new resumable generation (its `Start` goes with this dispatch's batch).
+pub fn start(shard: &Shard, start: Start) {
+    shard.journal.starts.borrow_mut().push(start);
+}
+
+/// Queues one message of `key`'s generation.
+pub fn log(shard: &Shard, key: SeqKey, j: &mut Journal, seq: u64, msg: Bytes, done: bool) {
+    if !j.logging() {
+        return;
+    }
+    let sj = &shard.journal;
+    let mut appends = sj.appends.borrow_mut();
+    if j.batch == sj.batch.get() {
+        if let Some((a, _)) = appends.get_mut(j.idx) {
+            if a.gen == j.gen && a.last_seq() + 1 == seq {
+                a.msgs.push(msg);
+                a.tokens.append(&mut j.tokens);
+                a.done = done;
+                return;
+            }
+        }
+    }
+    j.batch = sj.batch.get();
+    j.idx = appends.len();
+    appends.push((
+        Append {
+            gen: j.gen.clone(),
+            epoch: j.epoch,
+            first_seq: seq,
+            msgs: vec![msg],
+            tokens: std::mem::take(&mut j.tokens),
+            done,
+        },
+        key,
+    ));
+}
+
+/// Sends this dispatch's batch to the state thread (called once per dispatch).
+pub fn flush(shard: &Shard) {
+    let sj = &shard.journal;
+    if sj.appends.borrow().is_empty() && sj.starts.borrow().is_empty() {
+        return;
+    }
+    let Some(store) = shard.shared.store.as_ref() else {
+        return;
+    };
+    let starts = std::mem::take(&mut *sj.starts.borrow_mut());
+    let appends = std::mem::take(&mut *sj.appends.borrow_mut());
+    sj.batch.set(sj.batch.get().wrapping_add(1));
+    let keys: Vec<SeqKey> = appends.iter().map(|(_, k)| *k).collect();
+    let gens: Vec<GenId> = starts.iter().map(|s| s.gen.clone()).collect();
+    if store.send(StoreOp::Write { starts, appends }) {
+        return;
+    }
+    // The state queue is full: these generations cannot be resumed any more.
+    shard.metrics.store_drops.inc();
+    tracing::warn!(
+        shard = shard.id,
+        generations = keys.len() + gens.len(),
+        "state queue full: generations marked not resumable"
+    );
+    let mut reqs = shard.requests.borrow_mut();
+    for (_, e) in reqs.iter_mut() {
+        if let Some(j) = e.journal.as_deref_mut() {
+            if keys.contains(&e.key) || gens.contains(&j.gen) {
+                j.broken = true;
+            }
+        }
+    }
+}
+
+/// The client of `key` went away: keep generating into the log for `resume_grace`.
+/// Returns false when the generation is not resumable (the caller cancels it).
+pub fn detach(shard: &Shard, key: SeqKey, paused: bool) -> bool {
+    let mut reqs = shard.requests.borrow_mut();
+    let Some(e) = reqs.get_mut(key.slot as usize).filter(|e| e.key == key) else {
+        return false;
+    };
+    let Some(j) = e.journal.as_deref_mut().filter(|j| j.logging()) else {
+        return false;
+    };
+    j.detached = Some(Instant::now());
+    if paused {
+        // Paused for the old socket's backlog; the log takes whatever comes.
+        shard.send_control(EngineMsg::Resume(key));
+    }
+    true
+}
+
+/// Every tick: lease renewals (one batch per third of the lease) and the grace period of
+/// detached generations.
+pub fn on_tick(shard: &Shard, now: Instant) {
+    let Some(store) = shard.shared.store.as_ref() else {
+        return;
+    };
+    let cfg = &shard.shared.config.resume;
+    let every = (cfg.lease / 3).max(Duration::from_millis(50));
+    let due = shard
+        .journal
+        .last_renew
+        .get()
+        .is_none_or(|t| now.duration_since(t) >= every);
+    let mut leases = Vec::new();
+    let mut expired = Vec::new();
+    {
+        let reqs = shard.requests.borrow();
+        for (_, e) in reqs.iter() {
+            let Some(j) = e.journal.as_deref().filter(|j| !j.stopped) else {
+                continue;
+            };
+            if due {
+                let lease = Lease {
+                    gen: j.gen.clone(),
+                    epoch: j.epoch,
+                };
+                leases.push((lease, e.key));
+            }
+            if j.detached
+                .is_some_and(|t| now.duration_since(t) > cfg.grace)
+            {
+                expired.push(e.key);
+            }
+        }
+    }
+    if due {
+        shard.journal.last_renew.set(Some(now));
+        shard.metrics.leases_held.set(leases.len() as u64);
+        if !leases.is_empty() && !store.send(StoreOp::Renew(leases)) {
+            shard.metrics.store_drops.inc();
+        }
+    }
+    for key in expired {
+        if let Some(e) = shard.requests.borrow_mut().get_mut(key.slot as usize) {
+            // Counted once: the grace check skips it from now on.
+            if let Some(j) = e.journal.as_deref_mut() {
+                j.detached = None;
+            }
+        }
+        tracing::debug!(shard = shard.id, "resume grace over: cancelling");
+        shard.send_control(EngineMsg::Cancel(key));
+    }
+}
+
+/// SIGTERM with a shared store: stop every resumable generation here and release its lease, so
+/// that the instance a client resumes on takes it over at once. Returns the hand-overs by
+/// connection, for the final `session` note.
+pub fn hand_over(shard: &Shard) -> Vec<(SeqKey, Arc<str>, u64)> {
+    let Some(store) = shard.shared.store.as_ref().filter(|s| s.shared) else {
+        return Vec::new();
+    };
+    let mut released = Vec::new();
+    let mut handed = Vec::new();
+    {
+        let mut reqs = shard.requests.borrow_mut();
+        for (_, e) in reqs.iter_mut() {
+            let Some(j) = e.journal.as_deref_mut().filter(|j| j.logging()) else {
+                continue;
+            };
+            j.stopped = true;
+            released.push(Lease {
+                gen: j.gen.clone(),
+                epoch: j.epoch,
+            });
+            handed.push((e.key, j.gen.clone(), e.seq));
+        }
+    }
+    for (key, _, _) in &handed {
+        shard.send_control(EngineMsg::Cancel(*key));
+    }
+    // The last messages first, then the releases (one queue: the order holds).
+    flush(shard);
+    if !released.is_empty() && !store.send(StoreOp::Release(released)) {
+        shard.metrics.store_drops.inc();
+    }
+    handed
+}

@@ -1,0 +1,725 @@
+//! The state thread: owns the [`StateStore`], fed by one bounded queue that every shard pushes
+//! into without waiting, answering each shard through its own reply box and wake-up.
+//!
+//! Per turn it takes everything queued, merges the appends of one generation into one record,
+//! makes one store call per kind of operation (one pipeline for Redis), then serves the
+//! resumed clients ("followers"): messages this instance just wrote are pushed to them at
+//! once; generations owned elsewhere are polled every [`POLL`]. A follower whose generation's
+//! lease ran out gets the generation claimed for it (the takeover), and its shard adopts it.
+//!
+//! A failing store never blocks a stream: the thread marks itself unhealthy (`/ready` shows
+//! it), fails writes at once (their generations become not resumable) and pings with
+//! exponential backoff until the store answers again.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use super::{Append, Appended, Claim, Claimed, GenId, Lease, Renewed, Start, StateStore};
+use crate::engine::queue::ShardWake;
+use crate::engine::SeqKey;
+use crate::metrics::Histogram;
+
+/// How often a follower of a generation owned elsewhere reads the store.
+pub const POLL: Duration = Duration::from_millis(20);
+/// Messages fetched per lookup (a longer replay is paged).
+const PAGE: usize = 1024;
+/// Operations taken from the queue per turn.
+const TURN: usize = 8192;
+const BACKOFF_MIN: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// Shard → state thread.
+pub enum StoreOp {
+    /// New generations and appends (with the key of the request that wrote each).
+    Write {
+        starts: Vec<Start>,
+        appends: Vec<(Append, SeqKey)>,
+    },
+    Renew(Vec<(Lease, SeqKey)>),
+    /// Graceful hand-over (SIGTERM): the leases end now.
+    Release(Vec<Lease>),
+    /// A client resumes `id` of `session` after `after` on connection ticket `ticket`.
+    Follow {
+        shard: u16,
+        ticket: u64,
+        session: Arc<str>,
+        id: Arc<str>,
+        token_hash: [u8; 32],
+        after: u64,
+    },
+    Unfollow(u64),
+    Cancel(GenId),
+    Trim(GenId, u64),
+    Broken(GenId),
+    /// Flush and exit.
+    Stop,
+}
+
+/// Why a resume was refused: the `error` code and its message.
+pub type Refusal = (&'static str, String);
+
+/// State thread → shard.
+pub enum StoreReply {
+    /// The resume was refused (the follow is not registered).
+    Refused { ticket: u64, why: Refusal },
+    /// Messages for a follower, in seq order, contiguous with what it had; `done` ends it.
+    Msgs {
+        ticket: u64,
+        msgs: Vec<Bytes>,
+        done: bool,
+    },
+    /// The follow ended without a `done` (the log broke or expired).
+    Lost { ticket: u64, why: Refusal },
+    /// This instance now owns the followed generation: carry it on.
+    Adopt {
+        ticket: u64,
+        gen: GenId,
+        claimed: Claimed,
+    },
+    /// An owner's append or renewal: stop (fenced), cancel, or keep alive (watched).
+    Owner { key: SeqKey, what: OwnerNote },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OwnerNote {
+    /// Another instance owns the generation now: stop without a word.
+    Fenced,
+    /// Its messages did not all reach the store: not resumable any more.
+    Unsafe,
+    Cancel,
+    Watched,
+}
+
+/// One shard's reply box.
+#[derive(Default)]
+pub struct ReplyBox {
+    q: Mutex<Vec<StoreReply>>,
+    pub wake: ShardWake,
+}
+
+impl ReplyBox {
+    /// Takes everything the state thread left for this shard.
+    pub fn take(&self, into: &mut Vec<StoreReply>) {
+        if let Ok(mut q) = self.q.lock() {
+            std::mem::swap(&mut *q, into);
+        }
+    }
+}
+
+/// The state thread's own metrics (written by it alone).
+#[derive(Default)]
+pub struct StoreMetrics {
+    pub rtt: Histogram,
+    pub queue_depth: AtomicU64,
+    pub errors: AtomicU64,
+    pub appends: AtomicU64,
+    pub followers: AtomicU64,
+}
+
+/// What shards hold: the queue's sending end and the reply boxes.
+pub struct StoreHandle {
+    tx: SyncSender<StoreOp>,
+    pub boxes: Vec<Arc<ReplyBox>>,
+    pub healthy: Arc<AtomicBool>,
+    pub metrics: Arc<StoreMetrics>,
+    pub kind: &'static str,
+    /// Other instances see this store (Redis): hand generations over on SIGTERM.
+    pub shared: bool,
+    pub instance: Arc<str>,
+    queued: AtomicU64,
+}
+
+impl StoreHandle {
+    /// Queues an operation; false when the queue is full (the caller counts the drop).
+    pub fn send(&self, op: StoreOp) -> bool {
+        match self.tx.try_send(op) {
+            Ok(()) => {
+                self.queued.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => false,
+        }
+    }
+
+    /// Operations queued and not yet taken by the state thread.
+    pub fn depth(&self) -> u64 {
+        self.queued
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.metrics.queue_depth.load(Ordering::Relaxed))
+    }
+
+    /// Asks the state thread to flush and exit (blocks if the queue is full).
+    pub fn stop(&self) {
+        let _ = self.tx.send(StoreOp::Stop);
+    }
+}
+
+/// Builds the queue and starts the thread.
+pub fn spawn(
+    store: Box<dyn StateStore>,
+    shards: usize,
+    capacity: usize,
+    instance: Arc<str>,
+) -> std::io::Result<(Arc<StoreHandle>, std::thread::JoinHandle<()>)> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(capacity.max(16));
+    let boxes: Vec<Arc<ReplyBox>> = (0..shards).map(|_| Arc::default()).collect();
+    let handle = Arc::new(StoreHandle {
+        tx,
+        boxes: boxes.clone(),
+        healthy: Arc::new(AtomicBool::new(true)),
+        metrics: Arc::default(),
+        kind: store.kind(),
+        shared: store.kind() != "memory",
+        instance: instance.clone(),
+        queued: AtomicU64::new(0),
+    });
+    let h = handle.clone();
+    let join = std::thread::Builder::new()
+        .name("state".into())
+        .spawn(move || {
+            let mut t = StateThread {
+                store,
+                boxes,
+                handle: h,
+                instance,
+                follows: HashMap::new(),
+                by_gen: HashMap::new(),
+                out: Vec::new(),
+                healthy: true,
+                retry_at: Instant::now(),
+                backoff: BACKOFF_MIN,
+            };
+            t.run(rx);
+        })?;
+    Ok((handle, join))
+}
+
+struct Follow {
+    shard: u16,
+    session: Arc<str>,
+    id: Arc<str>,
+    gen: GenId,
+    last_seq: u64,
+    epoch: u64,
+    next_poll: Instant,
+}
+
+struct StateThread {
+    store: Box<dyn StateStore>,
+    boxes: Vec<Arc<ReplyBox>>,
+    handle: Arc<StoreHandle>,
+    instance: Arc<str>,
+    follows: HashMap<u64, Follow>,
+    by_gen: HashMap<GenId, Vec<u64>>,
+    /// Replies per shard, handed over at the end of the turn.
+    out: Vec<(u16, StoreReply)>,
+    healthy: bool,
+    retry_at: Instant,
+    backoff: Duration,
+}
+
+fn shard_of(ticket: u64) -> u16 {
+    (ticket >> 48) as u16
+}
+
+impl StateThread {
+    fn run(&mut self, rx: Receiver<StoreOp>) {
+        let mut ops = Vec::with_capacity(TURN);
+        let mut taken: u64 = 0;
+        loop {
+            let wait = if self.follows.is_empty() {
+                Duration::from_millis(100)
+            } else {
+                POLL
+            };
+            let mut stop = false;
+            match rx.recv_timeout(wait) {
+                Ok(op) => ops.push(op),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => stop = true,
+            }
+            while ops.len() < TURN {
+                match rx.try_recv() {
+                    Ok(op) => ops.push(op),
+                    Err(_) => break,
+                }
+            }
+            taken += ops.len() as u64;
+            self.handle
+                .metrics
+                .queue_depth
+                .store(taken, Ordering::Relaxed);
+            stop |= ops.iter().any(|o| matches!(o, StoreOp::Stop));
+            self.check_health();
+            self.turn(std::mem::take(&mut ops));
+            self.poll_remote();
+            self.deliver();
+            self.handle
+                .metrics
+                .followers
+                .store(self.follows.len() as u64, Ordering::Relaxed);
+            if stop {
+                return;
+            }
+        }
+    }
+
+    /// Hands the turn's replies to their shards, one wake-up each.
+    fn deliver(&mut self) {
+        if self.out.is_empty() {
+            return;
+        }
+        let mut touched = vec![false; self.boxes.len()];
+        for (shard, r) in self.out.drain(..) {
+            let Some(b) = self.boxes.get(shard as usize) else {
+                continue;
+            };
+            if let Ok(mut q) = b.q.lock() {
+                q.push(r);
+            }
+            touched[shard as usize] = true;
+        }
+        for (i, t) in touched.into_iter().enumerate() {
+            if t {
+                self.boxes[i].wake.notify();
+            }
+        }
+    }
+
+    fn fail(&mut self, e: &super::StoreError) {
+        self.handle.metrics.errors.fetch_add(1, Ordering::Relaxed);
+        if self.healthy {
+            tracing::warn!("{e}; resumable streams are not persisted until it is back");
+        }
+        self.healthy = false;
+        self.handle.healthy.store(false, Ordering::Release);
+        self.retry_at = Instant::now() + self.backoff;
+        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+    }
+
+    fn check_health(&mut self) {
+        if self.healthy || Instant::now() < self.retry_at {
+            return;
+        }
+        match self.store.ping() {
+            Ok(()) => {
+                tracing::info!("state store ({}) is back", self.store.kind());
+                self.healthy = true;
+                self.backoff = BACKOFF_MIN;
+                self.handle.healthy.store(true, Ordering::Release);
+            }
+            Err(e) => self.fail(&e),
+        }
+    }
+
+    fn timed<T>(&mut self, f: impl FnOnce(&mut dyn StateStore) -> T) -> T {
+        let t = Instant::now();
+        let r = f(&mut *self.store);
+        self.handle.metrics.rtt.observe(t.elapsed());
+        r
+    }
+
+    fn turn(&mut self, ops: Vec<StoreOp>) {
+        let mut starts = Vec::new();
+        let mut appends: Vec<(Append, SeqKey)> = Vec::new();
+        let mut index: HashMap<GenId, usize> = HashMap::new();
+        let mut renews = Vec::new();
+        let mut releases = Vec::new();
+        let mut rest = Vec::new();
+        for op in ops {
+            match op {
+                StoreOp::Write {
+                    starts: s,
+                    appends: a,
+                } => {
+                    starts.extend(s);
+                    for (a, key) in a {
+                        merge(&mut appends, &mut index, a, key);
+                    }
+                }
+                StoreOp::Renew(l) => renews.extend(l),
+                StoreOp::Release(l) => releases.extend(l),
+                StoreOp::Stop => {}
+                other => rest.push(other),
+            }
+        }
+        self.write(starts, appends);
+        self.renew(renews);
+        if !releases.is_empty() && self.healthy {
+            if let Err(e) = self.timed(|s| s.release(&releases)) {
+                self.fail(&e);
+            }
+        }
+        for op in rest {
+            self.misc(op);
+        }
+    }
+
+    fn write(&mut self, starts: Vec<Start>, appends: Vec<(Append, SeqKey)>) {
+        if starts.is_empty() && appends.is_empty() {
+            return;
+        }
+        let recs: Vec<Append> = appends.iter().map(|(a, _)| a.clone()).collect();
+        let result = if self.healthy {
+            self.timed(|s| s.write(&starts, &recs))
+        } else {
+            Err(super::StoreError::Unavailable("reconnecting".into()))
+        };
+        let results = match result {
+            Ok(r) => r,
+            Err(e) => {
+                if self.healthy {
+                    self.fail(&e);
+                }
+                vec![Appended::Gone; recs.len()]
+            }
+        };
+        self.handle.metrics.appends.fetch_add(
+            recs.iter().map(|a| a.msgs.len() as u64).sum(),
+            Ordering::Relaxed,
+        );
+        for ((a, key), r) in appends.into_iter().zip(results) {
+            match r {
+                Appended::Ok => self.push_to_followers(&a),
+                Appended::Duplicate => {}
+                Appended::Fenced => self.note(key, OwnerNote::Fenced),
+                Appended::Gone | Appended::Gap => self.note(key, OwnerNote::Unsafe),
+            }
+        }
+    }
+
+    fn note(&mut self, key: SeqKey, what: OwnerNote) {
+        self.out.push((key.shard, StoreReply::Owner { key, what }));
+    }
+
+    fn renew(&mut self, renews: Vec<(Lease, SeqKey)>) {
+        if renews.is_empty() || !self.healthy {
+            return;
+        }
+        let leases: Vec<Lease> = renews.iter().map(|(l, _)| l.clone()).collect();
+        match self.timed(|s| s.renew(&leases)) {
+            Ok(rs) => {
+                for ((l, key), r) in renews.into_iter().zip(rs) {
+                    let Renewed {
+                        fenced,
+                        cancel,
+                        watched,
+                    } = r;
+                    // A local follower keeps its generation alive too.
+                    let local = self.by_gen.contains_key(&l.gen);
+                    if fenced {
+                        self.note(key, OwnerNote::Fenced);
+                    } else if cancel {
+                        self.note(key, OwnerNote::Cancel);
+                    } else if watched || local {
+                        self.note(key, OwnerNote::Watched);
+                    }
+                }
+            }
+            Err(e) => self.fail(&e),
+        }
+    }
+
+    fn misc(&mut self, op: StoreOp) {
+        if !self.healthy {
+            if let StoreOp::Follow { shard, ticket, .. } = op {
+                let why = (
+                    "store_unavailable",
+                    "the state store is unreachable; retry".into(),
+                );
+                self.out.push((shard, StoreReply::Refused { ticket, why }));
+            }
+            return;
+        }
+        let r = match op {
+            StoreOp::Follow {
+                shard,
+                ticket,
+                session,
+                id,
+                token_hash,
+                after,
+            } => {
+                self.follow(shard, ticket, session, id, token_hash, after);
+                Ok(())
+            }
+            StoreOp::Unfollow(ticket) => {
+                self.unfollow(ticket);
+                Ok(())
+            }
+            StoreOp::Cancel(gen) => self.timed(|s| s.cancel(&gen)),
+            StoreOp::Trim(gen, upto) => self.timed(|s| s.trim(&gen, upto)),
+            StoreOp::Broken(gen) => self.timed(|s| s.mark_broken(&gen)),
+            _ => Ok(()),
+        };
+        if let Err(e) = r {
+            self.fail(&e);
+        }
+    }
+
+    fn follow(
+        &mut self,
+        shard: u16,
+        ticket: u64,
+        session: Arc<str>,
+        id: Arc<str>,
+        token_hash: [u8; 32],
+        after: u64,
+    ) {
+        let found = match self.timed(|s| s.lookup(&session, &id, after, PAGE)) {
+            Ok(l) => l,
+            Err(e) => {
+                self.fail(&e);
+                let why = (
+                    "store_unavailable",
+                    "the state store is unreachable; retry".into(),
+                );
+                self.out.push((shard, StoreReply::Refused { ticket, why }));
+                return;
+            }
+        };
+        let refuse = |code: &'static str, msg: String| Some((code, msg));
+        let why = match (&found.session, &found.gen) {
+            (None, _) => refuse(
+                "unknown_session",
+                format!("session {session:?} is unknown or expired"),
+            ),
+            (Some(h), _) if !super::hashes_equal(h, &token_hash) => refuse(
+                "bad_token",
+                "the resume token does not match the session".into(),
+            ),
+            (_, None) => refuse(
+                "unknown_id",
+                format!("no generation {id:?} in session {session:?} (unknown or expired)"),
+            ),
+            (_, Some(g)) if g.broken => refuse(
+                "not_resumable",
+                format!("generation {id:?} lost messages on the way to the store"),
+            ),
+            (_, Some(g)) if g.done && after >= g.last_seq => refuse(
+                "already_finished",
+                format!("generation {id:?} ended at seq {}", g.last_seq),
+            ),
+            (_, Some(g)) if after > g.last_seq => refuse(
+                "bad_offset",
+                format!(
+                    "after={after} is beyond the last seq {} of {id:?}",
+                    g.last_seq
+                ),
+            ),
+            (_, Some(g)) if after < g.trimmed => refuse(
+                "bad_offset",
+                format!(
+                    "seq up to {} of {id:?} was acknowledged and trimmed",
+                    g.trimmed
+                ),
+            ),
+            _ => None,
+        };
+        if let Some(why) = why {
+            self.out.push((shard, StoreReply::Refused { ticket, why }));
+            return;
+        }
+        let Some(g) = found.gen else { return };
+        let gen = super::gen_id(&session, &id);
+        let mut f = Follow {
+            shard,
+            session,
+            id,
+            gen: gen.clone(),
+            last_seq: after,
+            epoch: g.epoch,
+            next_poll: Instant::now() + POLL,
+        };
+        let ended = self.send_found(ticket, &mut f, g);
+        if !ended {
+            self.by_gen.entry(gen).or_default().push(ticket);
+            self.follows.insert(ticket, f);
+        }
+    }
+
+    /// Delivers a lookup's messages; claims the generation when its owner is gone. True when
+    /// the follow is over.
+    fn send_found(&mut self, ticket: u64, f: &mut Follow, g: super::Found) -> bool {
+        let more = g.msgs.len() >= PAGE;
+        let mut msgs = Vec::with_capacity(g.msgs.len());
+        for (seq, m) in g.msgs {
+            if seq == f.last_seq + 1 {
+                f.last_seq = seq;
+                msgs.push(m);
+            }
+        }
+        f.epoch = g.epoch;
+        let done = g.done && f.last_seq >= g.last_seq;
+        if !msgs.is_empty() || done {
+            self.out
+                .push((f.shard, StoreReply::Msgs { ticket, msgs, done }));
+        }
+        if done {
+            return true;
+        }
+        if more {
+            f.next_poll = Instant::now();
+            return false;
+        }
+        if g.broken {
+            let why = (
+                "not_resumable",
+                "the generation lost messages on the way to the store".into(),
+            );
+            self.out.push((f.shard, StoreReply::Lost { ticket, why }));
+            return true;
+        }
+        if g.lease_expired && f.last_seq >= g.last_seq {
+            return self.take_over(ticket, f);
+        }
+        false
+    }
+
+    /// The owner's lease expired: claim the generation for the follower's shard.
+    fn take_over(&mut self, ticket: u64, f: &mut Follow) -> bool {
+        let instance = self.instance.clone();
+        match self.timed(|s| s.claim(&f.gen, f.epoch, &instance)) {
+            Ok(Claim::Claimed(claimed)) => {
+                f.epoch = claimed.epoch;
+                let gen = f.gen.clone();
+                self.out.push((
+                    f.shard,
+                    StoreReply::Adopt {
+                        ticket,
+                        gen,
+                        claimed,
+                    },
+                ));
+                false
+            }
+            Ok(Claim::Busy) => false,
+            Ok(Claim::Over) => {
+                // Finished meanwhile (the next poll delivers the end) or gone.
+                f.next_poll = Instant::now();
+                false
+            }
+            Err(e) => {
+                self.fail(&e);
+                false
+            }
+        }
+    }
+
+    fn unfollow(&mut self, ticket: u64) {
+        if let Some(f) = self.follows.remove(&ticket) {
+            if let Some(v) = self.by_gen.get_mut(&f.gen) {
+                v.retain(|t| *t != ticket);
+                if v.is_empty() {
+                    self.by_gen.remove(&f.gen);
+                }
+            }
+        }
+    }
+
+    /// Pushes a just-written append to this instance's followers of its generation.
+    fn push_to_followers(&mut self, a: &Append) {
+        let Some(tickets) = self.by_gen.get(&a.gen).cloned() else {
+            return;
+        };
+        for ticket in tickets {
+            let Some(f) = self.follows.get_mut(&ticket) else {
+                continue;
+            };
+            if a.first_seq > f.last_seq + 1 {
+                // Behind (a paged replay): the poll catches up from the store.
+                f.next_poll = Instant::now();
+                continue;
+            }
+            let skip = (f.last_seq + 1 - a.first_seq) as usize;
+            let msgs: Vec<Bytes> = a.msgs.iter().skip(skip).cloned().collect();
+            if msgs.is_empty() {
+                continue;
+            }
+            f.last_seq = a.last_seq();
+            f.epoch = a.epoch;
+            f.next_poll = Instant::now() + POLL * 5;
+            let shard = f.shard;
+            self.out.push((
+                shard,
+                StoreReply::Msgs {
+                    ticket,
+                    msgs,
+                    done: a.done,
+                },
+            ));
+            if a.done {
+                self.unfollow(ticket);
+            }
+        }
+    }
+
+    /// Reads the store for followers whose generation is written elsewhere (or whose replay
+    /// is paged), and takes over the ones whose owner is gone.
+    fn poll_remote(&mut self) {
+        if !self.healthy || self.follows.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let due: Vec<u64> = self
+            .follows
+            .iter()
+            .filter(|(_, f)| f.next_poll <= now)
+            .map(|(t, _)| *t)
+            .collect();
+        for ticket in due {
+            let Some(mut f) = self.follows.remove(&ticket) else {
+                continue;
+            };
+            f.next_poll = now + POLL;
+            let (session, id, after) = (f.session.clone(), f.id.clone(), f.last_seq);
+            match self.timed(|s| s.lookup(&session, &id, after, PAGE)) {
+                Ok(super::Lookup { gen: Some(g), .. }) => {
+                    if self.send_found(ticket, &mut f, g) {
+                        self.follows.insert(ticket, f);
+                        self.unfollow(ticket);
+                    } else {
+                        self.follows.insert(ticket, f);
+                    }
+                }
+                Ok(_) => {
+                    let why = ("unknown_id", "the generation expired from the store".into());
+                    self.out
+                        .push((shard_of(ticket), StoreReply::Lost { ticket, why }));
+                    self.follows.insert(ticket, f);
+                    self.unfollow(ticket);
+                }
+                Err(e) => {
+                    self.follows.insert(ticket, f);
+                    self.fail(&e);
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Appends to the previous record of the same generation when they continue it.
+fn merge(
+    appends: &mut Vec<(Append, SeqKey)>,
+    index: &mut HashMap<GenId, usize>,
+    a: Append,
+    key: SeqKey,
+) {
+    if let Some(&i) = index.get(&a.gen) {
+        let (prev, _) = &mut appends[i];
+        if prev.epoch == a.epoch && !prev.done && prev.last_seq() + 1 == a.first_seq {
+            prev.msgs.extend(a.msgs);
+            prev.tokens.extend(a.tokens);
+            prev.done = a.done;
+            return;
+        }
+    }
+    index.insert(a.gen.clone(), appends.len());
+    appends.push((a, key));
+}
