@@ -97,7 +97,7 @@ impl MemoryStore {
     }
 
     fn append(&mut self, a: &Append, now: Instant) -> Appended {
-        let Some(g) = self.gens.get_mut(&a.gen) else {
+        let Some(g) = self.gens.get_mut(&a.gen).filter(|g| g.expires > now) else {
             return Appended::Gone;
         };
         if g.epoch != a.epoch {
@@ -209,11 +209,11 @@ impl StateStore for MemoryStore {
     ) -> Result<Lookup, StoreError> {
         let now = Instant::now();
         self.sweep(now);
-        let Some((hash, _)) = self.sessions.get(session) else {
+        let Some((hash, _)) = self.sessions.get(session).filter(|(_, exp)| *exp > now) else {
             return Ok(Lookup::default());
         };
         let gen_name = super::gen_id(session, id);
-        let gen = self.gens.get_mut(&gen_name).map(|g| {
+        let gen = self.gens.get_mut(&gen_name).filter(|g| g.expires > now).map(|g| {
             g.watched_at = Some(now);
             Found {
                 msgs: g
@@ -239,7 +239,7 @@ impl StateStore for MemoryStore {
 
     fn claim(&mut self, gen: &str, epoch: u64, _owner: &str) -> Result<Claim, StoreError> {
         let now = Instant::now();
-        let Some(g) = self.gens.get_mut(gen) else {
+        let Some(g) = self.gens.get_mut(gen).filter(|g| g.expires > now) else {
             return Ok(Claim::Over);
         };
         if g.done || g.broken {
