@@ -209,6 +209,17 @@ fn on_message(shard: &Rc<Shard>, conn: &Rc<Conn>, msg: Message) -> bool {
             }
         }
         Message::Close(close) => {
+            // A deliberate close: nobody will resume these, cancel them now (a vanished client's
+            // generations wait for a resume instead, see `conn::finish`).
+            let reqs = conn
+                .ws
+                .borrow_mut()
+                .as_mut()
+                .map(|ws| std::mem::take(&mut ws.reqs))
+                .unwrap_or_default();
+            for (_, key) in reqs {
+                shard.send_control(EngineMsg::Cancel(key));
+            }
             let (code, reason) = match &close {
                 Some((code, reason)) => (*code, String::from_utf8_lossy(reason).into_owned()),
                 None => (CloseCode::NORMAL, String::new()),

@@ -509,7 +509,8 @@ LONG = 4000  # tokens: seconds of generation on synthetic:tiny, far longer than 
 @pytest.fixture
 def synth(start_server):
     """synthetic:tiny with a small KV cache (so one sequence's blocks show in the ratio)."""
-    s = start_server("--kv-cache-mb", "4", model="synthetic:tiny")
+    # A short resume grace: a vanished client's generation runs on that long, then is cancelled.
+    s = start_server("--kv-cache-mb", "4", "--resume-grace-ms", "1000", model="synthetic:tiny")
     ids = [m["id"] for m in json.loads(s.get("/v1/models")[2])["data"]]
     assert len(ids) == 1
     s.model_name = ids[0]
@@ -570,12 +571,16 @@ def test_ws_disconnect_mid_stream_frees_kv(synth, how):
             seen.add(m["id"])
         assert await asyncio.to_thread(kv_usage, synth) > 0
         if how == "close":
-            await ws.close()
+            await ws.close()  # a deliberate close cancels at once
         else:
             ws.transport.abort()  # no close frame: a TCP reset / vanished client
 
     run(go(), 30)
-    wait_kv_free(synth, 5.0)
+    if how == "abort":
+        # Resumable: the generations go on for resume_grace (1 s here), then are cancelled.
+        time.sleep(0.3)
+        assert kv_usage(synth) > 0, "a vanished client's generation must wait for a resume"
+    wait_kv_free(synth, 5.0 if how == "close" else 8.0)
     wait_for(
         lambda: outcome_count(synth, "cancelled", synth.model_name) == before + 3,
         5.0,

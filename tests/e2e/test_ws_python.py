@@ -462,7 +462,7 @@ def test_resume_of_unknown_session_is_an_error(server):
     async def main():
         async with open_ws(server) as ws:
             await session_of(ws)
-            await ws.send(json.dumps({"type": "resume", "session": "s-nope", "token": "t", "after": 3}))
+            await ws.send(json.dumps({"type": "resume", "session": "s-nope", "token": "t", "id": "a", "after": 3}))
             m = await recv_json(ws)
             assert m["type"] == "error" and m["code"] == "unknown_session", m
             await ws.send(json.dumps({"type": "ack", "id": "zz", "seq": 1}))
