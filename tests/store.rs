@@ -10,7 +10,7 @@ use bytes::Bytes;
 use seedance::store::memory::MemoryStore;
 use seedance::store::redis::RedisStore;
 use seedance::store::{
-    gen_id, token_hash, Append, Appended, Claim, Lease, StateStore, Start, Ttls,
+    gen_id, token_hash, Append, Appended, Claim, Lease, Start, StateStore, Ttls,
 };
 
 const TTLS: Ttls = Ttls {
@@ -81,7 +81,10 @@ fn contract(store: &mut dyn StateStore) {
     assert_eq!(l.session, Some(token_hash("secret")));
     let found = l.gen.expect("gen");
     assert_eq!(found.msgs.len(), 2, "limit respected");
-    assert_eq!((found.last_seq, found.done, found.broken), (5, false, false));
+    assert_eq!(
+        (found.last_seq, found.done, found.broken),
+        (5, false, false)
+    );
     assert!(!found.lease_expired);
 
     // Idempotent re-append: a retried batch changes nothing.
@@ -109,16 +112,29 @@ fn contract(store: &mut dyn StateStore) {
     assert!(store.renew(std::slice::from_ref(&lease)).expect("renew")[0].cancel);
 
     // A live lease cannot be claimed; an expired one can, once (epoch CAS).
-    assert!(matches!(store.claim(&g, 1, "test-b").expect("claim"), Claim::Busy));
+    assert!(matches!(
+        store.claim(&g, 1, "test-b").expect("claim"),
+        Claim::Busy
+    ));
     std::thread::sleep(TTLS.lease + Duration::from_millis(100));
-    assert!(store.lookup(&s, "r1", 5, 10).expect("l").gen.expect("g").lease_expired);
+    assert!(
+        store
+            .lookup(&s, "r1", 5, 10)
+            .expect("l")
+            .gen
+            .expect("g")
+            .lease_expired
+    );
     let Claim::Claimed(c) = store.claim(&g, 1, "test-b").expect("claim") else {
         panic!("expired lease not claimable");
     };
     assert_eq!((c.epoch, c.last_seq), (2, 5));
     assert_eq!(c.tokens, vec![10, 20, 30, 40, 50]);
     assert_eq!(c.request, Bytes::from_static(br#"{"id":"x"}"#));
-    assert!(matches!(store.claim(&g, 1, "test-c").expect("claim"), Claim::Busy));
+    assert!(matches!(
+        store.claim(&g, 1, "test-c").expect("claim"),
+        Claim::Busy
+    ));
 
     // Fencing: the old owner's appends and renewals are refused; the new owner's go on.
     assert_eq!(
@@ -133,7 +149,10 @@ fn contract(store: &mut dyn StateStore) {
     assert_eq!(seqs(store, &s, "r1", 5), vec![6, 7]);
     let f = store.lookup(&s, "r1", 7, 10).expect("l").gen.expect("g");
     assert!(f.done && !f.lease_expired);
-    assert!(matches!(store.claim(&g, 2, "test-c").expect("c"), Claim::Over));
+    assert!(matches!(
+        store.claim(&g, 2, "test-c").expect("c"),
+        Claim::Over
+    ));
 
     // A gap closes the log as not resumable.
     let g2 = gen_id(&s, "r2");
@@ -142,12 +161,27 @@ fn contract(store: &mut dyn StateStore) {
         store.write(&[], &[append(&g2, 1, 3, 1, false)]).expect("w"),
         vec![Appended::Gap]
     );
-    assert!(store.lookup(&s, "r2", 0, 10).expect("l").gen.expect("g").broken);
+    assert!(
+        store
+            .lookup(&s, "r2", 0, 10)
+            .expect("l")
+            .gen
+            .expect("g")
+            .broken
+    );
 
     // Trim: acknowledged messages go; the rest stay.
     store.trim(&g, 6).expect("trim");
     assert_eq!(seqs(store, &s, "r1", 0), vec![7]);
-    assert_eq!(store.lookup(&s, "r1", 0, 10).expect("l").gen.expect("g").trimmed, 6);
+    assert_eq!(
+        store
+            .lookup(&s, "r1", 0, 10)
+            .expect("l")
+            .gen
+            .expect("g")
+            .trimmed,
+        6
+    );
 
     // A released lease is claimable at once.
     let g3 = gen_id(&s, "r3");
@@ -160,7 +194,10 @@ fn contract(store: &mut dyn StateStore) {
             epoch: 1,
         }])
         .expect("release");
-    assert!(matches!(store.claim(&g3, 1, "b").expect("c"), Claim::Claimed(_)));
+    assert!(matches!(
+        store.claim(&g3, 1, "b").expect("c"),
+        Claim::Claimed(_)
+    ));
 
     // TTL: a log expires after its last write.
     std::thread::sleep(TTLS.log + Duration::from_millis(1200));
@@ -190,8 +227,14 @@ fn memory_store_evicts_over_its_cap() {
         m.write(&[start(&s, &id)], &[a]).expect("write");
     }
     assert!(m.bytes() <= 64 * 1024, "{} bytes held", m.bytes());
-    assert!(m.lookup(&s, "r99", 0, 1).expect("l").gen.is_some(), "newest kept");
-    assert!(m.lookup(&s, "r0", 0, 1).expect("l").gen.is_none(), "oldest evicted");
+    assert!(
+        m.lookup(&s, "r99", 0, 1).expect("l").gen.is_some(),
+        "newest kept"
+    );
+    assert!(
+        m.lookup(&s, "r0", 0, 1).expect("l").gen.is_none(),
+        "oldest evicted"
+    );
 }
 
 #[test]

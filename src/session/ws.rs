@@ -283,13 +283,10 @@ fn on_client_message(
             }
         }
         ClientMsg::Ack { id, seq } => {
+            // A followed generation, else one of this session's own (running or finished).
             let gen = super::resume::followed_gen(conn, &id).or_else(|| {
                 let ws = conn.ws.borrow();
-                let ws = ws.as_ref()?;
-                ws.reqs
-                    .iter()
-                    .any(|(i, _)| **i == *id)
-                    .then(|| crate::store::gen_id(&ws.session, &id))
+                Some(crate::store::gen_id(&ws.as_ref()?.session, &id))
             });
             if let (Some(gen), Some(store)) = (gen, shard.shared.store.as_ref()) {
                 // Best effort: an ack that finds the queue full only delays the trim.

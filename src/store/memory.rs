@@ -213,24 +213,28 @@ impl StateStore for MemoryStore {
             return Ok(Lookup::default());
         };
         let gen_name = super::gen_id(session, id);
-        let gen = self.gens.get_mut(&gen_name).filter(|g| g.expires > now).map(|g| {
-            g.watched_at = Some(now);
-            Found {
-                msgs: g
-                    .log
-                    .iter()
-                    .filter(|(s, _)| *s > after)
-                    .take(limit)
-                    .cloned()
-                    .collect(),
-                last_seq: g.last_seq,
-                trimmed: g.trimmed,
-                done: g.done,
-                broken: g.broken,
-                epoch: g.epoch,
-                lease_expired: !g.done && g.lease_until <= now,
-            }
-        });
+        let gen = self
+            .gens
+            .get_mut(&gen_name)
+            .filter(|g| g.expires > now)
+            .map(|g| {
+                g.watched_at = Some(now);
+                Found {
+                    msgs: g
+                        .log
+                        .iter()
+                        .filter(|(s, _)| *s > after)
+                        .take(limit)
+                        .cloned()
+                        .collect(),
+                    last_seq: g.last_seq,
+                    trimmed: g.trimmed,
+                    done: g.done,
+                    broken: g.broken,
+                    epoch: g.epoch,
+                    lease_expired: !g.done && g.lease_until <= now,
+                }
+            });
         Ok(Lookup {
             session: Some(*hash),
             gen,

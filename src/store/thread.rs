@@ -30,6 +30,11 @@ pub const POLL: Duration = Duration::from_millis(20);
 const PAGE: usize = 1024;
 /// Operations taken from the queue per turn.
 const TURN: usize = 8192;
+/// How far a client may be ahead of the log: it may have received messages whose write was
+/// still in flight (one dispatch batch, one store round trip) when it lost its connection.
+const AHEAD_MAX: u64 = 256;
+/// How long a follower ahead of the log waits for a live owner's writes to catch up.
+const CATCH_UP: Duration = Duration::from_secs(2);
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
@@ -207,6 +212,8 @@ struct Follow {
     last_seq: u64,
     epoch: u64,
     next_poll: Instant,
+    /// Set while the client is ahead of the log: the deadline for a live owner to catch up.
+    catch_up: Option<Instant>,
 }
 
 struct StateThread {
@@ -505,7 +512,7 @@ impl StateThread {
                 "already_finished",
                 format!("generation {id:?} ended at seq {}", g.last_seq),
             ),
-            (_, Some(g)) if after > g.last_seq => refuse(
+            (_, Some(g)) if after > g.last_seq + AHEAD_MAX => refuse(
                 "bad_offset",
                 format!(
                     "after={after} is beyond the last seq {} of {id:?}",
@@ -527,6 +534,9 @@ impl StateThread {
         }
         let Some(g) = found.gen else { return };
         let gen = super::gen_id(&session, &id);
+        // Ahead of the log: wait for the owner's in-flight writes (or, if it is gone, for the
+        // takeover to regenerate them; they are not sent again).
+        let catch_up = (after > g.last_seq).then(|| Instant::now() + CATCH_UP);
         let mut f = Follow {
             shard,
             session,
@@ -535,8 +545,9 @@ impl StateThread {
             last_seq: after,
             epoch: g.epoch,
             next_poll: Instant::now() + POLL,
+            catch_up,
         };
-        let ended = self.send_found(ticket, &mut f, g);
+        let ended = self.send_found(ticket, &mut f, g, true);
         if !ended {
             self.by_gen.entry(gen).or_default().push(ticket);
             self.follows.insert(ticket, f);
@@ -545,7 +556,7 @@ impl StateThread {
 
     /// Delivers a lookup's messages; claims the generation when its owner is gone. True when
     /// the follow is over.
-    fn send_found(&mut self, ticket: u64, f: &mut Follow, g: super::Found) -> bool {
+    fn send_found(&mut self, ticket: u64, f: &mut Follow, g: super::Found, first: bool) -> bool {
         let more = g.msgs.len() >= PAGE;
         let mut msgs = Vec::with_capacity(g.msgs.len());
         for (seq, m) in g.msgs {
@@ -555,8 +566,24 @@ impl StateThread {
             }
         }
         f.epoch = g.epoch;
+        if g.last_seq >= f.last_seq {
+            f.catch_up = None;
+        } else if let Some(t) = f.catch_up {
+            if t <= Instant::now() && !g.lease_expired {
+                let why = (
+                    "bad_offset",
+                    format!(
+                        "after={} is beyond the last logged seq {}",
+                        f.last_seq, g.last_seq
+                    ),
+                );
+                self.out.push((f.shard, StoreReply::Lost { ticket, why }));
+                return true;
+            }
+        }
         let done = g.done && f.last_seq >= g.last_seq;
-        if !msgs.is_empty() || done {
+        // The first answer goes out even when empty: it tells the shard the resume is accepted.
+        if !msgs.is_empty() || done || first {
             self.out
                 .push((f.shard, StoreReply::Msgs { ticket, msgs, done }));
         }
@@ -680,7 +707,7 @@ impl StateThread {
             let (session, id, after) = (f.session.clone(), f.id.clone(), f.last_seq);
             match self.timed(|s| s.lookup(&session, &id, after, PAGE)) {
                 Ok(super::Lookup { gen: Some(g), .. }) => {
-                    if self.send_found(ticket, &mut f, g) {
+                    if self.send_found(ticket, &mut f, g, false) {
                         self.follows.insert(ticket, f);
                         self.unfollow(ticket);
                     } else {
