@@ -3,15 +3,18 @@
 #
 # On a fresh Debian machine (root, no GPU) it installs what the tests need, then runs, failing
 # fast at the first broken stage:
-#   deps     pip requirements (tests/e2e/requirements.txt) and npm ci (tests/e2e)
+#   deps     Debian packages (redis-server), pip requirements (tests/e2e/requirements.txt) and
+#            npm ci (tests/e2e)
 #   fmt      cargo fmt --check
 #   clippy   cargo clippy --all-targets -- -D warnings
 #   build    cargo build --all-targets (debug; dependencies at opt-level 2)
 #   kernels  every kernels/*.cu compiled with NVRTC (PyPI wheels) for sm_80 and sm_90; fails on a
 #            compile error or any register spill, prints the register table; then the server's
 #            own NVRTC compile + cache path (cargo test backend::cuda::nvrtc) on the same wheel
-#   test     cargo test --workspace (unit, integration and property tests)
-#   pytest   tests/e2e with the Python websockets client against the built server
+#   test     cargo test --workspace (unit, integration and property tests); the store contract
+#            test talks to a redis-server (AOF on) this script starts on a free port
+#   pytest   tests/e2e with the Python websockets client against the built server (the resume
+#            tests start their own redis-server processes)
 #   node     tests/e2e with the Node ws client (node --test)
 #   peers    perf/peers (SPEC 7 peer baselines, own Cargo.lock) fmt-checked, built, and driven by
 #            seedance-bench for 1 s each (perf/peers.sh --check)
@@ -110,8 +113,8 @@ deps() {
     need python3 "install Python 3.11+ with pip"
     need node "install Node.js 20+ with npm"
     need npm "install npm"
-    # Debian packages the tests need: none yet (later: redis-server, chromium, ...).
-    ensure_apt
+    # Debian packages the tests need.
+    ensure_apt redis-server
     python3 -m pip install -q --root-user-action=ignore -r tests/e2e/requirements.txt
     npm ci --prefix tests/e2e --no-audit --no-fund --loglevel=error
 }
@@ -119,7 +122,25 @@ deps() {
 fmt() { cargo fmt --all -- --check --color never; }
 clippy() { cargo clippy --locked --all-targets -- -D warnings; }
 build() { cargo build --locked --all-targets; }
-rust_tests() { cargo test --locked --workspace; }
+# rust_tests: a throw-away redis-server (AOF on, free port) for tests/store.rs, stopped after.
+rust_tests() {
+    need redis-server "run the deps stage (Debian package redis-server)"
+    local dir port pid rc=0
+    dir=$(mktemp -d)
+    port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+    redis-server --port "$port" --bind 127.0.0.1 --appendonly yes --appendfsync everysec \
+        --save "" --dir "$dir" >"$dir/redis.log" 2>&1 &
+    pid=$!
+    for _ in $(seq 100); do
+        redis-cli -p "$port" ping >/dev/null 2>&1 && break
+        sleep 0.05
+    done
+    SEEDANCE_TEST_REDIS_URL="redis://127.0.0.1:$port" cargo test --locked --workspace || rc=$?
+    kill "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    rm -rf "$dir"
+    return "$rc"
+}
 
 # NVRTC and cuda_fp16.h from PyPI (no CUDA toolkit or GPU needed); pinned, ~90 MB.
 NVRTC_WHEELS=(nvidia-cuda-nvrtc-cu12==12.9.86 nvidia-cuda-runtime-cu12==12.9.79)

@@ -103,11 +103,14 @@ fn allowed_cpus() -> Vec<usize> {
 }
 
 /// Starts the engine and every shard; returns once every shard accepts connections.
+/// The state thread's handle and join handle (both `None` when resume is off).
+type StoreStart = (Option<Arc<StoreHandle>>, Option<JoinHandle<()>>);
+
 /// Opens the state store (first: an unreachable Redis fails start-up before the model loads).
 fn start_store(
     config: &Config,
     shards: usize,
-) -> Result<(Option<Arc<StoreHandle>>, Option<JoinHandle<()>>), StartError> {
+) -> Result<StoreStart, StartError> {
     let r = &config.resume;
     if !r.enabled {
         return Ok((None, None));
