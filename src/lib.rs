@@ -15,9 +15,11 @@
 //! - [`model`]    checkpoint config and loading, the Llama-family transformer, synthetic models
 //! - [`backend`]  the compute ops behind the transformer (`Backend` trait; `cpu` implementation)
 //!   and `cuda`: kernels, launchers, the device-resident model the GPU serves from
+//! - [`client`]   seedance-client: a WebSocket client that reconnects, resumes and acks
 //! - [`metrics`]  every metric, per shard, merged at scrape
 
 pub mod backend;
+pub mod client;
 pub mod config;
 pub mod engine;
 pub mod http;

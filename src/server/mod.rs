@@ -107,10 +107,7 @@ fn allowed_cpus() -> Vec<usize> {
 type StoreStart = (Option<Arc<StoreHandle>>, Option<JoinHandle<()>>);
 
 /// Opens the state store (first: an unreachable Redis fails start-up before the model loads).
-fn start_store(
-    config: &Config,
-    shards: usize,
-) -> Result<StoreStart, StartError> {
+fn start_store(config: &Config, shards: usize) -> Result<StoreStart, StartError> {
     let r = &config.resume;
     if !r.enabled {
         return Ok((None, None));

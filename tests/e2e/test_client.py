@@ -1,0 +1,102 @@
+"""seedance-client (SPEC 7) against a server behind a fault-injecting TCP proxy that cuts every
+connection after a random lifetime (both sockets reset, no close frame): every run must print
+the complete text, once."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import subprocess
+import threading
+
+import pytest
+
+from conftest import BIN, expected_text
+
+CLIENT = BIN.parent / "seedance-client"
+
+
+class CuttingProxy:
+    """127.0.0.1:<port> → target; each connection is aborted after uniform(lo, hi) seconds."""
+
+    def __init__(self, target: tuple[str, int], lo: float, hi: float, seed: int):
+        self.target, self.lo, self.hi = target, lo, hi
+        self.rng = random.Random(seed)
+        self.cuts = 0
+        self.connections = 0
+        self.loop = asyncio.new_event_loop()
+        ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(ready,), daemon=True)
+        self.thread.start()
+        assert ready.wait(10)
+
+    def _run(self, ready: threading.Event) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.server = self.loop.run_until_complete(asyncio.start_server(self._handle, "127.0.0.1", 0))
+        self.port = self.server.sockets[0].getsockname()[1]
+        ready.set()
+        self.loop.run_forever()
+
+    async def _handle(self, cr, cw):
+        self.connections += 1
+        try:
+            ur, uw = await asyncio.open_connection(*self.target)
+        except OSError:
+            cw.transport.abort()
+            return
+
+        async def pipe(r, w):
+            try:
+                while data := await r.read(65536):
+                    w.write(data)
+                    await w.drain()
+            except (ConnectionError, OSError):
+                pass
+
+        tasks = [asyncio.create_task(pipe(cr, uw)), asyncio.create_task(pipe(ur, cw))]
+        _, pending = await asyncio.wait(tasks, timeout=self.rng.uniform(self.lo, self.hi),
+                                        return_when=asyncio.FIRST_COMPLETED)
+        if pending:
+            self.cuts += 1
+        for t in pending:
+            t.cancel()
+        cw.transport.abort()
+        uw.transport.abort()
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+@pytest.mark.parametrize("mode", ["token", "chunk"])
+def test_client_survives_a_cutting_proxy(start_server, mode):
+    if not CLIENT.exists():
+        pytest.fail(f"{CLIENT} not built: run `cargo build`")
+    s = start_server("--null-tokens-per-s", "100")
+    proxy = CuttingProxy((s.host, s.port), 0.15, 0.5, seed=7 if mode == "token" else 8)
+    n = 250
+    try:
+        procs = [
+            subprocess.Popen(
+                [str(CLIENT), "chat", "--url", f"ws://127.0.0.1:{proxy.port}/v1/chat", "--raw",
+                 "--max-tokens", str(n), "--stream-mode", mode, "--backoff-ms", "20",
+                 "--backoff-max-ms", "200", "--retries", "50", f"story {i}"],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for i in range(4)
+        ]
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        proxy.close()
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err
+        assert out == expected_text(n) + "\n", (out[:300], err[-2000:])
+    resumed = sum(err.count("resuming after seq") for _, err in outs)
+    assert proxy.cuts >= 8 and resumed >= 8, (proxy.cuts, resumed)
+
+
+def test_client_reports_a_refusal(start_server):
+    s = start_server()
+    r = subprocess.run([str(CLIENT), "chat", "--url", f"ws://{s.addr}/v1/chat", "--max-tokens", "0", "hi"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1
+    assert "max_tokens" in r.stderr, r.stderr
