@@ -3,7 +3,7 @@
 #
 # On a fresh Debian machine (root, no GPU) it installs what the tests need, then runs, failing
 # fast at the first broken stage:
-#   deps     Debian packages (redis-server), pip requirements (tests/e2e/requirements.txt) and
+#   deps     Debian packages (redis-server, chromium), pip requirements (tests/e2e/requirements.txt) and
 #            npm ci (tests/e2e)
 #   fmt      cargo fmt --check
 #   clippy   cargo clippy --all-targets -- -D warnings
@@ -114,7 +114,7 @@ deps() {
     need node "install Node.js 20+ with npm"
     need npm "install npm"
     # Debian packages the tests need.
-    ensure_apt redis-server
+    ensure_apt redis-server chromium
     python3 -m pip install -q --root-user-action=ignore -r tests/e2e/requirements.txt
     npm ci --prefix tests/e2e --no-audit --no-fund --loglevel=error
 }

@@ -9,6 +9,7 @@ import random
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,3 +162,76 @@ async def stream_with_cuts(urls: list[str], gen: dict, rng: random.Random, max_g
         url = urls[i % len(urls)]
         r.resumes_on.append(url)
         ws = await resume(url, hello, gen["id"], r.msgs[-1]["seq"], mode)
+
+
+class CuttingProxy:
+    """127.0.0.1:<port> → target; each connection is aborted (both sockets reset, no close
+    frame) after uniform(lo, hi) seconds, or when `cut_all()` is called (lo = None)."""
+
+    def __init__(self, target: tuple[str, int], lo: float | None = None, hi: float | None = None,
+                 seed: int = 0):
+        self.target, self.lo, self.hi = target, lo, hi
+        self.rng = random.Random(seed)
+        self.cuts = 0
+        self.connections = 0
+        self.live: set = set()
+        self.loop = asyncio.new_event_loop()
+        ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(ready,), daemon=True)
+        self.thread.start()
+        assert ready.wait(10)
+
+    def _run(self, ready: threading.Event) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.server = self.loop.run_until_complete(asyncio.start_server(self._handle, "127.0.0.1", 0))
+        self.port = self.server.sockets[0].getsockname()[1]
+        ready.set()
+        self.loop.run_forever()
+
+    async def _handle(self, cr, cw):
+        self.connections += 1
+        try:
+            ur, uw = await asyncio.open_connection(*self.target)
+        except OSError:
+            cw.transport.abort()
+            return
+
+        async def pipe(r, w):
+            try:
+                while data := await r.read(65536):
+                    w.write(data)
+                    await w.drain()
+            except (ConnectionError, OSError):
+                pass
+
+        tasks = [asyncio.create_task(pipe(cr, uw)), asyncio.create_task(pipe(ur, cw))]
+        life = None if self.lo is None else self.rng.uniform(self.lo, self.hi)
+        self.live.add((cw, uw))
+        _, pending = await asyncio.wait(tasks, timeout=life, return_when=asyncio.FIRST_COMPLETED)
+        self.live.discard((cw, uw))
+        if pending:
+            self.cuts += 1
+        for t in pending:
+            t.cancel()
+        cw.transport.abort()
+        uw.transport.abort()
+
+    def cut_all(self) -> int:
+        """Resets every open connection now; returns how many."""
+        def cut():
+            n = 0
+            for cw, uw in list(self.live):
+                cw.transport.abort()
+                uw.transport.abort()
+                n += 1
+            self.cuts += n
+            return n
+        done = threading.Event()
+        box = []
+        self.loop.call_soon_threadsafe(lambda: (box.append(cut()), done.set()))
+        assert done.wait(5)
+        return box[0]
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)

@@ -4,68 +4,14 @@ the complete text, once."""
 
 from __future__ import annotations
 
-import asyncio
-import random
 import subprocess
-import threading
 
 import pytest
 
 from conftest import BIN, expected_text
+from resumelib import CuttingProxy
 
 CLIENT = BIN.parent / "seedance-client"
-
-
-class CuttingProxy:
-    """127.0.0.1:<port> → target; each connection is aborted after uniform(lo, hi) seconds."""
-
-    def __init__(self, target: tuple[str, int], lo: float, hi: float, seed: int):
-        self.target, self.lo, self.hi = target, lo, hi
-        self.rng = random.Random(seed)
-        self.cuts = 0
-        self.connections = 0
-        self.loop = asyncio.new_event_loop()
-        ready = threading.Event()
-        self.thread = threading.Thread(target=self._run, args=(ready,), daemon=True)
-        self.thread.start()
-        assert ready.wait(10)
-
-    def _run(self, ready: threading.Event) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.server = self.loop.run_until_complete(asyncio.start_server(self._handle, "127.0.0.1", 0))
-        self.port = self.server.sockets[0].getsockname()[1]
-        ready.set()
-        self.loop.run_forever()
-
-    async def _handle(self, cr, cw):
-        self.connections += 1
-        try:
-            ur, uw = await asyncio.open_connection(*self.target)
-        except OSError:
-            cw.transport.abort()
-            return
-
-        async def pipe(r, w):
-            try:
-                while data := await r.read(65536):
-                    w.write(data)
-                    await w.drain()
-            except (ConnectionError, OSError):
-                pass
-
-        tasks = [asyncio.create_task(pipe(cr, uw)), asyncio.create_task(pipe(ur, cw))]
-        _, pending = await asyncio.wait(tasks, timeout=self.rng.uniform(self.lo, self.hi),
-                                        return_when=asyncio.FIRST_COMPLETED)
-        if pending:
-            self.cuts += 1
-        for t in pending:
-            t.cancel()
-        cw.transport.abort()
-        uw.transport.abort()
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
 
 
 @pytest.mark.parametrize("mode", ["token", "chunk"])
