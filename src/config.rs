@@ -112,7 +112,7 @@ keys! {
     resume_ttl_ms: u64 = 600_000, "SEEDANCE_RESUME_TTL_MS";
     /// Lease of an owner on its generations; a resume after it expired takes the generation over.
     lease_ms: u64 = 5_000, "SEEDANCE_LEASE_MS";
-    /// Capacity of the shards → state thread queue (a full queue makes streams not resumable).
+    /// Capacity of each shard's queue to the state thread (a full queue makes streams not resumable).
     store_queue_capacity: usize = 65_536, "SEEDANCE_STORE_QUEUE_CAPACITY";
     /// Memory the embedded store may hold, in MiB (oldest logs evicted first).
     memory_store_max_mb: usize = 512, "SEEDANCE_MEMORY_STORE_MAX_MB";

@@ -481,7 +481,7 @@ impl Registry {
             w,
             "seedance_store_appended_messages_total",
             "counter",
-            "Messages sent to the state store.",
+            "Messages the state store accepted (logged, resumable).",
             m.appends.load(std::sync::atomic::Ordering::Relaxed),
         );
         let up = u64::from(st.healthy.load(std::sync::atomic::Ordering::Acquire));

@@ -89,6 +89,11 @@ impl EngineParker {
     pub fn end_sleep(&self) {
         self.sleeping.store(false, Ordering::SeqCst);
     }
+
+    /// The registered thread (to wake it unconditionally, e.g. to stop it).
+    pub fn thread(&self) -> Option<Thread> {
+        self.thread.get().cloned()
+    }
 }
 
 /// The shard's ends of its two queues.

@@ -156,7 +156,7 @@ pub fn flush(shard: &Shard) {
     sj.batch.set(sj.batch.get().wrapping_add(1));
     let keys: Vec<SeqKey> = appends.iter().map(|(_, k)| *k).collect();
     let gens: Vec<GenId> = starts.iter().map(|s| s.gen.clone()).collect();
-    if store.send(StoreOp::Write { starts, appends }) {
+    if store.send(shard.id, StoreOp::Write { starts, appends }) {
         return;
     }
     // The state queue is full: these generations cannot be resumed any more.
@@ -232,7 +232,7 @@ pub fn on_tick(shard: &Shard, now: Instant) {
     if due {
         shard.journal.last_renew.set(Some(now));
         shard.metrics.leases_held.set(leases.len() as u64);
-        if !leases.is_empty() && !store.send(StoreOp::Renew(leases)) {
+        if !leases.is_empty() && !store.send(shard.id, StoreOp::Renew(leases)) {
             shard.metrics.store_drops.inc();
         }
     }
@@ -276,7 +276,7 @@ pub fn hand_over(shard: &Shard) -> Vec<(SeqKey, Arc<str>, u64)> {
     }
     // The last messages first, then the releases (one queue: the order holds).
     flush(shard);
-    if !released.is_empty() && !store.send(StoreOp::Release(released)) {
+    if !released.is_empty() && !store.send(shard.id, StoreOp::Release(released)) {
         shard.metrics.store_drops.inc();
     }
     handed

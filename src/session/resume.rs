@@ -87,7 +87,7 @@ pub fn start(
         token_hash: crate::store::token_hash(&token),
         after,
     };
-    if !store.send(op) {
+    if !store.send(shard.id, op) {
         shard.metrics.store_drops.inc();
         shard.metrics.resume("store_unavailable");
         return Err(ProtocolError::new(
@@ -116,7 +116,7 @@ pub fn start(
 pub fn unfollow(shard: &Shard, ticket: u64) {
     shard.journal.followers.borrow_mut().remove(&ticket);
     if let Some(store) = shard.shared.store.as_ref() {
-        if !store.send(StoreOp::Unfollow(ticket)) {
+        if !store.send(shard.id, StoreOp::Unfollow(ticket)) {
             shard.metrics.store_drops.inc();
         }
     }

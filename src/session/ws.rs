@@ -269,7 +269,9 @@ fn on_client_message(
                 shard.shared.store.as_ref(),
             ) {
                 // The owner (here or on another instance) sees it at its next renewal.
-                (Some(gen), Some(store)) if store.send(StoreOp::Cancel(gen.clone())) => Ok(()),
+                (Some(gen), Some(store)) if store.send(shard.id, StoreOp::Cancel(gen.clone())) => {
+                    Ok(())
+                }
                 (Some(_), _) => Err(ProtocolError::new(
                     Some(&id),
                     "store_unavailable",
@@ -290,7 +292,7 @@ fn on_client_message(
             });
             if let (Some(gen), Some(store)) = (gen, shard.shared.store.as_ref()) {
                 // Best effort: an ack that finds the queue full only delays the trim.
-                let _ = store.send(StoreOp::Trim(gen, seq));
+                let _ = store.send(shard.id, StoreOp::Trim(gen, seq));
             }
             Ok(())
         }

@@ -39,6 +39,8 @@ struct Gen {
 
 pub struct MemoryStore {
     gens: HashMap<GenId, Gen>,
+    /// Generations in start order: the sweep and the eviction take from the front.
+    order: VecDeque<GenId>,
     sessions: HashMap<Arc<str>, ([u8; 32], Instant)>,
     ttls: Ttls,
     max_bytes: usize,
@@ -50,6 +52,7 @@ impl MemoryStore {
     pub fn new(ttls: Ttls, max_bytes: usize) -> Self {
         MemoryStore {
             gens: HashMap::new(),
+            order: VecDeque::new(),
             sessions: HashMap::new(),
             ttls,
             max_bytes,
@@ -63,31 +66,32 @@ impl MemoryStore {
         self.bytes
     }
 
+    /// Drops expired logs from the front of the start order (a log that was extended keeps the
+    /// ones behind it waiting until it expires too; the byte cap bounds memory meanwhile).
     fn sweep(&mut self, now: Instant) {
         if now.duration_since(self.last_sweep) < SWEEP_EVERY {
             return;
         }
         self.last_sweep = now;
-        let mut freed = 0;
-        self.gens.retain(|_, g| {
-            let keep = g.expires > now;
-            if !keep {
-                freed += g.bytes;
+        while let Some(front) = self.order.front() {
+            match self.gens.get(front) {
+                Some(g) if g.expires > now => break,
+                Some(_) => {
+                    if let Some(g) = self.gens.remove(front) {
+                        self.bytes -= g.bytes;
+                    }
+                }
+                None => {}
             }
-            keep
-        });
-        self.bytes -= freed;
+            self.order.pop_front();
+        }
         self.sessions.retain(|_, (_, exp)| *exp > now);
     }
 
+    /// Evicts the oldest logs until the cap holds.
     fn evict_over_cap(&mut self) {
         while self.bytes > self.max_bytes {
-            let Some(victim) = self
-                .gens
-                .iter()
-                .min_by_key(|(_, g)| (!g.done, g.expires))
-                .map(|(k, _)| k.clone())
-            else {
+            let Some(victim) = self.order.pop_front() else {
                 return;
             };
             if let Some(g) = self.gens.remove(&victim) {
@@ -158,6 +162,7 @@ impl StateStore for MemoryStore {
             ) {
                 self.bytes -= old.bytes;
             }
+            self.order.push_back(s.gen.clone());
             self.bytes += bytes;
         }
         let out = appends.iter().map(|a| self.append(a, now)).collect();

@@ -6,8 +6,11 @@
 //! - `{g:G}:m` hash — `ep` epoch, `own` owner instance, `lu` lease end (ms, Redis clock), `rq`
 //!   the request, `nx` last logged seq, `tr` trimmed up to, `dn` done, `bad` not resumable,
 //!   `cx` cancel asked, `w` last read by a resuming client (ms);
-//! - `{g:G}:l` stream — one entry per message, id `0-<seq>`, field `m` = the message's JSON;
-//!   XADD refuses an id not above the top, so no writer can rewrite history;
+//! - `{g:G}:l` stream — one entry per append (the messages of one generation in one state-thread
+//!   turn): id `0-<last seq>`, field `f` = its first seq, field `m` = the messages packed (u32 LE
+//!   length + JSON each). XADD refuses an id not above the top, so no writer can rewrite
+//!   history; one entry per append keeps Redis at one XADD per generation per turn, however
+//!   many tokens the turn carried;
 //! - `{g:G}:t` string — the generated token ids the logged messages cover (u32 LE each).
 //!
 //! and per session `S`: `{s:S}` = the hex SHA-256 of its resume token. Every write checks the
@@ -35,10 +38,10 @@ const START: &str = "redis.call('DEL', KEYS[1], KEYS[2], KEYS[3]) \
 const APPEND: &str = "local m = redis.call('HMGET', KEYS[1], 'ep', 'nx', 'dn', 'bad') \
     if not m[1] then return -2 end \
     if m[1] ~= ARGV[1] then return -1 end \
-    local nx = tonumber(m[2]) local first = tonumber(ARGV[3]) local n = #ARGV - 5 \
+    local nx = tonumber(m[2]) local first = tonumber(ARGV[3]) local n = tonumber(ARGV[7]) \
     if first + n - 1 <= nx then return 0 end \
     if first ~= nx + 1 or m[3] == '1' or m[4] == '1' then redis.call('HSET', KEYS[1], 'bad', 1) return -3 end \
-    for i = 1, n do redis.call('XADD', KEYS[2], '0-' .. (first + i - 1), 'm', ARGV[5 + i]) end \
+    redis.call('XADD', KEYS[2], '0-' .. (first + n - 1), 'f', first, 'm', ARGV[6]) \
     if #ARGV[5] > 0 then redis.call('APPEND', KEYS[3], ARGV[5]) end \
     redis.call('HSET', KEYS[1], 'nx', first + n - 1, 'dn', ARGV[4]) \
     for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], ARGV[2]) end return 1";
@@ -154,12 +157,58 @@ fn array(v: &Value) -> Option<&[Value]> {
     }
 }
 
+/// `f` (first seq) and `m` (packed messages) of a stream entry (a RESP3 map or a flat list).
+fn entry_fields(v: &Value) -> Option<(u64, Bytes)> {
+    let pairs: Vec<(&Value, &Value)> = match v {
+        Value::Map(kv) => kv.iter().map(|(k, v)| (k, v)).collect(),
+        v => array(v)?.chunks_exact(2).map(|c| (&c[0], &c[1])).collect(),
+    };
+    let (mut first, mut packed) = (None, None);
+    for (k, v) in pairs {
+        match bytes_of(k)? {
+            b"f" => first = int(v).map(|f| f as u64),
+            b"m" => {
+                packed = match v {
+                    Value::BulkString(b) => Some(Bytes::from(b.clone())),
+                    _ => None,
+                }
+            }
+            _ => {}
+        }
+    }
+    Some((first?, packed?))
+}
+
 fn keys(gen: &str) -> [String; 3] {
     [
         format!("{{g:{gen}}}:m"),
         format!("{{g:{gen}}}:l"),
         format!("{{g:{gen}}}:t"),
     ]
+}
+
+/// Messages as one stream entry value: u32 LE length + bytes, each.
+fn pack(msgs: &[Bytes]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(msgs.iter().map(|m| m.len() + 4).sum());
+    for m in msgs {
+        out.extend_from_slice(&(m.len() as u32).to_le_bytes());
+        out.extend_from_slice(m);
+    }
+    out
+}
+
+/// The messages of one stream entry, numbered from `first`.
+fn unpack(first: u64, packed: Bytes, into: &mut Vec<(u64, Bytes)>) -> Option<()> {
+    let mut at = 0;
+    let mut seq = first;
+    while at < packed.len() {
+        let len = u32::from_le_bytes(packed.get(at..at + 4)?.try_into().ok()?) as usize;
+        packed.get(at + 4..at + 4 + len)?;
+        into.push((seq, packed.slice(at + 4..at + 4 + len)));
+        at += 4 + len;
+        seq += 1;
+    }
+    Some(())
 }
 
 fn tokens_le(tokens: &[u32]) -> Vec<u8> {
@@ -288,10 +337,9 @@ impl StateStore for RedisStore {
                     .arg(ttl)
                     .arg(a.first_seq)
                     .arg(u8::from(a.done))
-                    .arg(tokens_le(&a.tokens));
-                for m in &a.msgs {
-                    p.arg(&m[..]);
-                }
+                    .arg(tokens_le(&a.tokens))
+                    .arg(pack(&a.msgs))
+                    .arg(a.msgs.len());
             }
         })?;
         if replies.len() != appends.len() {
@@ -374,22 +422,18 @@ impl StateStore for RedisStore {
                 let n = |i: usize| int(&a[i]).unwrap_or(0);
                 let mut msgs = Vec::new();
                 for e in array(&a[6]).unwrap_or(&[]) {
-                    let Some([id, fields]) = array(e).and_then(|e| <&[Value; 2]>::try_from(e).ok())
+                    let Some([_, fields]) = array(e).and_then(|e| <&[Value; 2]>::try_from(e).ok())
                     else {
                         return Err(protocol("lookup entry"));
                     };
-                    let seq = bytes_of(id)
-                        .and_then(|b| std::str::from_utf8(b).ok())
-                        .and_then(|s| s.strip_prefix("0-"))
-                        .and_then(|s| s.parse::<u64>().ok())
-                        .ok_or_else(|| protocol("lookup id"))?;
-                    let body = match fields {
-                        Value::Map(kv) => kv.first().and_then(|(_, v)| bytes_of(v)),
-                        v => array(v).and_then(|f| f.get(1)).and_then(bytes_of),
-                    }
-                    .ok_or_else(|| protocol("lookup fields"))?;
-                    msgs.push((seq, Bytes::copy_from_slice(body)));
+                    let (first, packed) = entry_fields(fields).ok_or_else(|| protocol("entry"))?;
+                    unpack(first, packed, &mut msgs).ok_or_else(|| protocol("packed entry"))?;
                 }
+                // Entries hold whole appends, so the first one kept by a trim or
+                // by the `after` bound may start below either; drop those.
+                let floor = after.max(n(2) as u64);
+                msgs.retain(|(seq, _)| *seq > floor);
+                msgs.truncate(limit);
                 Some(Found {
                     msgs,
                     epoch: n(0) as u64,

@@ -13,14 +13,13 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
 use super::{Append, Appended, Claim, Claimed, GenId, Lease, Renewed, Start, StateStore};
-use crate::engine::queue::ShardWake;
+use crate::engine::queue::{EngineParker, ShardWake};
 use crate::engine::SeqKey;
 use crate::metrics::Histogram;
 
@@ -28,8 +27,10 @@ use crate::metrics::Histogram;
 pub const POLL: Duration = Duration::from_millis(20);
 /// Messages fetched per lookup (a longer replay is paged).
 const PAGE: usize = 1024;
-/// Operations taken from the queue per turn.
+/// Operations taken from the queues per turn.
 const TURN: usize = 8192;
+/// A busy state thread's pause between turns: batches gather meanwhile (one pipeline each).
+const TURN_PAUSE: Duration = Duration::from_millis(1);
 /// How far a client may be ahead of the log: it may have received messages whose write was
 /// still in flight (one dispatch batch, one store round trip) when it lost its connection.
 const AHEAD_MAX: u64 = 256;
@@ -61,8 +62,6 @@ pub enum StoreOp {
     Cancel(GenId),
     Trim(GenId, u64),
     Broken(GenId),
-    /// Flush and exit.
-    Stop,
 }
 
 /// Why a resume was refused: the `error` code and its message.
@@ -126,9 +125,12 @@ pub struct StoreMetrics {
     pub followers: AtomicU64,
 }
 
-/// What shards hold: the queue's sending end and the reply boxes.
+/// What shards hold: their queue ends and reply boxes.
 pub struct StoreHandle {
-    tx: SyncSender<StoreOp>,
+    /// One bounded lock-free queue per shard (the mutex is only ever taken by its own shard).
+    queues: Vec<Mutex<rtrb::Producer<StoreOp>>>,
+    parker: Arc<EngineParker>,
+    stop: AtomicBool,
     pub boxes: Vec<Arc<ReplyBox>>,
     pub healthy: Arc<AtomicBool>,
     pub metrics: Arc<StoreMetrics>,
@@ -136,57 +138,77 @@ pub struct StoreHandle {
     /// Other instances see this store (Redis): hand generations over on SIGTERM.
     pub shared: bool,
     pub instance: Arc<str>,
-    queued: AtomicU64,
 }
 
 impl StoreHandle {
-    /// Queues an operation; false when the queue is full (the caller counts the drop).
-    pub fn send(&self, op: StoreOp) -> bool {
-        match self.tx.try_send(op) {
-            Ok(()) => {
-                self.queued.fetch_add(1, Ordering::Relaxed);
-                true
-            }
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => false,
+    /// Queues an operation from `shard`; false when its queue is full (the caller counts the
+    /// drop). Wakes the state thread only when it sleeps for lack of work: a busy state thread
+    /// takes a turn every [`TURN_PAUSE`] and costs the shards no system call.
+    pub fn send(&self, shard: u16, op: StoreOp) -> bool {
+        let Some(q) = self.queues.get(shard as usize) else {
+            return false;
+        };
+        let pushed = match q.lock() {
+            Ok(mut q) => q.push(op).is_ok(),
+            Err(_) => false,
+        };
+        if pushed {
+            self.parker.unpark();
+        }
+        pushed
+    }
+
+    /// Operations waiting for the state thread (at its last turn).
+    pub fn depth(&self) -> u64 {
+        self.metrics.queue_depth.load(Ordering::Relaxed)
+    }
+
+    /// Asks the state thread to take what is queued, write it, and exit.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.parker.end_sleep();
+        if let Some(t) = self.parker_thread() {
+            t.unpark();
         }
     }
 
-    /// Operations queued and not yet taken by the state thread.
-    pub fn depth(&self) -> u64 {
-        self.queued
-            .load(Ordering::Relaxed)
-            .saturating_sub(self.metrics.queue_depth.load(Ordering::Relaxed))
-    }
-
-    /// Asks the state thread to flush and exit (blocks if the queue is full).
-    pub fn stop(&self) {
-        let _ = self.tx.send(StoreOp::Stop);
+    fn parker_thread(&self) -> Option<std::thread::Thread> {
+        self.parker.thread()
     }
 }
 
-/// Builds the queue and starts the thread.
+/// Builds the queues (`capacity` operations per shard) and starts the thread.
 pub fn spawn(
     store: Box<dyn StateStore>,
     shards: usize,
     capacity: usize,
     instance: Arc<str>,
 ) -> std::io::Result<(Arc<StoreHandle>, std::thread::JoinHandle<()>)> {
-    let (tx, rx) = std::sync::mpsc::sync_channel(capacity.max(16));
+    let mut queues = Vec::with_capacity(shards);
+    let mut inboxes = Vec::with_capacity(shards);
+    for _ in 0..shards {
+        let (tx, rx) = rtrb::RingBuffer::new(capacity.max(16));
+        queues.push(Mutex::new(tx));
+        inboxes.push(rx);
+    }
     let boxes: Vec<Arc<ReplyBox>> = (0..shards).map(|_| Arc::default()).collect();
+    let parker = Arc::new(EngineParker::default());
     let handle = Arc::new(StoreHandle {
-        tx,
+        queues,
+        parker: parker.clone(),
+        stop: AtomicBool::new(false),
         boxes: boxes.clone(),
         healthy: Arc::new(AtomicBool::new(true)),
         metrics: Arc::default(),
         kind: store.kind(),
         shared: store.kind() != "memory",
         instance: instance.clone(),
-        queued: AtomicU64::new(0),
     });
     let h = handle.clone();
     let join = std::thread::Builder::new()
         .name("state".into())
         .spawn(move || {
+            parker.register_current();
             let mut t = StateThread {
                 store,
                 boxes,
@@ -199,7 +221,7 @@ pub fn spawn(
                 retry_at: Instant::now(),
                 backoff: BACKOFF_MIN,
             };
-            t.run(rx);
+            t.run(inboxes, &parker);
         })?;
     Ok((handle, join))
 }
@@ -235,33 +257,24 @@ fn shard_of(ticket: u64) -> u16 {
 }
 
 impl StateThread {
-    fn run(&mut self, rx: Receiver<StoreOp>) {
+    fn run(&mut self, mut inboxes: Vec<rtrb::Consumer<StoreOp>>, parker: &EngineParker) {
         let mut ops = Vec::with_capacity(TURN);
-        let mut taken: u64 = 0;
         loop {
-            let wait = if self.follows.is_empty() {
-                Duration::from_millis(100)
-            } else {
-                POLL
-            };
-            let mut stop = false;
-            match rx.recv_timeout(wait) {
-                Ok(op) => ops.push(op),
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => stop = true,
-            }
-            while ops.len() < TURN {
-                match rx.try_recv() {
-                    Ok(op) => ops.push(op),
-                    Err(_) => break,
-                }
-            }
-            taken += ops.len() as u64;
+            let stop = self.handle.stop.load(Ordering::SeqCst);
+            let waiting: usize = inboxes.iter().map(|q| q.slots()).sum();
             self.handle
                 .metrics
                 .queue_depth
-                .store(taken, Ordering::Relaxed);
-            stop |= ops.iter().any(|o| matches!(o, StoreOp::Stop));
+                .store(waiting as u64, Ordering::Relaxed);
+            for q in inboxes.iter_mut() {
+                while ops.len() < TURN {
+                    match q.pop() {
+                        Ok(op) => ops.push(op),
+                        Err(_) => break,
+                    }
+                }
+            }
+            let idle = ops.is_empty();
             self.check_health();
             self.turn(std::mem::take(&mut ops));
             self.poll_remote();
@@ -270,9 +283,24 @@ impl StateThread {
                 .metrics
                 .followers
                 .store(self.follows.len() as u64, Ordering::Relaxed);
-            if stop {
+            if stop && inboxes.iter().all(|q| q.is_empty()) {
                 return;
             }
+            if !idle {
+                // Busy: let the next batch gather (no wake-ups asked of the shards meanwhile).
+                std::thread::park_timeout(TURN_PAUSE);
+                continue;
+            }
+            parker.begin_sleep();
+            if inboxes.iter().all(|q| q.is_empty()) && !self.handle.stop.load(Ordering::SeqCst) {
+                let wait = if self.follows.is_empty() {
+                    Duration::from_millis(100)
+                } else {
+                    POLL
+                };
+                std::thread::park_timeout(wait);
+            }
+            parker.end_sleep();
         }
     }
 
@@ -351,7 +379,6 @@ impl StateThread {
                 }
                 StoreOp::Renew(l) => renews.extend(l),
                 StoreOp::Release(l) => releases.extend(l),
-                StoreOp::Stop => {}
                 other => rest.push(other),
             }
         }
@@ -371,7 +398,7 @@ impl StateThread {
         if starts.is_empty() && appends.is_empty() {
             return;
         }
-        let recs: Vec<Append> = appends.iter().map(|(a, _)| a.clone()).collect();
+        let (recs, keys): (Vec<Append>, Vec<SeqKey>) = appends.into_iter().unzip();
         let result = if self.healthy {
             self.timed(|s| s.write(&starts, &recs))
         } else {
@@ -386,18 +413,22 @@ impl StateThread {
                 vec![Appended::Gone; recs.len()]
             }
         };
-        self.handle.metrics.appends.fetch_add(
-            recs.iter().map(|a| a.msgs.len() as u64).sum(),
-            Ordering::Relaxed,
-        );
-        for ((a, key), r) in appends.into_iter().zip(results) {
+        let mut logged = 0;
+        for ((a, key), r) in recs.iter().zip(keys).zip(results) {
             match r {
-                Appended::Ok => self.push_to_followers(&a),
+                Appended::Ok => {
+                    logged += a.msgs.len() as u64;
+                    self.push_to_followers(a);
+                }
                 Appended::Duplicate => {}
                 Appended::Fenced => self.note(key, OwnerNote::Fenced),
                 Appended::Gone | Appended::Gap => self.note(key, OwnerNote::Unsafe),
             }
         }
+        self.handle
+            .metrics
+            .appends
+            .fetch_add(logged, Ordering::Relaxed);
     }
 
     fn note(&mut self, key: SeqKey, what: OwnerNote) {
@@ -557,7 +588,6 @@ impl StateThread {
     /// Delivers a lookup's messages; claims the generation when its owner is gone. True when
     /// the follow is over.
     fn send_found(&mut self, ticket: u64, f: &mut Follow, g: super::Found, first: bool) -> bool {
-        let more = g.msgs.len() >= PAGE;
         let mut msgs = Vec::with_capacity(g.msgs.len());
         for (seq, m) in g.msgs {
             if seq == f.last_seq + 1 {
@@ -582,6 +612,8 @@ impl StateThread {
             }
         }
         let done = g.done && f.last_seq >= g.last_seq;
+        // Paged (or an entry still to come): read on at once.
+        let more = !msgs.is_empty() && f.last_seq < g.last_seq;
         // The first answer goes out even when empty: it tells the shard the resume is accepted.
         if !msgs.is_empty() || done || first {
             self.out

@@ -233,5 +233,16 @@ class CuttingProxy:
         return box[0]
 
     def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
+        async def shutdown():
+            self.server.close()
+            for cw, uw in list(self.live):
+                cw.transport.abort()
+                uw.transport.abort()
+            me = asyncio.current_task()
+            rest = [t for t in asyncio.all_tasks() if t is not me]
+            for t in rest:
+                t.cancel()
+            await asyncio.gather(*rest, return_exceptions=True)
+            self.loop.stop()
+        self.loop.call_soon_threadsafe(lambda: self.loop.create_task(shutdown()))
         self.thread.join(5)
