@@ -33,17 +33,28 @@ run() { # label, extra server flags...
   d=$(target/release/seedance-bench ws --addr 127.0.0.1:$PORT --connections 1000 --output-len 256 \
     --model null --stream-mode token --duration "$SECS" --warmup 2 --cpu 1 --json |
     tail -1 | python3 -c 'import json,sys; print(round(json.load(sys.stdin)["delta_messages_per_s"]))')
-  local m
+  metric() { grep -E "^$1 " <<<"$2" | awk '{printf "%d", $2}' || true; }
+  local m logged drops errors sent total drain
   m=$(curl -s "127.0.0.1:$PORT/metrics")
-  local logged drops errors
-  logged=$(grep -E '^seedance_store_appended_messages_total ' <<<"$m" | awk '{print $2}' || true)
-  drops=$(grep -E '^seedance_state_queue_drops_total ' <<<"$m" | awk '{print $2}' || true)
-  errors=$(grep -E '^seedance_store_errors_total ' <<<"$m" | awk '{print $2}' || true)
+  logged=$(metric seedance_store_appended_messages_total "$m")
+  drops=$(metric seedance_state_queue_drops_total "$m")
+  errors=$(metric seedance_store_errors_total "$m")
+  # The load has stopped: how long the state thread needs to write what is still queued, and
+  # whether then every message sent is in the store (deltas + one done per stream).
+  local t0=$SECONDS
+  for _ in $(seq 600); do
+    m=$(curl -s "127.0.0.1:$PORT/metrics")
+    case "$(metric seedance_state_queue_depth "$m")" in 0 | "") break ;; esac
+    sleep 0.1
+  done
+  drain=$((SECONDS - t0))
+  sent=$(metric seedance_ws_deltas_sent_total "$m")
+  total=$(metric seedance_store_appended_messages_total "$m")
   kill $srv
   wait $srv 2>/dev/null || true
   echo "$label $d ${logged:-0} ${drops:-0} ${errors:-0}" >>"$DIR/results"
-  printf '  %-8s %10s deltas/s   store accepted %s msgs, queue drops %s, store errors %s\n' \
-    "$label" "$d" "${logged:--}" "${drops:--}" "${errors:--}"
+  printf '  %-8s %10s deltas/s | store: %s msgs when the load stopped (%s/s over the %ss run), queue drops %s, errors %s; %s deltas sent, %s msgs stored after %ss of drain\n' \
+    "$label" "$d" "${logged:--}" "$(( ${logged:-0} / (SECS + 2) ))" "$((SECS + 2))" "${drops:--}" "${errors:--}" "${sent:--}" "${total:--}" "$drain"
 }
 
 for r in $(seq "$ROUNDS"); do

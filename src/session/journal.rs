@@ -154,11 +154,13 @@ pub fn flush(shard: &Shard) {
     let starts = std::mem::take(&mut *sj.starts.borrow_mut());
     let appends = std::mem::take(&mut *sj.appends.borrow_mut());
     sj.batch.set(sj.batch.get().wrapping_add(1));
+    let Err(StoreOp::Write { starts, appends }) =
+        store.try_send(shard.id, StoreOp::Write { starts, appends })
+    else {
+        return;
+    };
     let keys: Vec<SeqKey> = appends.iter().map(|(_, k)| *k).collect();
     let gens: Vec<GenId> = starts.iter().map(|s| s.gen.clone()).collect();
-    if store.send(shard.id, StoreOp::Write { starts, appends }) {
-        return;
-    }
     // The state queue is full: these generations cannot be resumed any more.
     shard.metrics.store_drops.inc();
     tracing::warn!(

@@ -1,5 +1,6 @@
-//! The state thread: owns the [`StateStore`], fed by one bounded queue that every shard pushes
-//! into without waiting, answering each shard through its own reply box and wake-up.
+//! The state thread: owns the [`StateStore`], fed by one bounded SPSC queue per shard that the
+//! shard pushes into without waiting, answering each shard through its own reply box and
+//! wake-up.
 //!
 //! Per turn it takes everything queued, merges the appends of one generation into one record,
 //! makes one store call per kind of operation (one pipeline for Redis), then serves the
@@ -145,17 +146,25 @@ impl StoreHandle {
     /// drop). Wakes the state thread only when it sleeps for lack of work: a busy state thread
     /// takes a turn every [`TURN_PAUSE`] and costs the shards no system call.
     pub fn send(&self, shard: u16, op: StoreOp) -> bool {
+        self.try_send(shard, op).is_ok()
+    }
+
+    /// [`Self::send`] that hands a refused operation back.
+    pub fn try_send(&self, shard: u16, op: StoreOp) -> Result<(), StoreOp> {
         let Some(q) = self.queues.get(shard as usize) else {
-            return false;
+            return Err(op);
         };
-        let pushed = match q.lock() {
-            Ok(mut q) => q.push(op).is_ok(),
-            Err(_) => false,
+        let Ok(mut q) = q.lock() else {
+            return Err(op);
         };
-        if pushed {
-            self.parker.unpark();
+        match q.push(op) {
+            Ok(()) => {
+                drop(q);
+                self.parker.unpark();
+                Ok(())
+            }
+            Err(rtrb::PushError::Full(op)) => Err(op),
         }
-        pushed
     }
 
     /// Operations waiting for the state thread (at its last turn).
