@@ -6,6 +6,7 @@
 pub mod config;
 pub mod detok;
 pub mod generate;
+pub mod gguf;
 pub mod loader;
 pub mod stop;
 pub mod synthetic;
