@@ -43,11 +43,15 @@ fn ids(v: &Value) -> Vec<u32> {
 }
 
 fn check_fixture(name: &str) {
+    let model = Transformer::load(&dir(name), Box::new(CpuBackend::new(2)))
+        .unwrap_or_else(|e| panic!("{e}"));
+    check_model(name, &model);
+}
+
+fn check_model(name: &str, model: &Transformer) {
     let d = dir(name);
     let exp: Value =
         serde_json::from_str(&std::fs::read_to_string(d.join("expected.json")).unwrap()).unwrap();
-    let model =
-        Transformer::load(&d, Box::new(CpuBackend::new(2))).unwrap_or_else(|e| panic!("{e}"));
     let vocab = model.config().vocab_size;
     let mut kv = KvCache::new(model.kv_config(64, BLOCK));
     let mut alloc = BlockAllocator::new(64);
@@ -206,4 +210,164 @@ fn mistral_sliding_window() {
 #[test]
 fn phi3_partial_rotary() {
     check_fixture("phi3-partial");
+}
+
+/// Writes a Hugging Face fixture as a GGUF file the way llama.cpp's `convert_hf_to_gguf.py`
+/// does for these architectures: `<arch>.*` metadata from config.json, llama.cpp tensor names,
+/// dims in ggml order, 1-D tensors as F32, matrices in the checkpoint's F16 / BF16 / F32, and
+/// (for `llama`) the rows of each q/k head reordered for llama.cpp's pairwise RoPE.
+fn fixture_as_gguf(name: &str) -> std::path::PathBuf {
+    use seedance::model::gguf::write::{file, Tensor};
+    use seedance::model::gguf::Value as G;
+    use seedance::model::gguf_checkpoint::gguf_name;
+    let d = dir(name);
+    let cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("config.json")).unwrap()).unwrap();
+    let arch = match cfg["architectures"][0].as_str().unwrap() {
+        "LlamaForCausalLM" | "MistralForCausalLM" => "llama",
+        "Qwen2ForCausalLM" => "qwen2",
+        a => panic!("no GGUF conversion for {a}"),
+    };
+    let u = |k: &str| G::U32(cfg[k].as_u64().unwrap() as u32);
+    let heads = cfg["num_attention_heads"].as_u64().unwrap() as usize;
+    let kv_heads = cfg["num_key_value_heads"].as_u64().unwrap() as usize;
+    let hidden = cfg["hidden_size"].as_u64().unwrap() as usize;
+    let head_dim = cfg["head_dim"]
+        .as_u64()
+        .map_or(hidden / heads, |v| v as usize);
+    let meta = vec![
+        ("general.architecture", G::Str(arch.into())),
+        ("x.block_count", u("num_hidden_layers")),
+        ("x.context_length", u("max_position_embeddings")),
+        ("x.embedding_length", u("hidden_size")),
+        ("x.feed_forward_length", u("intermediate_size")),
+        ("x.attention.head_count", u("num_attention_heads")),
+        ("x.attention.head_count_kv", u("num_key_value_heads")),
+        ("x.attention.key_length", G::U32(head_dim as u32)),
+        ("x.attention.value_length", G::U32(head_dim as u32)),
+        ("x.rope.dimension_count", G::U32(head_dim as u32)),
+        (
+            "x.attention.layer_norm_rms_epsilon",
+            G::F32(cfg["rms_norm_eps"].as_f64().unwrap() as f32),
+        ),
+        (
+            "x.rope.freq_base",
+            G::F32(cfg["rope_theta"].as_f64().unwrap() as f32),
+        ),
+        ("x.vocab_size", u("vocab_size")),
+    ];
+    let keys: Vec<String> = meta
+        .iter()
+        .map(|(k, _)| k.replacen("x.", &format!("{arch}."), 1))
+        .collect();
+    let meta: Vec<(&str, G)> = keys
+        .iter()
+        .map(String::as_str)
+        .zip(meta.into_iter().map(|(_, v)| v))
+        .collect();
+    let bytes = std::fs::read(d.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut owned: Vec<(String, Vec<u64>, u32, Vec<u8>)> = Vec::new();
+    for (hf, view) in st.tensors() {
+        let g = gguf_name(&hf).unwrap_or_else(|| panic!("no GGUF name for {hf}"));
+        let shape = view.shape().to_vec();
+        let (elem, ty) = match view.dtype() {
+            safetensors::Dtype::F16 => (2, 1),
+            safetensors::Dtype::BF16 => (2, 30),
+            safetensors::Dtype::F32 => (4, 0),
+            t => panic!("{hf}: {t:?}"),
+        };
+        let mut data = view.data().to_vec();
+        let mut ty = ty;
+        if shape.len() == 1 && ty != 0 {
+            // llama.cpp keeps norms and biases in F32.
+            data = data
+                .chunks_exact(2)
+                .flat_map(|c| {
+                    let x = if ty == 1 {
+                        half::f16::from_le_bytes([c[0], c[1]]).to_f32()
+                    } else {
+                        half::bf16::from_le_bytes([c[0], c[1]]).to_f32()
+                    };
+                    x.to_le_bytes()
+                })
+                .collect();
+            ty = 0;
+        }
+        let elem = if ty == 0 { 4 } else { elem };
+        let n_heads = if g.contains(".attn_q.") {
+            heads
+        } else {
+            kv_heads
+        };
+        if arch == "llama" && (g.contains(".attn_q.") || g.contains(".attn_k.")) {
+            // HF row j·d/2 + i of a head goes to row 2i + j.
+            let row = data.len() / shape[0];
+            let half = head_dim / 2;
+            let mut p = vec![0u8; data.len()];
+            for h in 0..n_heads {
+                for i in 0..half {
+                    for j in 0..2 {
+                        let src = h * head_dim + j * half + i;
+                        let dst = h * head_dim + 2 * i + j;
+                        p[dst * row..][..row].copy_from_slice(&data[src * row..][..row]);
+                    }
+                }
+            }
+            data = p;
+        }
+        let _ = elem;
+        let dims: Vec<u64> = shape.iter().rev().map(|&x| x as u64).collect();
+        owned.push((g, dims, ty, data));
+    }
+    let tensors: Vec<Tensor<'_>> = owned
+        .iter()
+        .map(|(n, dims, ty, data)| Tensor {
+            name: n,
+            dims,
+            type_id: *ty,
+            data,
+        })
+        .collect();
+    let out = std::env::temp_dir().join(format!(
+        "seedance-fixture-{name}-{}.gguf",
+        std::process::id()
+    ));
+    std::fs::write(&out, file(&meta, &tensors)).unwrap();
+    out
+}
+
+fn check_gguf(name: &str) {
+    let path = fixture_as_gguf(name);
+    let model = Transformer::load_gguf(&path, Box::new(CpuBackend::new(2)));
+    let _ = std::fs::remove_file(&path);
+    let model = model.unwrap_or_else(|e| panic!("{e}"));
+    let hf = Transformer::load(&dir(name), Box::new(CpuBackend::new(2))).unwrap();
+    // `dtype` is informative; llama.cpp converts Mistral as `llama` (same layout; a sliding
+    // window would come as its own key).
+    let (mut got, mut want) = (model.config().clone(), hf.config().clone());
+    (got.dtype, want.dtype) = (None, None);
+    if want.arch == seedance::model::config::Arch::Mistral {
+        want.arch = seedance::model::config::Arch::Llama;
+    }
+    assert_eq!(got, want, "{name}: GGUF config differs");
+    check_model(name, &model);
+}
+
+/// The same fixtures through a GGUF file (F16 weights): the same config and, against
+/// transformers, the same tolerance as the safetensors load — any wrong name, shape order or
+/// q/k row order moves logits far past it.
+#[test]
+fn gguf_llama_f16() {
+    check_gguf("llama");
+}
+
+#[test]
+fn gguf_qwen2_bias_tied() {
+    check_gguf("qwen2");
+}
+
+#[test]
+fn gguf_mistral() {
+    check_gguf("mistral");
 }

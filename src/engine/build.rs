@@ -6,7 +6,7 @@
 //! dropped. The slice-based `CudaBackend` bridge is not used here: it panics on a driver error and
 //! stays for the op-level tests (`tests/cuda_ops.rs`).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use super::forward::Forward;
@@ -19,6 +19,7 @@ use crate::backend::cuda::model::{DeviceConfig, DeviceModel};
 use crate::config::{Device, EngineConfig};
 use crate::engine::kv::KvConfig;
 use crate::metrics::EngineMetrics;
+use crate::model::gguf_checkpoint::GgufCheckpoint;
 use crate::model::synthetic;
 use crate::model::tokenizer::Tokenizer;
 use crate::model::transformer::Transformer;
@@ -34,27 +35,41 @@ pub struct Built {
     pub max_model_len: Option<usize>,
 }
 
-/// Loads `spec` (a checkpoint directory or `synthetic:<shape>`) on a CPU backend of
-/// `cpu_threads` threads; returns the model and its tokenizer's directory.
+/// Loads `spec` (a checkpoint directory, a `.gguf` file or `synthetic:<shape>`) on a CPU backend
+/// of `cpu_threads` threads, with its tokenizer.
 pub fn load_model(
     spec: &str,
     seed: u64,
     cpu_threads: usize,
-) -> Result<(Transformer, PathBuf), String> {
+) -> Result<(Transformer, Tokenizer), String> {
     let backend = Box::new(CpuBackend::new(cpu_threads));
     if synthetic::is_synthetic(spec) {
         let s = synthetic::build(spec, seed, backend).map_err(|e| e.to_string())?;
         tracing::warn!(shape = %s.shape, "synthetic model: the weights are RANDOM, output is gibberish by design");
-        return Ok((s.model, s.tokenizer_dir));
+        let tok = Tokenizer::from_dir(&s.tokenizer_dir).map_err(|e| e.to_string())?;
+        return Ok((s.model, tok));
     }
-    let dir = Path::new(spec);
-    if !dir.is_dir() {
+    let path = Path::new(spec);
+    if path.is_file() && spec.ends_with(".gguf") {
+        let mut ck = GgufCheckpoint::open(path).map_err(|e| e.to_string())?;
+        let cfg = ck.config().map_err(|e| e.to_string())?;
+        let tok = Tokenizer::from_gguf(&ck.gguf, path).map_err(|e| e.to_string())?;
+        let model = Transformer::from_source(cfg, &ck, backend).map_err(|e| e.to_string())?;
+        tracing::info!(
+            file = spec,
+            file_type = ?ck.gguf.get("general.file_type"),
+            "GGUF checkpoint: weights dequantized to F16 at load (quantized kernels not built yet)"
+        );
+        return Ok((model, tok));
+    }
+    if !path.is_dir() {
         return Err(format!(
-            "{spec}: not a directory (expected a Hugging Face checkpoint)"
+            "{spec}: not a directory or a .gguf file (expected a Hugging Face checkpoint directory, a GGUF file or synthetic:<shape>)"
         ));
     }
-    let model = Transformer::load(dir, backend).map_err(|e| e.to_string())?;
-    Ok((model, dir.to_path_buf()))
+    let model = Transformer::load(path, backend).map_err(|e| e.to_string())?;
+    let tok = Tokenizer::from_dir(path).map_err(|e| e.to_string())?;
+    Ok((model, tok))
 }
 
 /// The forward pass on the selected device: the CPU transformer, or `model` uploaded to the GPU
@@ -102,8 +117,7 @@ pub fn build(cfg: &EngineConfig, metrics: Arc<EngineMetrics>) -> Result<Built, S
         Selected::Cpu => cfg.cpu_threads,
         Selected::Cuda(_) => 1,
     };
-    let (model, tok_dir) = load_model(&cfg.model, cfg.synthetic_seed, threads)?;
-    let tokenizer = Tokenizer::from_dir(&tok_dir).map_err(|e| e.to_string())?;
+    let (model, tokenizer) = load_model(&cfg.model, cfg.synthetic_seed, threads)?;
     let mc = model.config();
     let max_model_len = match cfg.max_model_len {
         0 => mc.max_position_embeddings.max(1),
@@ -241,7 +255,6 @@ pub fn load_for_cli(
     if synthetic::is_synthetic(spec) {
         eprintln!("synthetic model {spec}: the weights are RANDOM");
     }
-    let (model, tok_dir) = load_model(spec, seed, 0)?;
-    let tok = Tokenizer::from_dir(&tok_dir).map_err(|e| e.to_string())?;
+    let (model, tok) = load_model(spec, seed, 0)?;
     Ok((model, tok, device))
 }

@@ -7,6 +7,7 @@ pub mod config;
 pub mod detok;
 pub mod generate;
 pub mod gguf;
+pub mod gguf_checkpoint;
 pub mod loader;
 pub mod stop;
 pub mod synthetic;
@@ -43,6 +44,8 @@ pub enum ModelError {
     UnknownArchitecture { path: PathBuf, arch: String },
     #[error("{path}: invalid safetensors file (truncated or corrupt): {reason}")]
     BadSafetensors { path: PathBuf, reason: String },
+    #[error("{path}: invalid GGUF file: {reason}")]
+    BadGguf { path: PathBuf, reason: String },
     #[error("{path}: missing tensor `{tensor}`")]
     MissingTensor { path: PathBuf, tensor: String },
     #[error("{path}: tensor `{tensor}` has shape {found:?}, expected {expected:?}")]

@@ -322,3 +322,114 @@ fn invalid(path: &Path, message: &str) -> TokenizerError {
         message: message.to_string(),
     }
 }
+
+impl Tokenizer {
+    /// The tokenizer a GGUF file carries (`tokenizer.ggml.*`, `tokenizer.chat_template`), built
+    /// as the equivalent `tokenizer.json` for the `tokenizers` crate. Byte-level BPE (`gpt2`
+    /// model) with the `gpt2`/`default` and `smollm` pre-tokenizers is supported; others are
+    /// refused by name.
+    pub fn from_gguf(g: &super::gguf::Gguf, path: &Path) -> Result<Self, TokenizerError> {
+        use super::gguf::Value as G;
+        let bad = |m: String| invalid(path, &m);
+        let model = g
+            .get("tokenizer.ggml.model")
+            .and_then(G::as_str)
+            .ok_or_else(|| bad("no tokenizer.ggml.model in the file".into()))?;
+        if model != "gpt2" {
+            return Err(bad(format!(
+                "tokenizer.ggml.model `{model}` is not supported yet (byte-level BPE `gpt2` is)"
+            )));
+        }
+        let pre = g
+            .get("tokenizer.ggml.pre")
+            .and_then(G::as_str)
+            .unwrap_or("default");
+        let byte_level = serde_json::json!({"type": "ByteLevel", "add_prefix_space": false,
+            "trim_offsets": true, "use_regex": true});
+        let pre_tokenizer = match pre {
+            "default" | "gpt2" => byte_level.clone(),
+            // SmolLM: digits one by one, then GPT-2's split (llama.cpp's LLAMA_VOCAB_PRE_TYPE_SMOLLM).
+            "smollm" => serde_json::json!({"type": "Sequence", "pretokenizers": [
+                {"type": "Digits", "individual_digits": true}, byte_level]}),
+            p => {
+                return Err(bad(format!(
+                    "tokenizer.ggml.pre `{p}` is not supported yet (gpt2, default, smollm are)"
+                )))
+            }
+        };
+        let tokens = g
+            .get("tokenizer.ggml.tokens")
+            .and_then(G::as_strs)
+            .ok_or_else(|| bad("tokenizer.ggml.tokens missing or not strings".into()))?;
+        let merges = g
+            .get("tokenizer.ggml.merges")
+            .and_then(G::as_strs)
+            .ok_or_else(|| bad("tokenizer.ggml.merges missing or not strings".into()))?;
+        let types = match g.get("tokenizer.ggml.token_type") {
+            None => vec![1; tokens.len()],
+            Some(v) => v
+                .as_ints()
+                .filter(|t| t.len() == tokens.len())
+                .ok_or_else(|| bad("tokenizer.ggml.token_type does not match the tokens".into()))?,
+        };
+        let id = |key: &str| -> Result<Option<u32>, TokenizerError> {
+            match g.get(key) {
+                None => Ok(None),
+                Some(v) => match v.as_u64() {
+                    Some(i) if (i as usize) < tokens.len() => Ok(Some(i as u32)),
+                    _ => Err(bad(format!("{key} is not a token id"))),
+                },
+            }
+        };
+        let mut vocab = serde_json::Map::with_capacity(tokens.len());
+        let mut added = Vec::new();
+        for (i, (t, ty)) in tokens.iter().zip(&types).enumerate() {
+            vocab.insert(t.clone(), i.into());
+            // ggml token types: 3 control, 4 user-defined: matched whole, never split.
+            if *ty == 3 || *ty == 4 {
+                added.push(
+                    serde_json::json!({"id": i, "content": t, "single_word": false,
+                    "lstrip": false, "rstrip": false, "normalized": false, "special": *ty == 3}),
+                );
+            }
+        }
+        let bos = id("tokenizer.ggml.bos_token_id")?;
+        let eos = id("tokenizer.ggml.eos_token_id")?;
+        let add_bos = g.get("tokenizer.ggml.add_bos_token").and_then(G::as_bool);
+        let name = |i: Option<u32>| i.map(|i| tokens[i as usize].clone());
+        let post = match (add_bos.unwrap_or(false), name(bos)) {
+            (true, Some(b)) => serde_json::json!({"type": "TemplateProcessing",
+                "single": [{"SpecialToken": {"id": b, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                "pair": [{"SpecialToken": {"id": b, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                         {"Sequence": {"id": "B", "type_id": 1}}],
+                "special_tokens": {b.clone(): {"id": b, "ids": [bos], "tokens": [b]}}}),
+            _ => serde_json::Value::Null,
+        };
+        let json = serde_json::json!({
+            "version": "1.0", "truncation": null, "padding": null,
+            "added_tokens": added, "normalizer": null,
+            "pre_tokenizer": pre_tokenizer, "post_processor": post,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+            "model": {"type": "BPE", "dropout": null, "unk_token": null,
+                "continuing_subword_prefix": null, "end_of_word_suffix": null,
+                "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                "vocab": vocab, "merges": merges},
+        });
+        let bytes = serde_json::to_vec(&json).map_err(|e| bad(e.to_string()))?;
+        let inner = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| bad(e.to_string()))?;
+        let mut tok = Self::from_parts(inner);
+        tok.bos_token = name(bos);
+        tok.eos_token = name(eos);
+        tok.pad_token = name(id("tokenizer.ggml.padding_token_id")?);
+        tok.unk_token = name(id("tokenizer.ggml.unknown_token_id")?);
+        tok.add_bos_token = add_bos;
+        if let Some(e) = id("tokenizer.ggml.eot_token_id")? {
+            tok.eos_ids.push(e);
+        }
+        if let Some(t) = g.get("tokenizer.chat_template").and_then(G::as_str) {
+            tok.chat_templates.insert("default".into(), t.to_string());
+        }
+        tok.finish_ids();
+        Ok(tok)
+    }
+}
