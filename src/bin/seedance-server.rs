@@ -29,6 +29,21 @@ fn main() {
     match cli.command {
         None | Some(Command::Serve) => serve(config),
         Some(Command::Generate(args)) => generate(&args),
+        Some(Command::Tokenize(args)) => tokenize(&args),
+    }
+}
+
+/// `seedance-server tokenize`: the checkpoint's tokenizer alone.
+fn tokenize(args: &seedance::config::TokenizeArgs) {
+    let tok = match seedance::engine::build::load_tokenizer(&args.model) {
+        Ok(t) => t,
+        Err(e) => fail(1, &e),
+    };
+    for text in &args.texts {
+        match tok.encode(text, args.add_special) {
+            Ok(ids) => println!("{}", serde_json::json!(ids)),
+            Err(e) => fail(1, &e.to_string()),
+        }
     }
 }
 

@@ -72,6 +72,19 @@ pub fn load_model(
     Ok((model, tok))
 }
 
+/// The tokenizer of `spec` alone (no weights read, except for synthetic shapes).
+pub fn load_tokenizer(spec: &str) -> Result<Tokenizer, String> {
+    let path = Path::new(spec);
+    if path.is_file() && spec.ends_with(".gguf") {
+        let ck = GgufCheckpoint::open(path).map_err(|e| e.to_string())?;
+        return Tokenizer::from_gguf(&ck.gguf, path).map_err(|e| e.to_string());
+    }
+    if path.is_dir() {
+        return Tokenizer::from_dir(path).map_err(|e| e.to_string());
+    }
+    load_model(spec, 0, 1).map(|(_, t)| t)
+}
+
 /// The forward pass on the selected device: the CPU transformer, or `model` uploaded to the GPU
 /// (a start-up error names the CUDA failure).
 pub fn forward(model: Transformer, device: &Selected, dc: DeviceConfig) -> Result<Forward, String> {
@@ -110,6 +123,13 @@ pub fn build(cfg: &EngineConfig, metrics: Arc<EngineMetrics>) -> Result<Built, S
             pin_engine: true,
             max_model_len: None,
         });
+    }
+    if let Some(note) = &cfg.model_note {
+        if cfg.model.starts_with("synthetic:") {
+            tracing::warn!("{note}");
+        } else {
+            tracing::info!("{note}");
+        }
     }
     let device = select(cfg.device)?;
     // On the GPU the host model only feeds the upload: one CPU thread is enough.
