@@ -40,6 +40,13 @@ TEXTS = [
 ]
 
 
+COMMON = set("""a an the and or but of to in on at for with from by as is are was were be been
+it its this that these those i you he she we they me my your our their there here what which who
+how when where why not no yes can could will would should may might do does did have has had so
+if then than also all some any one two three many more most very just about into out up over
+color colors""".split())
+
+
 def cache_dir() -> Path:
     if os.environ.get("SEEDANCE_CACHE_DIR"):
         return Path(os.environ["SEEDANCE_CACHE_DIR"]) / "models"
@@ -134,6 +141,10 @@ def test_chat_page_shows_a_readable_answer(default_server):
         page.wait_for_function("window.seedance.state() && window.seedance.state().done", timeout=120_000)
         answer = page.text_content(".answer") or ""
         browser.close()
-    words = [w for w in answer.split() if w.strip(".,!:;*-").isalpha()]
+    # The page samples (temperature 1), so the words vary; English text is ~40% function words,
+    # random-weight gibberish (what synthetic:tiny prints) has none.
+    words = [w.strip(".,!?:;*-()\"'").lower() for w in answer.split()]
+    words = [w for w in words if w]
     assert len(words) >= 5, answer
-    assert any(c in answer.lower() for c in ("red", "blue", "green", "yellow")), answer
+    common = sum(w in COMMON for w in words)
+    assert common >= 0.15 * len(words), f"{common} common words of {len(words)}: {answer!r}"
