@@ -59,33 +59,11 @@ cargo build --release --bins -q
 SEEDANCE=$ROOT/target/release/seedance-server
 
 # --- llama.cpp ---------------------------------------------------------------------------------
-SRC=$CACHE/llama_cpp_python-$VER
-LLAMA=$SRC/vendor/llama.cpp
-BUILD=$CACHE/build
-BENCH=$BUILD/bin/llama-bench
-if [ ! -f "$LLAMA/convert_hf_to_gguf.py" ]; then
-  log "pip download llama-cpp-python==$VER (sdist)"
-  # --no-binary for this package only: with ':all:' pip would also build its build
-  # dependencies (cmake, ninja) from source just to read the sdist's metadata.
-  python3 -m pip download -q --no-binary llama-cpp-python --no-deps \
-    "llama-cpp-python==$VER" -d "$CACHE"
-  tar -xzf "$CACHE/llama_cpp_python-$VER.tar.gz" -C "$CACHE"
-fi
+# shellcheck source=perf/llamacpp_build.sh
+source "$ROOT/perf/llamacpp_build.sh"
 # The converter refuses a tokenizer whose pre-tokenizer hash it does not know; ours is synthetic.
 sed -i 's/raise NotImplementedError("BPE pre-tokenizer was not recognized - update get_vocab_base_pre()")/res = "qwen2"  # patched by seedance perf\/llamacpp_compare.sh/' \
   "$LLAMA/conversion/base.py" "$LLAMA/convert_hf_to_gguf.py" 2>/dev/null || true
-if [ ! -x "$BENCH" ] || [ "$(cat "$BUILD/.version" 2>/dev/null)" != "$VER" ]; then
-  rm -rf "$BUILD"
-  log "building llama-bench (a few minutes on 2 cores)"
-  cmake -S "$LLAMA" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release \
-    -DGGML_NATIVE=ON -DGGML_CUDA=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF \
-    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
-    -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF \
-    >"$CACHE/cmake-$VER.log" 2>&1 || { tail -20 "$CACHE/cmake-$VER.log"; exit 1; }
-  cmake --build "$BUILD" --target llama-bench -j "$(nproc)" \
-    >"$CACHE/build-$VER.log" 2>&1 || { tail -40 "$CACHE/build-$VER.log"; exit 1; }
-  echo "$VER" >"$BUILD/.version"
-fi
 
 PIN=()
 if [ "$(nproc)" -gt "$THREADS" ]; then PIN=(taskset -c "0-$((THREADS - 1))"); fi
@@ -133,27 +111,11 @@ for r in $(seq "$ROUNDS"); do
     d=$CACHE/ckpt-$s-seed$SEED
     log "round $r/$ROUNDS $s: llama-bench -t $THREADS -p 512 -n 128 -r $REPS"
     "${PIN[@]}" "$BENCH" -m "$d.f16.gguf" -t "$THREADS" -p 512 -n 128 -r "$REPS" -o json 2>/dev/null |
-      python3 -c '
-import json, sys
-for t in json.load(sys.stdin):
-    print("meta", "llama_build", "commit", t["build_commit"])
-    kind = "pp" if t["n_prompt"] == 512 and t["n_gen"] == 0 else "tg"
-    for v in t["samples_ts"]:
-        print(sys.argv[1], "llama", kind, v)' "$s" >>"$RES"
+      python3 perf/bench_parse.py llama "$s" >>"$RES"
     for _ in $(seq "$REPS"); do
       log "round $r/$ROUNDS $s: seedance-server generate (512-token prompt, 128 tokens)"
       "${PIN[@]}" "$SEEDANCE" generate --model "$d" --prompt "$PROMPT" --max-tokens 128 \
-        --ignore-eos --ids 2>&1 >/dev/null | grep 'GenerateStats' | python3 -c '
-import re, sys
-line = sys.stdin.read()
-def dur(name):
-    v, u = re.search(name + r": ([0-9.]+)(ns|µs|us|ms|s)\b", line).groups()
-    return float(v) * {"ns": 1e-9, "µs": 1e-6, "us": 1e-6, "ms": 1e-3, "s": 1.0}[u]
-p = int(re.search(r"prompt_tokens: (\d+)", line).group(1))
-g = int(re.search(r"generated_tokens: (\d+)", line).group(1))
-assert p == 512 and g == 128, (p, g)
-print(sys.argv[1], "seedance", "pp", p / dur("prefill"))
-print(sys.argv[1], "seedance", "tg", (g - 1) / dur("decode"))' "$s" >>"$RES"
+        --ignore-eos --ids 2>&1 >/dev/null | python3 perf/bench_parse.py seedance "$s" >>"$RES"
     done
   done
 done
@@ -161,7 +123,7 @@ LOAD_AFTER=$(uptime)
 
 # --- table -------------------------------------------------------------------------------------
 echo
-echo "seedance $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src || echo '+uncommitted src changes') CPU vs llama.cpp $(awk '$1 == "meta" {c=$4} END {print c}' "$RES") (llama-cpp-python $VER sdist) — F16, $THREADS threads, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), nproc $(nproc)"
+echo "seedance $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src || echo '+uncommitted src changes') CPU vs llama.cpp $(awk '$1 == "meta" {c=$3} END {print c}' "$RES") (llama-cpp-python $VER sdist) — F16, $THREADS threads, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), nproc $(nproc)"
 echo "medians of ROUNDS=$ROUNDS alternating rounds x REPS=$REPS (llama-bench -r $REPS; $REPS seedance generate runs)"
 python3 - "$RES" "${SHAPES[@]}" <<'EOF'
 import statistics, sys

@@ -1,0 +1,41 @@
+#!/usr/bin/env python3
+"""Result lines for the llama.cpp comparisons (perf/llamacpp_compare.sh, perf/gguf_compare.sh).
+
+    llama-bench ... -o json | perf/bench_parse.py llama LABEL
+        -> "meta commit <build_commit> <model_type>" and "LABEL llama pp|tg <t/s>" per sample
+    seedance-server generate ... 2>&1 >/dev/null | perf/bench_parse.py seedance LABEL
+        -> "LABEL seedance pp <prompt/prefill>" and "LABEL seedance tg <(gen-1)/decode>"
+           from its GenerateStats log line (a 512-token prompt and 128 tokens are asserted)
+"""
+
+import json
+import re
+import sys
+
+
+def llama(label: str) -> None:
+    for x in json.load(sys.stdin):
+        print("meta", "commit", x["build_commit"], x.get("model_type", "").replace(" ", "_"))
+        kind = "pp" if x["n_prompt"] == 512 and x["n_gen"] == 0 else "tg"
+        for v in x["samples_ts"]:
+            print(label, "llama", kind, v)
+
+
+def seedance(label: str) -> None:
+    line = next((l for l in sys.stdin if "GenerateStats" in l), "")
+    if not line:
+        sys.exit("bench_parse.py: no GenerateStats line from seedance-server generate")
+
+    def dur(name: str) -> float:
+        v, u = re.search(name + r": ([0-9.]+)(ns|µs|us|ms|s)\b", line).groups()
+        return float(v) * {"ns": 1e-9, "µs": 1e-6, "us": 1e-6, "ms": 1e-3, "s": 1.0}[u]
+
+    p = int(re.search(r"prompt_tokens: (\d+)", line).group(1))
+    g = int(re.search(r"generated_tokens: (\d+)", line).group(1))
+    assert p == 512 and g == 128, (p, g)
+    print(label, "seedance", "pp", p / dur("prefill"))
+    print(label, "seedance", "tg", (g - 1) / dur("decode"))
+
+
+if __name__ == "__main__":
+    {"llama": llama, "seedance": seedance}[sys.argv[1]](sys.argv[2])

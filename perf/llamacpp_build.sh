@@ -1,0 +1,28 @@
+# Sourced by perf/llamacpp_compare.sh and perf/gguf_compare.sh: llama.cpp as vendored by the
+# llama-cpp-python sdist from PyPI (version $VER), extracted under $CACHE and built once
+# (CPU only, GGML_NATIVE, Release): sets LLAMA (the source tree), BUILD and BENCH (llama-bench).
+# Needs: CACHE, VER, log(); cmake and ninja on PATH.
+SRC=$CACHE/llama_cpp_python-$VER
+LLAMA=$SRC/vendor/llama.cpp
+BUILD=$CACHE/build
+BENCH=$BUILD/bin/llama-bench
+if [ ! -f "$LLAMA/convert_hf_to_gguf.py" ]; then
+  log "pip download llama-cpp-python==$VER (sdist)"
+  # --no-binary for this package only: with ':all:' pip would also build its build
+  # dependencies (cmake, ninja) from source just to read the sdist's metadata.
+  python3 -m pip download -q --no-binary llama-cpp-python --no-deps \
+    "llama-cpp-python==$VER" -d "$CACHE"
+  tar -xzf "$CACHE/llama_cpp_python-$VER.tar.gz" -C "$CACHE"
+fi
+if [ ! -x "$BENCH" ] || [ "$(cat "$BUILD/.version" 2>/dev/null)" != "$VER" ]; then
+  rm -rf "$BUILD"
+  log "building llama-bench (a few minutes on 2 cores)"
+  cmake -S "$LLAMA" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+    -DGGML_NATIVE=ON -DGGML_CUDA=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF \
+    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
+    -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF \
+    >"$CACHE/cmake-$VER.log" 2>&1 || { tail -20 "$CACHE/cmake-$VER.log"; exit 1; }
+  cmake --build "$BUILD" --target llama-bench -j "$(nproc)" \
+    >"$CACHE/build-$VER.log" 2>&1 || { tail -40 "$CACHE/build-$VER.log"; exit 1; }
+  echo "$VER" >"$BUILD/.version"
+fi
