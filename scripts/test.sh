@@ -143,7 +143,11 @@ rust_tests() {
         redis-cli -p "$port" ping >/dev/null 2>&1 && break
         sleep 0.05
     done
-    SEEDANCE_TEST_REDIS_URL="redis://127.0.0.1:$port" cargo test --locked --workspace || rc=$?
+    # The default model (fetched by the deps stage) for the GGUF reader's real-file test.
+    local cache=${SEEDANCE_CACHE_DIR:-${XDG_CACHE_HOME:+$XDG_CACHE_HOME/seedance}}
+    cache=${cache:-$HOME/.cache/seedance}
+    SEEDANCE_TEST_GGUF="$cache/models/SmolLM2-135M-Instruct.Q4_1.gguf" \
+        SEEDANCE_TEST_REDIS_URL="redis://127.0.0.1:$port" cargo test --locked --workspace || rc=$?
     kill "$pid" 2>/dev/null || true
     wait "$pid" 2>/dev/null || true
     rm -rf "$dir"

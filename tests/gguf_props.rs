@@ -212,8 +212,9 @@ proptest! {
     }
 }
 
-/// A real file, where one is at hand (`SEEDANCE_TEST_GGUF`; scripts/test.sh does not fetch one
-/// yet): its header, metadata and every tensor read, and the supported ones dequantize.
+/// A real file (`SEEDANCE_TEST_GGUF`; scripts/test.sh points it at the default model its deps
+/// stage fetched): its header, metadata and every tensor read, and every tensor dequantizes to
+/// finite values. Without the variable (a bare `cargo test`) there is nothing to read.
 #[test]
 fn a_real_file_reads_when_given() {
     let Some(path) = std::env::var_os("SEEDANCE_TEST_GGUF") else {
