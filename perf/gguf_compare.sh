@@ -24,7 +24,7 @@ log() { echo "[gguf_compare] $*" >&2; }
 FILE=${1:-}
 if [ -z "$FILE" ]; then
   bash scripts/fetch_model.sh >&2
-  FILE=$(bash scripts/fetch_model.sh | sed 's/^default model: //; s/ (already there)$//')
+  FILE=$(bash scripts/fetch_model.sh --path)
 fi
 [ -f "$FILE" ] || { echo "gguf_compare.sh: $FILE not found" >&2; exit 1; }
 

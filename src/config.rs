@@ -460,20 +460,17 @@ fn resolve_model(spec: &str) -> (String, Option<String>) {
     if spec != "default" {
         return (spec.to_string(), None);
     }
-    let file = model_cache_dir().map(|d| d.join(DEFAULT_MODEL_FILE));
-    match file {
-        Some(f) if f.is_file() => {
-            let note = format!("default model: {}", f.display());
-            (f.to_string_lossy().into_owned(), Some(note))
-        }
-        _ => (
-            "synthetic:tiny".into(),
-            Some(format!(
-                "default model {DEFAULT_MODEL_FILE} not found in {} (bash scripts/fetch_model.sh fetches it): serving synthetic:tiny, random weights",
-                file.map_or("the cache (no HOME)".into(), |f| f.parent().map_or(String::new(), |p| p.display().to_string()))
-            )),
-        ),
+    let dir = model_cache_dir();
+    let file = dir.as_ref().map(|d| d.join(DEFAULT_MODEL_FILE));
+    if let Some(f) = file.filter(|f| f.is_file()) {
+        let note = format!("default model: {}", f.display());
+        return (f.to_string_lossy().into_owned(), Some(note));
     }
+    let place = dir.map_or("the cache (no HOME)".into(), |d| d.display().to_string());
+    let note = format!(
+        "default model {DEFAULT_MODEL_FILE} not found in {place} (bash scripts/fetch_model.sh fetches it): serving synthetic:tiny, random weights"
+    );
+    ("synthetic:tiny".into(), Some(note))
 }
 
 /// The served name of a model spec: `null`, `synthetic-<shape>`, or the checkpoint directory's

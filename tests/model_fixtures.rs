@@ -271,14 +271,13 @@ fn fixture_as_gguf(name: &str) -> std::path::PathBuf {
     for (hf, view) in st.tensors() {
         let g = gguf_name(&hf).unwrap_or_else(|| panic!("no GGUF name for {hf}"));
         let shape = view.shape().to_vec();
-        let (elem, ty) = match view.dtype() {
-            safetensors::Dtype::F16 => (2, 1),
-            safetensors::Dtype::BF16 => (2, 30),
-            safetensors::Dtype::F32 => (4, 0),
+        let mut ty = match view.dtype() {
+            safetensors::Dtype::F16 => 1,
+            safetensors::Dtype::BF16 => 30,
+            safetensors::Dtype::F32 => 0,
             t => panic!("{hf}: {t:?}"),
         };
         let mut data = view.data().to_vec();
-        let mut ty = ty;
         if shape.len() == 1 && ty != 0 {
             // llama.cpp keeps norms and biases in F32.
             data = data
@@ -294,7 +293,6 @@ fn fixture_as_gguf(name: &str) -> std::path::PathBuf {
                 .collect();
             ty = 0;
         }
-        let elem = if ty == 0 { 4 } else { elem };
         let n_heads = if g.contains(".attn_q.") {
             heads
         } else {
@@ -316,7 +314,6 @@ fn fixture_as_gguf(name: &str) -> std::path::PathBuf {
             }
             data = p;
         }
-        let _ = elem;
         let dims: Vec<u64> = shape.iter().rev().map(|&x| x as u64).collect();
         owned.push((g, dims, ty, data));
     }

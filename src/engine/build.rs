@@ -51,10 +51,10 @@ pub fn load_model(
     }
     let path = Path::new(spec);
     if path.is_file() && spec.ends_with(".gguf") {
-        let mut ck = GgufCheckpoint::open(path).map_err(|e| e.to_string())?;
-        let cfg = ck.config().map_err(|e| e.to_string())?;
+        let ck = GgufCheckpoint::open(path).map_err(|e| e.to_string())?;
         let tok = Tokenizer::from_gguf(&ck.gguf, path).map_err(|e| e.to_string())?;
-        let model = Transformer::from_source(cfg, &ck, backend).map_err(|e| e.to_string())?;
+        let model = Transformer::from_source(ck.config().clone(), &ck, backend)
+            .map_err(|e| e.to_string())?;
         tracing::info!(
             file = spec,
             file_type = ?ck.gguf.get("general.file_type"),
@@ -72,17 +72,19 @@ pub fn load_model(
     Ok((model, tok))
 }
 
-/// The tokenizer of `spec` alone (no weights read, except for synthetic shapes).
+/// The tokenizer of `spec` alone (no weights read).
 pub fn load_tokenizer(spec: &str) -> Result<Tokenizer, String> {
     let path = Path::new(spec);
     if path.is_file() && spec.ends_with(".gguf") {
         let ck = GgufCheckpoint::open(path).map_err(|e| e.to_string())?;
         return Tokenizer::from_gguf(&ck.gguf, path).map_err(|e| e.to_string());
     }
-    if path.is_dir() {
-        return Tokenizer::from_dir(path).map_err(|e| e.to_string());
-    }
-    load_model(spec, 0, 1).map(|(_, t)| t)
+    let dir = if synthetic::is_synthetic(spec) {
+        synthetic::tokenizer_dir().map_err(|e| e.to_string())?
+    } else {
+        path.to_path_buf()
+    };
+    Tokenizer::from_dir(&dir).map_err(|e| e.to_string())
 }
 
 /// The forward pass on the selected device: the CPU transformer, or `model` uploaded to the GPU

@@ -27,80 +27,142 @@ pub struct GgufCheckpoint {
     path: PathBuf,
     mmap: Mmap,
     pub gguf: Gguf,
-    arch: Arch,
-    heads: (usize, usize),
+    /// From the metadata; decides tensor names and the q/k row order.
+    cfg: ModelConfig,
 }
 
 impl GgufCheckpoint {
-    /// Maps and parses `path`; the config is read by [`Self::config`].
+    /// Maps and parses `path` and reads the model config from its metadata.
     pub fn open(path: &Path) -> Result<Self, ModelError> {
-        let file = std::fs::File::open(path).map_err(|source| ModelError::Io {
-            path: path.into(),
-            source,
-        })?;
-        // SAFETY: the file is mapped read-only; as for safetensors checkpoints (loader.rs),
-        // another process truncating it while it is served is outside what a loader can defend
-        // against.
-        let mmap = unsafe { Mmap::map(&file) }.map_err(|source| ModelError::Io {
-            path: path.into(),
-            source,
-        })?;
+        let mmap = super::loader::map_file(path)?;
         let gguf = Gguf::parse(&mmap).map_err(|e| ModelError::BadGguf {
             path: path.into(),
             reason: e.to_string(),
         })?;
+        let cfg = read_config(&gguf, path)?;
         Ok(Self {
             path: path.into(),
             mmap,
             gguf,
-            arch: Arch::Llama,
-            heads: (0, 0),
+            cfg,
         })
     }
 
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    fn info(&self, name: &str) -> Result<(&TensorInfo, String), ModelError> {
+        let g = gguf_name(name).ok_or_else(|| ModelError::MissingTensor {
+            path: self.path.clone(),
+            tensor: name.into(),
+        })?;
+        let t = self
+            .gguf
+            .tensor(&g)
+            .ok_or_else(|| ModelError::MissingTensor {
+                path: self.path.clone(),
+                tensor: format!("{g} ({name})"),
+            })?;
+        Ok((t, g))
+    }
+
+    /// Tensor `name` (Hugging Face naming) as f32, checked to have `shape` (row-major).
+    fn read(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, ModelError> {
+        let (t, g) = self.info(name)?;
+        let ggml: Vec<usize> = shape.iter().rev().copied().collect();
+        if t.dims.iter().map(|&d| d as usize).ne(ggml.iter().copied()) {
+            return Err(ModelError::WrongShape {
+                path: self.path.clone(),
+                tensor: g,
+                found: t.dims.iter().rev().map(|&d| d as usize).collect(),
+                expected: shape.to_vec(),
+            });
+        }
+        if !t.ty.supported() {
+            return Err(ModelError::WrongDtype {
+                path: self.path.clone(),
+                tensor: g,
+                dtype: format!(
+                    "{} (GGUF types read: F32, F16, BF16, Q8_0, Q4_0, Q4_1)",
+                    t.ty.name()
+                ),
+            });
+        }
+        let mut out = vec![0f32; shape.iter().product()];
+        dequantize(t.ty, &self.mmap[t.start..t.start + t.len], &mut out).map_err(|reason| {
+            ModelError::BadGguf {
+                path: self.path.clone(),
+                reason: format!("{g}: {reason}"),
+            }
+        })?;
+        if self.cfg.arch == Arch::Llama {
+            if g.contains(".attn_q.") {
+                out = unpermute(&out, self.cfg.num_heads, shape);
+            } else if g.contains(".attn_k.") {
+                out = unpermute(&out, self.cfg.num_kv_heads, shape);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Reads a file's metadata into a [`ModelConfig`]; errors name the file and the key.
+struct Meta<'a> {
+    gguf: &'a Gguf,
+    path: &'a Path,
+}
+
+fn read_config(gguf: &Gguf, path: &Path) -> Result<ModelConfig, ModelError> {
+    Meta { gguf, path }.config()
+}
+
+impl Meta<'_> {
     fn bad(&self, field: &str, reason: impl Into<String>) -> ModelError {
         ModelError::BadField {
-            path: self.path.clone(),
+            path: self.path.into(),
             field: field.into(),
             reason: reason.into(),
         }
     }
 
-    fn meta_u64(&self, key: &str) -> Result<Option<u64>, ModelError> {
+    /// Key `key` converted by `conv` (None: absent); an error names the key when it does not
+    /// convert.
+    fn meta<T>(
+        &self,
+        key: &str,
+        conv: fn(&Value) -> Option<T>,
+        what: &str,
+    ) -> Result<Option<T>, ModelError> {
         match self.gguf.get(key) {
             None => Ok(None),
-            Some(v) => v
-                .as_u64()
-                .map(Some)
-                .ok_or_else(|| self.bad(key, "not an unsigned integer")),
+            Some(v) => conv(v).map(Some).ok_or_else(|| self.bad(key, what)),
         }
     }
 
+    fn meta_u64(&self, key: &str) -> Result<Option<u64>, ModelError> {
+        self.meta(key, Value::as_u64, "not an unsigned integer")
+    }
+
     fn meta_f64(&self, key: &str) -> Result<Option<f64>, ModelError> {
-        match self.gguf.get(key) {
-            None => Ok(None),
-            Some(v) => v
-                .as_f64()
-                .map(Some)
-                .ok_or_else(|| self.bad(key, "not a number")),
-        }
+        self.meta(key, Value::as_f64, "not a number")
     }
 
     fn need_u64(&self, key: &str) -> Result<u64, ModelError> {
         self.meta_u64(key)?.ok_or_else(|| ModelError::MissingField {
-            path: self.path.clone(),
+            path: self.path.into(),
             field: key.into(),
         })
     }
 
-    /// The model config from the metadata; also fixes the architecture the weights are read as.
-    pub fn config(&mut self) -> Result<ModelConfig, ModelError> {
+    /// The model config from the metadata.
+    fn config(&self) -> Result<ModelConfig, ModelError> {
         let name = self
             .gguf
             .get("general.architecture")
             .and_then(Value::as_str)
             .ok_or_else(|| ModelError::MissingField {
-                path: self.path.clone(),
+                path: self.path.into(),
                 field: "general.architecture".into(),
             })?
             .to_string();
@@ -110,7 +172,7 @@ impl GgufCheckpoint {
             "phi3" => "Phi3ForCausalLM",
             _ => {
                 return Err(ModelError::UnknownArchitecture {
-                    path: self.path.clone(),
+                    path: self.path.into(),
                     arch: format!("{name} (GGUF; supported: llama, qwen2, phi3)"),
                 })
             }
@@ -179,64 +241,7 @@ impl GgufCheckpoint {
         if let Some(w) = self.meta_u64(&k("attention.sliding_window"))? {
             cfg["sliding_window"] = json!(w);
         }
-        let c = ModelConfig::from_value(&cfg, &self.path)?;
-        self.arch = c.arch;
-        self.heads = (c.num_heads, c.num_kv_heads);
-        Ok(c)
-    }
-
-    fn info(&self, name: &str) -> Result<(&TensorInfo, String), ModelError> {
-        let g = gguf_name(name).ok_or_else(|| ModelError::MissingTensor {
-            path: self.path.clone(),
-            tensor: name.into(),
-        })?;
-        let t = self
-            .gguf
-            .tensor(&g)
-            .ok_or_else(|| ModelError::MissingTensor {
-                path: self.path.clone(),
-                tensor: format!("{g} ({name})"),
-            })?;
-        Ok((t, g))
-    }
-
-    /// Tensor `name` (Hugging Face naming) as f32, checked to have `shape` (row-major).
-    fn read(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, ModelError> {
-        let (t, g) = self.info(name)?;
-        let ggml: Vec<usize> = shape.iter().rev().copied().collect();
-        if t.dims.iter().map(|&d| d as usize).ne(ggml.iter().copied()) {
-            return Err(ModelError::WrongShape {
-                path: self.path.clone(),
-                tensor: g,
-                found: t.dims.iter().rev().map(|&d| d as usize).collect(),
-                expected: shape.to_vec(),
-            });
-        }
-        if !t.ty.supported() {
-            return Err(ModelError::WrongDtype {
-                path: self.path.clone(),
-                tensor: g,
-                dtype: format!(
-                    "{} (GGUF types read: F32, F16, BF16, Q8_0, Q4_0, Q4_1)",
-                    t.ty.name()
-                ),
-            });
-        }
-        let mut out = vec![0f32; shape.iter().product()];
-        dequantize(t.ty, &self.mmap[t.start..t.start + t.len], &mut out).map_err(|reason| {
-            ModelError::BadGguf {
-                path: self.path.clone(),
-                reason: format!("{g}: {reason}"),
-            }
-        })?;
-        if self.arch == Arch::Llama {
-            if g.contains(".attn_q.") {
-                out = unpermute(&out, self.heads.0, shape);
-            } else if g.contains(".attn_k.") {
-                out = unpermute(&out, self.heads.1, shape);
-            }
-        }
-        Ok(out)
+        ModelConfig::from_value(&cfg, self.path)
     }
 }
 

@@ -192,18 +192,23 @@ impl Checkpoint {
     }
 }
 
+/// Maps a checkpoint file read-only (safetensors shards, GGUF files).
+pub(crate) fn map_file(path: &Path) -> Result<Mmap, ModelError> {
+    let file = File::open(path).map_err(|source| ModelError::Io {
+        path: path.into(),
+        source,
+    })?;
+    // SAFETY: the file is mapped read-only; a checkpoint modified on disk while we run is
+    // outside what any loader can defend against (the same contract as safetensors' own docs).
+    unsafe { Mmap::map(&file) }.map_err(|source| ModelError::Io {
+        path: path.into(),
+        source,
+    })
+}
+
 impl Shard {
     fn open(path: &Path) -> Result<Self, ModelError> {
-        let file = File::open(path).map_err(|source| ModelError::Io {
-            path: path.into(),
-            source,
-        })?;
-        // SAFETY: the file is mapped read-only; a checkpoint modified on disk while we run is
-        // outside what any loader can defend against (the same contract as safetensors' own docs).
-        let mmap = unsafe { Mmap::map(&file) }.map_err(|source| ModelError::Io {
-            path: path.into(),
-            source,
-        })?;
+        let mmap = map_file(path)?;
         let (n, meta) =
             SafeTensors::read_metadata(&mmap).map_err(|e| ModelError::BadSafetensors {
                 path: path.into(),

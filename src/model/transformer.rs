@@ -411,9 +411,8 @@ impl Transformer {
 
     /// Loads a GGUF file (config from its metadata, weights dequantized to F16).
     pub fn load_gguf(path: &Path, backend: Box<dyn Backend>) -> Result<Self, ModelError> {
-        let mut ck = super::gguf_checkpoint::GgufCheckpoint::open(path)?;
-        let cfg = ck.config()?;
-        Self::from_source(cfg, &ck, backend)
+        let ck = super::gguf_checkpoint::GgufCheckpoint::open(path)?;
+        Self::from_source(ck.config().clone(), &ck, backend)
     }
 
     /// Builds the model from any weight source, by the checkpoint's tensor names.

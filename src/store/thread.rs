@@ -176,13 +176,9 @@ impl StoreHandle {
     pub fn stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
         self.parker.end_sleep();
-        if let Some(t) = self.parker_thread() {
+        if let Some(t) = self.parker.thread() {
             t.unpark();
         }
-    }
-
-    fn parker_thread(&self) -> Option<std::thread::Thread> {
-        self.parker.thread()
     }
 }
 

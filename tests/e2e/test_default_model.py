@@ -24,6 +24,7 @@ import conftest
 from conftest import Server
 
 FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+ROOT = Path(__file__).resolve().parents[2]
 RELEASE = Path(os.environ.get("SEEDANCE_RELEASE_BIN", "target/release/seedance-server"))
 
 TEXTS = [
@@ -47,17 +48,12 @@ if then than also all some any one two three many more most very just about into
 color colors""".split())
 
 
-def cache_dir() -> Path:
-    if os.environ.get("SEEDANCE_CACHE_DIR"):
-        return Path(os.environ["SEEDANCE_CACHE_DIR"]) / "models"
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]) / "seedance" / "models"
-    return Path.home() / ".cache" / "seedance" / "models"
-
-
 @pytest.fixture(scope="module")
 def gguf_file() -> Path:
-    f = cache_dir() / FILE
+    # Where scripts/fetch_model.sh puts it (scripts/test.sh exports the path).
+    f = Path(os.environ.get("SEEDANCE_TEST_GGUF")
+             or subprocess.run(["bash", str(ROOT / "scripts" / "fetch_model.sh"), "--path"], capture_output=True,
+                               text=True, check=True).stdout.strip())
     if not f.is_file():
         pytest.fail(f"{f} missing: run `bash scripts/fetch_model.sh` (the deps stage does)")
     return f
