@@ -10,7 +10,7 @@ use bytes::Bytes;
 use seedance::store::memory::MemoryStore;
 use seedance::store::redis::RedisStore;
 use seedance::store::{
-    gen_id, token_hash, Append, Appended, Claim, Lease, Start, StateStore, Ttls,
+    gen_id, token_hash, Appended, Batch, BatchBuilder, Claim, Lease, Start, StateStore, Ttls,
 };
 
 const TTLS: Ttls = Ttls {
@@ -28,17 +28,17 @@ fn start(session: &str, id: &str) -> Start {
     }
 }
 
-fn append(gen: &str, epoch: u64, first: u64, n: u64, done: bool) -> Append {
-    Append {
-        gen: gen.into(),
-        epoch,
-        first_seq: first,
-        msgs: (first..first + n)
-            .map(|s| Bytes::from(format!("{{\"seq\":{s}}}")))
-            .collect(),
-        tokens: (first..first + n).map(|s| s as u32 * 10).collect(),
-        done,
-    }
+fn msg(seq: u64) -> String {
+    format!("{{\"seq\":{seq}}}")
+}
+
+/// A batch of one generation's messages `first..first + n` (message `s` covers token `10 s`).
+fn append(gen: &str, epoch: u64, first: u64, n: u64, done: bool) -> Batch {
+    let texts: Vec<String> = (first..first + n).map(msg).collect();
+    let texts: Vec<&[u8]> = texts.iter().map(|t| t.as_bytes()).collect();
+    let tokens: Vec<[u32; 1]> = (first..first + n).map(|s| [s as u32 * 10]).collect();
+    let tokens: Vec<&[u32]> = tokens.iter().map(|t| &t[..]).collect();
+    Batch::of(&gen.into(), epoch, first, &texts, &tokens, done)
 }
 
 fn seqs(store: &mut dyn StateStore, session: &str, id: &str, after: u64) -> Vec<u64> {
@@ -48,7 +48,7 @@ fn seqs(store: &mut dyn StateStore, session: &str, id: &str, after: u64) -> Vec<
         .msgs
         .iter()
         .map(|(s, m)| {
-            assert_eq!(m, &Bytes::from(format!("{{\"seq\":{s}}}")), "message body");
+            assert_eq!(m, &Bytes::from(msg(*s)), "message body");
             *s
         })
         .collect()
@@ -199,6 +199,43 @@ fn contract(store: &mut dyn StateStore) {
         Claim::Claimed(_)
     ));
 
+    // Batches as shards build them: two generations interleaved in one batch, and one
+    // generation going on in the next batch of the same write (Redis makes them one entry).
+    let (g4, g5) = (gen_id(&s, "r4"), gen_id(&s, "r5"));
+    store
+        .write(&[start(&s, "r4"), start(&s, "r5")], &[])
+        .expect("start");
+    let mut b = BatchBuilder::default();
+    let e4 = b.open(&g4, 1, 1);
+    let e5 = b.open(&g5, 1, 1);
+    for seq in 1..=3u64 {
+        b.push(e4, &[], msg(seq).as_bytes(), &[seq as u32], false);
+        b.push(e5, &[], msg(seq).as_bytes(), &[100 + seq as u32], false);
+    }
+    let first = b.take(None);
+    let e4 = b.open(&g4, 1, 4);
+    b.push(e4, &[], msg(4).as_bytes(), &[4], true);
+    let second = b.take(None);
+    assert_eq!(
+        store.write(&[], &[first, second]).expect("w"),
+        vec![Appended::Ok, Appended::Ok, Appended::Ok]
+    );
+    assert_eq!(seqs(store, &s, "r4", 0), vec![1, 2, 3, 4]);
+    assert_eq!(seqs(store, &s, "r5", 1), vec![2, 3]);
+    assert!(
+        store
+            .lookup(&s, "r4", 0, 10)
+            .expect("l")
+            .gen
+            .expect("g")
+            .done
+    );
+    std::thread::sleep(TTLS.lease + Duration::from_millis(100));
+    let Claim::Claimed(c) = store.claim(&g5, 1, "test-b").expect("claim") else {
+        panic!("r5 not claimable");
+    };
+    assert_eq!((c.last_seq, c.tokens), (3, vec![101, 102, 103]));
+
     // TTL: a log expires after its last write.
     std::thread::sleep(TTLS.log + Duration::from_millis(1200));
     let gone = store.lookup(&s, "r1", 0, 10).expect("lookup");
@@ -216,14 +253,40 @@ fn memory_store_contract() {
 }
 
 #[test]
+fn memory_store_frees_what_every_generation_acknowledged() {
+    let mut m = MemoryStore::new(TTLS, 64 << 20);
+    let s = session("ack");
+    let (ga, gb) = (gen_id(&s, "a"), gen_id(&s, "b"));
+    m.write(&[start(&s, "a"), start(&s, "b")], &[])
+        .expect("start");
+    let base = m.bytes();
+    let mut b = BatchBuilder::default();
+    let (ea, eb) = (b.open(&ga, 1, 1), b.open(&gb, 1, 1));
+    b.push(ea, &[], &[b'a'; 10_000], &[], false);
+    b.push(eb, &[], &[b'b'; 10_000], &[], false);
+    m.write(&[], &[b.take(None)]).expect("write");
+    assert!(m.bytes() >= base + 20_000);
+    // One batch holds both generations' texts: it goes once neither needs it.
+    m.trim(&ga, 1).expect("trim");
+    assert!(m.bytes() >= base + 20_000, "freed while b still holds it");
+    let left = m.lookup(&s, "b", 0, 10).expect("l").gen.expect("g").msgs;
+    assert_eq!(left, vec![(1, Bytes::from(vec![b'b'; 10_000]))]);
+    m.trim(&gb, 1).expect("trim");
+    assert!(
+        m.bytes() < base + 1_000,
+        "{} bytes held after both acks",
+        m.bytes()
+    );
+}
+
+#[test]
 fn memory_store_evicts_over_its_cap() {
     let mut m = MemoryStore::new(TTLS, 64 * 1024);
     let s = session("cap");
     for i in 0..100 {
         let id = format!("r{i}");
         let g = gen_id(&s, &id);
-        let mut a = append(&g, 1, 1, 1, true);
-        a.msgs = vec![Bytes::from(vec![b'x'; 4096])];
+        let a = Batch::of(&g, 1, 1, &[&[b'x'; 4096]], &[&[1]], true);
         m.write(&[start(&s, &id)], &[a]).expect("write");
     }
     assert!(m.bytes() <= 64 * 1024, "{} bytes held", m.bytes());

@@ -10,14 +10,14 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 
 use super::resume::Follower;
 use crate::engine::sampler::SamplingParams;
 use crate::engine::{EngineMsg, SeqKey};
 use crate::server::shard::Shard;
 use crate::store::thread::StoreOp;
-use crate::store::{Append, GenId, Lease, Start};
+use crate::store::{BatchBuilder, GenId, Lease, Start};
 use crate::ws::handshake::StreamMode;
 
 /// A resumable generation's link to its log.
@@ -32,9 +32,9 @@ pub struct Journal {
     pub broken: bool,
     /// Another instance carries it on (fenced, or handed over on SIGTERM): send nothing more.
     pub stopped: bool,
-    /// Where this generation's record sits in the shard's pending batch.
+    /// Its entry in the shard's pending batch (valid while that batch's number is `batch`).
     batch: u64,
-    idx: usize,
+    idx: u32,
 }
 
 impl Journal {
@@ -73,13 +73,19 @@ impl StoredRequest {
     }
 }
 
+/// A batch is sent early once its texts pass this (offsets in a batch are `u32`).
+const BATCH_MAX_BYTES: usize = 1 << 30;
+
 /// The shard's pending store traffic and its resumed clients.
 #[derive(Default)]
 pub struct ShardJournal {
     starts: RefCell<Vec<Start>>,
-    appends: RefCell<Vec<(Append, SeqKey)>>,
-    batch: Cell<u64>,
-    arena: RefCell<BytesMut>,
+    /// This dispatch's messages, and the request that wrote each entry.
+    batch: RefCell<BatchBuilder>,
+    keys: RefCell<Vec<SeqKey>>,
+    batch_no: Cell<u64>,
+    /// Where a logged message's JSON is written before it goes to the socket and the batch.
+    scratch: RefCell<BytesMut>,
     /// Resumed clients on this shard, by ticket.
     pub followers: RefCell<HashMap<u64, Follower>>,
     next_ticket: Cell<u64>,
@@ -93,16 +99,6 @@ impl ShardJournal {
         self.next_ticket.set(n);
         (u64::from(shard) << 48) | (n & ((1 << 48) - 1))
     }
-
-    /// Writes a message's JSON with `write` and returns it as shared bytes (one arena).
-    pub fn payload(&self, write: impl FnOnce(&mut BytesMut)) -> Bytes {
-        let mut a = self.arena.borrow_mut();
-        if a.capacity() - a.len() < 512 {
-            a.reserve(64 * 1024);
-        }
-        write(&mut a);
-        a.split().freeze()
-    }
 }
 
 /// Registers a new resumable generation (its `Start` goes with this dispatch's batch).
@@ -110,56 +106,113 @@ pub fn start(shard: &Shard, start: Start) {
     shard.journal.starts.borrow_mut().push(start);
 }
 
-/// Queues one message of `key`'s generation.
-pub fn log(shard: &Shard, key: SeqKey, j: &mut Journal, seq: u64, msg: Bytes, done: bool) {
+/// How a plain delta is logged: this byte, then its text. The JSON around it (id, seq) is
+/// rebuilt on replay, so the log holds a few bytes per token rather than a whole message.
+/// Every other message (a delta with logprobs, the `done`) is logged as its JSON object.
+const TEXT_DELTA: u8 = 0;
+
+/// Writes a logged message as the WebSocket text frame its client gets.
+pub fn render(buf: &mut BytesMut, id_json: &str, seq: u64, logged: &[u8]) {
+    match logged.split_first() {
+        Some((&TEXT_DELTA, text)) => {
+            let text = String::from_utf8_lossy(text);
+            crate::session::json::write_delta_frame(buf, id_json, seq, &text);
+        }
+        _ => {
+            crate::session::json::put_text_header(buf, logged.len());
+            buf.extend_from_slice(logged);
+        }
+    }
+}
+
+/// Sends delta `seq` (plain text, no logprobs) of `key`'s generation to `live` (the
+/// connection's output buffer, while its client is there) and logs it.
+pub fn send_delta(
+    shard: &Shard,
+    key: SeqKey,
+    j: &mut Journal,
+    seq: u64,
+    id_json: &str,
+    text: &str,
+    live: Option<&mut BytesMut>,
+) {
+    if let Some(buf) = live {
+        crate::session::json::write_delta_frame(buf, id_json, seq, text);
+    }
+    log(shard, key, j, seq, &[TEXT_DELTA], text.as_bytes(), false);
+}
+
+/// Writes message `seq` of `key`'s generation with `write` (its JSON text), sends it to the
+/// client when `live` is given (the connection's output buffer), and logs it.
+pub fn send_logged(
+    shard: &Shard,
+    key: SeqKey,
+    j: &mut Journal,
+    seq: u64,
+    done: bool,
+    live: Option<&mut BytesMut>,
+    write: impl FnOnce(&mut BytesMut),
+) {
+    let mut text = shard.journal.scratch.borrow_mut();
+    text.clear();
+    write(&mut text);
+    if let Some(buf) = live {
+        crate::session::json::put_text_header(buf, text.len());
+        buf.extend_from_slice(&text);
+    }
+    log(shard, key, j, seq, &[], &text, done);
+}
+
+/// Queues one message of `key`'s generation for the store.
+fn log(
+    shard: &Shard,
+    key: SeqKey,
+    j: &mut Journal,
+    seq: u64,
+    head: &[u8],
+    body: &[u8],
+    done: bool,
+) {
     if !j.logging() {
         return;
     }
     let sj = &shard.journal;
-    let mut appends = sj.appends.borrow_mut();
-    if j.batch == sj.batch.get() {
-        if let Some((a, _)) = appends.get_mut(j.idx) {
-            if a.gen == j.gen && a.last_seq() + 1 == seq {
-                a.msgs.push(msg);
-                a.tokens.append(&mut j.tokens);
-                a.done = done;
-                return;
-            }
+    let full = {
+        let mut b = sj.batch.borrow_mut();
+        if j.batch != sj.batch_no.get() || b.next_seq(j.idx) != Some(seq) {
+            j.batch = sj.batch_no.get();
+            j.idx = b.open(&j.gen, j.epoch, seq);
+            sj.keys.borrow_mut().push(key);
         }
+        b.push(j.idx, head, body, &j.tokens, done);
+        j.tokens.clear();
+        b.bytes() > BATCH_MAX_BYTES
+    };
+    if full {
+        flush(shard);
     }
-    j.batch = sj.batch.get();
-    j.idx = appends.len();
-    appends.push((
-        Append {
-            gen: j.gen.clone(),
-            epoch: j.epoch,
-            first_seq: seq,
-            msgs: vec![msg],
-            tokens: std::mem::take(&mut j.tokens),
-            done,
-        },
-        key,
-    ));
 }
 
 /// Sends this dispatch's batch to the state thread (called once per dispatch).
 pub fn flush(shard: &Shard) {
     let sj = &shard.journal;
-    if sj.appends.borrow().is_empty() && sj.starts.borrow().is_empty() {
+    if sj.batch.borrow().is_empty() && sj.starts.borrow().is_empty() {
         return;
     }
     let Some(store) = shard.shared.store.as_ref() else {
         return;
     };
-    let starts = std::mem::take(&mut *sj.starts.borrow_mut());
-    let appends = std::mem::take(&mut *sj.appends.borrow_mut());
-    sj.batch.set(sj.batch.get().wrapping_add(1));
-    let Err(StoreOp::Write { starts, appends }) =
-        store.try_send(shard.id, StoreOp::Write { starts, appends })
-    else {
+    let spare = store.boxes.get(shard.id as usize).and_then(|b| b.spare());
+    let op = StoreOp::Write {
+        shard: shard.id,
+        starts: std::mem::take(&mut *sj.starts.borrow_mut()),
+        batch: sj.batch.borrow_mut().take(spare),
+        keys: std::mem::take(&mut *sj.keys.borrow_mut()),
+    };
+    sj.batch_no.set(sj.batch_no.get().wrapping_add(1));
+    let Err(StoreOp::Write { starts, keys, .. }) = store.try_send(shard.id, op) else {
         return;
     };
-    let keys: Vec<SeqKey> = appends.iter().map(|(_, k)| *k).collect();
     let gens: Vec<GenId> = starts.iter().map(|s| s.gen.clone()).collect();
     // The state queue is full: these generations cannot be resumed any more.
     shard.metrics.store_drops.inc();
@@ -282,4 +335,30 @@ pub fn hand_over(shard: &Shard) -> Vec<(SeqKey, Arc<str>, u64)> {
         shard.metrics.store_drops.inc();
     }
     handed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A replayed message is byte for byte the frame the live client got.
+    #[test]
+    fn replay_renders_the_live_frames() {
+        for text in ["", "Paris", "a \"quoted\"\n\u{1F600} line", &"x".repeat(70_000)] {
+            let mut live = BytesMut::new();
+            crate::session::json::write_delta_frame(&mut live, "\"c1\"", 42, text);
+            let mut logged = vec![TEXT_DELTA];
+            logged.extend_from_slice(text.as_bytes());
+            let mut replayed = BytesMut::new();
+            render(&mut replayed, "\"c1\"", 42, &logged);
+            assert_eq!(replayed, live, "{} bytes of text", text.len());
+        }
+        let json = br#"{"type":"done","id":"c1","seq":43}"#;
+        let mut live = BytesMut::new();
+        crate::session::json::put_text_header(&mut live, json.len());
+        live.extend_from_slice(json);
+        let mut replayed = BytesMut::new();
+        render(&mut replayed, "\"c1\"", 43, json);
+        assert_eq!(replayed, live);
+    }
 }

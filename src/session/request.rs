@@ -13,8 +13,8 @@ use super::chunker::Chunker;
 use super::codec::Detok;
 use super::journal::{self, Journal};
 use super::json::{
-    put_text_header, quoted, write_delta_frame, write_delta_frame_logprobs, write_delta_payload,
-    write_delta_payload_logprobs, write_json_frame,
+    quoted, write_delta_frame, write_delta_frame_logprobs, write_delta_payload_logprobs,
+    write_json_frame,
 };
 use super::logprobs::{Logprobs, Shape};
 use super::protocol::{GenerateMsg, ProtocolError};
@@ -434,21 +434,18 @@ fn write_ws_delta(shard: &Shard, e: &mut ReqEntry, text: &str) {
     let live = e.live();
     let lp = take_logprobs(shard, &mut e.logprobs);
     let (seq, id_json) = (e.seq, &*e.id_json);
+    let key = e.key;
     match e.journal.as_deref_mut().filter(|j| j.logging()) {
         Some(j) => {
-            let msg = shard.journal.payload(|b| match &lp {
-                Some(v) => {
+            let mut out = e.conn.out.borrow_mut();
+            let buf = live.then_some(&mut out.buf);
+            match &lp {
+                None => journal::send_delta(shard, key, j, seq, id_json, text, buf),
+                Some(v) => journal::send_logged(shard, key, j, seq, false, buf, |b| {
                     let v = serde_json::to_vec(v).unwrap_or_else(|_| b"null".to_vec());
                     write_delta_payload_logprobs(b, id_json, seq, text, &v)
-                }
-                None => write_delta_payload(b, id_json, seq, text),
-            });
-            if live {
-                let buf = &mut e.conn.out.borrow_mut().buf;
-                put_text_header(buf, msg.len());
-                buf.extend_from_slice(&msg);
+                }),
             }
-            journal::log(shard, e.key, j, seq, msg, false);
         }
         None if live => {
             let buf = &mut e.conn.out.borrow_mut().buf;
@@ -565,13 +562,11 @@ fn write_end(shard: &Shard, e: &mut ReqEntry, reason: FinishReason, now: Instant
     let live = e.live();
     match e.journal.as_deref_mut().filter(|j| j.logging()) {
         Some(j) => {
-            let msg = bytes::Bytes::from(serde_json::to_vec(&done).unwrap_or_default());
-            if live {
-                let buf = &mut e.conn.out.borrow_mut().buf;
-                put_text_header(buf, msg.len());
-                buf.extend_from_slice(&msg);
-            }
-            journal::log(shard, e.key, j, e.seq + 1, msg, true);
+            let mut out = e.conn.out.borrow_mut();
+            let buf = live.then_some(&mut out.buf);
+            journal::send_logged(shard, e.key, j, e.seq + 1, true, buf, |b| {
+                let _ = serde_json::to_writer(bytes::BufMut::writer(b), &done);
+            });
         }
         None if live => write_json_frame(&mut e.conn.out.borrow_mut().buf, &done),
         None => {}

@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use super::chunker::Chunker;
 use super::journal::{Journal, StoredRequest};
-use super::json::{put_text_header, quoted};
+use super::json::quoted;
 use super::protocol::ProtocolError;
 use super::request::{ReqEntry, Sink};
 use crate::engine::{EngineMsg, GenerateRequest, SeqKey};
@@ -173,8 +173,13 @@ fn on_reply(shard: &Shard, r: StoreReply) {
                 super::ws::send_error(shard, &f.conn, &e);
             }
         }
-        StoreReply::Msgs { ticket, msgs, done } => {
-            let conn = {
+        StoreReply::Msgs {
+            ticket,
+            first_seq,
+            msgs,
+            done,
+        } => {
+            let (conn, id_json) = {
                 let mut fs = shard.journal.followers.borrow_mut();
                 let Some(f) = fs.get_mut(&ticket) else { return };
                 if !f.answered {
@@ -182,7 +187,7 @@ fn on_reply(shard: &Shard, r: StoreReply) {
                     shard.metrics.resume("ok");
                     shard.metrics.resume_latency.observe(f.asked.elapsed());
                 }
-                f.conn.clone()
+                (f.conn.clone(), quoted(&f.id))
             };
             if done {
                 drop_follower(shard, ticket);
@@ -192,9 +197,8 @@ fn on_reply(shard: &Shard, r: StoreReply) {
             }
             {
                 let buf = &mut conn.out.borrow_mut().buf;
-                for m in &msgs {
-                    put_text_header(buf, m.len());
-                    buf.extend_from_slice(m);
+                for (seq, m) in (first_seq..).zip(&msgs) {
+                    super::journal::render(buf, &id_json, seq, m);
                 }
             }
             shard.metrics.deltas_out.add(msgs.len() as u64);

@@ -4,28 +4,155 @@
 //! pass `memory_store_max_mb` the ones closest to expiry are evicted first (a resume of an
 //! evicted generation is `unknown_id`; an owner whose log was evicted marks it not resumable).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
 use super::{
-    Append, Appended, Claim, Claimed, Found, GenId, Lease, Lookup, Renewed, Start, StateStore,
+    Appended, Batch, Claim, Claimed, Found, GenId, Lease, Lookup, Renewed, Start, StateStore,
     StoreError, Ttls,
 };
 
 /// How often expired logs are swept.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
-/// Bytes counted per message besides its text (map entry, seq).
-const MSG_OVERHEAD: usize = 32;
+/// Bytes counted per message besides its text (its place in the generation's index).
+const MSG_OVERHEAD: usize = 16;
+
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+
+/// The shards' batches as they came (each one buffer of message texts), kept while any message
+/// in them is: storing a message costs an index entry, not a copy into a per-generation buffer
+/// (that copy, a cache miss per message, was most of the store's cost).
+#[derive(Default)]
+struct Chunks {
+    /// The id of `slots[0]`.
+    base: u64,
+    /// A chunk's texts and how many of its messages are still held (`None`: freed).
+    slots: VecDeque<Option<(Bytes, u32)>>,
+}
+
+impl Chunks {
+    fn add(&mut self, data: Bytes, live: u32) -> u64 {
+        self.slots.push_back(Some((data, live)));
+        self.base + self.slots.len() as u64 - 1
+    }
+
+    fn get(&self, id: u64) -> Option<&Bytes> {
+        let i = usize::try_from(id.checked_sub(self.base)?).ok()?;
+        self.slots.get(i)?.as_ref().map(|(b, _)| b)
+    }
+
+    /// `n` messages of chunk `id` are dropped; returns the bytes freed.
+    fn release(&mut self, id: u64, n: u32) -> usize {
+        let Some(i) = id
+            .checked_sub(self.base)
+            .and_then(|i| usize::try_from(i).ok())
+        else {
+            return 0;
+        };
+        let Some(slot) = self.slots.get_mut(i) else {
+            return 0;
+        };
+        let freed = match slot {
+            Some((b, live)) if *live <= n => {
+                let len = b.len();
+                *slot = None;
+                len
+            }
+            Some((_, live)) => {
+                *live -= n;
+                0
+            }
+            None => 0,
+        };
+        while matches!(self.slots.front(), Some(None)) {
+            self.slots.pop_front();
+            self.base += 1;
+        }
+        freed
+    }
+}
+
+/// Where one message's text is: chunk id, offset, length.
+type Span = (u64, u32, u32);
+
+/// A generation's messages: an index into the chunks.
+#[derive(Default)]
+struct Log {
+    spans: Vec<Span>,
+    /// The seq of `spans[0]`.
+    first: u64,
+    /// Messages at the front already trimmed (compacted away once they are half the log).
+    dead: usize,
+}
+
+impl Log {
+    /// Messages with seq > `after`, at most `limit`.
+    fn after(&self, chunks: &Chunks, after: u64, limit: usize) -> Vec<(u64, Bytes)> {
+        let from = (after + 1).max(self.first + self.dead as u64);
+        let skip = (from - self.first) as usize;
+        self.spans
+            .iter()
+            .enumerate()
+            .skip(skip)
+            .take(limit)
+            .filter_map(|(i, &(id, off, len))| {
+                let text = chunks.get(id)?.slice(off as usize..(off + len) as usize);
+                Some((self.first + i as u64, text))
+            })
+            .collect()
+    }
+
+    /// Drops messages up to `upto`; returns the chunk bytes freed and the index bytes dropped.
+    fn trim(&mut self, upto: u64, chunks: &mut Chunks) -> (usize, usize) {
+        let held_from = self.first + self.dead as u64;
+        if upto < held_from {
+            return (0, 0);
+        }
+        let n = ((upto - held_from + 1) as usize).min(self.spans.len() - self.dead);
+        let freed = (
+            release(&self.spans[self.dead..self.dead + n], chunks),
+            n * MSG_OVERHEAD,
+        );
+        self.dead += n;
+        if self.dead * 2 >= self.spans.len() {
+            self.spans.drain(..self.dead);
+            self.first += self.dead as u64;
+            self.dead = 0;
+        }
+        freed
+    }
+
+    /// Drops every message held; returns the chunk bytes freed.
+    fn clear(&mut self, chunks: &mut Chunks) -> usize {
+        let freed = release(&self.spans[self.dead..], chunks);
+        self.spans = Vec::new();
+        self.dead = 0;
+        freed
+    }
+}
+
+/// Releases the messages at `spans` from their chunks (runs of one chunk at a time).
+fn release(spans: &[Span], chunks: &mut Chunks) -> usize {
+    let mut freed = 0;
+    let mut i = 0;
+    while i < spans.len() {
+        let id = spans[i].0;
+        let run = spans[i..].iter().take_while(|s| s.0 == id).count();
+        freed += chunks.release(id, run as u32);
+        i += run;
+    }
+    freed
+}
 
 struct Gen {
     session: Arc<str>,
     epoch: u64,
     lease_until: Instant,
     request: Bytes,
-    log: VecDeque<(u64, Bytes)>,
+    log: Log,
     last_seq: u64,
     trimmed: u64,
     tokens: Vec<u32>,
@@ -42,6 +169,7 @@ pub struct MemoryStore {
     /// Generations in start order: the sweep and the eviction take from the front.
     order: VecDeque<GenId>,
     sessions: HashMap<Arc<str>, ([u8; 32], Instant)>,
+    chunks: Chunks,
     ttls: Ttls,
     max_bytes: usize,
     bytes: usize,
@@ -51,9 +179,10 @@ pub struct MemoryStore {
 impl MemoryStore {
     pub fn new(ttls: Ttls, max_bytes: usize) -> Self {
         MemoryStore {
-            gens: HashMap::new(),
+            gens: HashMap::default(),
             order: VecDeque::new(),
-            sessions: HashMap::new(),
+            sessions: HashMap::default(),
+            chunks: Chunks::default(),
             ttls,
             max_bytes,
             bytes: 0,
@@ -61,7 +190,7 @@ impl MemoryStore {
         }
     }
 
-    /// Bytes the logs hold now.
+    /// Bytes the logs hold now (chunks count whole while any message in them is held).
     pub fn bytes(&self) -> usize {
         self.bytes
     }
@@ -78,7 +207,7 @@ impl MemoryStore {
                 Some(g) if g.expires > now => break,
                 Some(_) => {
                     if let Some(g) = self.gens.remove(front) {
-                        self.bytes -= g.bytes;
+                        self.drop_gen(g);
                     }
                 }
                 None => {}
@@ -95,45 +224,54 @@ impl MemoryStore {
                 return;
             };
             if let Some(g) = self.gens.remove(&victim) {
-                self.bytes -= g.bytes;
+                self.drop_gen(g);
             }
         }
     }
 
-    fn append(&mut self, a: &Append, now: Instant) -> Appended {
+    /// Forgets a removed generation's bytes (and frees the chunks only it still held).
+    fn drop_gen(&mut self, mut g: Gen) {
+        self.bytes -= g.bytes;
+        self.bytes -= g.log.clear(&mut self.chunks);
+    }
+
+    /// Applies entry `i` of `b`, whose texts become chunk `chunk`; returns the answer and how
+    /// many messages it logged.
+    fn append(&mut self, b: &Batch, i: usize, chunk: u64, now: Instant) -> (Appended, u32) {
+        let a = &b.gens[i];
         let Some(g) = self.gens.get_mut(&a.gen).filter(|g| g.expires > now) else {
-            return Appended::Gone;
+            return (Appended::Gone, 0);
         };
         if g.epoch != a.epoch {
-            return Appended::Fenced;
+            return (Appended::Fenced, 0);
         }
-        if a.msgs.is_empty() || a.last_seq() <= g.last_seq {
-            return Appended::Duplicate;
+        if a.count == 0 || a.last_seq() <= g.last_seq {
+            return (Appended::Duplicate, 0);
         }
         if a.first_seq != g.last_seq + 1 || g.broken || g.done {
             g.broken = true;
-            return Appended::Gap;
+            return (Appended::Gap, 0);
         }
-        for (i, m) in a.msgs.iter().enumerate() {
-            g.log.push_back((a.first_seq + i as u64, m.clone()));
-            g.bytes += m.len() + MSG_OVERHEAD;
-            self.bytes += m.len() + MSG_OVERHEAD;
+        let mut added = 0;
+        for (off, len, tokens) in b.spans(i) {
+            g.log.spans.push((chunk, off, len));
+            g.tokens.extend_from_slice(tokens);
+            added += MSG_OVERHEAD + tokens.len() * 4;
         }
-        g.tokens.extend_from_slice(&a.tokens);
-        g.bytes += a.tokens.len() * 4;
-        self.bytes += a.tokens.len() * 4;
+        g.bytes += added;
+        self.bytes += added;
         g.last_seq = a.last_seq();
         g.done = a.done;
         g.expires = now + self.ttls.log;
         if let Some(s) = self.sessions.get_mut(&g.session) {
             s.1 = g.expires;
         }
-        Appended::Ok
+        (Appended::Ok, a.count)
     }
 }
 
 impl StateStore for MemoryStore {
-    fn write(&mut self, starts: &[Start], appends: &[Append]) -> Result<Vec<Appended>, StoreError> {
+    fn write(&mut self, starts: &[Start], batches: &[Batch]) -> Result<Vec<Appended>, StoreError> {
         let now = Instant::now();
         self.sweep(now);
         for s in starts {
@@ -148,7 +286,10 @@ impl StateStore for MemoryStore {
                     epoch: 1,
                     lease_until: now + self.ttls.lease,
                     request: s.request.clone(),
-                    log: VecDeque::new(),
+                    log: Log {
+                        first: 1,
+                        ..Log::default()
+                    },
                     last_seq: 0,
                     trimmed: 0,
                     tokens: Vec::new(),
@@ -160,12 +301,25 @@ impl StateStore for MemoryStore {
                     bytes,
                 },
             ) {
-                self.bytes -= old.bytes;
+                self.drop_gen(old);
             }
             self.order.push_back(s.gen.clone());
             self.bytes += bytes;
         }
-        let out = appends.iter().map(|a| self.append(a, now)).collect();
+        let mut out = Vec::with_capacity(batches.iter().map(|b| b.gens.len()).sum());
+        for b in batches {
+            let chunk = self.chunks.base + self.chunks.slots.len() as u64;
+            let mut live = 0;
+            for i in 0..b.gens.len() {
+                let (r, n) = self.append(b, i, chunk, now);
+                out.push(r);
+                live += n;
+            }
+            if live > 0 {
+                self.chunks.add(b.data().clone(), live);
+                self.bytes += b.data().len();
+            }
+        }
         self.evict_over_cap();
         Ok(out)
     }
@@ -225,13 +379,7 @@ impl StateStore for MemoryStore {
             .map(|g| {
                 g.watched_at = Some(now);
                 Found {
-                    msgs: g
-                        .log
-                        .iter()
-                        .filter(|(s, _)| *s > after)
-                        .take(limit)
-                        .cloned()
-                        .collect(),
+                    msgs: g.log.after(&self.chunks, after, limit),
                     last_seq: g.last_seq,
                     trimmed: g.trimmed,
                     done: g.done,
@@ -277,12 +425,9 @@ impl StateStore for MemoryStore {
 
     fn trim(&mut self, gen: &str, upto: u64) -> Result<(), StoreError> {
         if let Some(g) = self.gens.get_mut(gen) {
-            while g.log.front().is_some_and(|(s, _)| *s <= upto) {
-                if let Some((_, m)) = g.log.pop_front() {
-                    g.bytes -= m.len() + MSG_OVERHEAD;
-                    self.bytes -= m.len() + MSG_OVERHEAD;
-                }
-            }
+            let (chunk, index) = g.log.trim(upto.min(g.last_seq), &mut self.chunks);
+            g.bytes -= index;
+            self.bytes -= chunk + index;
             g.trimmed = g.trimmed.max(upto.min(g.last_seq));
         }
         Ok(())

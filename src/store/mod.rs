@@ -56,26 +56,246 @@ pub struct Start {
     pub request: Bytes,
 }
 
-/// Messages `first_seq..` of one generation, and the generated tokens they cover.
+/// One shard dispatch's log writes: the messages of every generation that sent any, their
+/// texts back to back in one buffer and their tokens in another — nothing is allocated per
+/// message, and the shard writes it front to back.
+///
+/// A generation has one entry per run of consecutive seqs ([`BatchGen`]); its messages are
+/// linked in seq order through [`MsgRef::next`].
+#[derive(Clone, Debug, Default)]
+pub struct Batch {
+    pub gens: Vec<BatchGen>,
+    msgs: Vec<MsgRef>,
+    data: Bytes,
+    tokens: Vec<u32>,
+}
+
+/// Messages `first_seq..first_seq + count` of one generation in a [`Batch`].
 #[derive(Clone, Debug)]
-pub struct Append {
+pub struct BatchGen {
     pub gen: GenId,
     pub epoch: u64,
     pub first_seq: u64,
-    /// JSON text of each message, in seq order.
-    pub msgs: Vec<Bytes>,
-    pub tokens: Vec<u32>,
+    pub count: u32,
     /// The last message is the `done`.
     pub done: bool,
+    /// Text bytes of its messages together.
+    pub bytes: u32,
+    head: u32,
+    tail: u32,
 }
 
-impl Append {
+impl BatchGen {
     pub fn last_seq(&self) -> u64 {
-        self.first_seq + self.msgs.len() as u64 - 1
+        self.first_seq + u64::from(self.count) - 1
     }
 }
 
-/// What became of one [`Append`].
+#[derive(Clone, Copy, Debug)]
+struct MsgRef {
+    off: u32,
+    len: u32,
+    tok_off: u32,
+    tok_len: u32,
+    /// The next message of the same entry (`u32::MAX`: none).
+    next: u32,
+}
+
+const NONE: u32 = u32::MAX;
+
+impl Batch {
+    /// One message's text and the tokens it covers, for each message of entry `i` in seq order.
+    pub fn msgs(&self, i: usize) -> impl Iterator<Item = (&[u8], &[u32])> + '_ {
+        self.refs(i).map(|m| {
+            (
+                &self.data[m.off as usize..(m.off + m.len) as usize],
+                &self.tokens[m.tok_off as usize..(m.tok_off + m.tok_len) as usize],
+            )
+        })
+    }
+
+    /// Entry `i`'s texts as shared slices of the batch (for the followers it is pushed to).
+    pub fn texts(&self, i: usize) -> impl Iterator<Item = Bytes> + '_ {
+        self.refs(i)
+            .map(|m| self.data.slice(m.off as usize..(m.off + m.len) as usize))
+    }
+
+    /// Each message of entry `i` as (offset, length) in [`Self::data`] and its tokens.
+    pub fn spans(&self, i: usize) -> impl Iterator<Item = (u32, u32, &[u32])> + '_ {
+        self.refs(i).map(|m| {
+            (
+                m.off,
+                m.len,
+                &self.tokens[m.tok_off as usize..(m.tok_off + m.tok_len) as usize],
+            )
+        })
+    }
+
+    /// The texts of every message, back to back.
+    pub fn data(&self) -> &Bytes {
+        &self.data
+    }
+
+    fn refs(&self, i: usize) -> impl Iterator<Item = MsgRef> + '_ {
+        let mut at = self.gens.get(i).map_or(NONE, |g| g.head);
+        std::iter::from_fn(move || {
+            let m = *self.msgs.get(at as usize)?;
+            at = m.next;
+            Some(m)
+        })
+    }
+
+    /// Messages in the batch.
+    pub fn len(&self) -> usize {
+        self.msgs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.msgs.is_empty()
+    }
+
+    /// A batch of one entry (tests, and writes that are not a shard's).
+    pub fn of(
+        gen: &GenId,
+        epoch: u64,
+        first_seq: u64,
+        msgs: &[&[u8]],
+        tokens: &[&[u32]],
+        done: bool,
+    ) -> Batch {
+        let mut b = BatchBuilder::default();
+        let g = b.open(gen, epoch, first_seq);
+        for (i, m) in msgs.iter().enumerate() {
+            let last = i + 1 == msgs.len();
+            b.push(
+                g,
+                &[],
+                m,
+                tokens.get(i).copied().unwrap_or(&[]),
+                done && last,
+            );
+        }
+        b.take(None)
+    }
+}
+
+/// Builds a [`Batch`] message by message.
+#[derive(Default)]
+pub struct BatchBuilder {
+    gens: Vec<BatchGen>,
+    msgs: Vec<MsgRef>,
+    data: Vec<u8>,
+    tokens: Vec<u32>,
+}
+
+impl BatchBuilder {
+    /// Opens an entry for messages of `gen` from `first_seq` on; returns its index.
+    pub fn open(&mut self, gen: &GenId, epoch: u64, first_seq: u64) -> u32 {
+        self.gens.push(BatchGen {
+            gen: gen.clone(),
+            epoch,
+            first_seq,
+            count: 0,
+            done: false,
+            bytes: 0,
+            head: NONE,
+            tail: NONE,
+        });
+        (self.gens.len() - 1) as u32
+    }
+
+    /// The seq entry `g` takes next, unless it ended with a `done`.
+    pub fn next_seq(&self, g: u32) -> Option<u64> {
+        let e = self.gens.get(g as usize)?;
+        (!e.done).then(|| e.first_seq + u64::from(e.count))
+    }
+
+    /// Adds the next message of entry `g` (its text is `head` then `body`) and the tokens it
+    /// covers.
+    pub fn push(&mut self, g: u32, head: &[u8], body: &[u8], tokens: &[u32], done: bool) {
+        let idx = self.msgs.len() as u32;
+        let Some(e) = self.gens.get_mut(g as usize) else {
+            return;
+        };
+        let len = head.len() + body.len();
+        self.msgs.push(MsgRef {
+            off: self.data.len() as u32,
+            len: len as u32,
+            tok_off: self.tokens.len() as u32,
+            tok_len: tokens.len() as u32,
+            next: NONE,
+        });
+        self.data.extend_from_slice(head);
+        self.data.extend_from_slice(body);
+        self.tokens.extend_from_slice(tokens);
+        if e.tail == NONE {
+            e.head = idx;
+        } else if let Some(prev) = self.msgs.get_mut(e.tail as usize) {
+            prev.next = idx;
+        }
+        e.tail = idx;
+        e.count += 1;
+        e.bytes += len as u32;
+        e.done = done;
+    }
+
+    /// Text bytes so far (a shard starts a new batch well before `u32` offsets overflow).
+    pub fn bytes(&self) -> usize {
+        self.data.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.gens.is_empty()
+    }
+
+    /// The batch so far; the builder starts over in `spare`'s buffers (a batch the store is
+    /// done with), else in new ones with room for a batch as large.
+    pub fn take(&mut self, spare: Option<Spare>) -> Batch {
+        fn swap<T>(v: &mut Vec<T>, spare: Option<Vec<T>>) -> Vec<T> {
+            let room = v.len() + v.len() / 4;
+            let next = spare.unwrap_or_else(|| Vec::with_capacity(room));
+            std::mem::replace(v, next)
+        }
+        let (gens, msgs, tokens) = match spare {
+            Some(s) => (Some(s.gens), Some(s.msgs), Some(s.tokens)),
+            None => (None, None, None),
+        };
+        Batch {
+            gens: swap(&mut self.gens, gens),
+            msgs: swap(&mut self.msgs, msgs),
+            // The texts stay with the store (the embedded one keeps them): always new.
+            data: Bytes::from(swap(&mut self.data, None)),
+            tokens: swap(&mut self.tokens, tokens),
+        }
+    }
+}
+
+/// A written batch's buffers, emptied, for its shard to fill again: big buffers freed on the
+/// state thread and allocated anew on the shard each dispatch would cost fresh pages.
+#[derive(Default)]
+pub struct Spare {
+    gens: Vec<BatchGen>,
+    msgs: Vec<MsgRef>,
+    tokens: Vec<u32>,
+}
+
+impl Batch {
+    /// Empties the batch into buffers to reuse.
+    pub fn into_spare(self) -> Spare {
+        let Batch {
+            mut gens,
+            mut msgs,
+            mut tokens,
+            ..
+        } = self;
+        gens.clear();
+        msgs.clear();
+        tokens.clear();
+        Spare { gens, msgs, tokens }
+    }
+}
+
+/// What became of one [`BatchGen`] entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Appended {
     Ok,
@@ -170,8 +390,9 @@ pub struct Ttls {
 
 /// The store behind the state thread. Calls are synchronous: only the state thread makes them.
 pub trait StateStore: Send {
-    /// Creates `starts` (epoch 1, leased to their owner), then applies `appends` in order.
-    fn write(&mut self, starts: &[Start], appends: &[Append]) -> Result<Vec<Appended>, StoreError>;
+    /// Creates `starts` (epoch 1, leased to their owner), then applies the batches' entries in
+    /// order: one answer per entry, batch after batch.
+    fn write(&mut self, starts: &[Start], batches: &[Batch]) -> Result<Vec<Appended>, StoreError>;
     /// Extends the leases (one answer per lease).
     fn renew(&mut self, leases: &[Lease]) -> Result<Vec<Renewed>, StoreError>;
     /// Ends the leases now (graceful hand-over): another instance may claim at once.

@@ -23,7 +23,7 @@ use bytes::Bytes;
 use redis::{Connection, Pipeline, Value};
 
 use super::{
-    Append, Appended, Claim, Claimed, Found, Lease, Lookup, Renewed, Start, StateStore, StoreError,
+    Appended, Batch, Claim, Claimed, Found, Lease, Lookup, Renewed, Start, StateStore, StoreError,
     Ttls,
 };
 
@@ -187,16 +187,6 @@ fn keys(gen: &str) -> [String; 3] {
     ]
 }
 
-/// Messages as one stream entry value: u32 LE length + bytes, each.
-fn pack(msgs: &[Bytes]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(msgs.iter().map(|m| m.len() + 4).sum());
-    for m in msgs {
-        out.extend_from_slice(&(m.len() as u32).to_le_bytes());
-        out.extend_from_slice(m);
-    }
-    out
-}
-
 /// The messages of one stream entry, numbered from `first`.
 fn unpack(first: u64, packed: Bytes, into: &mut Vec<(u64, Bytes)>) -> Option<()> {
     let mut at = 0;
@@ -211,8 +201,70 @@ fn unpack(first: u64, packed: Bytes, into: &mut Vec<(u64, Bytes)>) -> Option<()>
     Some(())
 }
 
-fn tokens_le(tokens: &[u32]) -> Vec<u8> {
-    tokens.iter().flat_map(|t| t.to_le_bytes()).collect()
+/// The runs of one generation in a turn's batches, written as one stream entry.
+struct Run {
+    /// (batch, entry) of each run, in order.
+    parts: Vec<(usize, usize)>,
+    first_seq: u64,
+    last_seq: u64,
+    epoch: u64,
+    done: bool,
+}
+
+/// Groups the batches' entries by generation: consecutive runs of one generation become one
+/// append (one XADD, however many dispatches the turn took). Returns the groups and, for each
+/// entry in order, its group.
+fn group(batches: &[Batch]) -> (Vec<Run>, Vec<usize>) {
+    let mut index: std::collections::HashMap<&str, usize, foldhash::fast::RandomState> =
+        Default::default();
+    let mut runs: Vec<Run> = Vec::new();
+    let mut of_entry = Vec::new();
+    for (bi, b) in batches.iter().enumerate() {
+        for (ei, e) in b.gens.iter().enumerate() {
+            let joined = index.get(&*e.gen).copied().filter(|&r| {
+                let run = &runs[r];
+                run.epoch == e.epoch && !run.done && run.last_seq + 1 == e.first_seq
+            });
+            let r = match joined {
+                Some(r) => {
+                    let run = &mut runs[r];
+                    run.parts.push((bi, ei));
+                    run.last_seq = e.last_seq();
+                    run.done = e.done;
+                    r
+                }
+                None => {
+                    index.insert(&e.gen, runs.len());
+                    runs.push(Run {
+                        parts: vec![(bi, ei)],
+                        first_seq: e.first_seq,
+                        last_seq: e.last_seq(),
+                        epoch: e.epoch,
+                        done: e.done,
+                    });
+                    runs.len() - 1
+                }
+            };
+            of_entry.push(r);
+        }
+    }
+    (runs, of_entry)
+}
+
+/// A run's messages as one stream entry value (u32 LE length + text, each) and its tokens
+/// (u32 LE each).
+fn pack(batches: &[Batch], run: &Run, msgs: &mut Vec<u8>, tokens: &mut Vec<u8>) {
+    msgs.clear();
+    tokens.clear();
+    for &(bi, ei) in &run.parts {
+        for (text, toks) in batches[bi].msgs(ei) {
+            msgs.extend_from_slice(&(text.len() as u32).to_le_bytes());
+            msgs.extend_from_slice(text);
+            for t in toks {
+                tokens.extend_from_slice(&t.to_le_bytes());
+            }
+        }
+    }
 }
 
 impl RedisStore {
@@ -311,7 +363,8 @@ fn evalsha<'a>(
 }
 
 impl StateStore for RedisStore {
-    fn write(&mut self, starts: &[Start], appends: &[Append]) -> Result<Vec<Appended>, StoreError> {
+    fn write(&mut self, starts: &[Start], batches: &[Batch]) -> Result<Vec<Appended>, StoreError> {
+        let (runs, of_entry) = group(batches);
         let (lease, ttl) = (
             self.ttls.lease.as_millis() as u64,
             self.ttls.log.as_millis() as u64,
@@ -331,21 +384,24 @@ impl StateStore for RedisStore {
                     .arg(ttl)
                     .ignore();
             }
-            for a in appends {
-                evalsha(p, shas, Script::Append, &keys(&a.gen))
-                    .arg(a.epoch)
+            let (mut msgs, mut toks) = (Vec::new(), Vec::new());
+            for run in &runs {
+                pack(batches, run, &mut msgs, &mut toks);
+                let gen = &batches[run.parts[0].0].gens[run.parts[0].1].gen;
+                evalsha(p, shas, Script::Append, &keys(gen))
+                    .arg(run.epoch)
                     .arg(ttl)
-                    .arg(a.first_seq)
-                    .arg(u8::from(a.done))
-                    .arg(tokens_le(&a.tokens))
-                    .arg(pack(&a.msgs))
-                    .arg(a.msgs.len());
+                    .arg(run.first_seq)
+                    .arg(u8::from(run.done))
+                    .arg(&toks[..])
+                    .arg(&msgs[..])
+                    .arg(run.last_seq - run.first_seq + 1);
             }
         })?;
-        if replies.len() != appends.len() {
+        if replies.len() != runs.len() {
             return Err(protocol("append"));
         }
-        Ok(replies
+        let results: Vec<Appended> = replies
             .iter()
             .map(|v| match int(v) {
                 Some(1) => Appended::Ok,
@@ -354,7 +410,8 @@ impl StateStore for RedisStore {
                 Some(-3) => Appended::Gap,
                 _ => Appended::Gone,
             })
-            .collect())
+            .collect();
+        Ok(of_entry.into_iter().map(|r| results[r]).collect())
     }
 
     fn renew(&mut self, leases: &[Lease]) -> Result<Vec<Renewed>, StoreError> {

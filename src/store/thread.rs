@@ -2,8 +2,9 @@
 //! shard pushes into without waiting, answering each shard through its own reply box and
 //! wake-up.
 //!
-//! Per turn it takes everything queued, merges the appends of one generation into one record,
-//! makes one store call per kind of operation (one pipeline for Redis), then serves the
+//! Per turn it takes everything queued, makes one store call per kind of operation (one
+//! pipeline for Redis, where the messages of one generation in the turn become one entry),
+//! then serves the
 //! resumed clients ("followers"): messages this instance just wrote are pushed to them at
 //! once; generations owned elsewhere are polled every [`POLL`]. A follower whose generation's
 //! lease ran out gets the generation claimed for it (the takeover), and its shard adopts it.
@@ -19,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use super::{Append, Appended, Claim, Claimed, GenId, Lease, Renewed, Start, StateStore};
+use super::{Appended, Batch, Claim, Claimed, GenId, Lease, Renewed, Spare, Start, StateStore};
 use crate::engine::queue::{EngineParker, ShardWake};
 use crate::engine::SeqKey;
 use crate::metrics::Histogram;
@@ -42,10 +43,13 @@ const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
 /// Shard → state thread.
 pub enum StoreOp {
-    /// New generations and appends (with the key of the request that wrote each).
+    /// New generations and a dispatch's messages (with the key of the request that wrote
+    /// each of the batch's entries).
     Write {
+        shard: u16,
         starts: Vec<Start>,
-        appends: Vec<(Append, SeqKey)>,
+        batch: Batch,
+        keys: Vec<SeqKey>,
     },
     Renew(Vec<(Lease, SeqKey)>),
     /// Graceful hand-over (SIGTERM): the leases end now.
@@ -72,9 +76,10 @@ pub type Refusal = (&'static str, String);
 pub enum StoreReply {
     /// The resume was refused (the follow is not registered).
     Refused { ticket: u64, why: Refusal },
-    /// Messages for a follower, in seq order, contiguous with what it had; `done` ends it.
+    /// Messages `first_seq..` for a follower, contiguous with what it had; `done` ends it.
     Msgs {
         ticket: u64,
+        first_seq: u64,
         msgs: Vec<Bytes>,
         done: bool,
     },
@@ -104,10 +109,20 @@ pub enum OwnerNote {
 #[derive(Default)]
 pub struct ReplyBox {
     q: Mutex<Vec<StoreReply>>,
+    /// Buffers of written batches, for the shard's next ones.
+    spares: Mutex<Vec<Spare>>,
     pub wake: ShardWake,
 }
 
+/// Spare batch buffers kept per shard.
+const SPARES: usize = 4;
+
 impl ReplyBox {
+    /// A written batch's buffers, if any came back.
+    pub fn spare(&self) -> Option<Spare> {
+        self.spares.lock().ok()?.pop()
+    }
+
     /// Takes everything the state thread left for this shard.
     pub fn take(&self, into: &mut Vec<StoreReply>) {
         if let Ok(mut q) = self.q.lock() {
@@ -149,7 +164,9 @@ impl StoreHandle {
         self.try_send(shard, op).is_ok()
     }
 
-    /// [`Self::send`] that hands a refused operation back.
+    /// [`Self::send`] that hands a refused operation back (by value, as it went in: boxing it
+    /// would cost an allocation per dispatch for the rare refusal).
+    #[allow(clippy::result_large_err)]
     pub fn try_send(&self, shard: u16, op: StoreOp) -> Result<(), StoreOp> {
         let Some(q) = self.queues.get(shard as usize) else {
             return Err(op);
@@ -366,20 +383,23 @@ impl StateThread {
 
     fn turn(&mut self, ops: Vec<StoreOp>) {
         let mut starts = Vec::new();
-        let mut appends: Vec<(Append, SeqKey)> = Vec::new();
-        let mut index: HashMap<GenId, usize> = HashMap::new();
+        let mut batches = Vec::new();
+        let mut keys = Vec::new();
         let mut renews = Vec::new();
         let mut releases = Vec::new();
         let mut rest = Vec::new();
         for op in ops {
             match op {
                 StoreOp::Write {
+                    shard,
                     starts: s,
-                    appends: a,
+                    batch,
+                    keys: k,
                 } => {
                     starts.extend(s);
-                    for (a, key) in a {
-                        merge(&mut appends, &mut index, a, key);
+                    if !batch.gens.is_empty() {
+                        batches.push((shard, batch));
+                        keys.extend(k);
                     }
                 }
                 StoreOp::Renew(l) => renews.extend(l),
@@ -387,7 +407,7 @@ impl StateThread {
                 other => rest.push(other),
             }
         }
-        self.write(starts, appends);
+        self.write(starts, batches, keys);
         self.renew(renews);
         if !releases.is_empty() && self.healthy {
             if let Err(e) = self.timed(|s| s.release(&releases)) {
@@ -399,13 +419,13 @@ impl StateThread {
         }
     }
 
-    fn write(&mut self, starts: Vec<Start>, appends: Vec<(Append, SeqKey)>) {
-        if starts.is_empty() && appends.is_empty() {
+    fn write(&mut self, starts: Vec<Start>, batches: Vec<(u16, Batch)>, keys: Vec<SeqKey>) {
+        if starts.is_empty() && batches.is_empty() {
             return;
         }
-        let (recs, keys): (Vec<Append>, Vec<SeqKey>) = appends.into_iter().unzip();
+        let (shards, batches): (Vec<u16>, Vec<Batch>) = batches.into_iter().unzip();
         let result = if self.healthy {
-            self.timed(|s| s.write(&starts, &recs))
+            self.timed(|s| s.write(&starts, &batches))
         } else {
             Err(super::StoreError::Unavailable("reconnecting".into()))
         };
@@ -415,25 +435,41 @@ impl StateThread {
                 if self.healthy {
                     self.fail(&e);
                 }
-                vec![Appended::Gone; recs.len()]
+                vec![Appended::Gone; keys.len()]
             }
         };
+        let entries = batches
+            .iter()
+            .flat_map(|b| (0..b.gens.len()).map(move |i| (b, i)));
         let mut logged = 0;
-        for ((a, key), r) in recs.iter().zip(keys).zip(results) {
+        let mut pushes = Vec::new();
+        for (((b, i), key), r) in entries.zip(keys).zip(results) {
             match r {
                 Appended::Ok => {
-                    logged += a.msgs.len() as u64;
-                    self.push_to_followers(a);
+                    logged += u64::from(b.gens[i].count);
+                    if !self.by_gen.is_empty() && self.by_gen.contains_key(&b.gens[i].gen) {
+                        pushes.push((b, i));
+                    }
                 }
                 Appended::Duplicate => {}
                 Appended::Fenced => self.note(key, OwnerNote::Fenced),
                 Appended::Gone | Appended::Gap => self.note(key, OwnerNote::Unsafe),
             }
         }
+        for (b, i) in pushes {
+            self.push_to_followers(b, i);
+        }
         self.handle
             .metrics
             .appends
             .fetch_add(logged, Ordering::Relaxed);
+        for (shard, b) in shards.into_iter().zip(batches) {
+            if let Some(Ok(mut spares)) = self.boxes.get(shard as usize).map(|b| b.spares.lock()) {
+                if spares.len() < SPARES {
+                    spares.push(b.into_spare());
+                }
+            }
+        }
     }
 
     fn note(&mut self, key: SeqKey, what: OwnerNote) {
@@ -593,6 +629,7 @@ impl StateThread {
     /// Delivers a lookup's messages; claims the generation when its owner is gone. True when
     /// the follow is over.
     fn send_found(&mut self, ticket: u64, f: &mut Follow, g: super::Found, first: bool) -> bool {
+        let first_seq = f.last_seq + 1;
         let mut msgs = Vec::with_capacity(g.msgs.len());
         for (seq, m) in g.msgs {
             if seq == f.last_seq + 1 {
@@ -621,8 +658,15 @@ impl StateThread {
         let more = !msgs.is_empty() && f.last_seq < g.last_seq;
         // The first answer goes out even when empty: it tells the shard the resume is accepted.
         if !msgs.is_empty() || done || first {
-            self.out
-                .push((f.shard, StoreReply::Msgs { ticket, msgs, done }));
+            self.out.push((
+                f.shard,
+                StoreReply::Msgs {
+                    ticket,
+                    first_seq,
+                    msgs,
+                    done,
+                },
+            ));
         }
         if done {
             return true;
@@ -686,8 +730,9 @@ impl StateThread {
         }
     }
 
-    /// Pushes a just-written append to this instance's followers of its generation.
-    fn push_to_followers(&mut self, a: &Append) {
+    /// Pushes entry `i` of a just-written batch to this instance's followers of its generation.
+    fn push_to_followers(&mut self, b: &Batch, i: usize) {
+        let a = &b.gens[i];
         let Some(tickets) = self.by_gen.get(&a.gen).cloned() else {
             return;
         };
@@ -701,10 +746,11 @@ impl StateThread {
                 continue;
             }
             let skip = (f.last_seq + 1 - a.first_seq) as usize;
-            let msgs: Vec<Bytes> = a.msgs.iter().skip(skip).cloned().collect();
+            let msgs: Vec<Bytes> = b.texts(i).skip(skip).collect();
             if msgs.is_empty() {
                 continue;
             }
+            let first_seq = f.last_seq + 1;
             f.last_seq = a.last_seq();
             f.epoch = a.epoch;
             f.next_poll = Instant::now() + POLL * 5;
@@ -713,6 +759,7 @@ impl StateThread {
                 shard,
                 StoreReply::Msgs {
                     ticket,
+                    first_seq,
                     msgs,
                     done: a.done,
                 },
@@ -766,24 +813,4 @@ impl StateThread {
             }
         }
     }
-}
-
-/// Appends to the previous record of the same generation when they continue it.
-fn merge(
-    appends: &mut Vec<(Append, SeqKey)>,
-    index: &mut HashMap<GenId, usize>,
-    a: Append,
-    key: SeqKey,
-) {
-    if let Some(&i) = index.get(&a.gen) {
-        let (prev, _) = &mut appends[i];
-        if prev.epoch == a.epoch && !prev.done && prev.last_seq() + 1 == a.first_seq {
-            prev.msgs.extend(a.msgs);
-            prev.tokens.extend(a.tokens);
-            prev.done = a.done;
-            return;
-        }
-    }
-    index.insert(a.gen.clone(), appends.len());
-    appends.push((a, key));
 }
