@@ -6,6 +6,7 @@
 # After each Redis round the server's own counters say how many messages Redis accepted
 # (logged, resumable), and whether any batch was dropped or failed.
 # Usage: perf/resume_throughput.sh [seconds=8] [rounds=3]
+# SERVER=path runs another build of seedance-server (e.g. the previous commit's) instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${1:-8}
@@ -13,6 +14,7 @@ ROUNDS=${2:-3}
 PORT=${PORT:-18192}
 RPORT=${RPORT:-16390}
 cargo build --release --bins -q
+SERVER=${SERVER:-target/release/seedance-server}
 ulimit -n "$(ulimit -Hn)"
 DIR=$(mktemp -d)
 taskset -c 1 redis-server --port "$RPORT" --bind 127.0.0.1 --appendonly yes --appendfsync everysec \
@@ -25,7 +27,7 @@ echo "CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)  ($(npro
 run() { # label, extra server flags...
   local label=$1
   shift
-  taskset -c 0 target/release/seedance-server --model null --null-tokens-per-s 0 \
+  taskset -c 0 "$SERVER" --model null --null-tokens-per-s 0 \
     --max-running 1024 --listen 127.0.0.1:$PORT --cores 1 --log warn "$@" 2>"$DIR/srv.log" &
   local srv=$!
   for _ in $(seq 100); do grep -q "listening on" "$DIR/srv.log" && break; sleep 0.05; done

@@ -223,7 +223,7 @@ pub fn flush(shard: &Shard) {
     );
     let mut reqs = shard.requests.borrow_mut();
     for (_, e) in reqs.iter_mut() {
-        if let Some(j) = e.journal.as_deref_mut() {
+        if let Some(j) = e.journal.as_mut() {
             if keys.contains(&e.key) || gens.contains(&j.gen) {
                 j.broken = true;
             }
@@ -238,7 +238,7 @@ pub fn detach(shard: &Shard, key: SeqKey, paused: bool) -> bool {
     let Some(e) = reqs.get_mut(key.slot as usize).filter(|e| e.key == key) else {
         return false;
     };
-    let Some(j) = e.journal.as_deref_mut().filter(|j| j.logging()) else {
+    let Some(j) = e.journal.as_mut().filter(|j| j.logging()) else {
         return false;
     };
     j.detached = Some(Instant::now());
@@ -267,7 +267,7 @@ pub fn on_tick(shard: &Shard, now: Instant) {
     {
         let reqs = shard.requests.borrow();
         for (_, e) in reqs.iter() {
-            let Some(j) = e.journal.as_deref().filter(|j| !j.stopped) else {
+            let Some(j) = e.journal.as_ref().filter(|j| !j.stopped) else {
                 continue;
             };
             if due {
@@ -294,7 +294,7 @@ pub fn on_tick(shard: &Shard, now: Instant) {
     for key in expired {
         if let Some(e) = shard.requests.borrow_mut().get_mut(key.slot as usize) {
             // Counted once: the grace check skips it from now on.
-            if let Some(j) = e.journal.as_deref_mut() {
+            if let Some(j) = e.journal.as_mut() {
                 j.detached = None;
             }
         }
@@ -315,7 +315,7 @@ pub fn hand_over(shard: &Shard) -> Vec<(SeqKey, Arc<str>, u64)> {
     {
         let mut reqs = shard.requests.borrow_mut();
         for (_, e) in reqs.iter_mut() {
-            let Some(j) = e.journal.as_deref_mut().filter(|j| j.logging()) else {
+            let Some(j) = e.journal.as_mut().filter(|j| j.logging()) else {
                 continue;
             };
             j.stopped = true;
@@ -344,7 +344,12 @@ mod tests {
     /// A replayed message is byte for byte the frame the live client got.
     #[test]
     fn replay_renders_the_live_frames() {
-        for text in ["", "Paris", "a \"quoted\"\n\u{1F600} line", &"x".repeat(70_000)] {
+        for text in [
+            "",
+            "Paris",
+            "a \"quoted\"\n\u{1F600} line",
+            &"x".repeat(70_000),
+        ] {
             let mut live = BytesMut::new();
             crate::session::json::write_delta_frame(&mut live, "\"c1\"", 42, text);
             let mut logged = vec![TEXT_DELTA];

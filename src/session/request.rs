@@ -55,7 +55,7 @@ pub struct ReqEntry {
     /// Set when the request asked for logprobs.
     pub logprobs: Option<Box<Logprobs>>,
     /// Set when the generation is resumable: its messages also go to the state store.
-    pub journal: Option<Box<Journal>>,
+    pub journal: Option<Journal>,
 }
 
 impl ReqEntry {
@@ -239,7 +239,7 @@ pub fn start_ws(shard: &Rc<Shard>, conn: &Rc<Conn>, g: GenerateMsg) -> Result<()
             stop: g.stop.clone(),
         };
         let gen = crate::store::gen_id(&ws.session, &g.id);
-        entry.journal = Some(Box::new(Journal::new(gen.clone(), 1, None)));
+        entry.journal = Some(Journal::new(gen.clone(), 1, None));
         Some(crate::store::Start {
             gen,
             session: ws.session.as_str().into(),
@@ -346,7 +346,7 @@ fn on_token(shard: &Shard, e: &mut ReqEntry, id: u32, now: Instant) {
         Some(_) => shard.metrics.itl.observe(now.duration_since(e.last_token)),
     }
     e.last_token = now;
-    match e.journal.as_deref_mut() {
+    match e.journal.as_mut() {
         Some(j) if j.stopped => return,
         Some(j) => j.tokens.push(id),
         None if e.conn.is_closing() => return,
@@ -435,7 +435,7 @@ fn write_ws_delta(shard: &Shard, e: &mut ReqEntry, text: &str) {
     let lp = take_logprobs(shard, &mut e.logprobs);
     let (seq, id_json) = (e.seq, &*e.id_json);
     let key = e.key;
-    match e.journal.as_deref_mut().filter(|j| j.logging()) {
+    match e.journal.as_mut().filter(|j| j.logging()) {
         Some(j) => {
             let mut out = e.conn.out.borrow_mut();
             let buf = live.then_some(&mut out.buf);
@@ -560,7 +560,7 @@ fn write_end(shard: &Shard, e: &mut ReqEntry, reason: FinishReason, now: Instant
         done["resumable"] = e.journal.as_ref().is_some_and(|j| j.logging()).into();
     }
     let live = e.live();
-    match e.journal.as_deref_mut().filter(|j| j.logging()) {
+    match e.journal.as_mut().filter(|j| j.logging()) {
         Some(j) => {
             let mut out = e.conn.out.borrow_mut();
             let buf = live.then_some(&mut out.buf);

@@ -218,7 +218,7 @@ fn on_owner_note(shard: &Shard, key: SeqKey, what: OwnerNote) {
     let Some(e) = reqs.get_mut(key.slot as usize).filter(|e| e.key == key) else {
         return;
     };
-    let Some(j) = e.journal.as_deref_mut() else {
+    let Some(j) = e.journal.as_mut() else {
         return;
     };
     match what {
@@ -314,11 +314,7 @@ fn adopt(shard: &Shard, ticket: u64, gen: GenId, claimed: Claimed) {
         scratch: String::new(),
         // Logprobs are not carried over a takeover (documented in docs/protocol.md).
         logprobs: None,
-        journal: Some(Box::new(Journal::new(
-            gen.clone(),
-            claimed.epoch,
-            Some(now),
-        ))),
+        journal: Some(Journal::new(gen.clone(), claimed.epoch, Some(now))),
     };
     let key = shard.insert_request(entry);
     let ntok = claimed.tokens.len();

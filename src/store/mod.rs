@@ -225,9 +225,22 @@ impl BatchBuilder {
             tok_len: tokens.len() as u32,
             next: NONE,
         });
-        self.data.extend_from_slice(head);
-        self.data.extend_from_slice(body);
-        self.tokens.extend_from_slice(tokens);
+        // Most messages are a tag byte, a few bytes of text and one token: a call to memcpy
+        // per part costs more than the copy.
+        match head {
+            [] => {}
+            [b] => self.data.push(*b),
+            _ => self.data.extend_from_slice(head),
+        }
+        if body.len() <= 16 {
+            self.data.extend(body.iter().copied());
+        } else {
+            self.data.extend_from_slice(body);
+        }
+        match tokens {
+            [t] => self.tokens.push(*t),
+            _ => self.tokens.extend_from_slice(tokens),
+        }
         if e.tail == NONE {
             e.head = idx;
         } else if let Some(prev) = self.msgs.get_mut(e.tail as usize) {
@@ -256,15 +269,14 @@ impl BatchBuilder {
             let next = spare.unwrap_or_else(|| Vec::with_capacity(room));
             std::mem::replace(v, next)
         }
-        let (gens, msgs, tokens) = match spare {
-            Some(s) => (Some(s.gens), Some(s.msgs), Some(s.tokens)),
-            None => (None, None, None),
+        let (gens, msgs, data, tokens) = match spare {
+            Some(s) => (Some(s.gens), Some(s.msgs), s.data, Some(s.tokens)),
+            None => (None, None, None, None),
         };
         Batch {
             gens: swap(&mut self.gens, gens),
             msgs: swap(&mut self.msgs, msgs),
-            // The texts stay with the store (the embedded one keeps them): always new.
-            data: Bytes::from(swap(&mut self.data, None)),
+            data: Bytes::from(swap(&mut self.data, data)),
             tokens: swap(&mut self.tokens, tokens),
         }
     }
@@ -276,6 +288,8 @@ impl BatchBuilder {
 pub struct Spare {
     gens: Vec<BatchGen>,
     msgs: Vec<MsgRef>,
+    /// The texts' buffer, unless the store kept it (the embedded store does).
+    data: Option<Vec<u8>>,
     tokens: Vec<u32>,
 }
 
@@ -285,13 +299,23 @@ impl Batch {
         let Batch {
             mut gens,
             mut msgs,
+            data,
             mut tokens,
-            ..
         } = self;
         gens.clear();
         msgs.clear();
         tokens.clear();
-        Spare { gens, msgs, tokens }
+        let data = data.try_into_mut().ok().map(|b| {
+            let mut v = Vec::from(b);
+            v.clear();
+            v
+        });
+        Spare {
+            gens,
+            msgs,
+            data,
+            tokens,
+        }
     }
 }
 
