@@ -7,7 +7,8 @@
   to an uninterrupted run;
 - SIGTERM: the generation is handed over at once (the lease is released, not left to expire);
 - Redis stopped and restarted under live streams;
-- every refusal of a `resume` with its error code.
+- every refusal of a `resume` with its error code;
+- a replay is byte for byte the frames the live client got (plain deltas, logprobs, done).
 """
 
 from __future__ import annotations
@@ -95,6 +96,49 @@ async def full_run(url: str, g: dict) -> Resumed:
     assert await recv_until(ws, r, 60)
     await ws.close()
     return r
+
+
+@pytest.mark.parametrize("store", ["embedded", "redis"])
+def test_replay_is_byte_for_byte_what_was_sent(start_server, redis, store):
+    """Plain deltas are logged as their text and rebuilt on replay, deltas with logprobs and
+    the done as their JSON: a resume after an early seq gets exactly the frames the live client
+    got, on the same instance (embedded) and on another one (Redis)."""
+    common = ("--null-tokens-per-s", "0")
+    if store == "redis":
+        common += ("--redis-url", redis.url)
+    a = start_server(*common, model="synthetic:tiny")
+    b = start_server(*common, model="synthetic:tiny") if store == "redis" else a
+    n = 24
+
+    async def frames(ws) -> list[str]:
+        out = []
+        while True:
+            raw = await asyncio.wait_for(ws.recv(), 30)
+            m = json.loads(raw)
+            if m["type"] in ("delta", "done"):
+                out.append(raw)
+                if m["type"] == "done":
+                    return out
+
+    async def go():
+        got = {}
+        ws, hello = await connect(a.ws_url)
+        for id, extra in (("plain", {}), ("lp", {"logprobs": True, "top_logprobs": 2})):
+            await ws.send(json.dumps(greedy(id, n) | extra))
+            got[id] = await frames(ws)
+        await ws.close()
+        replayed = {}
+        for id in got:
+            ws2 = await resume(b.ws_url, hello, id, 2)
+            replayed[id] = await frames(ws2)
+            await ws2.close()
+        return got, replayed
+
+    got, replayed = run(go(), 60)
+    for id in got:
+        assert len(got[id]) == n + 1, got[id]
+        assert replayed[id] == got[id][2:], id
+    assert "top_logprobs" in json.loads(got["lp"][0])["logprobs"][0], got["lp"][0]
 
 
 def test_kill9_takeover_is_identical_to_an_uninterrupted_run(start_server, redis):
