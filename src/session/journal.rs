@@ -202,11 +202,19 @@ pub fn flush(shard: &Shard) {
     let Some(store) = shard.shared.store.as_ref() else {
         return;
     };
-    let spare = store.boxes.get(shard.id as usize).and_then(|b| b.spare());
+    let batch = {
+        let mut b = sj.batch.borrow_mut();
+        if b.is_empty() {
+            // Only new generations: the builder keeps its buffers.
+            crate::store::Batch::default()
+        } else {
+            b.take(store.boxes.get(shard.id as usize).and_then(|r| r.spare()))
+        }
+    };
     let op = StoreOp::Write {
         shard: shard.id,
         starts: std::mem::take(&mut *sj.starts.borrow_mut()),
-        batch: sj.batch.borrow_mut().take(spare),
+        batch,
         keys: std::mem::take(&mut *sj.keys.borrow_mut()),
     };
     sj.batch_no.set(sj.batch_no.get().wrapping_add(1));

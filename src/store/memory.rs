@@ -17,6 +17,9 @@ use super::{
 
 /// How often expired logs are swept.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// A session outlives its generations' logs by up to this much: extending it on every append
+/// would cost a second map lookup per message; this way it is once per generation per slack.
+const SESSION_SLACK: Duration = Duration::from_millis(500);
 /// Bytes counted per message besides its text (its place in the generation's index).
 const MSG_OVERHEAD: usize = 16;
 
@@ -149,6 +152,8 @@ fn release(spans: &[Span], chunks: &mut Chunks) -> usize {
 
 struct Gen {
     session: Arc<str>,
+    /// The session's expiry as this generation last extended it.
+    session_until: Instant,
     epoch: u64,
     lease_until: Instant,
     request: Bytes,
@@ -263,8 +268,11 @@ impl MemoryStore {
         g.last_seq = a.last_seq();
         g.done = a.done;
         g.expires = now + self.ttls.log;
-        if let Some(s) = self.sessions.get_mut(&g.session) {
-            s.1 = g.expires;
+        if g.expires > g.session_until {
+            g.session_until = g.expires + SESSION_SLACK;
+            if let Some(s) = self.sessions.get_mut(&g.session) {
+                s.1 = s.1.max(g.session_until);
+            }
         }
         (Appended::Ok, a.count)
     }
@@ -276,13 +284,15 @@ impl StateStore for MemoryStore {
         self.sweep(now);
         for s in starts {
             let expires = now + self.ttls.log;
+            let session_until = expires + SESSION_SLACK;
             self.sessions
-                .insert(s.session.clone(), (s.token_hash, expires));
+                .insert(s.session.clone(), (s.token_hash, session_until));
             let bytes = s.request.len() + s.gen.len() + 256;
             if let Some(old) = self.gens.insert(
                 s.gen.clone(),
                 Gen {
                     session: s.session.clone(),
+                    session_until,
                     epoch: 1,
                     lease_until: now + self.ttls.lease,
                     request: s.request.clone(),

@@ -115,7 +115,7 @@ pub struct ReplyBox {
 }
 
 /// Spare batch buffers kept per shard.
-const SPARES: usize = 4;
+const SPARES: usize = 16;
 
 impl ReplyBox {
     /// A written batch's buffers, if any came back.
