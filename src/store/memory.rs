@@ -20,6 +20,9 @@ const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// A session outlives its generations' logs by up to this much: extending it on every append
 /// would cost a second map lookup per message; this way it is once per generation per slack.
 const SESSION_SLACK: Duration = Duration::from_millis(500);
+/// Messages a new log has room for before it grows (growing by doubling from a few frees and
+/// allocates again at every step, on the state thread's busiest path).
+const LOG_ROOM: usize = 64;
 /// Bytes counted per message besides its text (its place in the generation's index).
 const MSG_OVERHEAD: usize = 16;
 
@@ -298,11 +301,12 @@ impl StateStore for MemoryStore {
                     request: s.request.clone(),
                     log: Log {
                         first: 1,
+                        spans: Vec::with_capacity(LOG_ROOM),
                         ..Log::default()
                     },
                     last_seq: 0,
                     trimmed: 0,
-                    tokens: Vec::new(),
+                    tokens: Vec::with_capacity(LOG_ROOM),
                     done: false,
                     broken: false,
                     cancel: false,
