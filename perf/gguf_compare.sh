@@ -63,14 +63,8 @@ LOAD_BEFORE=$(uptime)
 for r in $(seq "$ROUNDS"); do
   for t in $THREADS; do
     PIN=(taskset -c "0-$((t - 1))")
-    log "round $r/$ROUNDS, $t threads: llama-bench"
-    "${PIN[@]}" "$BENCH" -m "$FILE" -t "$t" -p 512 -n 128 -r "$REPS" -o json 2>/dev/null |
-      python3 perf/bench_parse.py llama "$t" >>"$RES"
-    for _ in $(seq "$REPS"); do
-      log "round $r/$ROUNDS, $t threads: seedance generate"
-      "${PIN[@]}" "$SEEDANCE" generate --model "$FILE" --prompt "$PROMPT" --max-tokens 128 \
-        --ignore-eos --ids 2>&1 >/dev/null | python3 perf/bench_parse.py seedance "$t" >>"$RES"
-    done
+    log "round $r/$ROUNDS"
+    bench_round "$t" "$FILE" "$FILE" "$t"
   done
 done
 echo

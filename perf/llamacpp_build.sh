@@ -26,3 +26,20 @@ if [ ! -x "$BENCH" ] || [ "$(cat "$BUILD/.version" 2>/dev/null)" != "$VER" ]; th
     >"$CACHE/build-$VER.log" 2>&1 || { tail -40 "$CACHE/build-$VER.log"; exit 1; }
   echo "$VER" >"$BUILD/.version"
 fi
+
+# One round of the side-by-side: llama-bench on GGUF file $2 (REPS repetitions, one JSON), then
+# REPS runs of `seedance-server generate` on model $3, both pinned with PIN, 512-token prompt and
+# 128 generated tokens; each result line (tagged $1) appended to $RES via perf/bench_parse.py.
+# Usage: bench_round LABEL GGUF SEEDANCE_MODEL THREADS. Needs: BENCH, SEEDANCE, PROMPT, REPS, RES,
+# PIN (an array, may be empty), log().
+bench_round() {
+  local label=$1 gguf=$2 model=$3 threads=$4
+  log "$label: llama-bench -t $threads -p 512 -n 128 -r $REPS"
+  "${PIN[@]}" "$BENCH" -m "$gguf" -t "$threads" -p 512 -n 128 -r "$REPS" -o json 2>/dev/null |
+    python3 perf/bench_parse.py llama "$label" >>"$RES"
+  for _ in $(seq "$REPS"); do
+    log "$label: seedance generate (512-token prompt, 128 tokens)"
+    "${PIN[@]}" "$SEEDANCE" generate --model "$model" --prompt "$PROMPT" --max-tokens 128 \
+      --ignore-eos --ids 2>&1 >/dev/null | python3 perf/bench_parse.py seedance "$label" >>"$RES"
+  done
+}

@@ -109,14 +109,8 @@ trap 'rm -f "$RES"' EXIT
 for r in $(seq "$ROUNDS"); do
   for s in "${SHAPES[@]}"; do
     d=$CACHE/ckpt-$s-seed$SEED
-    log "round $r/$ROUNDS $s: llama-bench -t $THREADS -p 512 -n 128 -r $REPS"
-    "${PIN[@]}" "$BENCH" -m "$d.f16.gguf" -t "$THREADS" -p 512 -n 128 -r "$REPS" -o json 2>/dev/null |
-      python3 perf/bench_parse.py llama "$s" >>"$RES"
-    for _ in $(seq "$REPS"); do
-      log "round $r/$ROUNDS $s: seedance-server generate (512-token prompt, 128 tokens)"
-      "${PIN[@]}" "$SEEDANCE" generate --model "$d" --prompt "$PROMPT" --max-tokens 128 \
-        --ignore-eos --ids 2>&1 >/dev/null | python3 perf/bench_parse.py seedance "$s" >>"$RES"
-    done
+    log "round $r/$ROUNDS"
+    bench_round "$s" "$d.f16.gguf" "$d" "$THREADS"
   done
 done
 LOAD_AFTER=$(uptime)

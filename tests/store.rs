@@ -10,7 +10,7 @@ use bytes::Bytes;
 use seedance::store::memory::MemoryStore;
 use seedance::store::redis::RedisStore;
 use seedance::store::{
-    gen_id, token_hash, Appended, Batch, BatchBuilder, Claim, Lease, Start, StateStore, Ttls,
+    gen_id, token_hash, Appended, Batch, BatchBuilder, Claim, Found, Lease, Start, StateStore, Ttls,
 };
 
 const TTLS: Ttls = Ttls {
@@ -42,9 +42,7 @@ fn append(gen: &str, epoch: u64, first: u64, n: u64, done: bool) -> Batch {
 }
 
 fn seqs(store: &mut dyn StateStore, session: &str, id: &str, after: u64) -> Vec<u64> {
-    let l = store.lookup(session, id, after, 1000).expect("lookup");
-    l.gen
-        .expect("generation present")
+    found(store, session, id, after)
         .msgs
         .iter()
         .map(|(s, m)| {
@@ -52,6 +50,12 @@ fn seqs(store: &mut dyn StateStore, session: &str, id: &str, after: u64) -> Vec<
             *s
         })
         .collect()
+}
+
+/// The generation `id` of `session` as a resume after `after` finds it (it must be there).
+fn found(store: &mut dyn StateStore, session: &str, id: &str, after: u64) -> Found {
+    let l = store.lookup(session, id, after, 1000).expect("lookup");
+    l.gen.expect("generation present")
 }
 
 /// A session name unique to this run (Redis keeps data across runs).
@@ -79,13 +83,13 @@ fn contract(store: &mut dyn StateStore) {
     assert_eq!(seqs(store, &s, "r1", 3), vec![4, 5]);
     let l = store.lookup(&s, "r1", 0, 2).expect("lookup");
     assert_eq!(l.session, Some(token_hash("secret")));
-    let found = l.gen.expect("gen");
-    assert_eq!(found.msgs.len(), 2, "limit respected");
+    let first = l.gen.expect("gen");
+    assert_eq!(first.msgs.len(), 2, "limit respected");
     assert_eq!(
-        (found.last_seq, found.done, found.broken),
+        (first.last_seq, first.done, first.broken),
         (5, false, false)
     );
-    assert!(!found.lease_expired);
+    assert!(!first.lease_expired);
 
     // Idempotent re-append: a retried batch changes nothing.
     assert_eq!(
@@ -117,14 +121,7 @@ fn contract(store: &mut dyn StateStore) {
         Claim::Busy
     ));
     std::thread::sleep(TTLS.lease + Duration::from_millis(100));
-    assert!(
-        store
-            .lookup(&s, "r1", 5, 10)
-            .expect("l")
-            .gen
-            .expect("g")
-            .lease_expired
-    );
+    assert!(found(store, &s, "r1", 5).lease_expired);
     let Claim::Claimed(c) = store.claim(&g, 1, "test-b").expect("claim") else {
         panic!("expired lease not claimable");
     };
@@ -147,7 +144,7 @@ fn contract(store: &mut dyn StateStore) {
         vec![Appended::Ok]
     );
     assert_eq!(seqs(store, &s, "r1", 5), vec![6, 7]);
-    let f = store.lookup(&s, "r1", 7, 10).expect("l").gen.expect("g");
+    let f = found(store, &s, "r1", 7);
     assert!(f.done && !f.lease_expired);
     assert!(matches!(
         store.claim(&g, 2, "test-c").expect("c"),
@@ -161,27 +158,12 @@ fn contract(store: &mut dyn StateStore) {
         store.write(&[], &[append(&g2, 1, 3, 1, false)]).expect("w"),
         vec![Appended::Gap]
     );
-    assert!(
-        store
-            .lookup(&s, "r2", 0, 10)
-            .expect("l")
-            .gen
-            .expect("g")
-            .broken
-    );
+    assert!(found(store, &s, "r2", 0).broken);
 
     // Trim: acknowledged messages go; the rest stay.
     store.trim(&g, 6).expect("trim");
     assert_eq!(seqs(store, &s, "r1", 0), vec![7]);
-    assert_eq!(
-        store
-            .lookup(&s, "r1", 0, 10)
-            .expect("l")
-            .gen
-            .expect("g")
-            .trimmed,
-        6
-    );
+    assert_eq!(found(store, &s, "r1", 0).trimmed, 6);
 
     // A released lease is claimable at once.
     let g3 = gen_id(&s, "r3");
@@ -222,14 +204,7 @@ fn contract(store: &mut dyn StateStore) {
     );
     assert_eq!(seqs(store, &s, "r4", 0), vec![1, 2, 3, 4]);
     assert_eq!(seqs(store, &s, "r5", 1), vec![2, 3]);
-    assert!(
-        store
-            .lookup(&s, "r4", 0, 10)
-            .expect("l")
-            .gen
-            .expect("g")
-            .done
-    );
+    assert!(found(store, &s, "r4", 0).done);
     std::thread::sleep(TTLS.lease + Duration::from_millis(100));
     let Claim::Claimed(c) = store.claim(&g5, 1, "test-b").expect("claim") else {
         panic!("r5 not claimable");
@@ -269,7 +244,7 @@ fn memory_store_frees_what_every_generation_acknowledged() {
     // One batch holds both generations' texts: it goes once neither needs it.
     m.trim(&ga, 1).expect("trim");
     assert!(m.bytes() >= base + 20_000, "freed while b still holds it");
-    let left = m.lookup(&s, "b", 0, 10).expect("l").gen.expect("g").msgs;
+    let left = found(&mut m, &s, "b", 0).msgs;
     assert_eq!(left, vec![(1, Bytes::from(vec![b'b'; 10_000]))]);
     m.trim(&gb, 1).expect("trim");
     assert!(

@@ -40,9 +40,18 @@ struct Chunks {
 }
 
 impl Chunks {
-    fn add(&mut self, data: Bytes, live: u32) -> u64 {
+    /// The id the next chunk gets.
+    fn next_id(&self) -> u64 {
+        self.base + self.slots.len() as u64
+    }
+
+    fn add(&mut self, data: Bytes, live: u32) {
         self.slots.push_back(Some((data, live)));
-        self.base + self.slots.len() as u64 - 1
+    }
+
+    fn slot(&mut self, id: u64) -> Option<&mut Option<(Bytes, u32)>> {
+        let i = usize::try_from(id.checked_sub(self.base)?).ok()?;
+        self.slots.get_mut(i)
     }
 
     fn get(&self, id: u64) -> Option<&Bytes> {
@@ -52,25 +61,15 @@ impl Chunks {
 
     /// `n` messages of chunk `id` are dropped; returns the bytes freed.
     fn release(&mut self, id: u64, n: u32) -> usize {
-        let Some(i) = id
-            .checked_sub(self.base)
-            .and_then(|i| usize::try_from(i).ok())
-        else {
-            return 0;
-        };
-        let Some(slot) = self.slots.get_mut(i) else {
+        let Some(slot) = self.slot(id) else {
             return 0;
         };
         let freed = match slot {
-            Some((b, live)) if *live <= n => {
-                let len = b.len();
-                *slot = None;
-                len
-            }
-            Some((_, live)) => {
+            Some((_, live)) if *live > n => {
                 *live -= n;
                 0
             }
+            Some(_) => slot.take().map_or(0, |(b, _)| b.len()),
             None => 0,
         };
         while matches!(self.slots.front(), Some(None)) {
@@ -322,7 +321,7 @@ impl StateStore for MemoryStore {
         }
         let mut out = Vec::with_capacity(batches.iter().map(|b| b.gens.len()).sum());
         for b in batches {
-            let chunk = self.chunks.base + self.chunks.slots.len() as u64;
+            let chunk = self.chunks.next_id();
             let mut live = 0;
             for i in 0..b.gens.len() {
                 let (r, n) = self.append(b, i, chunk, now);

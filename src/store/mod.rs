@@ -79,8 +79,6 @@ pub struct BatchGen {
     pub count: u32,
     /// The last message is the `done`.
     pub done: bool,
-    /// Text bytes of its messages together.
-    pub bytes: u32,
     head: u32,
     tail: u32,
 }
@@ -104,31 +102,25 @@ struct MsgRef {
 const NONE: u32 = u32::MAX;
 
 impl Batch {
-    /// One message's text and the tokens it covers, for each message of entry `i` in seq order.
-    pub fn msgs(&self, i: usize) -> impl Iterator<Item = (&[u8], &[u32])> + '_ {
+    /// Each message of entry `i` in seq order: (offset, length) in [`Self::data`] and the
+    /// tokens it covers.
+    pub fn spans(&self, i: usize) -> impl Iterator<Item = (u32, u32, &[u32])> + '_ {
         self.refs(i).map(|m| {
-            (
-                &self.data[m.off as usize..(m.off + m.len) as usize],
-                &self.tokens[m.tok_off as usize..(m.tok_off + m.tok_len) as usize],
-            )
+            let tokens = &self.tokens[m.tok_off as usize..(m.tok_off + m.tok_len) as usize];
+            (m.off, m.len, tokens)
         })
+    }
+
+    /// Each message of entry `i` in seq order: its text and the tokens it covers.
+    pub fn msgs(&self, i: usize) -> impl Iterator<Item = (&[u8], &[u32])> + '_ {
+        self.spans(i)
+            .map(|(off, len, t)| (&self.data[off as usize..(off + len) as usize], t))
     }
 
     /// Entry `i`'s texts as shared slices of the batch (for the followers it is pushed to).
     pub fn texts(&self, i: usize) -> impl Iterator<Item = Bytes> + '_ {
-        self.refs(i)
-            .map(|m| self.data.slice(m.off as usize..(m.off + m.len) as usize))
-    }
-
-    /// Each message of entry `i` as (offset, length) in [`Self::data`] and its tokens.
-    pub fn spans(&self, i: usize) -> impl Iterator<Item = (u32, u32, &[u32])> + '_ {
-        self.refs(i).map(|m| {
-            (
-                m.off,
-                m.len,
-                &self.tokens[m.tok_off as usize..(m.tok_off + m.tok_len) as usize],
-            )
-        })
+        self.spans(i)
+            .map(|(off, len, _)| self.data.slice(off as usize..(off + len) as usize))
     }
 
     /// The texts of every message, back to back.
@@ -143,15 +135,6 @@ impl Batch {
             at = m.next;
             Some(m)
         })
-    }
-
-    /// Messages in the batch.
-    pub fn len(&self) -> usize {
-        self.msgs.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.msgs.is_empty()
     }
 
     /// A batch of one entry (tests, and writes that are not a shard's).
@@ -197,7 +180,6 @@ impl BatchBuilder {
             first_seq,
             count: 0,
             done: false,
-            bytes: 0,
             head: NONE,
             tail: NONE,
         });
@@ -248,7 +230,6 @@ impl BatchBuilder {
         }
         e.tail = idx;
         e.count += 1;
-        e.bytes += len as u32;
         e.done = done;
     }
 

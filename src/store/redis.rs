@@ -23,8 +23,8 @@ use bytes::Bytes;
 use redis::{Connection, Pipeline, Value};
 
 use super::{
-    Appended, Batch, Claim, Claimed, Found, Lease, Lookup, Renewed, Start, StateStore, StoreError,
-    Ttls,
+    Appended, Batch, Claim, Claimed, Found, GenId, Lease, Lookup, Renewed, Start, StateStore,
+    StoreError, Ttls,
 };
 
 const NOW: &str = "local t = redis.call('TIME') local now = tonumber(t[1]) * 1000 + \
@@ -201,68 +201,90 @@ fn unpack(first: u64, packed: Bytes, into: &mut Vec<(u64, Bytes)>) -> Option<()>
     Some(())
 }
 
-/// The runs of one generation in a turn's batches, written as one stream entry.
-struct Run {
-    /// (batch, entry) of each run, in order.
-    parts: Vec<(usize, usize)>,
+/// Consecutive entries of one generation in a turn's batches, written as one stream entry.
+struct Run<'a> {
+    gen: &'a GenId,
+    epoch: u64,
     first_seq: u64,
     last_seq: u64,
-    epoch: u64,
     done: bool,
+    /// Its first entry in [`Runs::entries`]; each links to the next through [`Runs::next`].
+    head: usize,
+    tail: usize,
 }
 
-/// Groups the batches' entries by generation: consecutive runs of one generation become one
-/// append (one XADD, however many dispatches the turn took). Returns the groups and, for each
-/// entry in order, its group.
-fn group(batches: &[Batch]) -> (Vec<Run>, Vec<usize>) {
+/// A turn's batch entries grouped by generation (one XADD per run, however many dispatches
+/// the turn took), with no allocation per run.
+struct Runs<'a> {
+    runs: Vec<Run<'a>>,
+    /// Every entry in order as (batch, entry), with the run it joined.
+    entries: Vec<(usize, usize, usize)>,
+    next: Vec<usize>,
+}
+
+const END: usize = usize::MAX;
+
+fn group(batches: &[Batch]) -> Runs<'_> {
     let mut index: std::collections::HashMap<&str, usize, foldhash::fast::RandomState> =
         Default::default();
-    let mut runs: Vec<Run> = Vec::new();
-    let mut of_entry = Vec::new();
+    let mut g = Runs {
+        runs: Vec::new(),
+        entries: Vec::new(),
+        next: Vec::new(),
+    };
     for (bi, b) in batches.iter().enumerate() {
         for (ei, e) in b.gens.iter().enumerate() {
+            let at = g.entries.len();
             let joined = index.get(&*e.gen).copied().filter(|&r| {
-                let run = &runs[r];
+                let run = &g.runs[r];
                 run.epoch == e.epoch && !run.done && run.last_seq + 1 == e.first_seq
             });
             let r = match joined {
                 Some(r) => {
-                    let run = &mut runs[r];
-                    run.parts.push((bi, ei));
+                    let run = &mut g.runs[r];
+                    g.next[run.tail] = at;
+                    run.tail = at;
                     run.last_seq = e.last_seq();
                     run.done = e.done;
                     r
                 }
                 None => {
-                    index.insert(&e.gen, runs.len());
-                    runs.push(Run {
-                        parts: vec![(bi, ei)],
+                    index.insert(&e.gen, g.runs.len());
+                    g.runs.push(Run {
+                        gen: &e.gen,
+                        epoch: e.epoch,
                         first_seq: e.first_seq,
                         last_seq: e.last_seq(),
-                        epoch: e.epoch,
                         done: e.done,
+                        head: at,
+                        tail: at,
                     });
-                    runs.len() - 1
+                    g.runs.len() - 1
                 }
             };
-            of_entry.push(r);
+            g.entries.push((bi, ei, r));
+            g.next.push(END);
         }
     }
-    (runs, of_entry)
+    g
 }
 
-/// A run's messages as one stream entry value (u32 LE length + text, each) and its tokens
-/// (u32 LE each).
-fn pack(batches: &[Batch], run: &Run, msgs: &mut Vec<u8>, tokens: &mut Vec<u8>) {
-    msgs.clear();
-    tokens.clear();
-    for &(bi, ei) in &run.parts {
-        for (text, toks) in batches[bi].msgs(ei) {
-            msgs.extend_from_slice(&(text.len() as u32).to_le_bytes());
-            msgs.extend_from_slice(text);
-            for t in toks {
-                tokens.extend_from_slice(&t.to_le_bytes());
+impl Runs<'_> {
+    /// Run `r`'s messages as one stream entry value (u32 LE length + text, each) and its
+    /// tokens (u32 LE each).
+    fn pack(&self, batches: &[Batch], r: usize, msgs: &mut Vec<u8>, tokens: &mut Vec<u8>) {
+        msgs.clear();
+        tokens.clear();
+        let mut at = self.runs[r].head;
+        while let Some(&(bi, ei, _)) = self.entries.get(at) {
+            for (text, toks) in batches[bi].msgs(ei) {
+                msgs.extend_from_slice(&(text.len() as u32).to_le_bytes());
+                msgs.extend_from_slice(text);
+                for t in toks {
+                    tokens.extend_from_slice(&t.to_le_bytes());
+                }
             }
+            at = self.next[at];
         }
     }
 }
@@ -364,7 +386,7 @@ fn evalsha<'a>(
 
 impl StateStore for RedisStore {
     fn write(&mut self, starts: &[Start], batches: &[Batch]) -> Result<Vec<Appended>, StoreError> {
-        let (runs, of_entry) = group(batches);
+        let runs = group(batches);
         let (lease, ttl) = (
             self.ttls.lease.as_millis() as u64,
             self.ttls.log.as_millis() as u64,
@@ -385,10 +407,9 @@ impl StateStore for RedisStore {
                     .ignore();
             }
             let (mut msgs, mut toks) = (Vec::new(), Vec::new());
-            for run in &runs {
-                pack(batches, run, &mut msgs, &mut toks);
-                let gen = &batches[run.parts[0].0].gens[run.parts[0].1].gen;
-                evalsha(p, shas, Script::Append, &keys(gen))
+            for (r, run) in runs.runs.iter().enumerate() {
+                runs.pack(batches, r, &mut msgs, &mut toks);
+                evalsha(p, shas, Script::Append, &keys(run.gen))
                     .arg(run.epoch)
                     .arg(ttl)
                     .arg(run.first_seq)
@@ -398,7 +419,7 @@ impl StateStore for RedisStore {
                     .arg(run.last_seq - run.first_seq + 1);
             }
         })?;
-        if replies.len() != runs.len() {
+        if replies.len() != runs.runs.len() {
             return Err(protocol("append"));
         }
         let results: Vec<Appended> = replies
@@ -411,7 +432,7 @@ impl StateStore for RedisStore {
                 _ => Appended::Gone,
             })
             .collect();
-        Ok(of_entry.into_iter().map(|r| results[r]).collect())
+        Ok(runs.entries.iter().map(|&(_, _, r)| results[r]).collect())
     }
 
     fn renew(&mut self, leases: &[Lease]) -> Result<Vec<Renewed>, StoreError> {

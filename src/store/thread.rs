@@ -123,6 +123,15 @@ impl ReplyBox {
         self.spares.lock().ok()?.pop()
     }
 
+    /// Keeps a written batch's buffers for the shard (up to [`SPARES`]).
+    fn recycle(&self, b: Batch) {
+        if let Ok(mut spares) = self.spares.lock() {
+            if spares.len() < SPARES {
+                spares.push(b.into_spare());
+            }
+        }
+    }
+
     /// Takes everything the state thread left for this shard.
     pub fn take(&self, into: &mut Vec<StoreReply>) {
         if let Ok(mut q) = self.q.lock() {
@@ -447,7 +456,7 @@ impl StateThread {
             match r {
                 Appended::Ok => {
                     logged += u64::from(b.gens[i].count);
-                    if !self.by_gen.is_empty() && self.by_gen.contains_key(&b.gens[i].gen) {
+                    if self.by_gen.contains_key(&b.gens[i].gen) {
                         pushes.push((b, i));
                     }
                 }
@@ -464,10 +473,8 @@ impl StateThread {
             .appends
             .fetch_add(logged, Ordering::Relaxed);
         for (shard, b) in shards.into_iter().zip(batches) {
-            if let Some(Ok(mut spares)) = self.boxes.get(shard as usize).map(|b| b.spares.lock()) {
-                if spares.len() < SPARES {
-                    spares.push(b.into_spare());
-                }
+            if let Some(r) = self.boxes.get(shard as usize) {
+                r.recycle(b);
             }
         }
     }
