@@ -13,6 +13,8 @@
 #   perf/profile.sh                              # the serving path alone (null model)
 #   perf/profile.sh synthetic:tiny 64 10         # serving + a small real engine
 #   perf/profile.sh synthetic:qwen2.5-0.5b 8 20  # the CPU engine under batching
+#   FLAGS="--resume false" perf/profile.sh null 1000 8   # extra server flags (FLAGS) and
+#   BENCH_FLAGS="--stream-mode token" ...              # extra seedance-bench flags
 # Needs: linux-perf (`perf`), kernel.perf_event_paranoid <= 2 (profiling one's own processes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,7 +31,7 @@ cargo build --release --bins -q
 BIN=${CARGO_TARGET_DIR:-target}/release
 EXTRA=()
 [ "$MODEL" = null ] && EXTRA=(--null-tokens-per-s 0 --max-running 4096)
-taskset -c 0 "$BIN/seedance-server" --model "$MODEL" "${EXTRA[@]}" --cores 1 \
+taskset -c 0 "$BIN/seedance-server" --model "$MODEL" "${EXTRA[@]}" ${FLAGS:-} --cores 1 \
     --listen "127.0.0.1:$PORT" --log warn 2>"$OUT/server.log" &
 SRV=$!
 trap 'kill $SRV 2>/dev/null || true; wait $SRV 2>/dev/null || true' EXIT
@@ -39,7 +41,7 @@ grep -q "listening on" "$OUT/server.log" || { cat "$OUT/server.log" >&2; exit 1;
 # The load runs a little longer than each measurement, which starts after a warm-up second.
 ulimit -n "$(ulimit -Hn)"
 taskset -c 1 "$BIN/seedance-bench" "$PROTO" --addr "127.0.0.1:$PORT" --connections "$CONNS" \
-    --input-len 32 --output-len 256 --duration $((2 * SECS + 4)) >"$OUT/bench.txt" 2>&1 &
+    --input-len 32 --output-len 256 ${BENCH_FLAGS:-} --duration $((2 * SECS + 4)) >"$OUT/bench.txt" 2>&1 &
 BENCH=$!
 sleep 1
 perf stat -p "$SRV" -e task-clock,context-switches,cpu-migrations,page-faults,cycles,instructions \

@@ -7,6 +7,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,8 +17,9 @@ use super::resume::Follower;
 use crate::engine::sampler::SamplingParams;
 use crate::engine::{EngineMsg, SeqKey};
 use crate::server::shard::Shard;
-use crate::store::thread::StoreOp;
-use crate::store::{BatchBuilder, GenId, Lease, Start};
+use crate::store::local::LocalLog;
+use crate::store::thread::{OwnerNote, StoreOp, StoreReply};
+use crate::store::{Appended, BatchBuilder, GenId, Lease, Start};
 use crate::ws::handshake::StreamMode;
 
 /// A resumable generation's link to its log.
@@ -32,13 +34,16 @@ pub struct Journal {
     pub broken: bool,
     /// Another instance carries it on (fenced, or handed over on SIGTERM): send nothing more.
     pub stopped: bool,
+    /// Its log, appended to in place (the embedded store); `None`: messages go to the state
+    /// thread in batches.
+    pub local: Option<LocalLog>,
     /// Its entry in the shard's pending batch (valid while that batch's number is `batch`).
     batch: u64,
     idx: u32,
 }
 
 impl Journal {
-    pub fn new(gen: GenId, epoch: u64, detached: Option<Instant>) -> Self {
+    pub fn new(gen: GenId, epoch: u64, detached: Option<Instant>, local: Option<LocalLog>) -> Self {
         Journal {
             gen,
             epoch,
@@ -46,6 +51,7 @@ impl Journal {
             detached,
             broken: false,
             stopped: false,
+            local,
             batch: u64::MAX,
             idx: 0,
         }
@@ -90,6 +96,10 @@ pub struct ShardJournal {
     pub followers: RefCell<HashMap<u64, Follower>>,
     next_ticket: Cell<u64>,
     last_renew: Cell<Option<Instant>>,
+    /// Since the last flush, with the embedded store: bytes the in-place appends grew the logs
+    /// by, and messages appended.
+    grown: Cell<usize>,
+    appended: Cell<u64>,
 }
 
 impl ShardJournal {
@@ -163,7 +173,9 @@ pub fn send_logged(
     log(shard, key, j, seq, &[], &text, done);
 }
 
-/// Queues one message of `key`'s generation for the store.
+/// Logs one message of `key`'s generation: in place (embedded store), or queued for the
+/// state thread in this dispatch's batch (also in place, when a client on this instance
+/// follows the generation: the state thread pushes it to them).
 fn log(
     shard: &Shard,
     key: SeqKey,
@@ -177,6 +189,46 @@ fn log(
         return;
     }
     let sj = &shard.journal;
+    if let Some(local) = &j.local {
+        let (r, followed) = match local.lock() {
+            Ok(mut l) => {
+                let held = l.held();
+                let r = l.append(j.epoch, seq, head, body, &j.tokens, done);
+                sj.grown.set(sj.grown.get() + l.held().saturating_sub(held));
+                (r, l.followed)
+            }
+            Err(_) => (Appended::Gone, false),
+        };
+        match r {
+            Appended::Ok => sj.appended.set(sj.appended.get() + 1),
+            Appended::Duplicate => {}
+            Appended::Fenced | Appended::Gone | Appended::Gap => {
+                j.broken = true;
+                let what = if r == Appended::Fenced {
+                    OwnerNote::Fenced
+                } else {
+                    tracing::warn!(
+                        shard = shard.id,
+                        gen = &*j.gen,
+                        "log evicted or closed: not resumable"
+                    );
+                    OwnerNote::Unsafe
+                };
+                if let Some(b) = shard
+                    .shared
+                    .store
+                    .as_ref()
+                    .and_then(|s| s.boxes.get(shard.id as usize))
+                {
+                    b.post(StoreReply::Owner { key, what });
+                }
+            }
+        }
+        if r != Appended::Ok || !followed {
+            j.tokens.clear();
+            return;
+        }
+    }
     let full = {
         let mut b = sj.batch.borrow_mut();
         if j.batch != sj.batch_no.get() || b.next_seq(j.idx) != Some(seq) {
@@ -196,12 +248,22 @@ fn log(
 /// Sends this dispatch's batch to the state thread (called once per dispatch).
 pub fn flush(shard: &Shard) {
     let sj = &shard.journal;
-    if sj.batch.borrow().is_empty() && sj.starts.borrow().is_empty() {
-        return;
-    }
     let Some(store) = shard.shared.store.as_ref() else {
         return;
     };
+    if let Some(bytes) = &store.local_bytes {
+        let grown = sj.grown.take();
+        if grown > 0 {
+            bytes.fetch_add(grown as i64, Ordering::Relaxed);
+        }
+        let n = sj.appended.take();
+        if n > 0 {
+            store.metrics.appends.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+    if sj.batch.borrow().is_empty() && sj.starts.borrow().is_empty() {
+        return;
+    }
     let batch = {
         let mut b = sj.batch.borrow_mut();
         if b.is_empty() {
@@ -211,17 +273,29 @@ pub fn flush(shard: &Shard) {
             b.take(store.boxes.get(shard.id as usize).and_then(|r| r.spare()))
         }
     };
+    let logged = store.local_bytes.is_some();
     let op = StoreOp::Write {
         shard: shard.id,
         starts: std::mem::take(&mut *sj.starts.borrow_mut()),
         batch,
         keys: std::mem::take(&mut *sj.keys.borrow_mut()),
+        logged,
     };
     sj.batch_no.set(sj.batch_no.get().wrapping_add(1));
-    let Err(StoreOp::Write { starts, keys, .. }) = store.try_send(shard.id, op) else {
+    let Err(StoreOp::Write {
+        starts, mut keys, ..
+    }) = store.try_send(shard.id, op)
+    else {
         return;
     };
+    if logged {
+        // Messages logged in place are not lost: a follower that misses them reads the log.
+        keys.clear();
+    }
     let gens: Vec<GenId> = starts.iter().map(|s| s.gen.clone()).collect();
+    if keys.is_empty() && gens.is_empty() {
+        return;
+    }
     // The state queue is full: these generations cannot be resumed any more.
     shard.metrics.store_drops.inc();
     tracing::warn!(

@@ -239,13 +239,20 @@ pub fn start_ws(shard: &Rc<Shard>, conn: &Rc<Conn>, g: GenerateMsg) -> Result<()
             stop: g.stop.clone(),
         };
         let gen = crate::store::gen_id(&ws.session, &g.id);
-        entry.journal = Some(Journal::new(gen.clone(), 1, None));
+        let request = super::resume::stored_request(&req)?;
+        // The embedded store: this shard appends to the log in place.
+        let local = store
+            .local_bytes
+            .is_some()
+            .then(|| crate::store::local::GenLog::shared(1));
+        entry.journal = Some(Journal::new(gen.clone(), 1, None, local.clone()));
         Some(crate::store::Start {
             gen,
             session: ws.session.as_str().into(),
             token_hash: ws.token_hash,
             owner: store.instance.clone(),
-            request: super::resume::stored_request(&req)?,
+            request,
+            log: local,
         })
     });
     let key = submit(shard, entry, prompt, params)?;

@@ -314,7 +314,12 @@ fn adopt(shard: &Shard, ticket: u64, gen: GenId, claimed: Claimed) {
         scratch: String::new(),
         // Logprobs are not carried over a takeover (documented in docs/protocol.md).
         logprobs: None,
-        journal: Some(Journal::new(gen.clone(), claimed.epoch, Some(now))),
+        journal: Some(Journal::new(
+            gen.clone(),
+            claimed.epoch,
+            Some(now),
+            claimed.log.clone(),
+        )),
     };
     let key = shard.insert_request(entry);
     let ntok = claimed.tokens.len();

@@ -5,11 +5,13 @@
 //! evicted generation is `unknown_id`; an owner whose log was evicted marks it not resumable).
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
+use super::local::{GenLog, LocalLog, LOG_OVERHEAD, NEW_LOG_BYTES};
 use super::{
     Appended, Batch, Claim, Claimed, Found, GenId, Lease, Lookup, Renewed, Start, StateStore,
     StoreError, Ttls,
@@ -17,158 +19,26 @@ use super::{
 
 /// How often expired logs are swept.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
-/// A session outlives its generations' logs by up to this much: extending it on every append
-/// would cost a second map lookup per message; this way it is once per generation per slack.
+/// A session outlives its generations' logs by up to this much: extending it on every renewal
+/// would cost a second map lookup each; this way it is once per generation per slack.
 const SESSION_SLACK: Duration = Duration::from_millis(500);
-/// Messages a new log has room for before it grows (growing by doubling from a few frees and
-/// allocates again at every step, on the state thread's busiest path).
-const LOG_ROOM: usize = 64;
-/// Bytes counted per message besides its text (its place in the generation's index).
-const MSG_OVERHEAD: usize = 16;
 
 type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
-/// The shards' batches as they came (each one buffer of message texts), kept while any message
-/// in them is: storing a message costs an index entry, not a copy into a per-generation buffer
-/// (that copy, a cache miss per message, was most of the store's cost).
-#[derive(Default)]
-struct Chunks {
-    /// The id of `slots[0]`.
-    base: u64,
-    /// A chunk's texts and how many of its messages are still held (`None`: freed).
-    slots: VecDeque<Option<(Bytes, u32)>>,
-}
-
-impl Chunks {
-    /// The id the next chunk gets.
-    fn next_id(&self) -> u64 {
-        self.base + self.slots.len() as u64
-    }
-
-    fn add(&mut self, data: Bytes, live: u32) {
-        self.slots.push_back(Some((data, live)));
-    }
-
-    fn slot(&mut self, id: u64) -> Option<&mut Option<(Bytes, u32)>> {
-        let i = usize::try_from(id.checked_sub(self.base)?).ok()?;
-        self.slots.get_mut(i)
-    }
-
-    fn get(&self, id: u64) -> Option<&Bytes> {
-        let i = usize::try_from(id.checked_sub(self.base)?).ok()?;
-        self.slots.get(i)?.as_ref().map(|(b, _)| b)
-    }
-
-    /// `n` messages of chunk `id` are dropped; returns the bytes freed.
-    fn release(&mut self, id: u64, n: u32) -> usize {
-        let Some(slot) = self.slot(id) else {
-            return 0;
-        };
-        let freed = match slot {
-            Some((_, live)) if *live > n => {
-                *live -= n;
-                0
-            }
-            Some(_) => slot.take().map_or(0, |(b, _)| b.len()),
-            None => 0,
-        };
-        while matches!(self.slots.front(), Some(None)) {
-            self.slots.pop_front();
-            self.base += 1;
-        }
-        freed
-    }
-}
-
-/// Where one message's text is: chunk id, offset, length.
-type Span = (u64, u32, u32);
-
-/// A generation's messages: an index into the chunks.
-#[derive(Default)]
-struct Log {
-    spans: Vec<Span>,
-    /// The seq of `spans[0]`.
-    first: u64,
-    /// Messages at the front already trimmed (compacted away once they are half the log).
-    dead: usize,
-}
-
-impl Log {
-    /// Messages with seq > `after`, at most `limit`.
-    fn after(&self, chunks: &Chunks, after: u64, limit: usize) -> Vec<(u64, Bytes)> {
-        let from = (after + 1).max(self.first + self.dead as u64);
-        let skip = (from - self.first) as usize;
-        self.spans
-            .iter()
-            .enumerate()
-            .skip(skip)
-            .take(limit)
-            .filter_map(|(i, &(id, off, len))| {
-                let text = chunks.get(id)?.slice(off as usize..(off + len) as usize);
-                Some((self.first + i as u64, text))
-            })
-            .collect()
-    }
-
-    /// Drops messages up to `upto`; returns the chunk bytes freed and the index bytes dropped.
-    fn trim(&mut self, upto: u64, chunks: &mut Chunks) -> (usize, usize) {
-        let held_from = self.first + self.dead as u64;
-        if upto < held_from {
-            return (0, 0);
-        }
-        let n = ((upto - held_from + 1) as usize).min(self.spans.len() - self.dead);
-        let freed = (
-            release(&self.spans[self.dead..self.dead + n], chunks),
-            n * MSG_OVERHEAD,
-        );
-        self.dead += n;
-        if self.dead * 2 >= self.spans.len() {
-            self.spans.drain(..self.dead);
-            self.first += self.dead as u64;
-            self.dead = 0;
-        }
-        freed
-    }
-
-    /// Drops every message held; returns the chunk bytes freed.
-    fn clear(&mut self, chunks: &mut Chunks) -> usize {
-        let freed = release(&self.spans[self.dead..], chunks);
-        self.spans = Vec::new();
-        self.dead = 0;
-        freed
-    }
-}
-
-/// Releases the messages at `spans` from their chunks (runs of one chunk at a time).
-fn release(spans: &[Span], chunks: &mut Chunks) -> usize {
-    let mut freed = 0;
-    let mut i = 0;
-    while i < spans.len() {
-        let id = spans[i].0;
-        let run = spans[i..].iter().take_while(|s| s.0 == id).count();
-        freed += chunks.release(id, run as u32);
-        i += run;
-    }
-    freed
-}
-
+/// A generation's metadata (the log itself is shared with the shard that writes it).
 struct Gen {
     session: Arc<str>,
     /// The session's expiry as this generation last extended it.
     session_until: Instant,
-    epoch: u64,
     lease_until: Instant,
     request: Bytes,
-    log: Log,
-    last_seq: u64,
-    trimmed: u64,
-    tokens: Vec<u32>,
-    done: bool,
-    broken: bool,
+    log: LocalLog,
     cancel: bool,
     watched_at: Option<Instant>,
+    /// `resume_ttl` after the last write or renewal.
     expires: Instant,
-    bytes: usize,
+    /// Bytes counted for the metadata.
+    meta: usize,
 }
 
 pub struct MemoryStore {
@@ -176,10 +46,10 @@ pub struct MemoryStore {
     /// Generations in start order: the sweep and the eviction take from the front.
     order: VecDeque<GenId>,
     sessions: HashMap<Arc<str>, ([u8; 32], Instant)>,
-    chunks: Chunks,
     ttls: Ttls,
     max_bytes: usize,
-    bytes: usize,
+    /// Bytes the logs and their metadata hold: the shards add what their appends grew.
+    bytes: Arc<AtomicI64>,
     last_sweep: Instant,
 }
 
@@ -189,17 +59,24 @@ impl MemoryStore {
             gens: HashMap::default(),
             order: VecDeque::new(),
             sessions: HashMap::default(),
-            chunks: Chunks::default(),
             ttls,
             max_bytes,
-            bytes: 0,
+            bytes: Arc::default(),
             last_sweep: Instant::now(),
         }
     }
 
-    /// Bytes the logs hold now (chunks count whole while any message in them is held).
+    /// Bytes the logs hold now (as far as the shards have reported their appends).
     pub fn bytes(&self) -> usize {
-        self.bytes
+        usize::try_from(self.bytes.load(Ordering::Relaxed)).unwrap_or(0)
+    }
+
+    fn add(&self, n: usize) {
+        self.bytes.fetch_add(n as i64, Ordering::Relaxed);
+    }
+
+    fn sub(&self, n: usize) {
+        self.bytes.fetch_sub(n as i64, Ordering::Relaxed);
     }
 
     /// Drops expired logs from the front of the start order (a log that was extended keeps the
@@ -226,7 +103,7 @@ impl MemoryStore {
 
     /// Evicts the oldest logs until the cap holds.
     fn evict_over_cap(&mut self) {
-        while self.bytes > self.max_bytes {
+        while self.bytes() > self.max_bytes {
             let Some(victim) = self.order.pop_front() else {
                 return;
             };
@@ -236,47 +113,65 @@ impl MemoryStore {
         }
     }
 
-    /// Forgets a removed generation's bytes (and frees the chunks only it still held).
-    fn drop_gen(&mut self, mut g: Gen) {
-        self.bytes -= g.bytes;
-        self.bytes -= g.log.clear(&mut self.chunks);
+    /// Frees a removed generation's log (its owner's next append finds it gone).
+    fn drop_gen(&mut self, g: Gen) {
+        let held = match g.log.lock() {
+            Ok(mut l) => {
+                let held = l.held();
+                l.close();
+                held
+            }
+            Err(_) => 0,
+        };
+        self.sub(held + g.meta);
     }
 
-    /// Applies entry `i` of `b`, whose texts become chunk `chunk`; returns the answer and how
-    /// many messages it logged.
-    fn append(&mut self, b: &Batch, i: usize, chunk: u64, now: Instant) -> (Appended, u32) {
-        let a = &b.gens[i];
-        let Some(g) = self.gens.get_mut(&a.gen).filter(|g| g.expires > now) else {
-            return (Appended::Gone, 0);
-        };
-        if g.epoch != a.epoch {
-            return (Appended::Fenced, 0);
-        }
-        if a.count == 0 || a.last_seq() <= g.last_seq {
-            return (Appended::Duplicate, 0);
-        }
-        if a.first_seq != g.last_seq + 1 || g.broken || g.done {
-            g.broken = true;
-            return (Appended::Gap, 0);
-        }
-        let mut added = 0;
-        for (off, len, tokens) in b.spans(i) {
-            g.log.spans.push((chunk, off, len));
-            g.tokens.extend_from_slice(tokens);
-            added += MSG_OVERHEAD + tokens.len() * 4;
-        }
-        g.bytes += added;
-        self.bytes += added;
-        g.last_seq = a.last_seq();
-        g.done = a.done;
-        g.expires = now + self.ttls.log;
+    /// The log lives on: `resume_ttl` from now, and its session at least as long.
+    fn touch(g: &mut Gen, sessions: &mut HashMap<Arc<str>, ([u8; 32], Instant)>, until: Instant) {
+        g.expires = until;
         if g.expires > g.session_until {
             g.session_until = g.expires + SESSION_SLACK;
-            if let Some(s) = self.sessions.get_mut(&g.session) {
+            if let Some(s) = sessions.get_mut(&g.session) {
                 s.1 = s.1.max(g.session_until);
             }
         }
-        (Appended::Ok, a.count)
+    }
+
+    /// Applies entry `i` of `b` (a write through the trait: the shards append in place).
+    fn append(&mut self, b: &Batch, i: usize, now: Instant) -> Appended {
+        let a = &b.gens[i];
+        let Some(g) = self.gens.get_mut(&a.gen).filter(|g| g.expires > now) else {
+            return Appended::Gone;
+        };
+        let Ok(mut log) = g.log.lock() else {
+            return Appended::Gone;
+        };
+        if log.closed() {
+            return Appended::Gone;
+        }
+        if log.epoch != a.epoch {
+            return Appended::Fenced;
+        }
+        if a.count == 0 || a.last_seq() <= log.last_seq {
+            return Appended::Duplicate;
+        }
+        let held = log.held();
+        let mut r = Appended::Ok;
+        for (seq, (text, tokens)) in (a.first_seq..).zip(b.msgs(i)) {
+            let done = a.done && seq == a.last_seq();
+            match log.append(a.epoch, seq, &[], text, tokens, done) {
+                Appended::Ok | Appended::Duplicate => {}
+                other => {
+                    r = other;
+                    break;
+                }
+            }
+        }
+        let grown = log.held() - held;
+        drop(log);
+        Self::touch(g, &mut self.sessions, now + self.ttls.log);
+        self.add(grown);
+        r
     }
 }
 
@@ -289,48 +184,32 @@ impl StateStore for MemoryStore {
             let session_until = expires + SESSION_SLACK;
             self.sessions
                 .insert(s.session.clone(), (s.token_hash, session_until));
-            let bytes = s.request.len() + s.gen.len() + 256;
+            let log = s.log.clone().unwrap_or_else(|| GenLog::shared(1));
+            let meta = s.request.len() + s.gen.len() + LOG_OVERHEAD;
             if let Some(old) = self.gens.insert(
                 s.gen.clone(),
                 Gen {
                     session: s.session.clone(),
                     session_until,
-                    epoch: 1,
                     lease_until: now + self.ttls.lease,
                     request: s.request.clone(),
-                    log: Log {
-                        first: 1,
-                        spans: Vec::with_capacity(LOG_ROOM),
-                        ..Log::default()
-                    },
-                    last_seq: 0,
-                    trimmed: 0,
-                    tokens: Vec::with_capacity(LOG_ROOM),
-                    done: false,
-                    broken: false,
+                    log,
                     cancel: false,
                     watched_at: None,
                     expires,
-                    bytes,
+                    meta,
                 },
             ) {
                 self.drop_gen(old);
             }
             self.order.push_back(s.gen.clone());
-            self.bytes += bytes;
+            // A new log's room counts here; its shard reports what its appends grow it by.
+            self.add(meta + NEW_LOG_BYTES);
         }
         let mut out = Vec::with_capacity(batches.iter().map(|b| b.gens.len()).sum());
         for b in batches {
-            let chunk = self.chunks.next_id();
-            let mut live = 0;
             for i in 0..b.gens.len() {
-                let (r, n) = self.append(b, i, chunk, now);
-                out.push(r);
-                live += n;
-            }
-            if live > 0 {
-                self.chunks.add(b.data().clone(), live);
-                self.bytes += b.data().len();
+                out.push(self.append(b, i, now));
             }
         }
         self.evict_over_cap();
@@ -339,11 +218,15 @@ impl StateStore for MemoryStore {
 
     fn renew(&mut self, leases: &[Lease]) -> Result<Vec<Renewed>, StoreError> {
         let now = Instant::now();
-        Ok(leases
-            .iter()
-            .map(|l| match self.gens.get_mut(&l.gen) {
-                Some(g) if g.epoch == l.epoch => {
+        self.sweep(now);
+        let until = now + self.ttls.log;
+        let mut out = Vec::with_capacity(leases.len());
+        for l in leases {
+            let r = match self.gens.get_mut(&l.gen) {
+                Some(g) if g.log.lock().is_ok_and(|log| log.epoch == l.epoch) => {
                     g.lease_until = now + self.ttls.lease;
+                    // An owner renews while it writes: the log's expiry counts from here.
+                    Self::touch(g, &mut self.sessions, until);
                     Renewed {
                         fenced: false,
                         cancel: g.cancel,
@@ -356,15 +239,18 @@ impl StateStore for MemoryStore {
                     fenced: true,
                     ..Renewed::default()
                 },
-            })
-            .collect())
+            };
+            out.push(r);
+        }
+        self.evict_over_cap();
+        Ok(out)
     }
 
     fn release(&mut self, leases: &[Lease]) -> Result<(), StoreError> {
         let now = Instant::now();
         for l in leases {
             if let Some(g) = self.gens.get_mut(&l.gen) {
-                if g.epoch == l.epoch {
+                if g.log.lock().is_ok_and(|log| log.epoch == l.epoch) {
                     g.lease_until = now;
                 }
             }
@@ -389,17 +275,21 @@ impl StateStore for MemoryStore {
             .gens
             .get_mut(&gen_name)
             .filter(|g| g.expires > now)
-            .map(|g| {
+            .and_then(|g| {
                 g.watched_at = Some(now);
-                Found {
-                    msgs: g.log.after(&self.chunks, after, limit),
-                    last_seq: g.last_seq,
-                    trimmed: g.trimmed,
-                    done: g.done,
-                    broken: g.broken,
-                    epoch: g.epoch,
-                    lease_expired: !g.done && g.lease_until <= now,
-                }
+                let mut log = g.log.lock().ok()?;
+                // From now on its owner hands each new message to the state thread too (the
+                // follow this lookup starts gets them pushed).
+                log.followed = true;
+                Some(Found {
+                    msgs: log.after(after, limit),
+                    last_seq: log.last_seq,
+                    trimmed: log.trimmed,
+                    done: log.done,
+                    broken: log.broken,
+                    epoch: log.epoch,
+                    lease_expired: !log.done && g.lease_until <= now,
+                })
             });
         Ok(Lookup {
             session: Some(*hash),
@@ -412,20 +302,25 @@ impl StateStore for MemoryStore {
         let Some(g) = self.gens.get_mut(gen).filter(|g| g.expires > now) else {
             return Ok(Claim::Over);
         };
-        if g.done || g.broken {
+        let Ok(mut log) = g.log.lock() else {
+            return Ok(Claim::Over);
+        };
+        if log.done || log.broken || log.closed() {
             return Ok(Claim::Over);
         }
-        if g.epoch != epoch || g.lease_until > now {
+        if log.epoch != epoch || g.lease_until > now {
             return Ok(Claim::Busy);
         }
-        g.epoch += 1;
+        // The old owner's next append is refused (fenced) from here on.
+        log.epoch += 1;
         g.lease_until = now + self.ttls.lease;
         g.cancel = false;
         Ok(Claim::Claimed(Claimed {
-            epoch: g.epoch,
+            epoch: log.epoch,
             request: g.request.clone(),
-            tokens: g.tokens.clone(),
-            last_seq: g.last_seq,
+            tokens: log.tokens(),
+            last_seq: log.last_seq,
+            log: Some(g.log.clone()),
         }))
     }
 
@@ -437,18 +332,25 @@ impl StateStore for MemoryStore {
     }
 
     fn trim(&mut self, gen: &str, upto: u64) -> Result<(), StoreError> {
-        if let Some(g) = self.gens.get_mut(gen) {
-            let (chunk, index) = g.log.trim(upto.min(g.last_seq), &mut self.chunks);
-            g.bytes -= index;
-            self.bytes -= chunk + index;
-            g.trimmed = g.trimmed.max(upto.min(g.last_seq));
+        let Some(g) = self.gens.get(gen) else {
+            return Ok(());
+        };
+        let change = g.log.lock().map(|mut log| {
+            let held = log.held();
+            log.trim(upto);
+            held as i64 - log.held() as i64
+        });
+        if let Ok(freed) = change {
+            self.bytes.fetch_sub(freed, Ordering::Relaxed);
         }
         Ok(())
     }
 
     fn mark_broken(&mut self, gen: &str) -> Result<(), StoreError> {
-        if let Some(g) = self.gens.get_mut(gen) {
-            g.broken = true;
+        if let Some(g) = self.gens.get(gen) {
+            if let Ok(mut log) = g.log.lock() {
+                log.broken = true;
+            }
         }
         Ok(())
     }
@@ -459,5 +361,9 @@ impl StateStore for MemoryStore {
 
     fn kind(&self) -> &'static str {
         "memory"
+    }
+
+    fn local_bytes(&self) -> Option<Arc<AtomicI64>> {
+        Some(self.bytes.clone())
     }
 }

@@ -9,12 +9,16 @@
 //!
 //! Two implementations of [`StateStore`]: [`memory::MemoryStore`] (embedded, one instance) and
 //! [`redis::RedisStore`] (`--redis-url`, shared). Both are used only on the state thread
-//! ([`thread`]); shards talk to it through bounded queues and never wait for it.
+//! ([`thread`]); shards talk to it through bounded queues and never wait for it. With the
+//! embedded store a shard appends to its generations' logs ([`local::GenLog`]) in place and
+//! queues only what the state thread must see (new generations, messages for followers).
 
+pub mod local;
 pub mod memory;
 pub mod redis;
 pub mod thread;
 
+use std::sync::atomic::AtomicI64;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -54,6 +58,8 @@ pub struct Start {
     pub owner: Arc<str>,
     /// What a new owner needs to carry the generation on (JSON, see `session::resume`).
     pub request: Bytes,
+    /// The log its shard appends to (embedded store); `None`: the store makes it.
+    pub log: Option<local::LocalLog>,
 }
 
 /// One shard dispatch's log writes: the messages of every generation that sent any, their
@@ -365,6 +371,8 @@ pub struct Claimed {
     /// Generated tokens covered by the logged messages.
     pub tokens: Vec<u32>,
     pub last_seq: u64,
+    /// The log to append to in place (embedded store).
+    pub log: Option<local::LocalLog>,
 }
 
 #[derive(Clone, Debug)]
@@ -422,4 +430,9 @@ pub trait StateStore: Send {
     fn ping(&mut self) -> Result<(), StoreError>;
     /// "memory" or "redis".
     fn kind(&self) -> &'static str;
+    /// The embedded store: shards append to the logs in place ([`Start::log`]) and add the
+    /// bytes their appends grew to this count, which the store's cap reads.
+    fn local_bytes(&self) -> Option<Arc<AtomicI64>> {
+        None
+    }
 }

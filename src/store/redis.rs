@@ -548,6 +548,7 @@ impl StateStore for RedisStore {
                     request: Bytes::copy_from_slice(bytes_of(&a[2]).unwrap_or(&[])),
                     tokens,
                     last_seq: int(&a[4]).unwrap_or(0) as u64,
+                    log: None,
                 }))
             }
             Some(1) => Ok(Claim::Busy),

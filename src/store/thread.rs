@@ -14,7 +14,7 @@
 //! exponential backoff until the store answers again.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -50,6 +50,9 @@ pub enum StoreOp {
         starts: Vec<Start>,
         batch: Batch,
         keys: Vec<SeqKey>,
+        /// The messages are in the store already (the embedded store's shards append in
+        /// place): they only go on to this instance's followers.
+        logged: bool,
     },
     Renew(Vec<(Lease, SeqKey)>),
     /// Graceful hand-over (SIGTERM): the leases end now.
@@ -132,6 +135,14 @@ impl ReplyBox {
         }
     }
 
+    /// A reply the shard leaves for itself (an append it made in place was refused).
+    pub fn post(&self, r: StoreReply) {
+        if let Ok(mut q) = self.q.lock() {
+            q.push(r);
+        }
+        self.wake.notify();
+    }
+
     /// Takes everything the state thread left for this shard.
     pub fn take(&self, into: &mut Vec<StoreReply>) {
         if let Ok(mut q) = self.q.lock() {
@@ -163,6 +174,8 @@ pub struct StoreHandle {
     /// Other instances see this store (Redis): hand generations over on SIGTERM.
     pub shared: bool,
     pub instance: Arc<str>,
+    /// The embedded store: shards append in place and add the bytes they grew here.
+    pub local_bytes: Option<Arc<AtomicI64>>,
 }
 
 impl StoreHandle {
@@ -234,6 +247,7 @@ pub fn spawn(
         kind: store.kind(),
         shared: store.kind() != "memory",
         instance: instance.clone(),
+        local_bytes: store.local_bytes(),
     });
     let h = handle.clone();
     let join = std::thread::Builder::new()
@@ -394,6 +408,7 @@ impl StateThread {
         let mut starts = Vec::new();
         let mut batches = Vec::new();
         let mut keys = Vec::new();
+        let mut logged = Vec::new();
         let mut renews = Vec::new();
         let mut releases = Vec::new();
         let mut rest = Vec::new();
@@ -404,9 +419,13 @@ impl StateThread {
                     starts: s,
                     batch,
                     keys: k,
+                    logged: l,
                 } => {
                     starts.extend(s);
-                    if !batch.gens.is_empty() {
+                    if batch.gens.is_empty() {
+                    } else if l {
+                        logged.push((shard, batch));
+                    } else {
                         batches.push((shard, batch));
                         keys.extend(k);
                     }
@@ -417,6 +436,14 @@ impl StateThread {
             }
         }
         self.write(starts, batches, keys);
+        for (shard, b) in logged {
+            for i in 0..b.gens.len() {
+                self.push_to_followers(&b, i);
+            }
+            if let Some(r) = self.boxes.get(shard as usize) {
+                r.recycle(b);
+            }
+        }
         self.renew(renews);
         if !releases.is_empty() && self.healthy {
             if let Err(e) = self.timed(|s| s.release(&releases)) {
