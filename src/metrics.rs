@@ -482,7 +482,10 @@ impl Registry {
             "seedance_store_appended_messages_total",
             "counter",
             "Messages the state store accepted (logged, resumable).",
-            m.appends.load(std::sync::atomic::Ordering::Relaxed),
+            m.appends.load(std::sync::atomic::Ordering::Relaxed)
+                + st.local
+                    .as_ref()
+                    .map_or(0, |c| c.appended.load(std::sync::atomic::Ordering::Relaxed)),
         );
         let up = u64::from(st.healthy.load(std::sync::atomic::Ordering::Acquire));
         let _ = write!(w, "# HELP seedance_store_up Whether the state store answers.\n# TYPE seedance_store_up gauge\nseedance_store_up{{store=\"{}\"}} {up}\n", st.kind);

@@ -232,6 +232,7 @@ async fn tick(shard: Rc<Shard>) {
             conns.clear();
         }
         crate::session::request::flush_stale_chunks(&shard, now);
+        crate::session::journal::publish_staged(&shard);
         if n.is_multiple_of(5) {
             crate::session::journal::on_tick(&shard, now);
         }

@@ -7,7 +7,6 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,7 +16,7 @@ use super::resume::Follower;
 use crate::engine::sampler::SamplingParams;
 use crate::engine::{EngineMsg, SeqKey};
 use crate::server::shard::Shard;
-use crate::store::local::LocalLog;
+use crate::store::local::{LocalLog, Records, PUBLISH_EVERY};
 use crate::store::thread::{OwnerNote, StoreOp, StoreReply};
 use crate::store::{Appended, BatchBuilder, GenId, Lease, Start};
 use crate::ws::handshake::StreamMode;
@@ -34,9 +33,14 @@ pub struct Journal {
     pub broken: bool,
     /// Another instance carries it on (fenced, or handed over on SIGTERM): send nothing more.
     pub stopped: bool,
-    /// Its log, appended to in place (the embedded store); `None`: messages go to the state
+    /// Its log, written in place (the embedded store); `None`: messages go to the state
     /// thread in batches.
     pub local: Option<LocalLog>,
+    /// Messages not yet published into `local`.
+    staged: Records,
+    /// A client on this instance followed the log at the last publish: every message is
+    /// published at once and handed to the state thread too (it pushes them to the client).
+    followed: bool,
     /// Its entry in the shard's pending batch (valid while that batch's number is `batch`).
     batch: u64,
     idx: u32,
@@ -52,6 +56,8 @@ impl Journal {
             broken: false,
             stopped: false,
             local,
+            staged: Records::default(),
+            followed: false,
             batch: u64::MAX,
             idx: 0,
         }
@@ -96,10 +102,8 @@ pub struct ShardJournal {
     pub followers: RefCell<HashMap<u64, Follower>>,
     next_ticket: Cell<u64>,
     last_renew: Cell<Option<Instant>>,
-    /// Since the last flush, with the embedded store: bytes the in-place appends grew the logs
-    /// by, and messages appended.
-    grown: Cell<usize>,
-    appended: Cell<u64>,
+    /// Requests whose journal has staged messages (published at the next tick).
+    staged: RefCell<Vec<SeqKey>>,
 }
 
 impl ShardJournal {
@@ -189,42 +193,15 @@ fn log(
         return;
     }
     let sj = &shard.journal;
-    if let Some(local) = &j.local {
-        let (r, followed) = match local.lock() {
-            Ok(mut l) => {
-                let held = l.held();
-                let r = l.append(j.epoch, seq, head, body, &j.tokens, done);
-                sj.grown.set(sj.grown.get() + l.held().saturating_sub(held));
-                (r, l.followed)
-            }
-            Err(_) => (Appended::Gone, false),
-        };
-        match r {
-            Appended::Ok => sj.appended.set(sj.appended.get() + 1),
-            Appended::Duplicate => {}
-            Appended::Fenced | Appended::Gone | Appended::Gap => {
-                j.broken = true;
-                let what = if r == Appended::Fenced {
-                    OwnerNote::Fenced
-                } else {
-                    tracing::warn!(
-                        shard = shard.id,
-                        gen = &*j.gen,
-                        "log evicted or closed: not resumable"
-                    );
-                    OwnerNote::Unsafe
-                };
-                if let Some(b) = shard
-                    .shared
-                    .store
-                    .as_ref()
-                    .and_then(|s| s.boxes.get(shard.id as usize))
-                {
-                    b.post(StoreReply::Owner { key, what });
-                }
-            }
+    if j.local.is_some() {
+        let first = j.staged.is_empty();
+        j.staged.push(seq, head, body, &j.tokens, done);
+        if j.followed || done || j.staged.len() >= PUBLISH_EVERY {
+            publish(shard, key, j);
+        } else if first {
+            sj.staged.borrow_mut().push(key);
         }
-        if r != Appended::Ok || !followed {
+        if !j.followed || !j.logging() {
             j.tokens.clear();
             return;
         }
@@ -245,22 +222,85 @@ fn log(
     }
 }
 
+/// Publishes `j`'s staged messages into its log (the embedded store).
+fn publish(shard: &Shard, key: SeqKey, j: &mut Journal) {
+    let Some(local) = &j.local else {
+        return;
+    };
+    if j.staged.is_empty() {
+        return;
+    }
+    let (r, followed) = match local.lock() {
+        Ok(mut l) => (l.publish(j.epoch, &j.staged), l.followed),
+        Err(_) => (Appended::Gone, false),
+    };
+    j.staged.clear();
+    j.followed = followed;
+    let what = match r {
+        Appended::Ok | Appended::Duplicate => return,
+        Appended::Fenced => OwnerNote::Fenced,
+        Appended::Gone | Appended::Gap => {
+            tracing::warn!(
+                shard = shard.id,
+                gen = &*j.gen,
+                "log evicted or closed: not resumable"
+            );
+            OwnerNote::Unsafe
+        }
+    };
+    j.broken = true;
+    if let Some(b) = shard
+        .shared
+        .store
+        .as_ref()
+        .and_then(|s| s.boxes.get(shard.id as usize))
+    {
+        b.post(StoreReply::Owner { key, what });
+    }
+}
+
+/// Every tick: publishes what the shard's generations staged (a resume on this instance finds
+/// a log at most a tick behind what its client got, and waits for it to catch up).
+pub fn publish_staged(shard: &Shard) {
+    let mut keys = std::mem::take(&mut *shard.journal.staged.borrow_mut());
+    if keys.is_empty() {
+        return;
+    }
+    {
+        let mut reqs = shard.requests.borrow_mut();
+        for key in &keys {
+            if let Some(e) = reqs.get_mut(key.slot as usize).filter(|e| e.key == *key) {
+                if let Some(j) = e.journal.as_mut() {
+                    publish(shard, *key, j);
+                }
+            }
+        }
+    }
+    keys.clear();
+    let mut staged = shard.journal.staged.borrow_mut();
+    if staged.is_empty() {
+        // Keep the buffer.
+        *staged = keys;
+    }
+}
+
+impl Drop for Journal {
+    /// A request that ends (or is dropped) with messages staged publishes them.
+    fn drop(&mut self) {
+        if let (Some(local), false) = (&self.local, self.staged.is_empty()) {
+            if let Ok(mut l) = local.lock() {
+                let _ = l.publish(self.epoch, &self.staged);
+            }
+        }
+    }
+}
+
 /// Sends this dispatch's batch to the state thread (called once per dispatch).
 pub fn flush(shard: &Shard) {
     let sj = &shard.journal;
     let Some(store) = shard.shared.store.as_ref() else {
         return;
     };
-    if let Some(bytes) = &store.local_bytes {
-        let grown = sj.grown.take();
-        if grown > 0 {
-            bytes.fetch_add(grown as i64, Ordering::Relaxed);
-        }
-        let n = sj.appended.take();
-        if n > 0 {
-            store.metrics.appends.fetch_add(n, Ordering::Relaxed);
-        }
-    }
     if sj.batch.borrow().is_empty() && sj.starts.borrow().is_empty() {
         return;
     }
@@ -273,7 +313,7 @@ pub fn flush(shard: &Shard) {
             b.take(store.boxes.get(shard.id as usize).and_then(|r| r.spare()))
         }
     };
-    let logged = store.local_bytes.is_some();
+    let logged = store.local.is_some();
     let op = StoreOp::Write {
         shard: shard.id,
         starts: std::mem::take(&mut *sj.starts.borrow_mut()),

@@ -242,9 +242,9 @@ pub fn start_ws(shard: &Rc<Shard>, conn: &Rc<Conn>, g: GenerateMsg) -> Result<()
         let request = super::resume::stored_request(&req)?;
         // The embedded store: this shard appends to the log in place.
         let local = store
-            .local_bytes
-            .is_some()
-            .then(|| crate::store::local::GenLog::shared(1));
+            .local
+            .as_ref()
+            .map(|c| crate::store::local::GenLog::shared(1, c.clone()));
         entry.journal = Some(Journal::new(gen.clone(), 1, None, local.clone()));
         Some(crate::store::Start {
             gen,

@@ -1,16 +1,20 @@
 //! One generation's log in this process's memory: the embedded store's unit.
 //!
-//! The shard that runs the generation appends to it in place (under an uncontended lock, with
-//! the generation's other state hot in its cache); the state thread only looks it up, trims it
-//! and drops it. Nothing per message crosses a thread: that hand-off (a batch, then a cold
-//! per-generation lookup on the state thread) cost the embedded store a third of the serving
-//! path's throughput.
+//! The shard that runs the generation writes it: each message is encoded into the
+//! generation's own staging buffer ([`Records`], on the shard, no lock), and the staged run is
+//! published into the shared log under its lock every [`PUBLISH_EVERY`] messages, at the
+//! `done`, and at every shard tick (10 ms). The state thread only looks logs up, trims and drops
+//! them. Nothing per message crosses a thread or takes a lock: handing messages to the state
+//! thread (a batch, then a cold per-generation lookup there) cost the embedded store a third of
+//! the serving path's throughput, and a lock per message a tenth (a locked instruction waits
+//! for the delta frame's stores to drain).
 //!
 //! A message is one record in one buffer: its text's length (LEB128), its token count
 //! (LEB128), the text, then the tokens (`u32` little-endian) — about a dozen bytes for a
 //! token delta. Every [`MARK_EVERY`]th record's offset is kept, so a lookup scans at most that
 //! many records to find a seq.
 
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
@@ -20,15 +24,104 @@ use super::Appended;
 /// A generation's log, shared by its shard (the writer) and the state thread.
 pub type LocalLog = Arc<Mutex<GenLog>>;
 
+/// Staged messages a shard publishes at once (it also publishes at the `done` and every tick).
+pub const PUBLISH_EVERY: u32 = 32;
 /// Records between two kept offsets.
 const MARK_EVERY: u64 = 64;
 /// Bytes a new log has room for (growing from empty reallocates at every doubling, on the
 /// shard's busiest path).
 const ROOM: usize = 512;
-/// What a new log holds ([`GenLog::held`]).
-pub const NEW_LOG_BYTES: usize = ROOM;
 /// Bytes counted for a log besides its buffers.
 pub const LOG_OVERHEAD: usize = 160;
+
+/// What the logs hold together, kept by the logs themselves (the store's cap reads it).
+#[derive(Debug, Default)]
+pub struct LogCounters {
+    /// Bytes held ([`GenLog::held`] summed, plus the store's metadata).
+    pub bytes: AtomicI64,
+    /// Messages appended.
+    pub appended: AtomicU64,
+}
+
+impl LogCounters {
+    fn grew(&self, before: usize, after: usize) {
+        let d = after as i64 - before as i64;
+        if d != 0 {
+            self.bytes.fetch_add(d, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Messages encoded as log records, not yet in a log (a shard's staging for one generation).
+#[derive(Debug, Default)]
+pub struct Records {
+    buf: Vec<u8>,
+    n: u32,
+    first_seq: u64,
+    done: bool,
+}
+
+impl Records {
+    /// Adds message `seq` (its text is `head` then `body`) and the tokens it covers; the seqs
+    /// of one run are consecutive.
+    pub fn push(&mut self, seq: u64, head: &[u8], body: &[u8], tokens: &[u32], done: bool) {
+        if self.n == 0 {
+            self.first_seq = seq;
+        }
+        encode(&mut self.buf, head, body, tokens);
+        self.n += 1;
+        self.done = done;
+    }
+
+    pub fn len(&self) -> u32 {
+        self.n
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+
+    /// Forgets the run (keeping the buffer).
+    pub fn clear(&mut self) {
+        self.buf.clear();
+        self.n = 0;
+        self.done = false;
+    }
+}
+
+/// Appends one record.
+fn encode(buf: &mut Vec<u8>, head: &[u8], body: &[u8], tokens: &[u32]) {
+    let len = head.len() + body.len();
+    // One growth per record at most (amortized: the buffer doubles).
+    buf.reserve(len + tokens.len() * 4 + 20);
+    put_len(buf, len);
+    put_len(buf, tokens.len());
+    // Most messages are a tag byte, a few bytes of text and one token: a call to memcpy per
+    // part costs more than the copy.
+    match head {
+        [] => {}
+        [b] => buf.push(*b),
+        _ => buf.extend_from_slice(head),
+    }
+    if body.len() <= 16 {
+        buf.extend(body.iter().copied());
+    } else {
+        buf.extend_from_slice(body);
+    }
+    for t in tokens {
+        buf.extend_from_slice(&t.to_le_bytes());
+    }
+}
+
+/// The record at `off`: its text, its tokens' bytes, and where the next record starts.
+fn decode(buf: &[u8], off: usize) -> Option<(&[u8], &[u8], usize)> {
+    let (len, at) = get_len(buf, off)?;
+    let (ntok, at) = get_len(buf, at)?;
+    let text = buf.get(at..at.checked_add(len)?)?;
+    let end = (at + len).checked_add(ntok.checked_mul(4)?)?;
+    let toks = buf.get(at + len..end)?;
+    Some((text, toks, end))
+}
 
 #[derive(Debug)]
 pub struct GenLog {
@@ -53,10 +146,13 @@ pub struct GenLog {
     mark_base: u64,
     /// Tokens of trimmed messages (a takeover re-prefills every generated token).
     trimmed_tokens: Vec<u32>,
+    counters: Arc<LogCounters>,
 }
 
 impl GenLog {
-    pub fn new(epoch: u64) -> Self {
+    /// A new log, counted in `counters` (its room included).
+    pub fn new(epoch: u64, counters: Arc<LogCounters>) -> Self {
+        counters.bytes.fetch_add(ROOM as i64, Ordering::Relaxed);
         GenLog {
             epoch,
             trimmed: 0,
@@ -70,11 +166,12 @@ impl GenLog {
             marks: Vec::new(),
             mark_base: 1,
             trimmed_tokens: Vec::new(),
+            counters,
         }
     }
 
-    pub fn shared(epoch: u64) -> LocalLog {
-        Arc::new(Mutex::new(GenLog::new(epoch)))
+    pub fn shared(epoch: u64, counters: Arc<LogCounters>) -> LocalLog {
+        Arc::new(Mutex::new(GenLog::new(epoch, counters)))
     }
 
     /// Memory the log holds (what the store's cap counts).
@@ -96,44 +193,68 @@ impl GenLog {
         tokens: &[u32],
         done: bool,
     ) -> Appended {
+        let mut one = Records::default();
+        one.push(seq, head, body, tokens, done);
+        self.publish(epoch, &one)
+    }
+
+    /// Appends a staged run of messages, all or none (a run partly logged already — a
+    /// retry — adds the rest).
+    pub fn publish(&mut self, epoch: u64, run: &Records) -> Appended {
         if self.closed {
             return Appended::Gone;
         }
         if epoch != self.epoch {
             return Appended::Fenced;
         }
-        if seq <= self.last_seq {
+        let last = run.first_seq + u64::from(run.n) - 1;
+        if run.n == 0 || last <= self.last_seq {
             return Appended::Duplicate;
         }
-        if seq != self.last_seq + 1 || self.broken || self.done {
+        if run.first_seq > self.last_seq + 1 || self.broken || self.done {
             self.broken = true;
             return Appended::Gap;
         }
-        if (seq - self.mark_base).is_multiple_of(MARK_EVERY) {
-            self.marks.push(self.buf.len());
+        // Skip what a retry logged already; note where the new marks fall.
+        let held = self.held();
+        let mut off = 0;
+        let mut seq = run.first_seq;
+        while seq <= self.last_seq {
+            let Some((_, _, next)) = decode(&run.buf, off) else {
+                return Appended::Gap;
+            };
+            off = next;
+            seq += 1;
         }
-        let len = head.len() + body.len();
-        // One growth per record at most (amortized: the buffer doubles).
-        self.buf.reserve(len + tokens.len() * 4 + 20);
-        put_len(&mut self.buf, len);
-        put_len(&mut self.buf, tokens.len());
-        // Most messages are a tag byte, a few bytes of text and one token: a call to memcpy
-        // per part costs more than the copy.
-        match head {
-            [] => {}
-            [b] => self.buf.push(*b),
-            _ => self.buf.extend_from_slice(head),
+        let at = self.buf.len();
+        let (from, to) = (seq, last);
+        let mut m = from + (MARK_EVERY - (from - self.mark_base) % MARK_EVERY) % MARK_EVERY;
+        if m <= to {
+            let (mut s, mut o) = (from, off);
+            while s <= to {
+                if s == m {
+                    self.marks.push(at + (o - off));
+                    m += MARK_EVERY;
+                }
+                let Some((_, _, next)) = decode(&run.buf, o) else {
+                    break;
+                };
+                o = next;
+                s += 1;
+            }
         }
-        if body.len() <= 16 {
-            self.buf.extend(body.iter().copied());
-        } else {
-            self.buf.extend_from_slice(body);
+        self.buf.extend_from_slice(&run.buf[off..]);
+        self.counters
+            .appended
+            .fetch_add(to - from + 1, Ordering::Relaxed);
+        self.last_seq = last;
+        self.done = run.done;
+        if self.done {
+            // Finished: it keeps exactly its records (the room freed is the next logs' room).
+            self.buf.shrink_to_fit();
+            self.marks.shrink_to_fit();
         }
-        for t in tokens {
-            self.buf.extend_from_slice(&t.to_le_bytes());
-        }
-        self.last_seq = seq;
-        self.done = done;
+        self.counters.grew(held, self.held());
         Appended::Ok
     }
 
@@ -149,12 +270,8 @@ impl GenLog {
             if seq > self.last_seq {
                 return None;
             }
-            let (len, at) = get_len(&self.buf, off)?;
-            let (ntok, at) = get_len(&self.buf, at)?;
-            let text = self.buf.get(at..at.checked_add(len)?)?;
-            let toks_end = (at + len).checked_add(ntok.checked_mul(4)?)?;
-            let toks = self.buf.get(at + len..toks_end)?;
-            off = toks_end;
+            let (text, toks, next) = decode(&self.buf, off)?;
+            off = next;
             let s = seq;
             seq += 1;
             if s >= from {
@@ -196,6 +313,7 @@ impl GenLog {
         if upto <= self.trimmed {
             return;
         }
+        let held = self.held();
         let mut toks = Vec::new();
         for (_, _, t) in self.records(self.trimmed + 1).take_while(|r| r.0 <= upto) {
             toks.extend(
@@ -209,6 +327,7 @@ impl GenLog {
         if self.live * 2 >= self.buf.len() {
             self.compact();
         }
+        self.counters.grew(held, self.held());
     }
 
     /// Where record `seq`'s bytes start.
@@ -216,9 +335,7 @@ impl GenLog {
         let k = (seq.checked_sub(self.mark_base)? / MARK_EVERY) as usize;
         let (mut s, mut off) = (self.mark_base + k as u64 * MARK_EVERY, *self.marks.get(k)?);
         while s < seq {
-            let (len, at) = get_len(&self.buf, off)?;
-            let (ntok, at) = get_len(&self.buf, at)?;
-            off = at + len + ntok * 4;
+            off = decode(&self.buf, off)?.2;
             s += 1;
         }
         Some(off)
@@ -236,13 +353,10 @@ impl GenLog {
             if (seq - self.mark_base).is_multiple_of(MARK_EVERY) {
                 self.marks.push(off);
             }
-            let Some((len, at)) = get_len(&self.buf, off) else {
+            let Some((_, _, next)) = decode(&self.buf, off) else {
                 break;
             };
-            let Some((ntok, at)) = get_len(&self.buf, at) else {
-                break;
-            };
-            off = at + len + ntok * 4;
+            off = next;
             seq += 1;
         }
         if self.buf.capacity() > 2 * self.buf.len() + ROOM {
@@ -253,11 +367,19 @@ impl GenLog {
 
     /// Expired or evicted: frees the buffers and refuses further appends.
     pub fn close(&mut self) {
+        self.counters.grew(self.held(), 0);
         self.closed = true;
         self.buf = Vec::new();
         self.marks = Vec::new();
         self.trimmed_tokens = Vec::new();
         self.live = 0;
+    }
+}
+
+impl Drop for GenLog {
+    fn drop(&mut self) {
+        // A log that never reached the store (or was closed: it holds nothing then).
+        self.counters.grew(self.held(), 0);
     }
 }
 
@@ -292,7 +414,7 @@ mod tests {
     use super::*;
 
     fn filled(n: u64) -> GenLog {
-        let mut g = GenLog::new(1);
+        let mut g = GenLog::new(1, Arc::default());
         for seq in 1..=n {
             let text = format!("m{seq}").repeat((seq % 50) as usize);
             let r = g.append(1, seq, &[0], text.as_bytes(), &[seq as u32], seq == n);
@@ -320,6 +442,44 @@ mod tests {
     }
 
     #[test]
+    fn staged_runs_replay_like_single_appends() {
+        let counters = Arc::new(LogCounters::default());
+        let mut g = GenLog::new(1, counters.clone());
+        let mut run = Records::default();
+        let mut seq = 1;
+        for size in [1u64, 5, 64, 3, 130, 1, 96] {
+            for _ in 0..size {
+                let t = text(seq);
+                run.push(seq, &t[..1], &t[1..], &[seq as u32], seq == 300);
+                seq += 1;
+            }
+            assert_eq!(g.publish(1, &run), Appended::Ok);
+            // A retry of the same run changes nothing.
+            assert_eq!(g.publish(1, &run), Appended::Duplicate);
+            run.clear();
+        }
+        assert_eq!(g.last_seq, 300);
+        assert!(g.done);
+        let single = filled(300);
+        for after in [0, 63, 64, 70, 128, 199, 255, 299] {
+            assert_eq!(
+                g.after(after, 1000),
+                single.after(after, 1000),
+                "after {after}"
+            );
+        }
+        assert_eq!(g.tokens(), single.tokens());
+        assert_eq!(counters.appended.load(Ordering::Relaxed), 300);
+        assert_eq!(counters.bytes.load(Ordering::Relaxed), g.held() as i64);
+        drop(g);
+        assert_eq!(
+            counters.bytes.load(Ordering::Relaxed),
+            0,
+            "a dropped log is uncounted"
+        );
+    }
+
+    #[test]
     fn trims_keep_the_rest_and_every_token() {
         let mut g = filled(300);
         for upto in [5, 64, 65, 190, 250, 299] {
@@ -342,7 +502,7 @@ mod tests {
     fn refuses_gaps_stale_epochs_and_closed_logs() {
         let mut g = filled(3);
         assert_eq!(g.append(1, 3, &[], b"x", &[], false), Appended::Duplicate);
-        let mut open = GenLog::new(2);
+        let mut open = GenLog::new(2, Arc::default());
         assert_eq!(open.append(1, 1, &[], b"x", &[], false), Appended::Fenced);
         assert_eq!(open.append(2, 2, &[], b"x", &[], false), Appended::Gap);
         assert!(open.broken);

@@ -5,13 +5,13 @@
 //! evicted generation is `unknown_id`; an owner whose log was evicted marks it not resumable).
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use super::local::{GenLog, LocalLog, LOG_OVERHEAD, NEW_LOG_BYTES};
+use super::local::{GenLog, LocalLog, LogCounters, LOG_OVERHEAD};
 use super::{
     Appended, Batch, Claim, Claimed, Found, GenId, Lease, Lookup, Renewed, Start, StateStore,
     StoreError, Ttls,
@@ -48,8 +48,8 @@ pub struct MemoryStore {
     sessions: HashMap<Arc<str>, ([u8; 32], Instant)>,
     ttls: Ttls,
     max_bytes: usize,
-    /// Bytes the logs and their metadata hold: the shards add what their appends grew.
-    bytes: Arc<AtomicI64>,
+    /// Bytes the logs (counting themselves) and their metadata hold, messages appended.
+    counters: Arc<LogCounters>,
     last_sweep: Instant,
 }
 
@@ -61,22 +61,18 @@ impl MemoryStore {
             sessions: HashMap::default(),
             ttls,
             max_bytes,
-            bytes: Arc::default(),
+            counters: Arc::default(),
             last_sweep: Instant::now(),
         }
     }
 
-    /// Bytes the logs hold now (as far as the shards have reported their appends).
+    /// Bytes the logs hold now (what the shards published into them included).
     pub fn bytes(&self) -> usize {
-        usize::try_from(self.bytes.load(Ordering::Relaxed)).unwrap_or(0)
+        usize::try_from(self.counters.bytes.load(Ordering::Relaxed)).unwrap_or(0)
     }
 
-    fn add(&self, n: usize) {
-        self.bytes.fetch_add(n as i64, Ordering::Relaxed);
-    }
-
-    fn sub(&self, n: usize) {
-        self.bytes.fetch_sub(n as i64, Ordering::Relaxed);
+    fn add_meta(&self, n: usize) {
+        self.counters.bytes.fetch_add(n as i64, Ordering::Relaxed);
     }
 
     /// Drops expired logs from the front of the start order (a log that was extended keeps the
@@ -115,15 +111,12 @@ impl MemoryStore {
 
     /// Frees a removed generation's log (its owner's next append finds it gone).
     fn drop_gen(&mut self, g: Gen) {
-        let held = match g.log.lock() {
-            Ok(mut l) => {
-                let held = l.held();
-                l.close();
-                held
-            }
-            Err(_) => 0,
-        };
-        self.sub(held + g.meta);
+        if let Ok(mut l) = g.log.lock() {
+            l.close();
+        }
+        self.counters
+            .bytes
+            .fetch_sub(g.meta as i64, Ordering::Relaxed);
     }
 
     /// The log lives on: `resume_ttl` from now, and its session at least as long.
@@ -155,7 +148,6 @@ impl MemoryStore {
         if a.count == 0 || a.last_seq() <= log.last_seq {
             return Appended::Duplicate;
         }
-        let held = log.held();
         let mut r = Appended::Ok;
         for (seq, (text, tokens)) in (a.first_seq..).zip(b.msgs(i)) {
             let done = a.done && seq == a.last_seq();
@@ -167,10 +159,8 @@ impl MemoryStore {
                 }
             }
         }
-        let grown = log.held() - held;
         drop(log);
         Self::touch(g, &mut self.sessions, now + self.ttls.log);
-        self.add(grown);
         r
     }
 }
@@ -184,7 +174,10 @@ impl StateStore for MemoryStore {
             let session_until = expires + SESSION_SLACK;
             self.sessions
                 .insert(s.session.clone(), (s.token_hash, session_until));
-            let log = s.log.clone().unwrap_or_else(|| GenLog::shared(1));
+            let log = s
+                .log
+                .clone()
+                .unwrap_or_else(|| GenLog::shared(1, self.counters.clone()));
             let meta = s.request.len() + s.gen.len() + LOG_OVERHEAD;
             if let Some(old) = self.gens.insert(
                 s.gen.clone(),
@@ -203,8 +196,8 @@ impl StateStore for MemoryStore {
                 self.drop_gen(old);
             }
             self.order.push_back(s.gen.clone());
-            // A new log's room counts here; its shard reports what its appends grow it by.
-            self.add(meta + NEW_LOG_BYTES);
+            // The log counts its own bytes.
+            self.add_meta(meta);
         }
         let mut out = Vec::with_capacity(batches.iter().map(|b| b.gens.len()).sum());
         for b in batches {
@@ -335,13 +328,8 @@ impl StateStore for MemoryStore {
         let Some(g) = self.gens.get(gen) else {
             return Ok(());
         };
-        let change = g.log.lock().map(|mut log| {
-            let held = log.held();
+        if let Ok(mut log) = g.log.lock() {
             log.trim(upto);
-            held as i64 - log.held() as i64
-        });
-        if let Ok(freed) = change {
-            self.bytes.fetch_sub(freed, Ordering::Relaxed);
         }
         Ok(())
     }
@@ -363,7 +351,7 @@ impl StateStore for MemoryStore {
         "memory"
     }
 
-    fn local_bytes(&self) -> Option<Arc<AtomicI64>> {
-        Some(self.bytes.clone())
+    fn local(&self) -> Option<Arc<LogCounters>> {
+        Some(self.counters.clone())
     }
 }

@@ -18,7 +18,6 @@ pub mod memory;
 pub mod redis;
 pub mod thread;
 
-use std::sync::atomic::AtomicI64;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -430,9 +429,9 @@ pub trait StateStore: Send {
     fn ping(&mut self) -> Result<(), StoreError>;
     /// "memory" or "redis".
     fn kind(&self) -> &'static str;
-    /// The embedded store: shards append to the logs in place ([`Start::log`]) and add the
-    /// bytes their appends grew to this count, which the store's cap reads.
-    fn local_bytes(&self) -> Option<Arc<AtomicI64>> {
+    /// The embedded store: shards write the logs in place ([`Start::log`]), made with these
+    /// counters (bytes held, which the store's cap reads; messages appended).
+    fn local(&self) -> Option<Arc<local::LogCounters>> {
         None
     }
 }

@@ -14,7 +14,7 @@
 //! exponential backoff until the store answers again.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -174,8 +174,8 @@ pub struct StoreHandle {
     /// Other instances see this store (Redis): hand generations over on SIGTERM.
     pub shared: bool,
     pub instance: Arc<str>,
-    /// The embedded store: shards append in place and add the bytes they grew here.
-    pub local_bytes: Option<Arc<AtomicI64>>,
+    /// The embedded store: shards write the logs in place, made with these counters.
+    pub local: Option<Arc<super::local::LogCounters>>,
 }
 
 impl StoreHandle {
@@ -247,7 +247,7 @@ pub fn spawn(
         kind: store.kind(),
         shared: store.kind() != "memory",
         instance: instance.clone(),
-        local_bytes: store.local_bytes(),
+        local: store.local(),
     });
     let h = handle.clone();
     let join = std::thread::Builder::new()
