@@ -241,10 +241,11 @@ pub fn start_ws(shard: &Rc<Shard>, conn: &Rc<Conn>, g: GenerateMsg) -> Result<()
         let gen = crate::store::gen_id(&ws.session, &g.id);
         let request = super::resume::stored_request(&req)?;
         // The embedded store: this shard appends to the log in place.
-        let local = store
-            .local
-            .as_ref()
-            .map(|c| crate::store::local::GenLog::shared(1, c.clone()));
+        let local = store.local.as_ref().map(|c| {
+            let tokens = params.max_tokens.unwrap_or(256) as usize;
+            let room = tokens * crate::store::local::BYTES_PER_TOKEN;
+            crate::store::local::GenLog::shared(1, c.clone(), room)
+        });
         entry.journal = Some(Journal::new(gen.clone(), 1, None, local.clone()));
         Some(crate::store::Start {
             gen,

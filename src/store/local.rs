@@ -28,9 +28,15 @@ pub type LocalLog = Arc<Mutex<GenLog>>;
 pub const PUBLISH_EVERY: u32 = 32;
 /// Records between two kept offsets.
 const MARK_EVERY: u64 = 64;
-/// Bytes a new log has room for (growing from empty reallocates at every doubling, on the
-/// shard's busiest path).
+/// Bytes a new log has room for unless told (growing from empty reallocates — and copies — at
+/// every doubling, on the shard's busiest path).
 const ROOM: usize = 512;
+/// Bytes of log a generated token takes, at most about (a token delta's record is 2 bytes of
+/// lengths, the tag, ~5 of text and 4 of token; a chunked message covers several tokens with
+/// fewer bytes each). A log that ends well short of its room gives the rest back.
+pub const BYTES_PER_TOKEN: usize = 14;
+/// The most room a new log is given up front.
+const ROOM_MAX: usize = 64 << 10;
 /// Bytes counted for a log besides its buffers.
 pub const LOG_OVERHEAD: usize = 160;
 
@@ -91,6 +97,27 @@ impl Records {
 
 /// Appends one record.
 fn encode(buf: &mut Vec<u8>, head: &[u8], body: &[u8], tokens: &[u32]) {
+    if head.len() <= 1 && body.len() <= 16 && tokens.len() <= 1 {
+        // A token delta: built on the stack, copied once.
+        let mut rec = [0u8; 24];
+        rec[0] = (head.len() + body.len()) as u8;
+        rec[1] = tokens.len() as u8;
+        let mut n = 2;
+        if let [h] = head {
+            rec[2] = *h;
+            n = 3;
+        }
+        for (d, s) in rec[n..].iter_mut().zip(body) {
+            *d = *s;
+        }
+        n += body.len();
+        if let [t] = tokens {
+            rec[n..n + 4].copy_from_slice(&t.to_le_bytes());
+            n += 4;
+        }
+        buf.extend_from_slice(&rec[..n]);
+        return;
+    }
     let len = head.len() + body.len();
     // One growth per record at most (amortized: the buffer doubles).
     buf.reserve(len + tokens.len() * 4 + 20);
@@ -152,7 +179,16 @@ pub struct GenLog {
 impl GenLog {
     /// A new log, counted in `counters` (its room included).
     pub fn new(epoch: u64, counters: Arc<LogCounters>) -> Self {
-        counters.bytes.fetch_add(ROOM as i64, Ordering::Relaxed);
+        Self::with_room(epoch, counters, ROOM)
+    }
+
+    /// A new log with room for about `room` bytes (up to [`ROOM_MAX`]): sized for the
+    /// generation's `max_tokens`, it never reallocates (and copies) as it grows.
+    pub fn with_room(epoch: u64, counters: Arc<LogCounters>, room: usize) -> Self {
+        let buf = Vec::with_capacity(room.clamp(ROOM, ROOM_MAX));
+        counters
+            .bytes
+            .fetch_add(buf.capacity() as i64, Ordering::Relaxed);
         GenLog {
             epoch,
             trimmed: 0,
@@ -161,7 +197,7 @@ impl GenLog {
             broken: false,
             closed: false,
             followed: false,
-            buf: Vec::with_capacity(ROOM),
+            buf,
             live: 0,
             marks: Vec::new(),
             mark_base: 1,
@@ -170,8 +206,8 @@ impl GenLog {
         }
     }
 
-    pub fn shared(epoch: u64, counters: Arc<LogCounters>) -> LocalLog {
-        Arc::new(Mutex::new(GenLog::new(epoch, counters)))
+    pub fn shared(epoch: u64, counters: Arc<LogCounters>, room: usize) -> LocalLog {
+        Arc::new(Mutex::new(GenLog::with_room(epoch, counters, room)))
     }
 
     /// Memory the log holds (what the store's cap counts).
@@ -249,10 +285,9 @@ impl GenLog {
             .fetch_add(to - from + 1, Ordering::Relaxed);
         self.last_seq = last;
         self.done = run.done;
-        if self.done {
-            // Finished: it keeps exactly its records (the room freed is the next logs' room).
+        if self.done && self.buf.capacity() > self.buf.len() + self.buf.len() / 2 {
+            // Finished well short of its room: the rest is the next logs' room.
             self.buf.shrink_to_fit();
-            self.marks.shrink_to_fit();
         }
         self.counters.grew(held, self.held());
         Appended::Ok

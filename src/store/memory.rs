@@ -177,7 +177,7 @@ impl StateStore for MemoryStore {
             let log = s
                 .log
                 .clone()
-                .unwrap_or_else(|| GenLog::shared(1, self.counters.clone()));
+                .unwrap_or_else(|| GenLog::shared(1, self.counters.clone(), 0));
             let meta = s.request.len() + s.gen.len() + LOG_OVERHEAD;
             if let Some(old) = self.gens.insert(
                 s.gen.clone(),
