@@ -16,7 +16,7 @@ use super::resume::Follower;
 use crate::engine::sampler::SamplingParams;
 use crate::engine::{EngineMsg, SeqKey};
 use crate::server::shard::Shard;
-use crate::store::local::{LocalLog, Records, PUBLISH_EVERY};
+use crate::store::local::{LocalLog, Run, Stage};
 use crate::store::thread::{OwnerNote, StoreOp, StoreReply};
 use crate::store::{Appended, BatchBuilder, GenId, Lease, Start};
 use crate::ws::handshake::StreamMode;
@@ -36,8 +36,8 @@ pub struct Journal {
     /// Its log, written in place (the embedded store); `None`: messages go to the state
     /// thread in batches.
     pub local: Option<LocalLog>,
-    /// Messages not yet published into `local`.
-    staged: Records,
+    /// Its messages staged in the shard's [`Stage`], not yet published into `local`.
+    staged: Run,
     /// A client on this instance followed the log at the last publish: every message is
     /// published at once and handed to the state thread too (it pushes them to the client).
     followed: bool,
@@ -56,7 +56,7 @@ impl Journal {
             broken: false,
             stopped: false,
             local,
-            staged: Records::default(),
+            staged: Run::default(),
             followed: false,
             batch: u64::MAX,
             idx: 0,
@@ -102,7 +102,9 @@ pub struct ShardJournal {
     pub followers: RefCell<HashMap<u64, Follower>>,
     next_ticket: Cell<u64>,
     last_renew: Cell<Option<Instant>>,
-    /// Requests whose journal has staged messages (published at the next tick).
+    /// Messages staged for the embedded store's logs, and the requests that staged them
+    /// (published at the next tick).
+    stage: RefCell<Stage>,
     staged: RefCell<Vec<SeqKey>>,
 }
 
@@ -194,12 +196,27 @@ fn log(
     }
     let sj = &shard.journal;
     if j.local.is_some() {
-        let first = j.staged.is_empty();
-        j.staged.push(seq, head, body, &j.tokens, done);
-        if j.followed || done || j.staged.len() >= PUBLISH_EVERY {
+        let staged = sj
+            .stage
+            .borrow_mut()
+            .push(&mut j.staged, seq, head, body, &j.tokens, done);
+        match staged {
+            Ok(true) => sj.staged.borrow_mut().push(key),
+            Ok(false) => {}
+            Err(_full) => {
+                // No tick for a long while: this message goes to the log directly.
+                publish(shard, key, j);
+                let r = match j.local.as_ref().map(|l| l.lock()) {
+                    Some(Ok(mut l)) => l.append(j.epoch, seq, head, body, &j.tokens, done),
+                    _ => Appended::Gone,
+                };
+                if r != Appended::Ok {
+                    j.broken = true;
+                }
+            }
+        }
+        if j.followed || done {
             publish(shard, key, j);
-        } else if first {
-            sj.staged.borrow_mut().push(key);
         }
         if !j.followed || !j.logging() {
             j.tokens.clear();
@@ -231,10 +248,19 @@ fn publish(shard: &Shard, key: SeqKey, j: &mut Journal) {
         return;
     }
     let (r, followed) = match local.lock() {
-        Ok(mut l) => (l.publish(j.epoch, &j.staged), l.followed),
-        Err(_) => (Appended::Gone, false),
+        Ok(mut l) => {
+            let r = shard
+                .journal
+                .stage
+                .borrow_mut()
+                .publish(&mut j.staged, &mut l, j.epoch);
+            (r, l.followed)
+        }
+        Err(_) => {
+            j.staged = Run::default();
+            (Appended::Gone, false)
+        }
     };
-    j.staged.clear();
     j.followed = followed;
     let what = match r {
         Appended::Ok | Appended::Duplicate => return,
@@ -277,21 +303,11 @@ pub fn publish_staged(shard: &Shard) {
         }
     }
     keys.clear();
+    shard.journal.stage.borrow_mut().clear();
     let mut staged = shard.journal.staged.borrow_mut();
     if staged.is_empty() {
         // Keep the buffer.
         *staged = keys;
-    }
-}
-
-impl Drop for Journal {
-    /// A request that ends (or is dropped) with messages staged publishes them.
-    fn drop(&mut self) {
-        if let (Some(local), false) = (&self.local, self.staged.is_empty()) {
-            if let Ok(mut l) = local.lock() {
-                let _ = l.publish(self.epoch, &self.staged);
-            }
-        }
     }
 }
 

@@ -9,10 +9,9 @@
 //! the serving path's throughput, and a lock per message a tenth (a locked instruction waits
 //! for the delta frame's stores to drain).
 //!
-//! A message is one record in one buffer: its text's length (LEB128), its token count
-//! (LEB128), the text, then the tokens (`u32` little-endian) — about a dozen bytes for a
-//! token delta. Every [`MARK_EVERY`]th record's offset is kept, so a lookup scans at most that
-//! many records to find a seq.
+//! A message is one record in one buffer: a token delta's is its text's length (one byte),
+//! the text and its token (LEB128), about ten bytes; see [`encode`]. Every [`MARK_EVERY`]th
+//! record's offset is kept, so a lookup scans at most that many records to find a seq.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -31,10 +30,10 @@ const MARK_EVERY: u64 = 64;
 /// Bytes a new log has room for unless told (growing from empty reallocates — and copies — at
 /// every doubling, on the shard's busiest path).
 const ROOM: usize = 512;
-/// Bytes of log a generated token takes, at most about (a token delta's record is 2 bytes of
-/// lengths, the tag, ~5 of text and 4 of token; a chunked message covers several tokens with
-/// fewer bytes each). A log that ends well short of its room gives the rest back.
-pub const BYTES_PER_TOKEN: usize = 14;
+/// Bytes of log a generated token takes, at most about (a token delta's record is a length
+/// byte, the tag, ~5 bytes of text and 2–3 of token; a chunked message covers several tokens
+/// with fewer bytes each). A log that ends well short of its room gives the rest back.
+pub const BYTES_PER_TOKEN: usize = 12;
 /// The most room a new log is given up front.
 const ROOM_MAX: usize = 64 << 10;
 /// Bytes counted for a log besides its buffers.
@@ -95,59 +94,179 @@ impl Records {
     }
 }
 
-/// Appends one record.
+/// A shard's staging: the records of all its generations back to back, each after the offset
+/// of the previous one of its generation (a chain per generation, [`Run`]). Writing here is
+/// sequential and stays in the shard's cache; a staging buffer per generation cost a cache
+/// miss per message. Every tick the shard publishes every run, then clears the buffer.
+#[derive(Debug, Default)]
+pub struct Stage {
+    buf: Vec<u8>,
+    /// A run's offsets, newest first, while it is published.
+    chain: Vec<u32>,
+}
+
+/// A generation's staged messages in its shard's [`Stage`].
+#[derive(Clone, Copy, Debug)]
+pub struct Run {
+    /// Where its newest record's link is ([`NO_RECORD`]: none).
+    last: u32,
+    n: u32,
+    first_seq: u64,
+    done: bool,
+}
+
+const NO_RECORD: u32 = u32::MAX;
+
+/// Staged bytes past which a stage takes no more (offsets are `u32`; a tick stages far less).
+const STAGE_MAX: usize = 1 << 30;
+
+/// The stage is full.
+#[derive(Debug)]
+pub struct Full;
+
+impl Default for Run {
+    fn default() -> Self {
+        Run {
+            last: NO_RECORD,
+            n: 0,
+            first_seq: 0,
+            done: false,
+        }
+    }
+}
+
+impl Run {
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+}
+
+impl Stage {
+    /// Stages message `seq` of `run` (its text is `head` then `body`) and the tokens it
+    /// covers. True when the run was empty (the shard lists it for the next tick). A stage
+    /// that is full (a tick that never came) refuses: the caller writes to the log directly.
+    pub fn push(
+        &mut self,
+        run: &mut Run,
+        seq: u64,
+        head: &[u8],
+        body: &[u8],
+        tokens: &[u32],
+        done: bool,
+    ) -> Result<bool, Full> {
+        if self.buf.len() > STAGE_MAX {
+            return Err(Full);
+        }
+        let first = run.n == 0;
+        if first {
+            run.first_seq = seq;
+        }
+        let at = self.buf.len() as u32;
+        self.buf.extend_from_slice(&run.last.to_le_bytes());
+        encode(&mut self.buf, head, body, tokens);
+        run.last = at;
+        run.n += 1;
+        run.done = done;
+        Ok(first)
+    }
+
+    /// Publishes `run` into `log` (its records in seq order) and empties it.
+    pub fn publish(&mut self, run: &mut Run, log: &mut GenLog, epoch: u64) -> Appended {
+        self.chain.clear();
+        let mut at = run.last;
+        while at != NO_RECORD && self.chain.len() < run.n as usize {
+            self.chain.push(at);
+            let i = at as usize;
+            at = match self.buf.get(i..i + 4) {
+                Some(b) => u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+                None => NO_RECORD,
+            };
+        }
+        let buf = &self.buf;
+        let records = self.chain.iter().rev().filter_map(|&at| {
+            let start = at as usize + 4;
+            let (_, _, end) = decode(buf, start)?;
+            Some(&buf[start..end])
+        });
+        let r = log.append_records(epoch, run.first_seq, run.n, run.done, records);
+        *run = Run::default();
+        r
+    }
+
+    /// Forgets every staged record (each run was published, or its request is gone).
+    pub fn clear(&mut self) {
+        self.buf.clear();
+    }
+}
+
+/// Appends one record. A token delta's (text under 128 bytes, one token) starts with its
+/// text's length; any other starts with [`GENERAL`], then the text's length and the token count
+/// (LEB128). Tokens are LEB128 too (two or three bytes for most vocabularies).
 fn encode(buf: &mut Vec<u8>, head: &[u8], body: &[u8], tokens: &[u32]) {
-    if head.len() <= 1 && body.len() <= 16 && tokens.len() <= 1 {
-        // A token delta: built on the stack, copied once.
+    if let ([] | [_], true, [t]) = (head, body.len() <= 16, tokens) {
+        // Built on the stack, copied once.
         let mut rec = [0u8; 24];
         rec[0] = (head.len() + body.len()) as u8;
-        rec[1] = tokens.len() as u8;
-        let mut n = 2;
+        let mut n = 1;
         if let [h] = head {
-            rec[2] = *h;
-            n = 3;
+            rec[1] = *h;
+            n = 2;
         }
         for (d, s) in rec[n..].iter_mut().zip(body) {
             *d = *s;
         }
         n += body.len();
-        if let [t] = tokens {
-            rec[n..n + 4].copy_from_slice(&t.to_le_bytes());
-            n += 4;
+        let mut t = *t;
+        while t >= 0x80 {
+            rec[n] = (t as u8) | 0x80;
+            t >>= 7;
+            n += 1;
         }
-        buf.extend_from_slice(&rec[..n]);
+        rec[n] = t as u8;
+        buf.extend_from_slice(&rec[..=n]);
         return;
     }
     let len = head.len() + body.len();
     // One growth per record at most (amortized: the buffer doubles).
-    buf.reserve(len + tokens.len() * 4 + 20);
+    buf.reserve(len + tokens.len() * 5 + 21);
+    buf.push(GENERAL);
     put_len(buf, len);
     put_len(buf, tokens.len());
-    // Most messages are a tag byte, a few bytes of text and one token: a call to memcpy per
-    // part costs more than the copy.
-    match head {
-        [] => {}
-        [b] => buf.push(*b),
-        _ => buf.extend_from_slice(head),
-    }
-    if body.len() <= 16 {
-        buf.extend(body.iter().copied());
-    } else {
-        buf.extend_from_slice(body);
-    }
-    for t in tokens {
-        buf.extend_from_slice(&t.to_le_bytes());
+    buf.extend_from_slice(head);
+    buf.extend_from_slice(body);
+    for &t in tokens {
+        put_len(buf, t as usize);
     }
 }
 
+/// The first byte of a record that is not a one-token delta of under 128 bytes.
+const GENERAL: u8 = 0x80;
+
 /// The record at `off`: its text, its tokens' bytes, and where the next record starts.
 fn decode(buf: &[u8], off: usize) -> Option<(&[u8], &[u8], usize)> {
-    let (len, at) = get_len(buf, off)?;
-    let (ntok, at) = get_len(buf, at)?;
+    let (len, ntok, at) = match *buf.get(off)? {
+        GENERAL => {
+            let (len, at) = get_len(buf, off + 1)?;
+            let (ntok, at) = get_len(buf, at)?;
+            (len, ntok, at)
+        }
+        b => (usize::from(b), 1, off + 1),
+    };
     let text = buf.get(at..at.checked_add(len)?)?;
-    let end = (at + len).checked_add(ntok.checked_mul(4)?)?;
-    let toks = buf.get(at + len..end)?;
-    Some((text, toks, end))
+    let mut end = at + len;
+    for _ in 0..ntok {
+        end = get_len(buf, end)?.1;
+    }
+    Some((text, &buf[at + len..end], end))
+}
+
+/// The tokens of a record (as [`decode`] gave them).
+fn tokens_of(mut toks: &[u8]) -> impl Iterator<Item = u32> + '_ {
+    std::iter::from_fn(move || {
+        let (t, end) = get_len(toks, 0)?;
+        toks = toks.get(end..)?;
+        u32::try_from(t).ok()
+    })
 }
 
 #[derive(Debug)]
@@ -237,54 +356,64 @@ impl GenLog {
     /// Appends a staged run of messages, all or none (a run partly logged already — a
     /// retry — adds the rest).
     pub fn publish(&mut self, epoch: u64, run: &Records) -> Appended {
+        let mut off = 0;
+        let records = std::iter::from_fn(|| {
+            let (_, _, next) = decode(&run.buf, off)?;
+            let r = &run.buf[off..next];
+            off = next;
+            Some(r)
+        });
+        self.append_records(epoch, run.first_seq, run.n, run.done, records)
+    }
+
+    /// Appends `n` records (one encoded message each) from seq `first_seq` on; the last one is
+    /// the `done` when `done`. Records up to the log's last seq are skipped (a retry).
+    fn append_records<'a>(
+        &mut self,
+        epoch: u64,
+        first_seq: u64,
+        n: u32,
+        done: bool,
+        records: impl Iterator<Item = &'a [u8]>,
+    ) -> Appended {
         if self.closed {
             return Appended::Gone;
         }
         if epoch != self.epoch {
             return Appended::Fenced;
         }
-        let last = run.first_seq + u64::from(run.n) - 1;
-        if run.n == 0 || last <= self.last_seq {
+        if n == 0 {
             return Appended::Duplicate;
         }
-        if run.first_seq > self.last_seq + 1 || self.broken || self.done {
+        let last = first_seq + u64::from(n) - 1;
+        if last <= self.last_seq {
+            return Appended::Duplicate;
+        }
+        if first_seq > self.last_seq + 1 || self.broken || self.done {
             self.broken = true;
             return Appended::Gap;
         }
-        // Skip what a retry logged already; note where the new marks fall.
         let held = self.held();
-        let mut off = 0;
-        let mut seq = run.first_seq;
-        while seq <= self.last_seq {
-            let Some((_, _, next)) = decode(&run.buf, off) else {
-                return Appended::Gap;
-            };
-            off = next;
-            seq += 1;
-        }
-        let at = self.buf.len();
-        let (from, to) = (seq, last);
-        let mut m = from + (MARK_EVERY - (from - self.mark_base) % MARK_EVERY) % MARK_EVERY;
-        if m <= to {
-            let (mut s, mut o) = (from, off);
-            while s <= to {
-                if s == m {
-                    self.marks.push(at + (o - off));
-                    m += MARK_EVERY;
-                }
-                let Some((_, _, next)) = decode(&run.buf, o) else {
-                    break;
-                };
-                o = next;
-                s += 1;
+        let mut added = 0;
+        for (seq, r) in (first_seq..=last).zip(records) {
+            if seq <= self.last_seq {
+                continue;
             }
+            if (seq - self.mark_base).is_multiple_of(MARK_EVERY) {
+                self.marks.push(self.buf.len());
+            }
+            self.buf.extend_from_slice(r);
+            self.last_seq = seq;
+            added += 1;
         }
-        self.buf.extend_from_slice(&run.buf[off..]);
-        self.counters
-            .appended
-            .fetch_add(to - from + 1, Ordering::Relaxed);
-        self.last_seq = last;
-        self.done = run.done;
+        self.counters.appended.fetch_add(added, Ordering::Relaxed);
+        if self.last_seq != last {
+            // Fewer records than said: the log cannot be trusted past here.
+            self.broken = true;
+            self.counters.grew(held, self.held());
+            return Appended::Gap;
+        }
+        self.done = done;
         if self.done && self.buf.capacity() > self.buf.len() + self.buf.len() / 2 {
             // Finished well short of its room: the rest is the next logs' room.
             self.buf.shrink_to_fit();
@@ -334,10 +463,7 @@ impl GenLog {
     pub fn tokens(&self) -> Vec<u32> {
         let mut out = self.trimmed_tokens.clone();
         for (_, _, toks) in self.records(0) {
-            out.extend(
-                toks.chunks_exact(4)
-                    .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])),
-            );
+            out.extend(tokens_of(toks));
         }
         out
     }
@@ -351,10 +477,7 @@ impl GenLog {
         let held = self.held();
         let mut toks = Vec::new();
         for (_, _, t) in self.records(self.trimmed + 1).take_while(|r| r.0 <= upto) {
-            toks.extend(
-                t.chunks_exact(4)
-                    .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])),
-            );
+            toks.extend(tokens_of(t));
         }
         self.trimmed_tokens.extend(toks);
         self.trimmed = upto;
@@ -512,6 +635,73 @@ mod tests {
             0,
             "a dropped log is uncounted"
         );
+    }
+
+    #[test]
+    fn interleaved_stage_runs_publish_in_seq_order() {
+        let counters = Arc::new(LogCounters::default());
+        let mut logs: Vec<GenLog> = (0..3).map(|_| GenLog::new(1, counters.clone())).collect();
+        let mut runs = [Run::default(); 3];
+        let mut stage = Stage::default();
+        let mut next = [1u64; 3];
+        // Three generations interleaved, published at different moments, the stage cleared
+        // after every "tick" in which each run was published.
+        for tick in 0..20u64 {
+            for i in 0..((tick * 7) % 40 + 1) {
+                let g = ((i * 5 + tick) % 3) as usize;
+                let seq = next[g];
+                let t = text(seq);
+                let listed = stage
+                    .push(&mut runs[g], seq, &t[..1], &t[1..], &[seq as u32], false)
+                    .expect("room");
+                assert_eq!(listed, runs[g].n == 1);
+                next[g] += 1;
+                if seq % 11 == 0 {
+                    // Published early (a done or a follower would do this).
+                    assert_eq!(stage.publish(&mut runs[g], &mut logs[g], 1), Appended::Ok);
+                }
+            }
+            for g in 0..3 {
+                let r = stage.publish(&mut runs[g], &mut logs[g], 1);
+                assert!(matches!(r, Appended::Ok | Appended::Duplicate), "{r:?}");
+            }
+            stage.clear();
+        }
+        for g in 0..3 {
+            let n = next[g] - 1;
+            let want: Vec<(u64, Bytes)> = (1..=n).map(|s| (s, text(s))).collect();
+            assert_eq!(logs[g].after(0, 10_000), want, "generation {g}");
+            assert_eq!(
+                logs[g].tokens(),
+                (1..=n).map(|s| s as u32).collect::<Vec<_>>()
+            );
+        }
+    }
+
+    #[test]
+    fn tokens_of_any_size_in_either_record_form() {
+        let ids = [0, 127, 128, 16_383, 16_384, 151_000, u32::MAX];
+        let mut g = GenLog::new(1, Arc::default());
+        for (i, &t) in ids.iter().enumerate() {
+            let seq = i as u64 + 1;
+            // Short texts take the one-byte form; the rest (and multi-token) the general one.
+            let body = if i % 2 == 0 {
+                "ab".to_string()
+            } else {
+                "x".repeat(200)
+            };
+            assert_eq!(
+                g.append(1, seq, &[0], body.as_bytes(), &[t], false),
+                Appended::Ok
+            );
+        }
+        g.append(1, 8, &[], b"", &ids, false);
+        g.append(1, 9, &[], b"{}", &[], true);
+        let mut want = ids.to_vec();
+        want.extend_from_slice(&ids);
+        assert_eq!(g.tokens(), want);
+        assert_eq!(g.after(8, 10), vec![(9, Bytes::from_static(b"{}"))]);
+        assert_eq!(g.after(0, 1)[0].1.len(), 3);
     }
 
     #[test]
