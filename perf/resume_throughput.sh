@@ -9,7 +9,8 @@
 # After each Redis round the server's own counters say how many messages Redis accepted
 # (logged, resumable), and whether any batch was dropped or failed.
 # Usage: perf/resume_throughput.sh [seconds=8] [rounds=3]
-# SERVER=path runs another build of seedance-server (e.g. the previous commit's) instead.
+# SERVER=path runs another build of seedance-server (e.g. the previous commit's) instead;
+# BASE=path adds rounds of that build's embedded store (fresh and at its cap) beside this one's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${1:-8}
@@ -30,7 +31,7 @@ echo "CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)  ($(npro
 run() { # label, extra server flags...
   local label=$1
   shift
-  taskset -c 0 "$SERVER" --model null --null-tokens-per-s 0 \
+  taskset -c 0 "${BIN:-$SERVER}" --model null --null-tokens-per-s 0 \
     --max-running 1024 --listen 127.0.0.1:$PORT --cores 1 --log warn "$@" 2>"$DIR/srv.log" &
   local srv=$!
   for _ in $(seq 100); do grep -q "listening on" "$DIR/srv.log" && break; sleep 0.05; done
@@ -67,13 +68,20 @@ for r in $(seq "$ROUNDS"); do
   run off --resume false
   run memory
   run mem-cap --memory-store-max-mb 64
+  if [ -n "${BASE:-}" ]; then
+    BIN=$BASE run base-mem
+    BIN=$BASE run base-cap --memory-store-max-mb 64
+  fi
   run redis --redis-url "redis://127.0.0.1:$RPORT"
   redis-cli -p "$RPORT" flushall >/dev/null
 done
 python3 - "$DIR/results" <<'PY'
 import statistics, sys
 rows = [l.split() for l in open(sys.argv[1])]
-med = {k: statistics.median(int(r[1]) for r in rows if r[0] == k) for k in ("off", "memory", "mem-cap", "redis")}
+kinds = [k for k in ("off", "memory", "mem-cap", "base-mem", "base-cap", "redis") if any(r[0] == k for r in rows)]
+med = {k: statistics.median(int(r[1]) for r in rows if r[0] == k) for k in kinds}
 print("median deltas/s: " + ", ".join(f"{k} {v:,.0f}" for k, v in med.items()))
 print(f"embedded/off {med['memory'] / med['off']:.2f}x (at its cap {med['mem-cap'] / med['off']:.2f}x)   redis/off {med['redis'] / med['off']:.2f}x")
+if "base-mem" in med:
+    print(f"BASE build: embedded/off {med['base-mem'] / med['off']:.2f}x (at its cap {med['base-cap'] / med['off']:.2f}x)")
 PY
