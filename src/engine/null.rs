@@ -1,5 +1,7 @@
 //! The `null` model (SPEC 8): no weights; every request streams a fixed English text, one
-//! whitespace-separated word per token, at `--null-tokens-per-s` (0 = as fast as possible).
+//! whitespace-separated word per token, at `--null-tokens-per-s` (0 = as fast as possible),
+//! starting the text over as often as its `max_tokens` asks (it ends with `length`, never
+//! `stop`, so a benchmark asking for N tokens gets N).
 //! It exercises the whole serving path — queues, wake-ups, detokenizing on the shard, framing,
 //! backpressure — with the model's cost taken out.
 
@@ -31,11 +33,12 @@ iron rings of the quay, doubling every knot. When the first drops fell, the whol
 pause and listen. Then the rain came properly, drumming on roofs and rushing down the gutters \
 into the river, which carried it patiently, as it always had, all the way to the sea.";
 
-/// The null model's vocabulary: token `i` is word `i` with a leading space (except word 0).
+/// The null model's vocabulary: token `i` is word `i` of the text with a leading space (except
+/// word 0), then one more token: word 0 with a leading space (the text starting over).
 pub fn vocab() -> &'static [String] {
     static VOCAB: OnceLock<Vec<String>> = OnceLock::new();
     VOCAB.get_or_init(|| {
-        NULL_TEXT
+        let mut v: Vec<String> = NULL_TEXT
             .split_whitespace()
             .enumerate()
             .map(|(i, w)| {
@@ -45,8 +48,20 @@ pub fn vocab() -> &'static [String] {
                     format!(" {w}")
                 }
             })
-            .collect()
+            .collect();
+        let again = format!(" {}", v.first().map_or("", |w| w.as_str()));
+        v.push(again);
+        v
     })
+}
+
+/// The token at position `p` of a generation: the text's words in order, over and over.
+pub fn token_at(p: u32) -> u32 {
+    let words = vocab().len() as u32 - 1;
+    match p % words {
+        0 if p > 0 => words,
+        i => i,
+    }
 }
 
 /// Text of a null-model token (empty for an id outside the vocabulary).
@@ -168,7 +183,6 @@ impl Generator for NullModel {
             s.due = Instant::now();
             self.start(s);
         }
-        let words = vocab().len() as u32;
         let now = self.interval.map(|_| Instant::now());
         let mut earliest: Option<Instant> = None;
         let mut emitted = false;
@@ -198,35 +212,29 @@ impl Generator for NullModel {
                 i += 1;
                 continue;
             }
-            let finish = if s.next >= s.max_tokens {
-                Some(FinishReason::Length)
-            } else if s.next >= words {
-                Some(FinishReason::Stop)
-            } else {
-                None
-            };
             let key = s.key;
-            if let Some(reason) = finish {
+            if s.next >= s.max_tokens {
                 sink.push(TokenEvent {
                     key,
-                    kind: EventKind::Done(reason),
+                    kind: EventKind::Done(FinishReason::Length),
                 });
                 self.remove(key);
                 continue;
             }
+            let token = token_at(s.next);
             for rank in 0..lp_slots {
                 sink.push(TokenEvent {
                     key,
                     kind: EventKind::Logprob {
                         rank: rank as u8,
-                        token: s.next,
+                        token,
                         logprob: 0.0,
                     },
                 });
             }
             sink.push(TokenEvent {
                 key,
-                kind: EventKind::Token(s.next),
+                kind: EventKind::Token(token),
             });
             s.next += 1;
             emitted = true;
@@ -272,7 +280,8 @@ mod tests {
 
     #[test]
     fn vocab_rebuilds_the_text() {
-        let joined: String = vocab().concat();
+        let words = vocab().len() - 1;
+        let joined: String = vocab()[..words].concat();
         let normalized = NULL_TEXT.split_whitespace().collect::<Vec<_>>().join(" ");
         assert_eq!(joined, normalized);
         assert!(
@@ -307,6 +316,45 @@ mod tests {
             .chain([EventKind::Done(FinishReason::Length)])
             .collect();
         assert_eq!(got, expected);
+    }
+
+    #[test]
+    fn any_max_tokens_gets_the_text_over_and_over() {
+        let words = (vocab().len() - 1) as u32;
+        let n = 2 * words + 7;
+        let (mut shard, mut engine, _) = links(1, 4096, 4096);
+        let mut model = NullModel::new(0.0, 8, 0);
+        let mut sink = EventSink::for_tests(&mut engine);
+        let req = GenerateRequest {
+            key: key(2),
+            prompt: vec![0],
+            params: GenParams {
+                max_tokens: Some(n),
+                ..GenParams::default()
+            },
+            generated: Vec::new(),
+        };
+        model.handle(EngineMsg::Generate(Box::new(req)), &mut sink);
+        let mut text = String::new();
+        let mut end = None;
+        for _ in 0..100_000 {
+            model.step(&mut sink);
+            while let Ok(ev) = shard[0].events.pop() {
+                match ev.kind {
+                    EventKind::Token(t) => text.push_str(piece(t)),
+                    EventKind::Done(r) => end = Some(r),
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+            if end.is_some() {
+                break;
+            }
+        }
+        assert_eq!(end, Some(FinishReason::Length));
+        let once = NULL_TEXT.split_whitespace().collect::<Vec<_>>().join(" ");
+        let head: Vec<&str> = once.split(' ').take(7).collect();
+        assert_eq!(text, format!("{once} {once} {}", head.join(" ")));
+        assert_eq!(text.split(' ').count() as u32, n);
     }
 
     #[test]

@@ -54,8 +54,9 @@ MODEL = "null"
 
 
 def expected_text(n: int) -> str:
-    """What a null-model generation with max_tokens n streams, concatenated."""
-    return " ".join(WORDS[:n])
+    """What a null-model generation with max_tokens n streams, concatenated: the text's words,
+    starting over after the last one."""
+    return " ".join(WORDS[i % len(WORDS)] for i in range(n))
 
 
 def _raise_nofile() -> None:

@@ -108,18 +108,21 @@ def test_chunk_mode_latency_cap(slow_server):
     run(main())
 
 
-def test_full_text_then_stop(server):
-    """Asking for more tokens than the text has: the whole text, finish_reason stop."""
+def test_null_model_gives_any_max_tokens_by_starting_its_text_over(server):
+    """Asking for more tokens than the text has: the text again from its start, exactly
+    max_tokens of them, finish_reason length (a benchmark asking for N tokens gets N)."""
 
     async def main():
         async with open_ws(server) as ws:
             await session_of(ws)
+            n = 2 * len(WORDS) + 5
             for mode in ("token", "chunk", "full"):
-                s = await generate(ws, f"all-{mode}", 5000, mode)
+                s = await generate(ws, f"all-{mode}", n, mode)
                 s.check_order()
-                assert s.text == " ".join(WORDS)
-                assert s.done["finish_reason"] == "stop"
-                assert s.done["usage"]["completion_tokens"] == len(WORDS)
+                assert s.text == expected_text(n)
+                assert s.text.startswith(" ".join(WORDS) + " " + " ".join(WORDS) + " " + WORDS[0])
+                assert s.done["finish_reason"] == "length"
+                assert s.done["usage"]["completion_tokens"] == n
 
     run(main())
 
