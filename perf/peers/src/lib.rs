@@ -42,11 +42,12 @@ pub fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
 }
 
 /// The null model's tokens as JSON string literals: token `i` is word `i` with a leading space
-/// (except word 0), escaped once here so a delta costs no escaping.
+/// (except word 0), then word 0 with one (the text starting over), escaped once here so a delta
+/// costs no escaping.
 fn vocab_json() -> &'static [String] {
     static VOCAB: OnceLock<Vec<String>> = OnceLock::new();
     VOCAB.get_or_init(|| {
-        NULL_TEXT
+        let mut v: Vec<String> = NULL_TEXT
             .split_whitespace()
             .enumerate()
             .map(|(i, w)| {
@@ -57,8 +58,22 @@ fn vocab_json() -> &'static [String] {
                 };
                 Value::String(piece).to_string()
             })
-            .collect()
+            .collect();
+        // The text starting over: its first word after a space.
+        let first = NULL_TEXT.split_whitespace().next().unwrap_or("");
+        v.push(Value::String(format!(" {first}")).to_string());
+        v
     })
+}
+
+/// The token at position `p` of a generation: the text's words in order, over and over (as the
+/// null model has them).
+fn token_at(p: u32) -> usize {
+    let words = vocab_json().len() - 1;
+    match p as usize % words {
+        0 if p > 0 => words,
+        i => i,
+    }
 }
 
 /// A handshake refused before the `101`: status and JSON body, as seedance answers.
@@ -194,8 +209,8 @@ fn prompt_words(m: &serde_json::Map<String, Value>) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
 }
 
-/// One generation of the null model: the next word per delta until `max_tokens` (finish
-/// `length`) or the end of the text (finish `stop`), as the null model does.
+/// One generation of the null model: the next word per delta, the text over and over, until
+/// `max_tokens` (finish `length`), as the null model does.
 #[derive(Debug)]
 pub struct Generation {
     id_json: String,
@@ -208,13 +223,12 @@ pub struct Generation {
 impl Generation {
     /// Appends the next delta message to `out`; false when the generation is over.
     pub fn write_next(&mut self, out: &mut String) -> bool {
-        let vocab = vocab_json();
-        let Some(piece) = vocab.get(self.next as usize) else {
-            return false;
-        };
         if self.next >= self.max_tokens {
             return false;
         }
+        let Some(piece) = vocab_json().get(token_at(self.next)) else {
+            return false;
+        };
         self.next += 1;
         // Writing into a String cannot fail.
         let _ = write!(
@@ -227,11 +241,7 @@ impl Generation {
 
     /// The `done` message, once `write_next` has returned false.
     pub fn done(&self) -> String {
-        let reason = if self.next >= self.max_tokens {
-            "length"
-        } else {
-            "stop"
-        };
+        let reason = "length";
         let (p, c) = (self.prompt_tokens, self.next);
         format!(
             r#"{{"type":"done","id":{},"seq":{},"finish_reason":"{reason}","usage":{{"prompt_tokens":{p},"completion_tokens":{c},"total_tokens":{}}}}}"#,
@@ -317,13 +327,22 @@ mod tests {
     }
 
     #[test]
-    fn generation_past_the_text_stops() {
+    fn generation_past_the_text_starts_it_over() {
         let words = NULL_TEXT.split_whitespace().count();
-        let mut g = generate(r#"{"type":"generate","id":"x\"y","max_tokens":100000}"#);
+        let msg = format!(
+            r#"{{"type":"generate","id":"x\"y","max_tokens":{}}}"#,
+            words + 3
+        );
+        let mut g = generate(&msg);
         let m = messages(&mut g);
-        assert_eq!(m.len(), words + 1);
+        assert_eq!(m.len(), words + 4);
         assert_eq!(m[0]["id"], "x\"y");
-        assert_eq!(m[words]["finish_reason"], "stop");
+        let again: String = m[words..words + 3]
+            .iter()
+            .map(|d| d["text"].as_str().unwrap())
+            .collect();
+        assert_eq!(again, " The river town");
+        assert_eq!(m[words + 3]["finish_reason"], "length");
     }
 
     #[test]
