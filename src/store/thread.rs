@@ -38,6 +38,9 @@ const TURN_PAUSE: Duration = Duration::from_millis(1);
 const AHEAD_MAX: u64 = 256;
 /// How long a follower ahead of the log waits for a live owner's writes to catch up.
 const CATCH_UP: Duration = Duration::from_secs(2);
+/// How often a follower ahead of the log reads it meanwhile: the embedded store's owners
+/// publish once a tick (10 ms), Redis writes are a pipeline away.
+const CATCH_UP_POLL: Duration = Duration::from_millis(2);
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
@@ -281,6 +284,21 @@ struct Follow {
     next_poll: Instant,
     /// Set while the client is ahead of the log: the deadline for a live owner to catch up.
     catch_up: Option<Instant>,
+    /// The owner pushed it a message (the embedded store's owner does from its first publish
+    /// after the follow began, up to a tick later; until then the follower reads the log).
+    pushed: bool,
+}
+
+impl Follow {
+    /// How soon to read the log again: soon while ahead of it, or while an embedded store's
+    /// owner has not begun pushing.
+    fn poll_every(&self, local: bool) -> Duration {
+        if self.catch_up.is_some() || (local && !self.pushed) {
+            CATCH_UP_POLL
+        } else {
+            POLL
+        }
+    }
 }
 
 struct StateThread {
@@ -340,6 +358,12 @@ impl StateThread {
             if inboxes.iter().all(|q| q.is_empty()) && !self.handle.stop.load(Ordering::SeqCst) {
                 let wait = if self.follows.is_empty() {
                     Duration::from_millis(100)
+                } else if self
+                    .follows
+                    .values()
+                    .any(|f| f.poll_every(self.handle.local.is_some()) == CATCH_UP_POLL)
+                {
+                    CATCH_UP_POLL
                 } else {
                     POLL
                 };
@@ -650,9 +674,11 @@ impl StateThread {
             gen: gen.clone(),
             last_seq: after,
             epoch: g.epoch,
-            next_poll: Instant::now() + POLL,
+            next_poll: Instant::now(),
             catch_up,
+            pushed: false,
         };
+        f.next_poll += f.poll_every(self.handle.local.is_some());
         let ended = self.send_found(ticket, &mut f, g, true);
         if !ended {
             self.by_gen.entry(gen).or_default().push(ticket);
@@ -787,6 +813,9 @@ impl StateThread {
             let first_seq = f.last_seq + 1;
             f.last_seq = a.last_seq();
             f.epoch = a.epoch;
+            // The log has passed the client's offset.
+            f.catch_up = None;
+            f.pushed = true;
             f.next_poll = Instant::now() + POLL * 5;
             let shard = f.shard;
             self.out.push((
@@ -821,7 +850,7 @@ impl StateThread {
             let Some(mut f) = self.follows.remove(&ticket) else {
                 continue;
             };
-            f.next_poll = now + POLL;
+            f.next_poll = now + f.poll_every(self.handle.local.is_some());
             let (session, id, after) = (f.session.clone(), f.id.clone(), f.last_seq);
             match self.timed(|s| s.lookup(&session, &id, after, PAGE)) {
                 Ok(super::Lookup { gen: Some(g), .. }) => {
