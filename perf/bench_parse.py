@@ -3,6 +3,7 @@
 
     llama-bench ... -o json | perf/bench_parse.py llama LABEL
         -> "meta commit <build_commit> <model_type>" and "LABEL llama pp|tg <t/s>" per sample
+           (pp: 512 prompt tokens from an empty context; tg: 128 generated, at any depth)
     seedance-server generate ... 2>&1 >/dev/null | perf/bench_parse.py seedance LABEL
         -> "LABEL seedance pp <prompt/prefill>" and "LABEL seedance tg <(gen-1)/decode>"
            from its GenerateStats log line (a 512-token prompt and 128 tokens are asserted)
@@ -16,7 +17,12 @@ import sys
 def llama(label: str) -> None:
     for x in json.load(sys.stdin):
         print("meta", "commit", x["build_commit"], x.get("model_type", "").replace(" ", "_"))
-        kind = "pp" if x["n_prompt"] == 512 and x["n_gen"] == 0 else "tg"
+        if x["n_prompt"] == 512 and x["n_gen"] == 0 and x.get("n_depth", 0) == 0:
+            kind = "pp"
+        elif x["n_prompt"] == 0 and x["n_gen"] == 128:
+            kind = "tg"
+        else:
+            sys.exit(f"bench_parse.py: unexpected llama-bench test {x['n_prompt']}/{x['n_gen']}")
         for v in x["samples_ts"]:
             print(label, "llama", kind, v)
 

@@ -6,8 +6,8 @@
 #        Q4_1, fetched by scripts/fetch_model.sh)
 #   env: THREADS="1 2" ROUNDS=3 REPS=3 LLAMA_CPP_PYTHON_VERSION=0.3.36
 #
-# llama.cpp: `llama-bench -m FILE -t T -p 512 -n 128 -r REPS` (pp512 and tg128 from an empty
-# context). seedance: `seedance-server generate --model FILE` with a 512-token prompt (text the
+# llama.cpp: `llama-bench -m FILE -t T -p 512 -n 0 -r REPS` (pp512 from an empty context) and
+# `-p 0 -n 128 -d 512` (tg128 after a 512-token context, as seedance decodes). seedance: `seedance-server generate --model FILE` with a 512-token prompt (text the
 # file's own tokenizer makes exactly 512 tokens of, via `seedance-server tokenize`) and 128
 # tokens (prefill t/s = 512 / prefill; decode t/s = 127 / decode). Both pinned to CPUs
 # 0..T-1; seedance's CPU backend uses every CPU it may run on, so the pin sets its threads.
@@ -75,7 +75,7 @@ import statistics, sys
 rows = [l.split() for l in open(sys.argv[1]) if not l.startswith("meta")]
 def med(t, who, k):
     return statistics.median(float(r[3]) for r in rows if r[0] == t and r[1] == who and r[2] == k)
-print("| threads | llama.cpp pp512 t/s | seedance prefill-512 t/s | ratio | llama.cpp tg128 t/s | seedance decode t/s | ratio |")
+print("| threads | llama.cpp pp512 t/s | seedance prefill-512 t/s | ratio | llama.cpp tg128 @ d512 t/s | seedance decode t/s | ratio |")
 print("|---|---|---|---|---|---|---|")
 for t in sys.argv[2:]:
     lp, sp, lt, st = med(t, "llama", "pp"), med(t, "seedance", "pp"), med(t, "llama", "tg"), med(t, "seedance", "tg")

@@ -27,15 +27,19 @@ if [ ! -x "$BENCH" ] || [ "$(cat "$BUILD/.version" 2>/dev/null)" != "$VER" ]; th
   echo "$VER" >"$BUILD/.version"
 fi
 
-# One round of the side-by-side: llama-bench on GGUF file $2 (REPS repetitions, one JSON), then
-# REPS runs of `seedance-server generate` on model $3, both pinned with PIN, 512-token prompt and
-# 128 generated tokens; each result line (tagged $1) appended to $RES via perf/bench_parse.py.
+# One round of the side-by-side: llama-bench on GGUF file $2 (REPS repetitions each: pp512 from an
+# empty context, then tg128 after a 512-token context, `-d 512`, the context seedance decodes
+# in), then REPS runs of `seedance-server generate` on model $3 (512-token prompt, 128 generated
+# tokens), all pinned with PIN; each result line (tagged $1) appended to $RES via
+# perf/bench_parse.py.
 # Usage: bench_round LABEL GGUF SEEDANCE_MODEL THREADS. Needs: BENCH, SEEDANCE, PROMPT, REPS, RES,
 # PIN (an array, may be empty), log().
 bench_round() {
   local label=$1 gguf=$2 model=$3 threads=$4
-  log "$label: llama-bench -t $threads -p 512 -n 128 -r $REPS"
-  "${PIN[@]}" "$BENCH" -m "$gguf" -t "$threads" -p 512 -n 128 -r "$REPS" -o json 2>/dev/null |
+  log "$label: llama-bench -t $threads -p 512 -n 0, then -p 0 -n 128 -d 512, -r $REPS"
+  "${PIN[@]}" "$BENCH" -m "$gguf" -t "$threads" -p 512 -n 0 -r "$REPS" -o json 2>/dev/null |
+    python3 perf/bench_parse.py llama "$label" >>"$RES"
+  "${PIN[@]}" "$BENCH" -m "$gguf" -t "$threads" -p 0 -n 128 -d 512 -r "$REPS" -o json 2>/dev/null |
     python3 perf/bench_parse.py llama "$label" >>"$RES"
   for _ in $(seq "$REPS"); do
     log "$label: seedance generate (512-token prompt, 128 tokens)"

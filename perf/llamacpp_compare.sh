@@ -23,9 +23,9 @@
 # Threads: llama.cpp gets -t THREADS. `seedance-server generate` uses CpuBackend::new(0) = all
 # CPUs the process may run on (available_parallelism), so where nproc > THREADS both programs are
 # pinned to CPUs 0..THREADS-1 with taskset.
-# Difference to keep in mind: llama-bench's tg128 decodes from an empty context; seedance's
-# decode follows the 512-token prompt (attention over 512-640 positions; the KV read is < 2% of
-# the weight read for these shapes).
+# Both decode after a 512-token context: llama-bench's tg128 runs with `-d 512` (since the run of
+# 2026-12-07; earlier rows in docs/benchmarks.md had llama.cpp decoding from an empty context),
+# seedance's decode follows its 512-token prompt (attention over 512-640 positions).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD

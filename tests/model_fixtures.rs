@@ -336,7 +336,7 @@ fn fixture_as_gguf(name: &str) -> std::path::PathBuf {
 
 fn check_gguf(name: &str) {
     let path = fixture_as_gguf(name);
-    let model = Transformer::load_gguf(&path, Box::new(CpuBackend::new(2)));
+    let model = Transformer::load_gguf(&path, Box::new(CpuBackend::new(2)), false);
     let _ = std::fs::remove_file(&path);
     let model = model.unwrap_or_else(|e| panic!("{e}"));
     let hf = Transformer::load(&dir(name), Box::new(CpuBackend::new(2))).unwrap();

@@ -57,8 +57,9 @@ pub fn load_model(
             .map_err(|e| e.to_string())?;
         tracing::info!(
             file = spec,
-            file_type = ?ck.gguf.get("general.file_type"),
-            "GGUF checkpoint: weights dequantized to F16 at load (quantized kernels not built yet)"
+            weights = %model.weight_formats(),
+            weights_mib = model.weight_bytes() >> 20,
+            "GGUF checkpoint (quantized matrices stay quantized on the CPU)"
         );
         return Ok((model, tok));
     }
@@ -97,6 +98,12 @@ pub fn forward(model: Transformer, device: &Selected, dc: DeviceConfig) -> Resul
                 ordinal: d.ordinal,
                 ..dc
             };
+            if model.has_quantized_weights() {
+                tracing::info!(
+                    weights = %model.weight_formats(),
+                    "cuda: quantized weights are dequantized to F16 at upload (no quantized CUDA kernels yet)"
+                );
+            }
             let dm = DeviceModel::new(&model, &dc)
                 .map_err(|e| format!("--device cuda: uploading the model: {e}"))?;
             tracing::info!(

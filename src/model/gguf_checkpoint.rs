@@ -3,8 +3,9 @@
 //! The config comes from the `<arch>.*` metadata keys, written as the equivalent `config.json`
 //! fields and validated by [`ModelConfig::from_value`], so a GGUF and a Hugging Face checkpoint
 //! of one model give the same config. Tensors are found by llama.cpp's names
-//! (`blk.N.attn_q.weight` …) and, for now, dequantized to F16 at load (the quantized CPU kernels
-//! are the next step of issue 16).
+//! (`blk.N.attn_q.weight` …). Q8_0 / Q4_0 / Q4_1 matrices stay quantized (repacked for the CPU
+//! integer kernels, [`crate::backend::quant`]) unless [`GgufCheckpoint::dequantize`] is set;
+//! F32 / F16 / BF16 matrices become F16, vectors F32.
 //!
 //! llama.cpp's converter reorders the rows of each head of `attn_q` / `attn_k` for the `llama`
 //! architecture (its RoPE rotates adjacent pairs; Hugging Face's rotates the two halves of a
@@ -18,9 +19,10 @@ use memmap2::Mmap;
 use serde_json::json;
 
 use super::config::{Arch, ModelConfig};
-use super::gguf::{dequantize, Gguf, TensorInfo, Value};
+use super::gguf::{dequantize, Gguf, TensorInfo, TensorType, Value};
 use super::transformer::WeightSource;
 use super::ModelError;
+use crate::backend::quant::{QuantKind, QuantMatrix};
 use crate::backend::Weight;
 
 pub struct GgufCheckpoint {
@@ -29,6 +31,8 @@ pub struct GgufCheckpoint {
     pub gguf: Gguf,
     /// From the metadata; decides tensor names and the q/k row order.
     cfg: ModelConfig,
+    /// Load quantized matrices as F16 instead (numerics comparisons; devices without kernels).
+    pub dequantize: bool,
 }
 
 impl GgufCheckpoint {
@@ -45,6 +49,7 @@ impl GgufCheckpoint {
             mmap,
             gguf,
             cfg,
+            dequantize: false,
         })
     }
 
@@ -67,8 +72,8 @@ impl GgufCheckpoint {
         Ok((t, g))
     }
 
-    /// Tensor `name` (Hugging Face naming) as f32, checked to have `shape` (row-major).
-    fn read(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, ModelError> {
+    /// Tensor `name` (Hugging Face naming), checked to have `shape` (row-major) and a type read.
+    fn checked(&self, name: &str, shape: &[usize]) -> Result<(&TensorInfo, String), ModelError> {
         let (t, g) = self.info(name)?;
         let ggml: Vec<usize> = shape.iter().rev().copied().collect();
         if t.dims.iter().map(|&d| d as usize).ne(ggml.iter().copied()) {
@@ -89,6 +94,25 @@ impl GgufCheckpoint {
                 ),
             });
         }
+        Ok((t, g))
+    }
+
+    /// Whether `g`'s rows are in llama.cpp's pairwise-RoPE order (and how many heads it has).
+    fn permuted_heads(&self, g: &str) -> Option<usize> {
+        if self.cfg.arch != Arch::Llama {
+            None
+        } else if g.contains(".attn_q.") {
+            Some(self.cfg.num_heads)
+        } else if g.contains(".attn_k.") {
+            Some(self.cfg.num_kv_heads)
+        } else {
+            None
+        }
+    }
+
+    /// Tensor `name` (Hugging Face naming) as f32, checked to have `shape` (row-major).
+    fn read(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, ModelError> {
+        let (t, g) = self.checked(name, shape)?;
         let mut out = vec![0f32; shape.iter().product()];
         dequantize(t.ty, &self.mmap[t.start..t.start + t.len], &mut out).map_err(|reason| {
             ModelError::BadGguf {
@@ -96,14 +120,41 @@ impl GgufCheckpoint {
                 reason: format!("{g}: {reason}"),
             }
         })?;
-        if self.cfg.arch == Arch::Llama {
-            if g.contains(".attn_q.") {
-                out = unpermute(&out, self.cfg.num_heads, shape);
-            } else if g.contains(".attn_k.") {
-                out = unpermute(&out, self.cfg.num_kv_heads, shape);
-            }
+        if let Some(heads) = self.permuted_heads(&g) {
+            out = unpermute(&out, heads, shape[0]);
         }
         Ok(out)
+    }
+
+    /// Matrix `name` kept quantized, or None when its type is not a quantized one (or
+    /// [`Self::dequantize`] is set).
+    fn quantized(
+        &self,
+        name: &str,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Option<Weight>, ModelError> {
+        let (t, g) = self.checked(name, &[rows, cols])?;
+        let kind = match t.ty {
+            _ if self.dequantize => return Ok(None),
+            TensorType::Q8_0 => QuantKind::Q8_0,
+            TensorType::Q4_0 => QuantKind::Q4_0,
+            TensorType::Q4_1 => QuantKind::Q4_1,
+            _ => return Ok(None),
+        };
+        let mut bytes = &self.mmap[t.start..t.start + t.len];
+        let permuted;
+        if let Some(heads) = self.permuted_heads(&g) {
+            permuted = unpermute(bytes, heads, rows);
+            bytes = &permuted;
+        }
+        let m = QuantMatrix::from_gguf(kind, rows, cols, bytes).map_err(|reason| {
+            ModelError::BadGguf {
+                path: self.path.clone(),
+                reason: format!("{g}: {reason}"),
+            }
+        })?;
+        Ok(Some(Weight::quantized(m)))
     }
 }
 
@@ -245,13 +296,13 @@ impl Meta<'_> {
     }
 }
 
-/// Undoes llama.cpp's per-head row order of q/k (`heads` heads; `shape` rows × cols or a bias).
-fn unpermute(w: &[f32], heads: usize, shape: &[usize]) -> Vec<f32> {
-    let rows = shape[0];
+/// Undoes llama.cpp's per-head row order of q/k (`heads` heads of a matrix, or a bias, of `rows`
+/// rows; a row is any run of elements: floats, or the blocks of a quantized row).
+fn unpermute<T: Copy + Default>(w: &[T], heads: usize, rows: usize) -> Vec<T> {
     let cols = w.len() / rows.max(1);
     let d = rows / heads.max(1);
     let half = d / 2;
-    let mut out = vec![0f32; w.len()];
+    let mut out = vec![T::default(); w.len()];
     for h in 0..heads {
         for i in 0..half {
             for j in 0..2 {
@@ -294,6 +345,9 @@ pub fn gguf_name(hf: &str) -> Option<String> {
 
 impl WeightSource for GgufCheckpoint {
     fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Weight, ModelError> {
+        if let Some(w) = self.quantized(name, rows, cols)? {
+            return Ok(w);
+        }
         let w = self.read(name, &[rows, cols])?;
         Ok(Weight::new(
             rows,
@@ -327,7 +381,7 @@ mod tests {
     #[test]
     fn unpermute_restores_halves() {
         // One head of 4 rows (1 column): llama.cpp order is HF rows 0, 2, 1, 3.
-        let out = unpermute(&[0.0, 2.0, 1.0, 3.0], 1, &[4, 1]);
+        let out = unpermute(&[0.0, 2.0, 1.0, 3.0], 1, 4);
         assert_eq!(out, [0.0, 1.0, 2.0, 3.0]);
     }
 }

@@ -409,9 +409,15 @@ impl Transformer {
         Self::from_source(cfg, &ck, backend)
     }
 
-    /// Loads a GGUF file (config from its metadata, weights dequantized to F16).
-    pub fn load_gguf(path: &Path, backend: Box<dyn Backend>) -> Result<Self, ModelError> {
-        let ck = super::gguf_checkpoint::GgufCheckpoint::open(path)?;
+    /// Loads a GGUF file (config from its metadata; quantized matrices stay quantized unless
+    /// `dequantize`, which loads them as F16).
+    pub fn load_gguf(
+        path: &Path,
+        backend: Box<dyn Backend>,
+        dequantize: bool,
+    ) -> Result<Self, ModelError> {
+        let mut ck = super::gguf_checkpoint::GgufCheckpoint::open(path)?;
+        ck.dequantize = dequantize;
         Self::from_source(ck.config().clone(), &ck, backend)
     }
 
@@ -512,19 +518,46 @@ impl Transformer {
         }
     }
 
+    /// Every weight matrix once (a tied lm_head is the embedding).
+    fn matrices(&self) -> impl Iterator<Item = &Weight> {
+        self.layers
+            .iter()
+            .flat_map(|l| {
+                [
+                    &l.self_attn.qkv,
+                    &l.self_attn.o_proj,
+                    &l.mlp.gate_up,
+                    &l.mlp.down,
+                ]
+            })
+            .chain(std::iter::once(&self.embed_tokens))
+            .chain(self.lm_head.as_ref())
+    }
+
     /// Bytes of weights held.
     pub fn weight_bytes(&self) -> usize {
-        let l: usize = self
-            .layers
+        self.matrices().map(Weight::bytes).sum()
+    }
+
+    /// The storage formats of the weight matrices with their counts, e.g. "Q4_1 ×120, Q8_0 ×1".
+    pub fn weight_formats(&self) -> String {
+        let mut counts: Vec<(&str, usize)> = Vec::new();
+        for w in self.matrices() {
+            match counts.iter_mut().find(|(f, _)| *f == w.format()) {
+                Some((_, n)) => *n += 1,
+                None => counts.push((w.format(), 1)),
+            }
+        }
+        counts
             .iter()
-            .map(|l| {
-                l.self_attn.qkv.bytes()
-                    + l.self_attn.o_proj.bytes()
-                    + l.mlp.gate_up.bytes()
-                    + l.mlp.down.bytes()
-            })
-            .sum();
-        l + self.embed_tokens.bytes() + self.lm_head.as_ref().map_or(0, Weight::bytes)
+            .map(|(f, n)| format!("{f} ×{n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// Whether any weight matrix is kept quantized.
+    pub fn has_quantized_weights(&self) -> bool {
+        self.matrices().any(|w| w.quant().is_some())
     }
 
     /// One batched step; see the module doc. Returns (n_wanted, vocab) logits.

@@ -2,7 +2,8 @@
 //!
 //! One task per (sequence, KV head): it walks the sequence's blocks in order, converts each
 //! block's `block_size × head_dim` K and V tiles to F32 once, and updates every query that reads
-//! them — all new tokens of the sequence × the query heads of this KV head's group. Per query it
+//! them — all new tokens of the sequence × the query heads of this KV head's group (scores as
+//! per-key dot products when they are few, as in decode; over the K tile transposed when many). Per query it
 //! keeps the running max `m`, normaliser `l` and weighted sum `acc` (flash-attention style), so
 //! memory is O(queries × head_dim) whatever the context length. Tasks write disjoint output
 //! elements (their own rows × their own heads).
@@ -10,7 +11,6 @@
 use super::matmul::Isa;
 use crate::backend::{AttnSeq, AttnShape};
 use half::f16;
-use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 #[derive(Clone, Copy)]
@@ -50,7 +50,7 @@ pub fn attention(
                 Isa::Avx512 => one_avx512(q, k_cache, v_cache, &seqs[i], g, s, o),
                 #[cfg(target_arch = "x86_64")]
                 Isa::Avx2 => one_avx2(q, k_cache, v_cache, &seqs[i], g, s, o),
-                _ => one(q, k_cache, v_cache, &seqs[i], g, s, o),
+                _ => one::<false>(q, k_cache, v_cache, &seqs[i], g, s, o),
             }
         }
     };
@@ -73,7 +73,7 @@ unsafe fn one_avx512(
     s: &AttnShape,
     o: OutPtr,
 ) {
-    one(q, kc, vc, sq, g, s, o)
+    one::<true>(q, kc, vc, sq, g, s, o)
 }
 
 /// `one` compiled for AVX2.
@@ -88,11 +88,31 @@ unsafe fn one_avx2(
     s: &AttnShape,
     o: OutPtr,
 ) {
-    one(q, kc, vc, sq, g, s, o)
+    one::<true>(q, kc, vc, sq, g, s, o)
+}
+
+/// F16 → F32; `F16C`: the caller is compiled with F16C (8 per `vcvtph2ps`, inlined, where
+/// `half`'s slice conversion would dispatch at run time per call).
+#[inline(always)]
+unsafe fn to_f32<const F16C: bool>(src: &[f16], dst: &mut [f32]) {
+    let n = src.len().min(dst.len());
+    let mut i = 0;
+    #[cfg(target_arch = "x86_64")]
+    if F16C {
+        use std::arch::x86_64::*;
+        while i + 8 <= n {
+            let h = _mm_loadu_si128(src.as_ptr().add(i) as *const __m128i);
+            _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
+            i += 8;
+        }
+    }
+    for j in i..n {
+        dst[j] = src[j].to_f32();
+    }
 }
 
 #[inline(always)]
-unsafe fn one(
+unsafe fn one<const F16C: bool>(
     q: &[f32],
     kc: &[f16],
     vc: &[f16],
@@ -116,6 +136,9 @@ unsafe fn one(
     let mut kt = vec![0f32; hd * bs];
     let mut vt = vec![0f32; bs * hd];
     let mut p = vec![0f32; bs];
+    // Few queries per block (decode: the heads of one KV group): a dot product per key beats
+    // transposing the block's K tile first, which only pays off over many queries.
+    let few = nq <= FEW_QUERIES;
     let nblocks = total.div_ceil(bs);
     let first_block = match s.sliding_window {
         Some(w) => (sq.start_pos + 1).saturating_sub(w) / bs,
@@ -125,13 +148,15 @@ unsafe fn one(
         let base = b * bs;
         let valid = (total - base).min(bs);
         let off = ((sq.blocks[b] as usize * s.num_kv_heads + g) * bs) * hd;
-        kc[off..off + valid * hd].convert_to_f32_slice(&mut kraw[..valid * hd]);
-        for j in 0..valid {
-            for d in 0..hd {
-                kt[d * bs + j] = kraw[j * hd + d];
+        to_f32::<F16C>(&kc[off..off + valid * hd], &mut kraw[..valid * hd]);
+        if !few {
+            for j in 0..valid {
+                for d in 0..hd {
+                    kt[d * bs + j] = kraw[j * hd + d];
+                }
             }
         }
-        vc[off..off + valid * hd].convert_to_f32_slice(&mut vt[..valid * hd]);
+        to_f32::<F16C>(&vc[off..off + valid * hd], &mut vt[..valid * hd]);
         for t in 0..sq.len {
             let pos = sq.start_pos + t;
             if base > pos {
@@ -150,7 +175,11 @@ unsafe fn one(
                 let qi = t * group + hg;
                 let qrow = &q[((sq.row + t) * s.num_heads + h) * hd..][..hd];
                 let mut mx = f32::NEG_INFINITY;
-                if bs == 16 {
+                if few {
+                    for j in lo..hi {
+                        p[j] = dot(qrow, &kraw[j * hd..(j + 1) * hd]);
+                    }
+                } else if bs == 16 {
                     // The default block size: a 16-float accumulator the compiler keeps in
                     // one register.
                     let mut a = [0f32; 16];
@@ -200,6 +229,28 @@ unsafe fn one(
             }
         }
     }
+}
+
+/// Queries per (sequence, KV head) up to which scores are per-key dot products.
+const FEW_QUERIES: usize = 8;
+
+/// Σ a·b with 8 independent lanes (the compiler vectorises it), summed at the end.
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ac.zip(bc) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 #[inline(always)]

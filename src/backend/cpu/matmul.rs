@@ -1,4 +1,4 @@
-//! F16-weight × F32-activation matmul: y (n, rows) = x (n, cols) · Wᵀ, W packed in 16-row panels
+//! F16-weight × F32-activation matmul (quantized weights go to [`super::qmatmul`]): y (n, rows) = x (n, cols) · Wᵀ, W packed in 16-row panels
 //! (see [`Weight`]).
 //!
 //! Micro-kernel (outer-product form): for each k, load column k of P panels (P × 16 F16 →
@@ -18,7 +18,7 @@
 // Kernels index fixed-size register tiles by (panel, token); index loops read clearer there.
 #![allow(clippy::needless_range_loop)]
 
-use crate::backend::{Weight, PANEL};
+use crate::backend::{Weight, WeightData, PANEL};
 use half::f16;
 use rayon::prelude::*;
 
@@ -34,8 +34,12 @@ impl Isa {
     pub fn detect() -> Self {
         #[cfg(target_arch = "x86_64")]
         {
+            // The quantized kernels run their AVX2 variant under Avx512 too.
             if std::env::var_os("SEEDANCE_NO_AVX512").is_none()
                 && is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c")
             {
                 return Isa::Avx512;
             }
@@ -70,11 +74,11 @@ pub fn matmul(isa: Isa, threads: usize, x: &[f32], w: &Weight, y: &mut [f32]) {
     let n = x.len() / cols;
     assert_eq!(y.len(), n * rows, "matmul: y size");
     let panels = rows.div_ceil(PANEL);
-    assert_eq!(
-        w.panels().len(),
-        panels * cols * PANEL,
-        "matmul: weight size"
-    );
+    let wpanels = match w.data() {
+        WeightData::F16(p) => p,
+        WeightData::Quant(q) => return super::qmatmul::matmul(isa, threads, x, q, y),
+    };
+    assert_eq!(wpanels.len(), panels * cols * PANEL, "matmul: weight size");
     // Enough chunks to balance threads; each an even number of panels (the kernel takes pairs).
     let tasks = (threads * 4).max(1);
     let chunk = (panels.div_ceil(tasks).div_ceil(2) * 2).max(2);
@@ -94,7 +98,7 @@ pub fn matmul(isa: Isa, threads: usize, x: &[f32], w: &Weight, y: &mut [f32]) {
             // SAFETY: p0..p1 ⊂ 0..panels; x has n·cols elements, the packed weight panels·cols·16,
             // y n·rows (all checked above); this task alone writes rows p0·16..p1·16 ∩ 0..rows of
             // every token's output.
-            unsafe { panels_range(isa, xs, n, tt, w, p0, p1, out) }
+            unsafe { panels_range(isa, xs, n, tt, w, wpanels, p0, p1, out) }
         };
         if nchunks == 1 || threads <= 1 {
             (0..nchunks).for_each(run);
@@ -148,6 +152,7 @@ unsafe fn panels_range(
     n: usize,
     tt: usize,
     w: &Weight,
+    wpanels: &[f16],
     p0: usize,
     p1: usize,
     out: OutPtr,
@@ -156,7 +161,7 @@ unsafe fn panels_range(
     let mut p = p0;
     while p < p1 {
         let np = (p1 - p).min(2);
-        let wp = w.panels().as_ptr().add(p * cols * PANEL);
+        let wp = wpanels.as_ptr().add(p * cols * PANEL);
         // A panel pair's rows that exist (the last panel may be padding beyond `rows`).
         let valid = (rows - p * PANEL).min(np * PANEL);
         let mut t = 0;

@@ -1,9 +1,10 @@
-//! The CPU backend: the numerical reference and the fallback device. FP16 weights, FP32 math,
-//! SIMD matmul on a private rayon pool of a configurable size.
+//! The CPU backend: the numerical reference and the fallback device. FP16 weights (or GGUF
+//! quantized ones, multiplied in integers), FP32 math, SIMD matmul on a private rayon pool of a configurable size.
 
 pub mod attention;
 pub mod matmul;
 pub mod ops;
+pub mod qmatmul;
 
 use super::{AttnSeq, AttnShape, Backend, RopeFreqs, Weight};
 use half::f16;
@@ -58,6 +59,18 @@ impl CpuBackend {
     }
 }
 
+impl CpuBackend {
+    /// Runs an op on the pool, or inline with one thread: handing each op to a lone pool thread
+    /// would cost two context switches per op (hundreds per decoded token).
+    fn run(&self, op: impl FnOnce() + Send) {
+        if self.threads <= 1 {
+            op()
+        } else {
+            self.pool.install(op)
+        }
+    }
+}
+
 impl Default for CpuBackend {
     fn default() -> Self {
         Self::new(0)
@@ -70,8 +83,7 @@ impl Backend for CpuBackend {
     }
 
     fn matmul(&self, x: &[f32], w: &Weight, y: &mut [f32]) {
-        self.pool
-            .install(|| matmul::matmul(self.isa, self.threads, x, w, y));
+        self.run(|| matmul::matmul(self.isa, self.threads, x, w, y));
     }
 
     fn rmsnorm(&self, x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
@@ -102,7 +114,7 @@ impl Backend for CpuBackend {
         shape: &AttnShape,
         out: &mut [f32],
     ) {
-        self.pool.install(|| {
+        self.run(|| {
             attention::attention(
                 self.isa,
                 self.threads,

@@ -60,7 +60,7 @@ impl CudaBackend {
     }
 
     fn weight(&self, ops: &CudaOps, w: &Weight) -> Result<CudaSlice<f16>, CudaError> {
-        let key = (w.data.as_ptr() as usize, w.data.len());
+        let key = w.storage_id();
         let mut cache = self.weights.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(d) = cache.get(&key) {
             return Ok(d.clone());
