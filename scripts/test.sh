@@ -14,7 +14,8 @@
 #            compile error or any register spill, prints the register table; then the server's
 #            own NVRTC compile + cache path (cargo test backend::cuda::nvrtc) on the same wheel
 #   test     cargo test --workspace (unit, integration and property tests); the store contract
-#            test talks to a redis-server (AOF on) this script starts on a free port
+#            test talks to a redis-server (AOF on) this script starts on a free port; then
+#            tests/model_gguf_quant.rs in release (the default model vs llama.cpp's answers)
 #   pytest   tests/e2e with the Python websockets client against the built server (the resume
 #            tests start their own redis-server processes)
 #   node     tests/e2e with the Node ws client (node --test)
@@ -148,6 +149,9 @@ rust_tests() {
         sleep 0.05
     done
     SEEDANCE_TEST_REDIS_URL="redis://127.0.0.1:$port" cargo test --locked --workspace || rc=$?
+    # The default model through the quantized kernels, against llama.cpp's recorded answers:
+    # release (the build stage's release library), as a real model at opt-level 0 is too slow.
+    [ "$rc" -ne 0 ] || cargo test --locked --release --test model_gguf_quant || rc=$?
     kill "$pid" 2>/dev/null || true
     wait "$pid" 2>/dev/null || true
     rm -rf "$dir"

@@ -230,6 +230,14 @@ pub struct AttnShape {
 pub trait Backend: Send + Sync {
     fn name(&self) -> &'static str;
 
+    /// Runs `f`, one forward pass's ops, where they are cheapest to issue. The CPU backend runs
+    /// it on one of its pool's threads, so every op's fork-join happens between pool threads
+    /// (the others still spinning from the last op) instead of waking the pool from outside
+    /// and sleeping until it is done, which costs two context switches per op.
+    fn scope(&self, f: &mut (dyn FnMut() + Send)) {
+        f()
+    }
+
     /// y (n, w.rows) = x (n, w.cols) · wᵀ.
     fn matmul(&self, x: &[f32], w: &Weight, y: &mut [f32]);
 

@@ -567,6 +567,20 @@ impl Transformer {
         kv: &mut KvCache,
         s: &'s mut Scratch,
     ) -> Result<&'s [f32], ModelError> {
+        let mut out = Ok(0);
+        self.backend
+            .scope(&mut || out = self.forward_in_scope(seqs, kv, s));
+        let len = out?;
+        Ok(&s.logits[..len])
+    }
+
+    /// [`Self::forward`] inside the backend's scope; returns the logits' length in `s.logits`.
+    fn forward_in_scope(
+        &self,
+        seqs: &[SeqInput<'_>],
+        kv: &mut KvCache,
+        s: &mut Scratch,
+    ) -> Result<usize, ModelError> {
         let c = &self.cfg;
         self.check(seqs, kv)?;
         let n: usize = seqs.iter().map(|q| q.tokens.len()).sum();
@@ -620,7 +634,7 @@ impl Transformer {
                 r.iter_mut().skip(lim).for_each(|v| *v = f32::NEG_INFINITY);
             }
         }
-        Ok(&s.logits[..n_logits * c.vocab_size])
+        Ok(n_logits * c.vocab_size)
     }
 
     fn check(&self, seqs: &[SeqInput<'_>], kv: &KvCache) -> Result<(), ModelError> {

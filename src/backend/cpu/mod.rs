@@ -60,7 +60,8 @@ impl CpuBackend {
 }
 
 impl CpuBackend {
-    /// Runs an op on the pool, or inline with one thread: handing each op to a lone pool thread
+    /// Runs an op on the pool (inline when called from a pool thread, as inside
+    /// [`Backend::scope`]), or inline with one thread: handing each op to a lone pool thread
     /// would cost two context switches per op (hundreds per decoded token).
     fn run(&self, op: impl FnOnce() + Send) {
         if self.threads <= 1 {
@@ -80,6 +81,10 @@ impl Default for CpuBackend {
 impl Backend for CpuBackend {
     fn name(&self) -> &'static str {
         "cpu"
+    }
+
+    fn scope(&self, f: &mut (dyn FnMut() + Send)) {
+        self.run(f)
     }
 
     fn matmul(&self, x: &[f32], w: &Weight, y: &mut [f32]) {
