@@ -41,18 +41,16 @@ PROMPT=$(python3 - "$SEEDANCE" "$FILE" <<'PY'
 import json, subprocess, sys
 words = ("the quick brown fox jumps over the lazy dog while seven wizards quietly judge "
          "boxing matches in a small town near the river ").split()
+def count(t):
+    return len(json.loads(subprocess.run([sys.argv[1], "tokenize", "--model", sys.argv[2], t],
+                                         capture_output=True, text=True, check=True).stdout))
+# Whole words up to ~500 tokens, then " a" (one token in the vocabularies tried) to exactly 512.
 text, n = "", 0
-while True:
-    cand = (text + " " + words[n % len(words)]).strip()
-    ids = json.loads(subprocess.run([sys.argv[1], "tokenize", "--model", sys.argv[2], cand],
-                                    capture_output=True, text=True, check=True).stdout)
-    if len(ids) > 512:
-        break
-    text, n = cand, n + 1
-    if len(ids) == 512:
-        break
-assert len(json.loads(subprocess.run([sys.argv[1], "tokenize", "--model", sys.argv[2], text],
-           capture_output=True, text=True, check=True).stdout)) == 512
+while count(text) < 500:
+    text, n = (text + " " + words[n % len(words)]).strip(), n + 1
+while count(text) < 512:
+    text += " a"
+assert count(text) == 512, count(text)
 print(text, end="")
 PY
 )

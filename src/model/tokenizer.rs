@@ -326,7 +326,8 @@ fn invalid(path: &Path, message: &str) -> TokenizerError {
 impl Tokenizer {
     /// The tokenizer a GGUF file carries (`tokenizer.ggml.*`, `tokenizer.chat_template`), built
     /// as the equivalent `tokenizer.json` for the `tokenizers` crate. Byte-level BPE (`gpt2`
-    /// model) with the `gpt2`/`default` and `smollm` pre-tokenizers is supported; others are
+    /// model) with the `gpt2`/`default`, `smollm`, `qwen2` and `llama-bpe` (Llama 3)
+    /// pre-tokenizers is supported; others are
     /// refused by name.
     pub fn from_gguf(g: &super::gguf::Gguf, path: &Path) -> Result<Self, TokenizerError> {
         use super::gguf::Value as G;
@@ -351,9 +352,12 @@ impl Tokenizer {
             // SmolLM: digits one by one, then GPT-2's split (llama.cpp's LLAMA_VOCAB_PRE_TYPE_SMOLLM).
             "smollm" => serde_json::json!({"type": "Sequence", "pretokenizers": [
                 {"type": "Digits", "individual_digits": true}, byte_level]}),
+            // Qwen2 and Llama 3 split by their own regex (their tokenizer.json's), then map bytes.
+            "qwen2" => split_then_bytes(QWEN2_SPLIT),
+            "llama-bpe" => split_then_bytes(LLAMA3_SPLIT),
             p => {
                 return Err(bad(format!(
-                    "tokenizer.ggml.pre `{p}` is not supported yet (gpt2, default, smollm are)"
+                    "tokenizer.ggml.pre `{p}` is not supported yet (gpt2, default, smollm, qwen2, llama-bpe are)"
                 )))
             }
         };
@@ -432,4 +436,19 @@ impl Tokenizer {
         tok.finish_ids();
         Ok(tok)
     }
+}
+
+/// Qwen2's pre-tokenizer split (its tokenizer.json; llama.cpp's LLAMA_VOCAB_PRE_TYPE_QWEN2):
+/// digits one by one.
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// Llama 3's (llama.cpp's `llama-bpe`): digits in runs of up to three.
+const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// A regex split (matches kept as pieces) followed by the byte-level mapping without GPT-2's
+/// own split, as those models' tokenizer.json write it.
+fn split_then_bytes(regex: &str) -> serde_json::Value {
+    serde_json::json!({"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": false},
+        {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false}]})
 }
