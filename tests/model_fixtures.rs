@@ -415,6 +415,12 @@ fn check_quantized(name: &str, ty: &str) {
     )
     .unwrap_or_else(|e| panic!("{e}"));
     assert!(model.has_quantized_weights(), "{}", model.weight_formats());
+    // The GGUF metadata gives the checkpoint's config (llama.cpp converts Mistral as `llama`).
+    let hf =
+        seedance::model::config::ModelConfig::from_file(&dir(name).join("config.json")).unwrap();
+    let (mut got, mut want) = (model.config().clone(), hf);
+    (got.dtype, want.dtype) = (None, None);
+    assert_eq!(got, want, "{name}-{ty}: GGUF config differs");
     let expected = base.join(format!("{name}-{ty}.json"));
     let q8act = Tol {
         atol: ATOL_Q8ACT,
@@ -473,4 +479,14 @@ fn gguf_qwen2_q4_0_tied() {
 #[test]
 fn gguf_qwen2_q4_1_tied() {
     check_quantized("qwen2", "q4_1");
+}
+
+#[test]
+fn gguf_phi3_q8_0_fused() {
+    check_quantized("phi3", "q8_0");
+}
+
+#[test]
+fn gguf_phi3_partial_rotary_q8_0() {
+    check_quantized("phi3-partial", "q8_0");
 }

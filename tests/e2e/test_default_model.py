@@ -41,6 +41,12 @@ TEXTS = [
 ]
 
 
+# Greedy answers of this file to this question, from llama.cpp's llama-completion too: "The capital
+# of France is Paris." (to "What is the capital of France?" both it and seedance, whose integer
+# kernels round activations as llama.cpp does, answer "L'Étoile, la Marseillaise, …").
+QUESTION = "Name the capital of France."
+
+
 @pytest.fixture(scope="module")
 def gguf_file() -> Path:
     # Where scripts/fetch_model.sh puts it (scripts/test.sh exports the path).
@@ -109,7 +115,7 @@ def test_server_with_no_model_flag_serves_smollm2(default_server):
     c = OpenAI(base_url=f"http://{s.addr}/v1", api_key="-")
     r = c.chat.completions.create(
         model="SmolLM2-135M-Instruct.Q4_1", temperature=0, max_tokens=24,
-        messages=[{"role": "user", "content": "What is the capital of France?"}])
+        messages=[{"role": "user", "content": QUESTION}])
     answer = r.choices[0].message.content
     assert "Paris" in answer, answer
 
@@ -119,7 +125,7 @@ def test_chat_page_shows_a_readable_answer(default_server):
     from openai import OpenAI
     from playwright.sync_api import sync_playwright
 
-    question = "What is the capital of France?"
+    question = QUESTION
     c = OpenAI(base_url=f"http://{default_server.addr}/v1", api_key="-")
     expected = c.chat.completions.create(
         model="SmolLM2-135M-Instruct.Q4_1", temperature=0, max_tokens=48,
