@@ -135,10 +135,11 @@ impl Backend for CpuBackend {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn rand_vec(n: usize, seed: u32) -> Vec<f32> {
+    /// Pseudo-random values in [-0.5, 0.5) (xorshift), for the kernel tests.
+    pub(crate) fn rand_vec(n: usize, seed: u32) -> Vec<f32> {
         let mut s = seed.wrapping_mul(2654435761).wrapping_add(1);
         (0..n)
             .map(|_| {

@@ -288,19 +288,8 @@ unsafe fn q8_avx2<const T: usize, const _K: u8>(w: *const u8, nb: usize, x: &Act
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::cpu::tests::rand_vec;
     use crate::backend::quant::tests::random_blocks;
-
-    fn rand_vec(n: usize, seed: u32) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(2654435761).wrapping_add(1);
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 17;
-                s ^= s << 5;
-                (s as f32 / u32::MAX as f32) - 0.5
-            })
-            .collect()
-    }
 
     /// Against an f64 dot product of the dequantized weights with the *quantized* activations
     /// (the kernels' integer sums are exact, so only F32 accumulation order differs: 1e-5), and
