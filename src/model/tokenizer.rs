@@ -452,3 +452,47 @@ fn split_then_bytes(regex: &str) -> serde_json::Value {
         {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": false},
         {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false}]})
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::gguf::{write, Gguf, Value as G};
+
+    /// A GGUF tokenizer of the digits 1–3 with merges "1 2" and "12 3", and pre-tokenizer `pre`.
+    fn digits_tokenizer(pre: &str) -> Tokenizer {
+        let strs = |v: &[&str]| G::Strs(v.iter().map(|s| s.to_string()).collect());
+        let meta = [
+            ("tokenizer.ggml.model", G::Str("gpt2".into())),
+            ("tokenizer.ggml.pre", G::Str(pre.into())),
+            ("tokenizer.ggml.tokens", strs(&["1", "2", "3", "12", "123"])),
+            ("tokenizer.ggml.merges", strs(&["1 2", "12 3"])),
+        ];
+        let bytes = write::file(&meta, &[]);
+        let g = Gguf::parse(&bytes).unwrap();
+        Tokenizer::from_gguf(&g, Path::new("digits.gguf")).unwrap()
+    }
+
+    /// Each pre-tokenizer splits a run of digits as its model does (llama.cpp's regexes): Qwen2
+    /// and SmolLM one digit at a time (so "12" never merges), Llama 3 in runs of up to three,
+    /// GPT-2 whole runs.
+    #[test]
+    fn gguf_pre_tokenizers_split_digits_their_own_way() {
+        for (pre, want) in [
+            ("qwen2", vec![0, 1, 2]),
+            ("smollm", vec![0, 1, 2]),
+            ("llama-bpe", vec![4]),
+            ("gpt2", vec![4]),
+        ] {
+            assert_eq!(
+                digits_tokenizer(pre).encode("123", false).unwrap(),
+                want,
+                "{pre}"
+            );
+        }
+        assert_eq!(
+            digits_tokenizer("llama-bpe").encode("1231", false).unwrap(),
+            [4, 0],
+            "llama-bpe: a run of four digits is 3 + 1"
+        );
+    }
+}
