@@ -56,7 +56,7 @@ impl QuantKind {
     }
 
     /// Bytes of the scales at the start of a panel block (d, and m for Q4_1).
-    pub fn scale_bytes(self) -> usize {
+    pub const fn scale_bytes(self) -> usize {
         match self {
             QuantKind::Q4_1 => 32,
             _ => 16,
@@ -64,7 +64,7 @@ impl QuantKind {
     }
 
     /// Bytes of codes of a panel block (8 rows × 32 weights).
-    pub fn code_bytes(self) -> usize {
+    pub const fn code_bytes(self) -> usize {
         match self {
             QuantKind::Q8_0 => 256,
             _ => 128,
@@ -72,7 +72,7 @@ impl QuantKind {
     }
 
     /// Bytes of one panel block.
-    pub fn panel_block_bytes(self) -> usize {
+    pub const fn panel_block_bytes(self) -> usize {
         self.scale_bytes() + self.code_bytes()
     }
 

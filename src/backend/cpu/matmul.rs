@@ -56,7 +56,7 @@ impl Isa {
 
 /// Raw output pointer shared by tasks that write disjoint columns.
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
+pub(super) struct OutPtr(pub(super) *mut f32);
 // SAFETY: tasks write disjoint elements (each owns a distinct panel range of W, i.e. a distinct
 // column range of y), and the pointer outlives the parallel scope that uses it.
 unsafe impl Send for OutPtr {}

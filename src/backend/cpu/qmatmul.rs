@@ -29,7 +29,7 @@
 // Kernels index fixed-size register tiles by token; index loops read clearer there.
 #![allow(clippy::needless_range_loop)]
 
-use super::matmul::Isa;
+use super::matmul::{Isa, OutPtr};
 use crate::backend::quant::{QuantActs, QuantKind, QuantMatrix, QK, QROWS};
 use rayon::prelude::*;
 
@@ -40,14 +40,6 @@ thread_local! {
     /// Quantized activations, reused across calls so steady-state steps do not allocate.
     static XQ: std::cell::RefCell<QuantActs> = std::cell::RefCell::new(QuantActs::default());
 }
-
-/// Raw output pointer shared by tasks that write disjoint columns.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: tasks write disjoint elements (each owns a distinct panel range of W, i.e. a distinct
-// column range of y), and the pointer outlives the parallel scope that uses it.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
 
 /// y (n, w.rows) = x (n, w.cols) · wᵀ on the current rayon pool.
 pub fn matmul(isa: Isa, threads: usize, x: &[f32], w: &QuantMatrix, y: &mut [f32]) {
@@ -134,18 +126,18 @@ unsafe fn tile(
     y: *mut f32,
 ) {
     macro_rules! go {
-        ($f:ident, $k:expr) => {
+        ($f:ident $(, $k:expr)?) => {
             match nt {
-                1 => $f::<1, $k>(w, nb, x, y),
-                2 => $f::<2, $k>(w, nb, x, y),
-                3 => $f::<3, $k>(w, nb, x, y),
-                _ => $f::<TT, $k>(w, nb, x, y),
+                1 => $f::<1 $(, $k)?>(w, nb, x, y),
+                2 => $f::<2 $(, $k)?>(w, nb, x, y),
+                3 => $f::<3 $(, $k)?>(w, nb, x, y),
+                _ => $f::<TT $(, $k)?>(w, nb, x, y),
             }
         };
     }
     match (isa, kind) {
         #[cfg(target_arch = "x86_64")]
-        (Isa::Avx512 | Isa::Avx2, QuantKind::Q8_0) => go!(q8_avx2, 0),
+        (Isa::Avx512 | Isa::Avx2, QuantKind::Q8_0) => go!(q8_avx2),
         #[cfg(target_arch = "x86_64")]
         (Isa::Avx512 | Isa::Avx2, QuantKind::Q4_0) => go!(q4_avx2, false),
         #[cfg(target_arch = "x86_64")]
@@ -210,7 +202,12 @@ unsafe fn tile_portable(
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q4_avx2<const T: usize, const Q41: bool>(w: *const u8, nb: usize, x: &Acts, y: *mut f32) {
     use std::arch::x86_64::*;
-    let (pb, ps) = if Q41 { (160, 32) } else { (144, 16) };
+    let kind = if Q41 {
+        QuantKind::Q4_1
+    } else {
+        QuantKind::Q4_0
+    };
+    let (pb, ps) = (kind.panel_block_bytes(), kind.scale_bytes());
     let mask = _mm256_set1_epi8(0x0f);
     let ones = _mm256_set1_epi16(1);
     let mut acc = [_mm256_setzero_ps(); T];
@@ -253,18 +250,20 @@ unsafe fn q4_avx2<const T: usize, const Q41: bool>(w: *const u8, nb: usize, x: &
     }
 }
 
-/// Q8_0 panel × T-token tile (`_K` only keeps the dispatch macro uniform).
+/// Q8_0 panel × T-token tile.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q8_avx2<const T: usize, const _K: u8>(w: *const u8, nb: usize, x: &Acts, y: *mut f32) {
+unsafe fn q8_avx2<const T: usize>(w: *const u8, nb: usize, x: &Acts, y: *mut f32) {
     use std::arch::x86_64::*;
     let ones = _mm256_set1_epi16(1);
     let mut acc = [_mm256_setzero_ps(); T];
     for b in 0..nb {
-        let blk = w.add(b * 272);
+        let blk = w.add(b * QuantKind::Q8_0.panel_block_bytes());
         let mut s32 = [_mm256_setzero_si256(); T];
         for v in 0..8 {
-            let wv = _mm256_loadu_si256(blk.add(16 + 32 * v) as *const __m256i);
+            let wv = _mm256_loadu_si256(
+                blk.add(QuantKind::Q8_0.scale_bytes() + 32 * v) as *const __m256i
+            );
             let aw = _mm256_abs_epi8(wv);
             for t in 0..T {
                 let xp = x.q.add(t * x.qstride + b * QK + 4 * v);
