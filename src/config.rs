@@ -142,6 +142,28 @@ keys! {
     max_requests_per_connection: usize = 64, "SEEDANCE_MAX_REQUESTS_PER_CONNECTION";
     /// Outgoing bytes queued on a connection above which its sequences pause in the engine.
     max_send_backlog_bytes: usize = 256 * 1024, "SEEDANCE_MAX_SEND_BACKLOG_BYTES";
+    /// A connection whose sequences stay paused (its client reads nothing) this long is
+    /// disconnected: its generations end, or run on into the log when resumable.
+    max_pause_ms: u64 = 60_000, "SEEDANCE_MAX_PAUSE_MS";
+    /// Credit window (bytes) of a WebSocket client that opts in with `?flow_control=credit`
+    /// without a size; also the `window` the `session` message states.
+    initial_window: u32 = 65_536, "SEEDANCE_INITIAL_WINDOW";
+    /// Smallest credit window a client may ask for (`?initial_window=`).
+    min_window: u32 = 1024, "SEEDANCE_MIN_WINDOW";
+    /// How often messages held in the coalescing tier (credit 8–64 KiB) are flushed (10 ms steps).
+    throttle_delay_ms: u64 = 10, "SEEDANCE_THROTTLE_DELAY_MS";
+    /// Grant zstd to WebSocket clients that ask for it (`X-Compression: zstd`).
+    compression: bool = true, "SEEDANCE_COMPRESSION";
+    /// Memory all zstd contexts together may take, in MiB; past it, new connections get plain frames.
+    compression_budget_mb: usize = 256, "SEEDANCE_COMPRESSION_BUDGET_MB";
+    /// zstd window log of every connection's stream (10..=20; the hash and chain logs follow it).
+    zstd_window_log: u32 = 12, "SEEDANCE_ZSTD_WINDOW_LOG";
+    /// Shard CPU load (0..1) under which zstd runs at level 9; up to `zstd_load_heavy` level 3, then 1.
+    zstd_load_light: f64 = 0.5, "SEEDANCE_ZSTD_LOAD_LIGHT";
+    /// Shard CPU load from which zstd runs at level 1.
+    zstd_load_heavy: f64 = 0.8, "SEEDANCE_ZSTD_LOAD_HEAVY";
+    /// Shard CPU load from which messages go out plain (circuit breaker); above 1 disables it.
+    zstd_load_breaker: f64 = 0.95, "SEEDANCE_ZSTD_LOAD_BREAKER";
     /// Capacity of each shard → engine request queue.
     request_queue_capacity: usize = 4096, "SEEDANCE_REQUEST_QUEUE_CAPACITY";
     /// Capacity of each engine → shard event queue (a full queue pauses generation).
@@ -172,6 +194,10 @@ keys! {
     /// Log filter (tracing EnvFilter syntax).
     log: String = "info".into(), "SEEDANCE_LOG";
 }
+
+/// Largest credit window or window credit (RFC 7540's flow-control limit, for the same reason:
+/// it fits an i32 on every client).
+pub const MAX_WINDOW: u32 = (1 << 31) - 1;
 
 /// Sub-commands besides serving.
 #[derive(clap::Subcommand, Debug)]
@@ -220,8 +246,24 @@ pub struct SessionConfig {
     pub heartbeat_dead_rtos: u32,
     pub max_requests_per_connection: usize,
     pub max_send_backlog_bytes: usize,
+    pub max_pause: Duration,
+    pub initial_window: u32,
+    pub min_window: u32,
+    pub throttle_delay: Duration,
+    pub compression: CompressionConfig,
     pub default_max_tokens: u32,
     pub max_tokens_limit: u32,
+}
+
+/// zstd for WebSocket clients that ask (SPEC 4 "Compression").
+#[derive(Clone, Copy, Debug)]
+pub struct CompressionConfig {
+    pub enabled: bool,
+    pub budget_bytes: usize,
+    pub window_log: u32,
+    pub load_light: f64,
+    pub load_heavy: f64,
+    pub load_breaker: f64,
 }
 
 /// Resumable streams: the state store, leases, grace.
@@ -344,6 +386,25 @@ impl Config {
                 "max_frame_bytes must be ≥ 125 and ≤ max_message_bytes",
             ));
         }
+        if s.min_window < 1024 || s.initial_window < s.min_window || s.initial_window > MAX_WINDOW {
+            return Err(invalid(
+                "initial_window",
+                "need 1024 ≤ min_window ≤ initial_window ≤ 2^31-1",
+            ));
+        }
+        if !(10..=20).contains(&s.zstd_window_log) {
+            return Err(invalid("zstd_window_log", "must be in 10..=20"));
+        }
+        let loads = [s.zstd_load_light, s.zstd_load_heavy, s.zstd_load_breaker];
+        if loads.iter().any(|l| !l.is_finite() || *l < 0.0)
+            || loads[0] > loads[1]
+            || loads[1] > loads[2]
+        {
+            return Err(invalid(
+                "zstd_load_heavy",
+                "need 0 ≤ zstd_load_light ≤ zstd_load_heavy ≤ zstd_load_breaker",
+            ));
+        }
         if s.heartbeat_interval_ms == 0 {
             return Err(invalid("heartbeat_interval_ms", "must be > 0"));
         }
@@ -388,6 +449,18 @@ impl Config {
                 heartbeat_dead_rtos: s.heartbeat_dead_rtos.max(1),
                 max_requests_per_connection: s.max_requests_per_connection.max(1),
                 max_send_backlog_bytes: s.max_send_backlog_bytes.max(4096),
+                max_pause: ms(s.max_pause_ms.max(100)),
+                initial_window: s.initial_window,
+                min_window: s.min_window,
+                throttle_delay: ms(s.throttle_delay_ms.max(10)),
+                compression: CompressionConfig {
+                    enabled: s.compression,
+                    budget_bytes: s.compression_budget_mb << 20,
+                    window_log: s.zstd_window_log,
+                    load_light: s.zstd_load_light,
+                    load_heavy: s.zstd_load_heavy,
+                    load_breaker: s.zstd_load_breaker,
+                },
                 default_max_tokens: s.default_max_tokens,
                 max_tokens_limit: s.max_tokens_limit,
             },

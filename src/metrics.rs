@@ -81,6 +81,7 @@ pub const HANDSHAKE_REASONS: &[&str] = &[
     "timeout",
     "bad_request",
     "over_capacity",
+    "bad_window",
 ];
 
 /// Outcomes of `resume` messages, in label order (the error codes of docs/protocol.md).
@@ -107,6 +108,7 @@ pub const CLOSE_REASONS: &[&str] = &[
     "too_big",
     "dead_peer",
     "idle",
+    "slow_reader",
 ];
 
 /// Connection states (SPEC 4 state machine).
@@ -123,7 +125,7 @@ pub const STATES: &[&str] = &[
 pub struct ShardMetrics {
     pub active_connections: Counter,
     pub accepted_connections: Counter,
-    pub handshake_failures: [Counter; 16],
+    pub handshake_failures: [Counter; 17],
     pub http_requests: Counter,
     pub ws_messages_in: Counter,
     pub deltas_out: Counter,
@@ -131,9 +133,20 @@ pub struct ShardMetrics {
     pub bytes_out: Counter,
     pub requests: [Counter; 5],
     pub generated_tokens: Counter,
-    pub closes: [Counter; 7],
+    pub closes: [Counter; 8],
     pub state_time_ns: [Counter; 5],
     pub backpressure_pauses: Counter,
+    /// Connections whose sequences are paused now (gauge).
+    pub paused_connections: Counter,
+    /// Output bytes connections hold (socket queue + held for credit), summed at each tick.
+    pub queued_output_bytes: Counter,
+    /// Message bytes before and after zstd, and messages sent plain on a zstd connection.
+    pub compress_in: Counter,
+    pub compress_out: Counter,
+    pub compress_plain: Counter,
+    /// The shard's zstd level now (0: breaker open) and its CPU load in permille.
+    pub zstd_level: Counter,
+    pub cpu_load_permille: Counter,
     pub resumes: [Counter; 8],
     /// `resume` received → first replayed message queued.
     pub resume_latency: Histogram,
@@ -193,6 +206,8 @@ pub struct Registry {
     pub model: String,
     /// The state thread's handle, when resume is on.
     pub store: Option<Arc<crate::store::thread::StoreHandle>>,
+    /// zstd context memory, shared with the shards.
+    pub compression: Option<Arc<crate::session::compress::Budget>>,
 }
 
 fn sum<'a>(it: impl Iterator<Item = &'a Counter>) -> u64 {
@@ -315,6 +330,92 @@ impl Registry {
             "Sequences paused because a client could not keep up.",
             sum(sh.iter().map(|s| &s.backpressure_pauses)),
         );
+        simple(
+            w,
+            "seedance_paused_connections",
+            "gauge",
+            "Connections whose sequences are paused in the engine now (client not reading).",
+            sum(sh.iter().map(|s| &s.paused_connections)),
+        );
+        simple(
+            w,
+            "seedance_queued_output_bytes",
+            "gauge",
+            "Output held for clients: socket queues plus messages waiting for credit (every 100 ms).",
+            sum(sh.iter().map(|s| &s.queued_output_bytes)),
+        );
+        let (zin, zout) = (
+            sum(sh.iter().map(|s| &s.compress_in)),
+            sum(sh.iter().map(|s| &s.compress_out)),
+        );
+        simple(
+            w,
+            "seedance_compression_input_bytes_total",
+            "counter",
+            "Message bytes given to zstd.",
+            zin,
+        );
+        simple(
+            w,
+            "seedance_compression_bytes_saved_total",
+            "counter",
+            "Bytes zstd kept off the wire.",
+            zin.saturating_sub(zout),
+        );
+        let _ = writeln!(
+            w,
+            "# HELP seedance_compression_ratio zstd output over input bytes since start.\n# TYPE seedance_compression_ratio gauge\nseedance_compression_ratio {}",
+            if zin == 0 { 1.0 } else { zout as f64 / zin as f64 }
+        );
+        if let Some(b) = self.compression.as_ref() {
+            simple(
+                w,
+                "seedance_compression_contexts",
+                "gauge",
+                "zstd contexts alive now (connections with generations in flight).",
+                b.contexts() as u64,
+            );
+            simple(
+                w,
+                "seedance_compression_context_bytes",
+                "gauge",
+                "Memory of the zstd contexts alive now (ZSTD_sizeof_CCtx each).",
+                b.used_bytes() as u64,
+            );
+        }
+        simple(
+            w,
+            "seedance_compression_plain_messages_total",
+            "counter",
+            "Messages of zstd connections sent plain (breaker open or context budget spent).",
+            sum(sh.iter().map(|s| &s.compress_plain)),
+        );
+        header(
+            w,
+            "seedance_compression_level",
+            "gauge",
+            "zstd level each shard uses now (0: breaker open, messages go plain).",
+        );
+        for (i, s) in sh.iter().enumerate() {
+            let _ = writeln!(
+                w,
+                "seedance_compression_level{{shard=\"{i}\"}} {}",
+                s.zstd_level.get()
+            );
+        }
+        header(
+            w,
+            "seedance_shard_cpu_load",
+            "gauge",
+            "CPU time of each shard thread over the last 100 ms, per wall second.",
+        );
+        for (i, s) in sh.iter().enumerate() {
+            let _ = writeln!(
+                w,
+                "seedance_shard_cpu_load{{shard=\"{i}\"}} {}",
+                s.cpu_load_permille.get() as f64 / 1000.0
+            );
+        }
         header(
             w,
             "seedance_ws_closes_total",
@@ -551,6 +652,7 @@ mod tests {
             io_driver: vec![OnceLock::from("io_uring"), OnceLock::from("io_uring")],
             model: "null".into(),
             store: None,
+            compression: None,
         };
         let text = r.render();
         assert!(

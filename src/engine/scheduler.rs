@@ -137,8 +137,14 @@ impl<T> Scheduler<T> {
                     budget -= 1;
                     break;
                 }
-                // Out of blocks: free the most recently admitted other sequence.
-                let victim = self.running.len() - 1;
+                // Out of blocks: free a paused sequence (its client is not reading; it is
+                // recomputed when it resumes), else the most recently admitted other one.
+                let victim = self
+                    .running
+                    .iter()
+                    .rposition(|s| s.paused)
+                    .filter(|&v| v != i)
+                    .unwrap_or(self.running.len() - 1);
                 if victim == i {
                     self.preempt(i);
                     items.retain(|it| it.index < i);
@@ -146,6 +152,13 @@ impl<T> Scheduler<T> {
                 }
                 self.preempt(victim);
                 items.retain(|it| it.index != victim);
+                if victim < i {
+                    // Everything after the victim moved down one place.
+                    for it in items.iter_mut().filter(|it| it.index > victim) {
+                        it.index -= 1;
+                    }
+                    i -= 1;
+                }
             }
             i += 1;
         }
@@ -178,6 +191,16 @@ impl<T> Scheduler<T> {
             budget -= len;
         }
         while budget > 0 && self.running.len() < self.cfg.max_running {
+            // FCFS among sequences that may run: a paused one (preempted while its client was
+            // not reading) waits without holding up the queue.
+            let Some(w) = self.waiting.iter().position(|s| !s.paused) else {
+                break;
+            };
+            if w > 0 {
+                if let Some(s) = self.waiting.remove(w) {
+                    self.waiting.push_front(s);
+                }
+            }
             let Some(front) = self.waiting.front() else {
                 break;
             };
@@ -252,7 +275,7 @@ impl<T> Scheduler<T> {
 
     /// Whether some sequence could run if its shard had room / it were resumed.
     pub fn has_work(&self) -> bool {
-        self.running.iter().any(|s| !s.paused) || !self.waiting.is_empty()
+        self.running.iter().chain(&self.waiting).any(|s| !s.paused)
     }
 }
 
@@ -423,6 +446,46 @@ mod tests {
             }],
             "recompute prompt + generated"
         );
+    }
+
+    #[test]
+    fn a_paused_sequence_is_preempted_first_and_waits_without_blocking_the_queue() {
+        let mut s = Scheduler::new(cfg(64), 4);
+        s.admit(seq(1, 8)).expect("admit");
+        s.admit(seq(2, 8)).expect("admit");
+        let b = s.next_batch(|_| true);
+        run(&mut s, &b); // both at 9 tokens, all 4 blocks used
+        s.set_paused(key(1), true);
+        // seq 2 needs a block: the paused seq 1 gives its blocks up, though it is older.
+        let b = s.next_batch(|_| true);
+        assert_eq!(
+            b,
+            vec![BatchItem {
+                index: 0,
+                start: 8,
+                len: 1,
+                sample: true
+            }]
+        );
+        assert_eq!(s.running[0].key, key(2));
+        assert_eq!(s.waiting.front().map(|q| q.key), Some(key(1)));
+        run(&mut s, &b);
+        // Paused in the queue: not admitted, and not work that keeps the engine spinning.
+        s.admit(seq(3, 2)).expect("admit");
+        let b = s.next_batch(|_| true);
+        assert_eq!(
+            b.len(),
+            2,
+            "seq 2 decodes and seq 3 starts past the paused seq 1"
+        );
+        assert!(s.running.iter().all(|q| q.key != key(1)));
+        s.retire(key(2));
+        s.retire(key(3));
+        assert!(!s.has_work());
+        s.set_paused(key(1), false);
+        assert!(s.has_work());
+        let b = s.next_batch(|_| true);
+        assert_eq!(b[0].len, 9, "recomputed from prompt + generated");
     }
 
     #[test]

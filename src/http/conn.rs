@@ -252,7 +252,10 @@ fn upgrade(shard: &Shard, head: &Head<'_>) -> Result<Accepted, handshake::Handsh
     let ctx = HandshakeContext {
         models: &shard.shared.models,
         tenants: &shard.shared.tenants,
-        compression_allowed: false,
+        compression_allowed: shard.shared.config.session.compression.enabled
+            && shard.shared.compression.has_room(),
+        min_window: shard.shared.config.session.min_window,
+        default_window: shard.shared.config.session.initial_window,
     };
     handshake::validate(&req, &ctx)
 }

@@ -41,8 +41,11 @@ pub struct Conn {
     pub last_active: Cell<Instant>,
     /// When closing began: the writer flushes, shuts the write side down and stops.
     pub closing_since: Cell<Option<Instant>>,
-    /// Sequences of this connection are paused in the engine (send backlog too large).
+    /// Sequences of this connection are paused in the engine (send backlog too large), since.
     pub paused: Cell<bool>,
+    pub paused_since: Cell<Option<Instant>>,
+    /// zstd and the credit window of a WebSocket session that asked for them.
+    pub flow: RefCell<Option<Box<crate::session::flow::Flow>>>,
     /// The generation an HTTP response is waiting for (responses go out in request order).
     pub http_busy: Cell<Option<crate::engine::SeqKey>>,
     /// Signalled when `http_busy` clears.
@@ -63,9 +66,17 @@ impl Conn {
             last_active: Cell::new(now),
             closing_since: Cell::new(None),
             paused: Cell::new(false),
+            paused_since: Cell::new(None),
+            flow: RefCell::new(None),
             http_busy: Cell::new(None),
             response_done: Notify::default(),
         }
+    }
+
+    /// Output bytes this connection holds: queued for the socket plus held for credit.
+    pub fn queued_bytes(&self) -> usize {
+        let held = self.flow.borrow().as_ref().map_or(0, |f| f.held_bytes());
+        self.out.borrow().len() + held
     }
 
     pub fn is_closing(&self) -> bool {
@@ -115,6 +126,10 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, over_capacity: bool) {
     }
     finish(&shard, &conn);
     writer.await;
+    crate::session::flow::release_conn(&shard, &conn);
+    if conn.paused_since.take().is_some() {
+        shard.metrics.paused_connections.sub(1);
+    }
     conn.state
         .advance(ConnState::Closed, Instant::now(), &shard.metrics);
     shard.conns.borrow_mut().try_remove(key);
@@ -164,6 +179,7 @@ pub async fn read_more<R: AsyncReadRent>(
 async fn write_loop<W: AsyncWriteRent>(shard: Rc<Shard>, conn: Rc<Conn>, mut wr: W) {
     let mut segs: Vec<Bytes> = Vec::new();
     loop {
+        crate::session::flow::pump(&shard, &conn, false);
         if conn.out.borrow().is_empty() {
             if conn.is_closing() {
                 break;
@@ -196,11 +212,14 @@ async fn write_loop<W: AsyncWriteRent>(shard: Rc<Shard>, conn: Rc<Conn>, mut wr:
 /// Pauses the connection's sequences in the engine when its send backlog passes the bound.
 pub fn apply_backpressure(shard: &Shard, conn: &Conn) {
     if conn.paused.get()
-        || conn.out.borrow().len() <= shard.shared.config.session.max_send_backlog_bytes
+        || conn.queued_bytes() <= shard.shared.config.session.max_send_backlog_bytes
     {
         return;
     }
     conn.paused.set(true);
+    if conn.paused_since.replace(Some(Instant::now())).is_none() {
+        shard.metrics.paused_connections.inc();
+    }
     shard.metrics.backpressure_pauses.inc();
     for key in active_keys(conn) {
         shard.send_control(EngineMsg::Pause(key));
@@ -219,11 +238,14 @@ fn active_keys(conn: &Conn) -> Vec<crate::engine::SeqKey> {
 /// Resumes paused sequences once the backlog drained below a quarter of the bound.
 fn relieve_backpressure(shard: &Shard, conn: &Conn) {
     if !conn.paused.get()
-        || conn.out.borrow().len() > shard.shared.config.session.max_send_backlog_bytes / 4
+        || conn.queued_bytes() > shard.shared.config.session.max_send_backlog_bytes / 4
     {
         return;
     }
     conn.paused.set(false);
+    if conn.paused_since.take().is_some() {
+        shard.metrics.paused_connections.sub(1);
+    }
     for key in active_keys(conn) {
         shard.send_control(EngineMsg::Resume(key));
     }
@@ -247,6 +269,12 @@ pub fn on_tick(shard: &Shard, conn: &Rc<Conn>, now: Instant, now_us: u64) {
             return;
         }
     }
+    if let Some(since) = conn.paused_since.get() {
+        if now.duration_since(since) > shard.shared.config.session.max_pause {
+            end_slow_reader(shard, conn);
+            return;
+        }
+    }
     if conn.ws.borrow().is_some() {
         crate::session::ws::on_tick(shard, conn, now, now_us);
     } else if conn.head_started.get().is_none()
@@ -255,6 +283,24 @@ pub fn on_tick(shard: &Shard, conn: &Rc<Conn>, now: Instant, now_us: u64) {
         conn.close_after_flush(shard);
         conn.abort();
     }
+}
+
+/// A client that read nothing for `max_pause`: drop the connection. What it holds is freed at
+/// once; its generations end (`cancelled`) or, when resumable, run on into their logs for
+/// `resume_grace` like those of any client that went away.
+fn end_slow_reader(shard: &Shard, conn: &Rc<Conn>) {
+    tracing::info!(
+        conn = conn.key.get(),
+        queued = conn.queued_bytes(),
+        "client read nothing for max_pause: disconnecting"
+    );
+    shard.metrics.close("slow_reader");
+    if let Some(ws) = conn.ws.borrow_mut().as_mut() {
+        // No close frame: it would queue behind everything the client did not read.
+        ws.close_sent = true;
+    }
+    conn.close_after_flush(shard);
+    conn.abort();
 }
 
 /// SIGTERM: idle connections close now; busy WebSocket sessions get a final `session` note

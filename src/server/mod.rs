@@ -161,12 +161,16 @@ pub fn start(config: Config) -> Result<Server, StartError> {
         config.engine.event_queue_capacity,
     );
     let shard_metrics: Vec<Arc<ShardMetrics>> = (0..n).map(|_| Arc::default()).collect();
+    let compression = Arc::new(crate::session::compress::Budget::new(
+        &config.session.compression,
+    ));
     let registry = Arc::new(Registry {
         shards: shard_metrics.clone(),
         engine: engine_metrics,
         io_driver: (0..n).map(|_| OnceLock::new()).collect(),
         model: config.engine.served_model_name.clone(),
         store: store.clone(),
+        compression: Some(compression.clone()),
     });
     let shared = Arc::new(Shared {
         models: vec![config.engine.served_model_name.clone()],
@@ -177,6 +181,7 @@ pub fn start(config: Config) -> Result<Server, StartError> {
         shutdown: AtomicBool::new(false),
         tenants: crate::ws::tenant::Tenants::default(),
         store,
+        compression,
         config,
     });
     let engine_stop = Arc::new(AtomicBool::new(false));
@@ -291,6 +296,9 @@ fn spawn_shard(
                     accept_cancel: RefCell::new(monoio::io::Canceller::new()),
                     draining: Cell::new(false),
                     journal: Default::default(),
+                    throttled: RefCell::new(Vec::new()),
+                    zstd_level: Cell::new(Some(9)),
+                    cpu_sample: Cell::new((std::time::Instant::now(), shard::thread_cpu_time())),
                 });
                 let _ = ready.send(Ok(bound));
                 shard::run(shard, listener).await;

@@ -21,6 +21,8 @@ pub struct OutQueue {
     /// Earlier segments, in order, when a zero-copy payload was queued.
     segs: Vec<Bytes>,
     segs_len: usize,
+    /// Bytes of `buf` the flow layer already encoded (`session::flow`); the rest is new.
+    pub sealed: usize,
 }
 
 impl OutQueue {
@@ -39,6 +41,7 @@ impl OutQueue {
             return;
         }
         if !self.buf.is_empty() {
+            self.sealed = 0;
             let head = self.buf.split().freeze();
             self.segs_len += head.len();
             self.segs.push(head);
@@ -51,6 +54,7 @@ impl OutQueue {
     pub fn take(&mut self, into: &mut Vec<Bytes>) {
         into.append(&mut self.segs);
         self.segs_len = 0;
+        self.sealed = 0;
         if !self.buf.is_empty() {
             into.push(self.buf.split().freeze());
         }

@@ -40,6 +40,8 @@ pub struct Shared {
     pub tenants: crate::ws::tenant::Tenants,
     /// The state thread's queue (`None`: resume is off).
     pub store: Option<Arc<crate::store::thread::StoreHandle>>,
+    /// zstd context memory of all shards.
+    pub compression: Arc<crate::session::compress::Budget>,
 }
 
 /// A shard's state, owned by its thread.
@@ -62,6 +64,12 @@ pub struct Shard {
     pub draining: Cell<bool>,
     /// Store traffic waiting for the end of the dispatch, and resumed clients.
     pub journal: crate::session::journal::ShardJournal,
+    /// Connections with messages held for credit (keys), for the throttle tick.
+    pub throttled: RefCell<Vec<usize>>,
+    /// zstd level for this shard's load (`None`: breaker open, send plain).
+    pub zstd_level: Cell<Option<i32>>,
+    /// Wall clock and this thread's CPU time at the last load sample.
+    pub cpu_sample: Cell<(Instant, Duration)>,
 }
 
 impl Shard {
@@ -111,6 +119,7 @@ impl Shard {
         let mut dirty = self.dirty.borrow_mut();
         for c in dirty.drain(..) {
             c.dirty.set(false);
+            crate::session::flow::pump(self, &c, false);
             c.wake_writer.notify();
             conn::apply_backpressure(self, &c);
         }
@@ -209,6 +218,8 @@ async fn dispatch(shard: Rc<Shard>) {
 async fn tick(shard: Rc<Shard>) {
     let mut conns: Vec<Rc<Conn>> = Vec::new();
     let mut n: u64 = 0;
+    let throttle = shard.shared.config.session.throttle_delay;
+    let throttle_ticks = (throttle.as_millis() / TICK.as_millis()).max(1) as u64;
     loop {
         monoio::time::sleep(TICK).await;
         n += 1;
@@ -226,10 +237,17 @@ async fn tick(shard: Rc<Shard>) {
             let now_us = shard.now_us();
             conns.clear();
             conns.extend(shard.conns.borrow().iter().map(|(_, c)| c.clone()));
+            let mut queued = 0;
             for c in &conns {
                 conn::on_tick(&shard, c, now, now_us);
+                queued += c.queued_bytes();
             }
+            shard.metrics.queued_output_bytes.set(queued as u64);
             conns.clear();
+            sample_load(&shard, now);
+        }
+        if n.is_multiple_of(throttle_ticks) {
+            crate::session::flow::on_throttle_tick(&shard);
         }
         crate::session::request::flush_stale_chunks(&shard, now);
         crate::session::journal::publish_staged(&shard);
@@ -238,4 +256,31 @@ async fn tick(shard: Rc<Shard>) {
         }
         shard.flush_dirty();
     }
+}
+
+/// This thread's CPU time (user + system).
+pub fn thread_cpu_time() -> Duration {
+    // SAFETY: getrusage writes into the struct we pass; RUSAGE_THREAD is Linux's per-thread usage.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut ru) } != 0 {
+        return Duration::ZERO;
+    }
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// The shard's CPU load over the last sample, and the zstd level that goes with it.
+fn sample_load(shard: &Shard, now: Instant) {
+    let cpu = thread_cpu_time();
+    let (then, cpu_then) = shard.cpu_sample.replace((now, cpu));
+    let wall = now.duration_since(then).as_secs_f64();
+    if wall <= 0.0 {
+        return;
+    }
+    let load = (cpu.saturating_sub(cpu_then).as_secs_f64() / wall).min(1.0);
+    let level =
+        crate::session::compress::level_for_load(&shard.shared.config.session.compression, load);
+    shard.zstd_level.set(level);
+    shard.metrics.zstd_level.set(level.unwrap_or(0) as u64);
+    shard.metrics.cpu_load_permille.set((load * 1000.0) as u64);
 }

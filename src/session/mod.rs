@@ -4,6 +4,8 @@
 
 pub mod chunker;
 pub mod codec;
+pub mod compress;
+pub mod flow;
 pub mod heartbeat;
 pub mod journal;
 pub mod json;

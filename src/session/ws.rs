@@ -9,6 +9,7 @@ use bytes::BytesMut;
 use monoio::io::AsyncReadRent;
 use serde_json::json;
 
+use super::flow::Flow;
 use super::heartbeat::{Beat, Heartbeat};
 use super::json::write_json_frame;
 use super::protocol::{self, ClientMsg, ProtocolError};
@@ -21,10 +22,8 @@ use crate::store::thread::StoreOp;
 use crate::ws::close::CloseCode;
 use crate::ws::codec::{Decoder, Message};
 use crate::ws::frame::{write_frame, Limits, OpCode, Role};
-use crate::ws::handshake::{Accepted, StreamMode};
+use crate::ws::handshake::{Accepted, Compression, StreamMode};
 
-/// Flow-control window announced in the `session` message (SPEC 4, enforced by the flow layer).
-pub const INITIAL_WINDOW: u64 = 65_536;
 /// Bytes asked of the socket per read on an established session.
 const READ_CHUNK: usize = 512;
 /// How long to keep reading (and discarding) after the server sent a close frame.
@@ -66,22 +65,37 @@ pub async fn run<R: AsyncReadRent>(
     } else {
         [0; 32]
     };
+    let zstd = accepted.compression == Compression::Zstd;
+    if zstd || accepted.window.is_some() {
+        // The credit starts after the `session` message (it is not charged).
+        let flow = Flow::new(zstd, None);
+        *conn.flow.borrow_mut() = Some(Box::new(flow));
+        // Everything queued so far (the 101) is not a frame of ours.
+        let mut out = conn.out.borrow_mut();
+        out.sealed = out.buf.len();
+    }
     {
         let mut out = conn.out.borrow_mut();
         let mut msg = json!({
             "type": "session", "session": session, "token": token,
             "heartbeat_ms": cfg.heartbeat_interval.as_millis() as u64,
-            "window": INITIAL_WINDOW, "model": accepted.model,
+            "window": accepted.window.unwrap_or(cfg.initial_window),
+            "flow_control": if accepted.window.is_some() { "credit" } else { "socket" },
+            "compression": accepted.compression.as_str(),
+            "model": accepted.model,
             "stream_mode": accepted.stream_mode.as_str(),
             "resumable": resumable,
         });
+        if accepted.compression_declined {
+            msg["compression_declined"] =
+                "the server's compression memory budget is spent, or compression is off".into();
+        }
         if let Some(store) = shard.shared.store.as_ref() {
             msg["resume_grace_ms"] = (shard.shared.config.resume.grace.as_millis() as u64).into();
             msg["instance"] = (*store.instance).into();
         }
         write_json_frame(&mut out.buf, &msg);
     }
-    conn.wake_writer.notify();
     *conn.ws.borrow_mut() = Some(WsState {
         session,
         token,
@@ -98,6 +112,11 @@ pub async fn run<R: AsyncReadRent>(
         close_sent: false,
         shutting_down: false,
     });
+    super::flow::pump(shard, conn, false);
+    if let (Some(f), Some(w)) = (conn.flow.borrow_mut().as_deref_mut(), accepted.window) {
+        f.start_credit(w);
+    }
+    shard.mark_dirty(conn);
     if shard.draining.get() {
         on_shutdown(shard, conn, &[]);
     }
@@ -296,8 +315,17 @@ fn on_client_message(
             }
             Ok(())
         }
-        // Accepted now; flow control acts on it.
-        ClientMsg::WindowUpdate { .. } => Ok(()),
+        ClientMsg::WindowUpdate { bytes } => {
+            if super::flow::window_update(shard, conn, bytes) {
+                Ok(())
+            } else {
+                Err(ProtocolError::new(
+                    None,
+                    "flow_control_error",
+                    "window_update would take the credit past 2^31-1 bytes; ignored",
+                ))
+            }
+        }
         ClientMsg::Resume {
             session,
             token,

@@ -209,6 +209,8 @@ fn run(
         models: &models,
         tenants,
         compression_allowed: true,
+        min_window: 1024,
+        default_window: 65536,
     };
     validate(&req, &ctx)
 }

@@ -12,7 +12,8 @@
 //! 5. model (`X-Model-ID` header, else `?model=`): format (400), served (404)
 //!    — none named: the first served model the tenant may use
 //! 6. stream mode (`X-Stream-Mode`, else `?stream_mode=`), compression
-//!    (`X-Compression`, else `?compression=`) (400)
+//!    (`X-Compression`, else `?compression=`), credit window (`X-Initial-Window` /
+//!    `X-Flow-Control`, else the same as query parameters) (400)
 //! 7. tenant and key (403 `unknown_tenant`, 401 `bad_credentials`), then
 //!    whether the tenant may use the model (403 `model_not_allowed`)
 //!
@@ -54,6 +55,9 @@ pub struct HandshakeContext<'a> {
     pub tenants: &'a Tenants,
     /// When false a request for zstd is accepted with plain frames.
     pub compression_allowed: bool,
+    /// Smallest credit window a client may ask for, and the one `?flow_control=credit` gets.
+    pub min_window: u32,
+    pub default_window: u32,
 }
 
 /// How generated text is cut into deltas (SPEC §4 "Stream modes").
@@ -129,6 +133,11 @@ pub struct Accepted {
     pub stream_mode: StreamMode,
     /// Zstd only when requested and allowed.
     pub compression: Compression,
+    /// zstd was asked for and refused (compression off, or its memory budget spent).
+    pub compression_declined: bool,
+    /// The credit window the client opted into (SPEC 4 "Flow control"); `None`: the socket's
+    /// own backlog is the only bound.
+    pub window: Option<u32>,
     /// The authenticated tenant; `None` when authentication is off.
     pub tenant: Option<String>,
 }
@@ -177,6 +186,7 @@ pub fn validate(
         Ok(Some(v)) => Compression::parse(&v).ok_or(HandshakeError::BadCompression)?,
         Err(Repeated) => return Err(HandshakeError::BadCompression),
     };
+    let window = requested_window(req, ctx)?;
     let (tenant, subprotocol) = authenticate(req, ctx)?;
     let model = choose_model(requested, tenant, ctx)?;
     Ok(Accepted {
@@ -189,8 +199,37 @@ pub fn validate(
         } else {
             Compression::None
         },
+        compression_declined: compression == Compression::Zstd && !ctx.compression_allowed,
+        window,
         tenant: tenant.map(|t| t.id.clone()),
     })
+}
+
+/// The credit window asked for: `X-Initial-Window` / `?initial_window=` (bytes, between the
+/// server's minimum and 2^31-1), or `X-Flow-Control` / `?flow_control=credit` for the default.
+fn requested_window(
+    req: &HandshakeRequest<'_>,
+    ctx: &HandshakeContext<'_>,
+) -> Result<Option<u32>, HandshakeError> {
+    let flow = match header_or_query(req, "x-flow-control", "flow_control") {
+        Ok(None) => None,
+        Ok(Some(v)) if &*v == b"credit" => Some(ctx.default_window),
+        Ok(Some(v)) if &*v == b"none" => None,
+        _ => return Err(HandshakeError::BadWindow),
+    };
+    match header_or_query(req, "x-initial-window", "initial_window") {
+        Ok(None) => Ok(flow),
+        Ok(Some(v)) => std::str::from_utf8(&v)
+            .ok()
+            .filter(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|t| t.parse::<u64>().ok())
+            .filter(|n| {
+                (u64::from(ctx.min_window)..=u64::from(crate::config::MAX_WINDOW)).contains(n)
+            })
+            .map(|n| Some(n as u32))
+            .ok_or(HandshakeError::BadWindow),
+        Err(Repeated) => Err(HandshakeError::BadWindow),
+    }
 }
 
 /// `Sec-WebSocket-Accept` for a client key: base64(SHA-1(key ++ GUID)).

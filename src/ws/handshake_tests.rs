@@ -54,6 +54,8 @@ fn run(
         models: &models,
         tenants,
         compression_allowed: true,
+        min_window: 1024,
+        default_window: 65536,
     };
     validate(&req, &ctx)
 }
@@ -91,6 +93,8 @@ fn rfc_accept_key_example() {
             model: "qwen2.5-0.5b".into(), // first served model by default
             stream_mode: StreamMode::Chunk,
             compression: Compression::None,
+            compression_declined: false,
+            window: None,
             tenant: None,
         }
     );
@@ -210,6 +214,8 @@ fn model_selection() {
         models: &models,
         tenants: &none,
         compression_allowed: true,
+        min_window: 1024,
+        default_window: 65536,
     };
     assert_eq!(validate(&req, &ctx).unwrap_err().status(), 404);
 }
@@ -261,6 +267,8 @@ fn stream_mode_and_compression() {
         models: &models,
         tenants: &none,
         compression_allowed: false,
+        min_window: 1024,
+        default_window: 65536,
     };
     assert_eq!(validate(&req, &ctx).unwrap().compression, Compression::None);
 }
@@ -386,3 +394,47 @@ fn response_101() {
     assert!(text.ends_with("\r\nx-compression: zstd\r\n\r\n"));
     assert!(!text.to_ascii_lowercase().contains("content-length"));
 }
+
+#[test]
+fn credit_window_opt_in() {
+    let none = Tenants::default();
+    let plain = run("GET", 1, None, &base_headers(), &none).unwrap();
+    assert_eq!(plain.window, None);
+    let ok = run(
+        "GET",
+        1,
+        Some("flow_control=credit"),
+        &base_headers(),
+        &none,
+    )
+    .unwrap();
+    assert_eq!(ok.window, Some(65536));
+    let ok = run(
+        "GET",
+        1,
+        Some("initial_window=4096"),
+        &base_headers(),
+        &none,
+    )
+    .unwrap();
+    assert_eq!(ok.window, Some(4096));
+    let h = with(&[("X-Initial-Window", b"2147483647")]);
+    assert_eq!(run("GET", 1, None, &h, &none).unwrap().window, Some(MAX));
+    for bad in [
+        "1023",
+        "2147483648",
+        "-5",
+        "",
+        "1e6",
+        "99999999999999999999999",
+    ] {
+        let q = format!("initial_window={bad}");
+        assert_eq!(err(Some(&q), &[], &none), (400, "bad_window"), "{bad:?}");
+    }
+    assert_eq!(
+        err(None, &[("X-Flow-Control", b"tcp")], &none),
+        (400, "bad_window")
+    );
+}
+
+const MAX: u32 = crate::config::MAX_WINDOW;

@@ -30,6 +30,8 @@ pub enum HandshakeError {
     BadStreamMode,
     #[error("compression must be `zstd` or `none`")]
     BadCompression,
+    #[error("initial_window must be an integer of bytes between the server's min_window and 2^31-1, flow_control `credit` or `none`")]
+    BadWindow,
     #[error("no known tenant: offer a `<tenant>.<version>` subprotocol or an API key")]
     UnknownTenant,
     #[error("missing or invalid API key")]
@@ -64,6 +66,7 @@ impl HandshakeError {
             HandshakeError::ModelNotFound(_) | HandshakeError::NoModelServed => "model_not_found",
             HandshakeError::BadStreamMode => "bad_stream_mode",
             HandshakeError::BadCompression => "bad_compression",
+            HandshakeError::BadWindow => "bad_window",
             HandshakeError::UnknownTenant => "unknown_tenant",
             HandshakeError::BadCredentials => "bad_credentials",
             HandshakeError::ModelNotAllowed(_) => "model_not_allowed",

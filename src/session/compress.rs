@@ -1,0 +1,314 @@
+//! zstd for WebSocket messages (SPEC 4 "Compression"): one stream per connection, flushed at
+//! every message so each binary frame decodes on its own while the context carries over.
+//!
+//! Memory is bounded three ways. Every context is made with small window, hash and chain logs
+//! (`zstd_window_log`; a default context is megabytes). A connection holds a context only while
+//! it has generations in flight: the message that leaves it idle ends the zstd frame and the
+//! context is freed, so an idle compressed connection costs no more than a plain one. And all
+//! contexts of the process together stay under `compression_budget_mb`: past it a connection
+//! sends plain text frames until memory is free again, and new connections are not granted zstd.
+//!
+//! The level follows the shard's CPU load (9 light, 3 middle, 1 heavy; [`level_for_load`]); a
+//! level change ends the current zstd frame at a message boundary and starts the next one at the
+//! new level, and past the breaker load messages go out as plain text frames, the stream left as
+//! it was. A decoder therefore reads binary frames as one zstd stream that may hold several
+//! frames, and text frames as plain JSON.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use zstd_safe::zstd_sys::ZSTD_EndDirective;
+use zstd_safe::{CCtx, CParameter, InBuffer, OutBuffer};
+
+use crate::config::CompressionConfig;
+
+/// The process-wide budget of zstd context memory.
+pub struct Budget {
+    limit: usize,
+    used: AtomicUsize,
+    /// What one context takes once it has compressed (measured at start-up).
+    pub ctx_bytes: usize,
+    pub window_log: u32,
+}
+
+impl Budget {
+    pub fn new(cfg: &CompressionConfig) -> Self {
+        Self {
+            limit: if cfg.enabled { cfg.budget_bytes } else { 0 },
+            used: AtomicUsize::new(0),
+            ctx_bytes: measure_ctx_bytes(cfg.window_log),
+            window_log: cfg.window_log,
+        }
+    }
+
+    /// Whether a new connection may be granted zstd now.
+    pub fn has_room(&self) -> bool {
+        self.used.load(Ordering::Relaxed) + self.ctx_bytes <= self.limit
+    }
+
+    fn try_charge(&self) -> bool {
+        let mut cur = self.used.load(Ordering::Relaxed);
+        loop {
+            if cur + self.ctx_bytes > self.limit {
+                return false;
+            }
+            match self.used.compare_exchange_weak(
+                cur,
+                cur + self.ctx_bytes,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return true,
+                Err(now) => cur = now,
+            }
+        }
+    }
+
+    fn release(&self) {
+        self.used.fetch_sub(self.ctx_bytes, Ordering::Relaxed);
+    }
+
+    /// Contexts alive now.
+    pub fn contexts(&self) -> usize {
+        self.used.load(Ordering::Relaxed) / self.ctx_bytes.max(1)
+    }
+
+    pub fn used_bytes(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+}
+
+/// The level for a shard CPU load in 0..=1 (`None`: the breaker is open, send plain).
+pub fn level_for_load(cfg: &CompressionConfig, load: f64) -> Option<i32> {
+    if load >= cfg.load_breaker {
+        None
+    } else if load >= cfg.load_heavy {
+        Some(1)
+    } else if load >= cfg.load_light {
+        Some(3)
+    } else {
+        Some(9)
+    }
+}
+
+/// A context with the capped parameters.
+fn new_ctx(window_log: u32, level: i32) -> Option<CCtx<'static>> {
+    let mut c = CCtx::try_create()?;
+    let params = [
+        CParameter::CompressionLevel(level),
+        CParameter::WindowLog(window_log),
+        CParameter::HashLog(window_log),
+        CParameter::ChainLog(window_log),
+        CParameter::ContentSizeFlag(false),
+        CParameter::ChecksumFlag(false),
+    ];
+    for p in params {
+        c.set_parameter(p).ok()?;
+    }
+    Some(c)
+}
+
+/// `ZSTD_sizeof_CCtx` of a context that compressed a message at the highest level we use.
+fn measure_ctx_bytes(window_log: u32) -> usize {
+    let Some(mut c) = new_ctx(window_log, 9) else {
+        return 1 << 20;
+    };
+    let mut out = Vec::with_capacity(4096);
+    let msg = br#"{"type":"delta","id":"c1","seq":1,"text":" hello"}"#;
+    let _ = c.compress_stream2(
+        &mut OutBuffer::around(&mut out),
+        &mut InBuffer::around(msg),
+        ZSTD_EndDirective::ZSTD_e_flush,
+    );
+    c.sizeof()
+}
+
+/// A connection's zstd stream.
+#[derive(Default)]
+pub struct ZstdStream {
+    ctx: Option<CCtx<'static>>,
+    level: i32,
+    /// A zstd frame is open (the decoder is inside it).
+    open: bool,
+    /// A compression call failed: this connection sends plain from now on.
+    broken: bool,
+}
+
+impl ZstdStream {
+    /// Compresses one message into `out` (cleared first). `end`: no generation is left in
+    /// flight, so the frame ends and the context is freed. `false`: send this one plain.
+    pub fn compress(
+        &mut self,
+        budget: &Budget,
+        level: i32,
+        msg: &[u8],
+        end: bool,
+        out: &mut Vec<u8>,
+    ) -> bool {
+        out.clear();
+        if self.broken {
+            return false;
+        }
+        if self.ctx.is_none() {
+            if !budget.try_charge() {
+                return false;
+            }
+            match new_ctx(budget.window_log, level) {
+                Some(c) => self.ctx = Some(c),
+                None => {
+                    budget.release();
+                    return false;
+                }
+            }
+            self.level = level;
+        }
+        let ok = self.compress_inner(level, msg, end, out);
+        if !ok {
+            // The decoder may hold part of a frame: never send it zstd again.
+            self.broken = true;
+            out.clear();
+        }
+        if end || !ok {
+            self.drop_ctx(budget);
+        }
+        ok
+    }
+
+    fn compress_inner(&mut self, level: i32, msg: &[u8], end: bool, out: &mut Vec<u8>) -> bool {
+        let Some(ctx) = self.ctx.as_mut() else {
+            return false;
+        };
+        if level != self.level {
+            if self.open {
+                // Parameters apply from the next frame: end this one here.
+                if !run(ctx, &[], ZSTD_EndDirective::ZSTD_e_end, out) {
+                    return false;
+                }
+                self.open = false;
+            }
+            if ctx
+                .set_parameter(CParameter::CompressionLevel(level))
+                .is_err()
+            {
+                return false;
+            }
+            self.level = level;
+        }
+        let op = if end {
+            ZSTD_EndDirective::ZSTD_e_end
+        } else {
+            ZSTD_EndDirective::ZSTD_e_flush
+        };
+        if !run(ctx, msg, op, out) {
+            return false;
+        }
+        self.open = !end;
+        true
+    }
+
+    /// Frees the context (the connection closed, or went idle with its frame ended).
+    pub fn drop_ctx(&mut self, budget: &Budget) {
+        if self.ctx.take().is_some() {
+            budget.release();
+        }
+        self.open = false;
+    }
+}
+
+/// Feeds `msg` with `op` until zstd has written everything out, appending to `out`.
+fn run(ctx: &mut CCtx<'static>, msg: &[u8], op: ZSTD_EndDirective, out: &mut Vec<u8>) -> bool {
+    let mut input = InBuffer::around(msg);
+    loop {
+        out.reserve(msg.len() / 2 + 64);
+        let pos = out.len();
+        let mut ob = OutBuffer::around_pos(out, pos);
+        let remaining = match ctx.compress_stream2(&mut ob, &mut input, op) {
+            Ok(r) => r,
+            Err(_) => return false,
+        };
+        if remaining == 0 && input.pos() == msg.len() {
+            return true;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use zstd_safe::DCtx;
+
+    fn cfg() -> CompressionConfig {
+        CompressionConfig {
+            enabled: true,
+            budget_bytes: 64 << 20,
+            window_log: 12,
+            load_light: 0.5,
+            load_heavy: 0.8,
+            load_breaker: 0.95,
+        }
+    }
+
+    /// A streaming decoder fed one message at a time, across frames.
+    struct Decoder {
+        d: DCtx<'static>,
+    }
+
+    impl Decoder {
+        fn feed(&mut self, msg: &[u8]) -> Vec<u8> {
+            let mut out = Vec::with_capacity(1 << 16);
+            let mut input = InBuffer::around(msg);
+            while input.pos() < msg.len() {
+                let pos = out.len();
+                let mut ob = OutBuffer::around_pos(&mut out, pos);
+                self.d.decompress_stream(&mut ob, &mut input).unwrap();
+            }
+            out
+        }
+    }
+
+    #[test]
+    fn each_message_decodes_on_its_own_across_level_changes_and_idle() {
+        let cfg = cfg();
+        let budget = Budget::new(&cfg);
+        assert!(budget.ctx_bytes < 512 << 10, "{}", budget.ctx_bytes);
+        let mut z = ZstdStream::default();
+        let mut dec = Decoder { d: DCtx::create() };
+        let (mut plain, mut wire) = (0, 0);
+        let mut buf = Vec::new();
+        for i in 0..300u32 {
+            let msg = format!(
+                r#"{{"type":"delta","id":"c1","seq":{i},"text":" word{}"}}"#,
+                i % 7
+            );
+            let level = [9, 3, 1][(i / 50) as usize % 3];
+            let end = i % 100 == 99;
+            assert!(z.compress(&budget, level, msg.as_bytes(), end, &mut buf));
+            assert_eq!(dec.feed(&buf), msg.as_bytes(), "message {i}");
+            plain += msg.len();
+            wire += buf.len();
+            assert_eq!(budget.contexts(), usize::from(!end));
+        }
+        assert!(wire * 2 < plain, "{wire} of {plain}");
+    }
+
+    #[test]
+    fn budget_refuses_past_its_limit() {
+        let mut c = cfg();
+        c.budget_bytes = 0;
+        let budget = Budget::new(&c);
+        assert!(!budget.has_room());
+        let mut z = ZstdStream::default();
+        let mut buf = Vec::new();
+        assert!(!z.compress(&budget, 3, b"{}", false, &mut buf));
+        assert_eq!(budget.used_bytes(), 0);
+    }
+
+    #[test]
+    fn levels_follow_load() {
+        let c = cfg();
+        let l = |x| level_for_load(&c, x);
+        assert_eq!(
+            (l(0.1), l(0.6), l(0.9), l(0.99)),
+            (Some(9), Some(3), Some(1), None)
+        );
+    }
+}

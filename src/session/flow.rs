@@ -1,0 +1,357 @@
+//! Outgoing WebSocket messages on their way to the socket: zstd and the opt-in credit window
+//! (SPEC 4 "Flow control", "Compression").
+//!
+//! The session layer writes complete frames into the connection's queue as it always does. On a
+//! connection with zstd or a credit window, [`pump`] runs before the writer takes the queue
+//! (and at the end of every dispatch): it re-encodes the data frames written since its last run
+//! (zstd → binary frames) and moves those the credit does not cover to a held queue. Control
+//! frames stay in place: a PING or PONG never waits for credit. Plain connections skip all of
+//! this (`Conn::flow` is `None`).
+//!
+//! Credit (bytes of message payload as sent, after compression) is spent per message and given
+//! back by `window_update`. The sender's tier follows the credit left: 64 KiB or more, a message
+//! goes out at once; 8–64 KiB, messages are held and flushed together every `throttle_delay`;
+//! under 8 KiB (or under the whole window when it is smaller) nothing is sent until the client
+//! gives credit back. A message larger than the whole window would wait forever; it goes out
+//! alone once every byte sent before it has been credited back, and the credit goes negative by
+//! its excess (the one case a message exceeds the credit, so a window can never deadlock).
+//! Held bytes count towards the connection's send backlog, whose bound pauses its sequences in
+//! the engine.
+
+use std::collections::VecDeque;
+use std::rc::Rc;
+
+use bytes::BytesMut;
+
+use super::compress::ZstdStream;
+use crate::server::conn::Conn;
+use crate::server::shard::Shard;
+use crate::ws::frame::{write_frame, OpCode};
+
+/// Credit from which a message goes out at once.
+pub const SEND_NOW: i64 = 64 * 1024;
+/// Credit from which held messages are flushed at the throttle tick.
+pub const COALESCE: i64 = 8 * 1024;
+
+/// A connection's flow state (present only with zstd or a credit window).
+pub struct Flow {
+    pub zstd: Option<ZstdStream>,
+    pub credit: Option<Credit>,
+    /// Encoded frames waiting for credit, back to back, and the (frame, payload) size of each.
+    held: BytesMut,
+    held_sizes: VecDeque<(u32, u32)>,
+    scratch: Vec<u8>,
+    zbuf: Vec<u8>,
+    /// Queued on the shard's throttle list.
+    pub throttled: bool,
+}
+
+/// The opt-in credit window.
+#[derive(Debug, Clone, Copy)]
+pub struct Credit {
+    pub window: i64,
+    /// Credit left; negative only after an oversized message.
+    pub avail: i64,
+}
+
+impl Flow {
+    pub fn new(zstd: bool, window: Option<u32>) -> Self {
+        Self {
+            zstd: zstd.then(ZstdStream::default),
+            credit: window.map(|w| Credit {
+                window: i64::from(w),
+                avail: i64::from(w),
+            }),
+            held: BytesMut::new(),
+            held_sizes: VecDeque::new(),
+            scratch: Vec::new(),
+            zbuf: Vec::new(),
+            throttled: false,
+        }
+    }
+
+    /// Opens the credit window (after the `session` message went out uncharged).
+    pub fn start_credit(&mut self, window: u32) {
+        self.credit = Some(Credit {
+            window: i64::from(window),
+            avail: i64::from(window),
+        });
+    }
+
+    pub fn held_bytes(&self) -> usize {
+        self.held.len()
+    }
+
+    /// Adds credit. A grant that would take the credit past 2^31-1 is refused (`false`).
+    pub fn grant(&mut self, bytes: u64) -> bool {
+        let Some(c) = self.credit.as_mut() else {
+            return true;
+        };
+        let max = i64::from(crate::config::MAX_WINDOW);
+        match i64::try_from(bytes) {
+            Ok(b) if c.avail.saturating_add(b) <= max => {
+                c.avail += b;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Encodes one data message and sends it now or holds it.
+    fn data(&mut self, shard: &Shard, payload: &[u8], idle: bool, out: &mut BytesMut) {
+        let level = shard.zstd_level.get();
+        let (op, data): (OpCode, &[u8]) = match (&mut self.zstd, level) {
+            (Some(z), Some(level)) => {
+                let budget = &shard.shared.compression;
+                if z.compress(budget, level, payload, idle, &mut self.zbuf) {
+                    shard.metrics.compress_in.add(payload.len() as u64);
+                    shard.metrics.compress_out.add(self.zbuf.len() as u64);
+                    (OpCode::Binary, &self.zbuf)
+                } else {
+                    shard.metrics.compress_plain.inc();
+                    (OpCode::Text, payload)
+                }
+            }
+            (Some(_), None) => {
+                shard.metrics.compress_plain.inc();
+                (OpCode::Text, payload)
+            }
+            (None, _) => (OpCode::Text, payload),
+        };
+        let size = data.len() as i64;
+        match self.credit.as_mut() {
+            Some(c) if self.held_sizes.is_empty() && c.avail >= SEND_NOW && size <= c.avail => {
+                c.avail -= size;
+                write_frame(out, op, data);
+            }
+            Some(_) => {
+                let before = self.held.len();
+                write_frame(&mut self.held, op, data);
+                let frame = (self.held.len() - before) as u32;
+                self.held_sizes.push_back((frame, data.len() as u32));
+            }
+            None => write_frame(out, op, data),
+        }
+    }
+
+    /// Moves held messages the credit covers to `out`; `tick`: the throttle tick (the
+    /// coalescing and queueing tiers send only then). Returns whether anything moved.
+    fn release(&mut self, out: &mut BytesMut, tick: bool) -> bool {
+        let Some(c) = self.credit.as_mut() else {
+            return false;
+        };
+        let open = c.avail >= SEND_NOW || tick && c.avail >= COALESCE.min(c.window);
+        if !open {
+            return false;
+        }
+        let mut moved = 0;
+        while let Some(&(frame, payload)) = self.held_sizes.front() {
+            let size = i64::from(payload);
+            let fits = size <= c.avail || size > c.window && c.avail >= c.window;
+            if !fits {
+                break;
+            }
+            c.avail -= size;
+            moved += frame as usize;
+            self.held_sizes.pop_front();
+        }
+        if moved == 0 {
+            return false;
+        }
+        out.extend_from_slice(&self.held.split_to(moved));
+        if self.held.is_empty() {
+            // Give back a burst's memory.
+            self.held = BytesMut::new();
+        }
+        true
+    }
+}
+
+/// Parses the header of one of our own (unmasked) frames: (opcode byte, header length,
+/// payload length).
+fn frame_header(b: &[u8]) -> Option<(u8, usize, usize)> {
+    let (&b0, rest) = b.split_first()?;
+    let &b1 = rest.first()?;
+    let (hdr, len) = match b1 & 0x7f {
+        126 => (4, u16::from_be_bytes([*b.get(2)?, *b.get(3)?]) as usize),
+        127 => {
+            let mut n = [0u8; 8];
+            n.copy_from_slice(b.get(2..10)?);
+            (10, u64::from_be_bytes(n) as usize)
+        }
+        n => (2, n as usize),
+    };
+    (b.len() >= hdr + len).then_some((b0 & 0x0f, hdr, len))
+}
+
+/// Encodes what the session layer queued since the last run and releases what the credit
+/// allows. Returns whether the writer has something new to send.
+pub fn pump(shard: &Shard, conn: &Conn, tick: bool) -> bool {
+    let mut flow = conn.flow.borrow_mut();
+    let Some(f) = flow.as_deref_mut() else {
+        return false;
+    };
+    let idle = conn
+        .ws
+        .borrow()
+        .as_ref()
+        .is_none_or(|ws| ws.reqs.is_empty() && ws.follows.is_empty());
+    let mut out = conn.out.borrow_mut();
+    let mut changed = false;
+    if out.sealed < out.buf.len() {
+        changed = true;
+        let mut scratch = std::mem::take(&mut f.scratch);
+        scratch.clear();
+        let sealed = out.sealed;
+        scratch.extend_from_slice(&out.buf[sealed..]);
+        out.buf.truncate(sealed);
+        // Only the last data message of a connection left idle ends the zstd frame.
+        let mut last_data = None;
+        let mut pos = 0;
+        while let Some((op, hdr, len)) = frame_header(&scratch[pos..]) {
+            if op & 0x8 == 0 {
+                last_data = Some(pos);
+            }
+            pos += hdr + len;
+        }
+        let mut pos = 0;
+        while let Some((op, hdr, len)) = frame_header(&scratch[pos..]) {
+            let frame = pos..pos + hdr + len;
+            if op & 0x8 != 0 {
+                out.buf.extend_from_slice(&scratch[frame.clone()]);
+            } else {
+                let end = idle && last_data == Some(pos);
+                f.data(shard, &scratch[pos + hdr..frame.end], end, &mut out.buf);
+            }
+            pos = frame.end;
+        }
+        // Never reached with our own frames; kept whole rather than lost.
+        out.buf.extend_from_slice(&scratch[pos..]);
+        if scratch.capacity() > 64 * 1024 {
+            scratch = Vec::new();
+        }
+        f.scratch = scratch;
+    }
+    changed |= f.release(&mut out.buf, tick);
+    out.sealed = out.buf.len();
+    if !f.held_sizes.is_empty() && !f.throttled {
+        f.throttled = true;
+        drop(out);
+        drop(flow);
+        shard.throttled.borrow_mut().push(conn.key.get());
+    }
+    changed
+}
+
+/// The throttle tick: flushes held messages of every connection waiting on it.
+pub fn on_throttle_tick(shard: &Shard) {
+    let keys: Vec<usize> = std::mem::take(&mut *shard.throttled.borrow_mut());
+    for key in keys {
+        let Some(conn) = shard.conns.borrow().get(key).cloned() else {
+            continue;
+        };
+        if let Some(f) = conn.flow.borrow_mut().as_deref_mut() {
+            f.throttled = false;
+        }
+        if pump(shard, &conn, true) {
+            conn.wake_writer.notify();
+        }
+    }
+}
+
+/// `window_update`: adds credit and sends what it covers.
+pub fn window_update(shard: &Shard, conn: &Rc<Conn>, bytes: u64) -> bool {
+    let granted = conn
+        .flow
+        .borrow_mut()
+        .as_deref_mut()
+        .is_none_or(|f| f.grant(bytes));
+    if granted {
+        shard.mark_dirty(conn);
+    }
+    granted
+}
+
+/// Frees what a closed connection's flow holds (its zstd context goes back to the budget).
+pub fn release_conn(shard: &Shard, conn: &Conn) {
+    if let Some(f) = conn.flow.borrow_mut().as_deref_mut() {
+        if let Some(z) = f.zstd.as_mut() {
+            z.drop_ctx(&shard.shared.compression);
+        }
+        f.held = BytesMut::new();
+        f.held_sizes.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn held_flow(window: u32, sizes: &[usize]) -> (Flow, BytesMut) {
+        let mut f = Flow::new(false, Some(window));
+        let out = BytesMut::new();
+        for &n in sizes {
+            let before = f.held.len();
+            write_frame(&mut f.held, OpCode::Text, &vec![b'x'; n]);
+            f.held_sizes
+                .push_back(((f.held.len() - before) as u32, n as u32));
+        }
+        (f, out)
+    }
+
+    #[test]
+    fn tiers_follow_the_credit_left() {
+        // 100 KiB window: at once.
+        let (mut f, mut out) = held_flow(100 << 10, &[1000, 1000]);
+        assert!(f.release(&mut out, false));
+        assert_eq!(f.credit.unwrap().avail, (100 << 10) - 2000);
+        // 32 KiB window: only at the throttle tick, then everything that fits.
+        let (mut f, mut out) = held_flow(32 << 10, &[20_000, 10_000, 5_000]);
+        assert!(!f.release(&mut out, false));
+        assert!(f.release(&mut out, true));
+        assert_eq!(f.held_sizes.len(), 1);
+        assert_eq!(f.credit.unwrap().avail, (32 << 10) - 30_000);
+        // Under 8 KiB of credit: nothing, even at the tick, until credit comes back.
+        assert!(!f.release(&mut out, true));
+        assert!(f.grant(6_000));
+        assert!(f.release(&mut out, true));
+        assert!(f.held_sizes.is_empty());
+    }
+
+    #[test]
+    fn small_windows_and_oversized_messages_never_deadlock() {
+        // A 2 KiB window opens when all of it is back, not at 8 KiB.
+        let (mut f, mut out) = held_flow(2048, &[1500, 1500]);
+        assert!(f.release(&mut out, true));
+        assert_eq!(f.held_sizes.len(), 1);
+        assert!(!f.release(&mut out, true));
+        assert!(f.grant(1500));
+        assert!(f.release(&mut out, true));
+        // A message larger than the window goes alone once nothing is outstanding.
+        let (mut f, mut out) = held_flow(2048, &[100, 5000]);
+        assert!(f.release(&mut out, true));
+        assert_eq!(f.held_sizes.len(), 1);
+        assert!(f.grant(100));
+        assert!(f.release(&mut out, true));
+        assert_eq!(f.credit.unwrap().avail, 2048 - 5000);
+    }
+
+    #[test]
+    fn grants_past_the_limit_are_refused() {
+        let mut f = Flow::new(false, Some(65536));
+        assert!(!f.grant(u64::from(crate::config::MAX_WINDOW)));
+        assert!(!f.grant(u64::MAX));
+        assert!(f.grant(1000));
+        assert_eq!(f.credit.unwrap().avail, 66536);
+    }
+
+    #[test]
+    fn headers_of_every_length_parse() {
+        for n in [0usize, 125, 126, 65535, 65536] {
+            let mut b = BytesMut::new();
+            write_frame(&mut b, OpCode::Binary, &vec![0; n]);
+            assert_eq!(frame_header(&b), Some((2, b.len() - n, n)));
+            assert_eq!(frame_header(&b[..b.len() - 1]), None);
+        }
+    }
+}
