@@ -144,6 +144,10 @@ pub struct ShardMetrics {
     pub compress_in: Counter,
     pub compress_out: Counter,
     pub compress_plain: Counter,
+    /// Credit-window connections: messages sent at once, messages held, flushes of held ones.
+    pub flow_sent_now: Counter,
+    pub flow_held: Counter,
+    pub flow_flushes: Counter,
     /// The shard's zstd level now (0: breaker open) and its CPU load in permille.
     pub zstd_level: Counter,
     pub cpu_load_permille: Counter,
@@ -336,6 +340,32 @@ impl Registry {
             "gauge",
             "Connections whose sequences are paused in the engine now (client not reading).",
             sum(sh.iter().map(|s| &s.paused_connections)),
+        );
+        header(
+            w,
+            "seedance_flow_messages_total",
+            "counter",
+            "Messages of credit-window connections: sent at once (credit >= 64 KiB) or held.",
+        );
+        for (label, f) in [
+            (
+                "now",
+                (|s: &ShardMetrics| &s.flow_sent_now) as fn(&ShardMetrics) -> &Counter,
+            ),
+            ("held", |s| &s.flow_held),
+        ] {
+            let _ = writeln!(
+                w,
+                "seedance_flow_messages_total{{tier=\"{label}\"}} {}",
+                sum(sh.iter().map(|s| f(s)))
+            );
+        }
+        simple(
+            w,
+            "seedance_flow_flushes_total",
+            "counter",
+            "Sends of held messages (throttle tick or window_update).",
+            sum(sh.iter().map(|s| &s.flow_flushes)),
         );
         simple(
             w,

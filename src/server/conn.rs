@@ -46,6 +46,8 @@ pub struct Conn {
     pub paused_since: Cell<Option<Instant>>,
     /// zstd and the credit window of a WebSocket session that asked for them.
     pub flow: RefCell<Option<Box<crate::session::flow::Flow>>>,
+    /// Bytes the writer took and the socket has not accepted yet.
+    pub in_flight: Cell<usize>,
     /// The generation an HTTP response is waiting for (responses go out in request order).
     pub http_busy: Cell<Option<crate::engine::SeqKey>>,
     /// Signalled when `http_busy` clears.
@@ -68,15 +70,16 @@ impl Conn {
             paused: Cell::new(false),
             paused_since: Cell::new(None),
             flow: RefCell::new(None),
+            in_flight: Cell::new(0),
             http_busy: Cell::new(None),
             response_done: Notify::default(),
         }
     }
 
-    /// Output bytes this connection holds: queued for the socket plus held for credit.
+    /// Output bytes this connection holds: being written, queued for the socket, held for credit.
     pub fn queued_bytes(&self) -> usize {
         let held = self.flow.borrow().as_ref().map_or(0, |f| f.held_bytes());
-        self.out.borrow().len() + held
+        self.in_flight.get() + self.out.borrow().len() + held
     }
 
     pub fn is_closing(&self) -> bool {
@@ -189,7 +192,10 @@ async fn write_loop<W: AsyncWriteRent>(shard: Rc<Shard>, conn: Rc<Conn>, mut wr:
             continue;
         }
         conn.out.borrow_mut().take(&mut segs);
-        match out::write_all(&mut wr, &mut segs).await {
+        conn.in_flight.set(segs.iter().map(Bytes::len).sum());
+        let written = out::write_all(&mut wr, &mut segs).await;
+        conn.in_flight.set(0);
+        match written {
             Ok(n) => shard.metrics.bytes_out.add(n as u64),
             Err(e) => {
                 tracing::debug!("write: {e}");

@@ -198,6 +198,9 @@ async fn drain(shard: &Rc<Shard>) {
     }
 }
 
+/// Events routed between two backpressure checks when the engine keeps the queue full.
+const DISPATCH_SLICE: u32 = 1024;
+
 /// Drains token events from the engine and routes them to connections.
 async fn dispatch(shard: Rc<Shard>) {
     let wake = shard.link.borrow().wake.clone();
@@ -205,10 +208,16 @@ async fn dispatch(shard: Rc<Shard>) {
         wake.wait().await;
         // One clock read per batch: every event of an engine step arrived together.
         let now = Instant::now();
+        let mut n = 0u32;
         loop {
             let ev = shard.link.borrow_mut().events.pop();
             let Ok(ev) = ev else { break };
             crate::session::request::on_event(&shard, ev, now);
+            n += 1;
+            if n.is_multiple_of(DISPATCH_SLICE) {
+                // A fast engine can keep the queue full: check backpressure as we go.
+                shard.flush_dirty();
+            }
         }
         shard.flush_dirty();
     }

@@ -32,18 +32,53 @@ use crate::ws::frame::{write_frame, OpCode};
 pub const SEND_NOW: i64 = 64 * 1024;
 /// Credit from which held messages are flushed at the throttle tick.
 pub const COALESCE: i64 = 8 * 1024;
+/// Most message bytes in one compressed frame.
+const BATCH_MAX: usize = 16 * 1024;
 
 /// A connection's flow state (present only with zstd or a credit window).
 pub struct Flow {
     pub zstd: Option<ZstdStream>,
     pub credit: Option<Credit>,
-    /// Encoded frames waiting for credit, back to back, and the (frame, payload) size of each.
-    held: BytesMut,
-    held_sizes: VecDeque<(u32, u32)>,
+    held: Held,
     scratch: Vec<u8>,
     zbuf: Vec<u8>,
+    joined: Vec<u8>,
     /// Queued on the shard's throttle list.
     pub throttled: bool,
+}
+
+/// Encoded frames waiting for credit, back to back, and the (frame, payload) size of each.
+#[derive(Default)]
+struct Held {
+    bytes: BytesMut,
+    sizes: VecDeque<(u32, u32)>,
+}
+
+/// Sends one encoded frame now, or holds it when the credit tier says so.
+fn send(
+    credit: &mut Option<Credit>,
+    held: &mut Held,
+    shard: &Shard,
+    op: OpCode,
+    data: &[u8],
+    out: &mut BytesMut,
+) {
+    let size = data.len() as i64;
+    match credit.as_mut() {
+        Some(c) if held.sizes.is_empty() && c.avail >= SEND_NOW && size <= c.avail => {
+            c.avail -= size;
+            shard.metrics.flow_sent_now.inc();
+            write_frame(out, op, data);
+        }
+        Some(_) => {
+            shard.metrics.flow_held.inc();
+            let before = held.bytes.len();
+            write_frame(&mut held.bytes, op, data);
+            let frame = (held.bytes.len() - before) as u32;
+            held.sizes.push_back((frame, data.len() as u32));
+        }
+        None => write_frame(out, op, data),
+    }
 }
 
 /// The opt-in credit window.
@@ -62,10 +97,10 @@ impl Flow {
                 window: i64::from(w),
                 avail: i64::from(w),
             }),
-            held: BytesMut::new(),
-            held_sizes: VecDeque::new(),
+            held: Held::default(),
             scratch: Vec::new(),
             zbuf: Vec::new(),
+            joined: Vec::new(),
             throttled: false,
         }
     }
@@ -79,7 +114,7 @@ impl Flow {
     }
 
     pub fn held_bytes(&self) -> usize {
-        self.held.len()
+        self.held.bytes.len()
     }
 
     /// Adds credit. A grant that would take the credit past 2^31-1 is refused (`false`).
@@ -97,40 +132,69 @@ impl Flow {
         }
     }
 
-    /// Encodes one data message and sends it now or holds it.
-    fn data(&mut self, shard: &Shard, payload: &[u8], idle: bool, out: &mut BytesMut) {
+    /// Encodes data messages (`msgs`: ranges of `src`) and sends them now or holds them. With
+    /// zstd they go out as one binary frame, the messages separated by `\n`; plain, one text
+    /// frame each.
+    fn data(
+        &mut self,
+        shard: &Shard,
+        src: &[u8],
+        msgs: &[std::ops::Range<usize>],
+        end: bool,
+        out: &mut BytesMut,
+    ) {
+        if msgs.is_empty() {
+            return;
+        }
         let level = shard.zstd_level.get();
-        let (op, data): (OpCode, &[u8]) = match (&mut self.zstd, level) {
-            (Some(z), Some(level)) => {
-                let budget = &shard.shared.compression;
-                if z.compress(budget, level, payload, idle, &mut self.zbuf) {
-                    shard.metrics.compress_in.add(payload.len() as u64);
-                    shard.metrics.compress_out.add(self.zbuf.len() as u64);
-                    (OpCode::Binary, &self.zbuf)
-                } else {
-                    shard.metrics.compress_plain.inc();
-                    (OpCode::Text, payload)
+        if let (Some(z), Some(level)) = (self.zstd.as_mut(), level) {
+            let mut joined = std::mem::take(&mut self.joined);
+            joined.clear();
+            for (i, m) in msgs.iter().enumerate() {
+                if i > 0 {
+                    joined.push(b'\n');
                 }
+                joined.extend_from_slice(&src[m.clone()]);
             }
-            (Some(_), None) => {
+            let budget = &shard.shared.compression;
+            let ok = z.compress(budget, level, &joined, end, &mut self.zbuf);
+            if ok {
+                shard.metrics.compress_in.add(joined.len() as u64);
+                shard.metrics.compress_out.add(self.zbuf.len() as u64);
+                send(
+                    &mut self.credit,
+                    &mut self.held,
+                    shard,
+                    OpCode::Binary,
+                    &self.zbuf,
+                    out,
+                );
+            }
+            self.joined = joined;
+            if ok {
+                return;
+            }
+        }
+        for m in msgs {
+            if self.zstd.is_some() {
                 shard.metrics.compress_plain.inc();
-                (OpCode::Text, payload)
             }
-            (None, _) => (OpCode::Text, payload),
-        };
-        let size = data.len() as i64;
-        match self.credit.as_mut() {
-            Some(c) if self.held_sizes.is_empty() && c.avail >= SEND_NOW && size <= c.avail => {
-                c.avail -= size;
-                write_frame(out, op, data);
-            }
-            Some(_) => {
-                let before = self.held.len();
-                write_frame(&mut self.held, op, data);
-                let frame = (self.held.len() - before) as u32;
-                self.held_sizes.push_back((frame, data.len() as u32));
-            }
-            None => write_frame(out, op, data),
+            send(
+                &mut self.credit,
+                &mut self.held,
+                shard,
+                OpCode::Text,
+                &src[m.clone()],
+                out,
+            );
+        }
+    }
+
+    /// Most message bytes put in one compressed frame.
+    fn batch_limit(&self) -> usize {
+        match self.credit {
+            Some(c) => (c.window as usize / 2).clamp(256, BATCH_MAX),
+            None => BATCH_MAX,
         }
     }
 
@@ -145,7 +209,7 @@ impl Flow {
             return false;
         }
         let mut moved = 0;
-        while let Some(&(frame, payload)) = self.held_sizes.front() {
+        while let Some(&(frame, payload)) = self.held.sizes.front() {
             let size = i64::from(payload);
             let fits = size <= c.avail || size > c.window && c.avail >= c.window;
             if !fits {
@@ -153,15 +217,15 @@ impl Flow {
             }
             c.avail -= size;
             moved += frame as usize;
-            self.held_sizes.pop_front();
+            self.held.sizes.pop_front();
         }
         if moved == 0 {
             return false;
         }
-        out.extend_from_slice(&self.held.split_to(moved));
-        if self.held.is_empty() {
+        out.extend_from_slice(&self.held.bytes.split_to(moved));
+        if self.held.bytes.is_empty() {
             // Give back a burst's memory.
-            self.held = BytesMut::new();
+            self.held.bytes = BytesMut::new();
         }
         true
     }
@@ -205,26 +269,32 @@ pub fn pump(shard: &Shard, conn: &Conn, tick: bool) -> bool {
         let sealed = out.sealed;
         scratch.extend_from_slice(&out.buf[sealed..]);
         out.buf.truncate(sealed);
-        // Only the last data message of a connection left idle ends the zstd frame.
-        let mut last_data = None;
-        let mut pos = 0;
-        while let Some((op, hdr, len)) = frame_header(&scratch[pos..]) {
-            if op & 0x8 == 0 {
-                last_data = Some(pos);
-            }
-            pos += hdr + len;
-        }
+        // Consecutive data messages go out together (one compressed frame, up to the batch
+        // limit); control frames keep their place. Only the last batch of a connection left
+        // idle ends the zstd frame.
+        let limit = f.batch_limit();
+        let mut batch: Vec<std::ops::Range<usize>> = Vec::new();
+        let mut batch_bytes = 0;
         let mut pos = 0;
         while let Some((op, hdr, len)) = frame_header(&scratch[pos..]) {
             let frame = pos..pos + hdr + len;
-            if op & 0x8 != 0 {
-                out.buf.extend_from_slice(&scratch[frame.clone()]);
-            } else {
-                let end = idle && last_data == Some(pos);
-                f.data(shard, &scratch[pos + hdr..frame.end], end, &mut out.buf);
-            }
             pos = frame.end;
+            if op & 0x8 != 0 {
+                f.data(shard, &scratch, &batch, false, &mut out.buf);
+                batch.clear();
+                batch_bytes = 0;
+                out.buf.extend_from_slice(&scratch[frame]);
+                continue;
+            }
+            if batch_bytes + len > limit && !batch.is_empty() {
+                f.data(shard, &scratch, &batch, false, &mut out.buf);
+                batch.clear();
+                batch_bytes = 0;
+            }
+            batch.push(frame.start + hdr..frame.end);
+            batch_bytes += len + 1;
         }
+        f.data(shard, &scratch, &batch, idle, &mut out.buf);
         // Never reached with our own frames; kept whole rather than lost.
         out.buf.extend_from_slice(&scratch[pos..]);
         if scratch.capacity() > 64 * 1024 {
@@ -232,9 +302,12 @@ pub fn pump(shard: &Shard, conn: &Conn, tick: bool) -> bool {
         }
         f.scratch = scratch;
     }
-    changed |= f.release(&mut out.buf, tick);
+    if f.release(&mut out.buf, tick) {
+        changed = true;
+        shard.metrics.flow_flushes.inc();
+    }
     out.sealed = out.buf.len();
-    if !f.held_sizes.is_empty() && !f.throttled {
+    if !f.held.sizes.is_empty() && !f.throttled {
         f.throttled = true;
         drop(out);
         drop(flow);
@@ -278,8 +351,7 @@ pub fn release_conn(shard: &Shard, conn: &Conn) {
         if let Some(z) = f.zstd.as_mut() {
             z.drop_ctx(&shard.shared.compression);
         }
-        f.held = BytesMut::new();
-        f.held_sizes.clear();
+        f.held = Held::default();
     }
 }
 
@@ -291,10 +363,11 @@ mod tests {
         let mut f = Flow::new(false, Some(window));
         let out = BytesMut::new();
         for &n in sizes {
-            let before = f.held.len();
-            write_frame(&mut f.held, OpCode::Text, &vec![b'x'; n]);
-            f.held_sizes
-                .push_back(((f.held.len() - before) as u32, n as u32));
+            let before = f.held.bytes.len();
+            write_frame(&mut f.held.bytes, OpCode::Text, &vec![b'x'; n]);
+            f.held
+                .sizes
+                .push_back(((f.held.bytes.len() - before) as u32, n as u32));
         }
         (f, out)
     }
@@ -309,13 +382,13 @@ mod tests {
         let (mut f, mut out) = held_flow(32 << 10, &[20_000, 10_000, 5_000]);
         assert!(!f.release(&mut out, false));
         assert!(f.release(&mut out, true));
-        assert_eq!(f.held_sizes.len(), 1);
+        assert_eq!(f.held.sizes.len(), 1);
         assert_eq!(f.credit.unwrap().avail, (32 << 10) - 30_000);
         // Under 8 KiB of credit: nothing, even at the tick, until credit comes back.
         assert!(!f.release(&mut out, true));
         assert!(f.grant(6_000));
         assert!(f.release(&mut out, true));
-        assert!(f.held_sizes.is_empty());
+        assert!(f.held.sizes.is_empty());
     }
 
     #[test]
@@ -323,14 +396,14 @@ mod tests {
         // A 2 KiB window opens when all of it is back, not at 8 KiB.
         let (mut f, mut out) = held_flow(2048, &[1500, 1500]);
         assert!(f.release(&mut out, true));
-        assert_eq!(f.held_sizes.len(), 1);
+        assert_eq!(f.held.sizes.len(), 1);
         assert!(!f.release(&mut out, true));
         assert!(f.grant(1500));
         assert!(f.release(&mut out, true));
         // A message larger than the window goes alone once nothing is outstanding.
         let (mut f, mut out) = held_flow(2048, &[100, 5000]);
         assert!(f.release(&mut out, true));
-        assert_eq!(f.held_sizes.len(), 1);
+        assert_eq!(f.held.sizes.len(), 1);
         assert!(f.grant(100));
         assert!(f.release(&mut out, true));
         assert_eq!(f.credit.unwrap().avail, 2048 - 5000);

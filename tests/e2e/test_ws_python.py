@@ -574,6 +574,9 @@ def test_oversized_frame_closes_1009(server):
         ("?stream_mode=bits", None, 400, "bad_stream_mode"),
         ("", {"X-Stream-Mode": "TOKEN"}, 400, "bad_stream_mode"),
         ("?compression=gzip", None, 400, "bad_compression"),
+        ("?initial_window=10", None, 400, "bad_window"),
+        ("", {"X-Initial-Window": "4294967296"}, 400, "bad_window"),
+        ("?flow_control=tcp", None, 400, "bad_window"),
     ],
 )
 def test_handshake_refused_invalid_status(server, query, headers, status, code):

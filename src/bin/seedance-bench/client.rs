@@ -20,6 +20,8 @@ pub struct Sample {
     pub gaps: Vec<f64>,
     pub deltas: u64,
     pub tokens: u64,
+    /// Bytes read from the socket while this request ran.
+    pub wire_bytes: u64,
     pub error: Option<String>,
 }
 
@@ -40,6 +42,13 @@ pub struct Client {
     buf: BytesMut,
     ws: Option<Decoder>,
     addr: SocketAddr,
+    /// zstd stream of a connection that asked for compression (binary frames).
+    zstd: Option<zstd_safe::DCtx<'static>>,
+    plain: Vec<u8>,
+    /// Messages of a compressed frame not handled yet.
+    decoded: std::collections::VecDeque<bytes::Bytes>,
+    /// Bytes read from the socket so far.
+    pub read_bytes: u64,
 }
 
 impl Client {
@@ -51,6 +60,10 @@ impl Client {
             buf: BytesMut::with_capacity(64 * 1024),
             ws: None,
             addr,
+            zstd: None,
+            plain: Vec::new(),
+            decoded: Default::default(),
+            read_bytes: 0,
         })
     }
 
@@ -71,8 +84,17 @@ impl Client {
                 String::from_utf8_lossy(&c.buf[..end]).into_owned(),
             ));
         }
+        let zstd = query.contains("compression=zstd");
+        if zstd
+            && !c.buf[..end]
+                .windows(19)
+                .any(|w| w.eq_ignore_ascii_case(b"x-compression: zstd"))
+        {
+            return Err(std::io::Error::other("the server did not grant zstd"));
+        }
         c.buf.advance(end);
         c.ws = Some(Decoder::new(Role::Client, Limits::default()));
+        c.zstd = zstd.then(zstd_safe::DCtx::create);
         Ok(c)
     }
 
@@ -90,7 +112,10 @@ impl Client {
         self.buf = slice.into_inner();
         match res? {
             0 => Err(std::io::ErrorKind::UnexpectedEof.into()),
-            _ => Ok(()),
+            n => {
+                self.read_bytes += n as u64;
+                Ok(())
+            }
         }
     }
 
@@ -120,16 +145,66 @@ impl Client {
             return s;
         }
         let mut last = sent;
+        let read_before = self.read_bytes;
+        let mut s = self.ws_messages(s, &mut last).await;
+        s.wire_bytes = self.read_bytes - read_before;
+        s
+    }
+
+    /// Decodes one zstd binary frame (the stream carries over between frames).
+    fn inflate(&mut self, frame: &[u8]) -> Result<(), String> {
+        let Some(d) = self.zstd.as_mut() else {
+            return Err("binary frame on a plain connection".into());
+        };
+        self.plain.clear();
+        let mut input = zstd_safe::InBuffer::around(frame);
+        loop {
+            self.plain.reserve(4 * frame.len() + 256);
+            let pos = self.plain.len();
+            let mut out = zstd_safe::OutBuffer::around_pos(&mut self.plain, pos);
+            d.decompress_stream(&mut out, &mut input)
+                .map_err(|c| format!("zstd: {}", zstd_safe::get_error_name(c)))?;
+            // Done when all input is in and zstd did not stop for lack of room.
+            let full = out.pos() == out.capacity();
+            if input.pos() == frame.len() && !full {
+                return Ok(());
+            }
+        }
+    }
+
+    async fn ws_messages(&mut self, mut s: Sample, last: &mut Instant) -> Sample {
         loop {
             let Some(dec) = self.ws.as_mut() else {
                 s.error = Some("not a websocket".into());
                 return s;
             };
-            match dec.decode(&mut self.buf) {
+            let msg = if let Some(m) = self.decoded.pop_front() {
+                Ok(Some(Message::Text(m)))
+            } else {
+                match dec.decode(&mut self.buf) {
+                    Ok(Some(Message::Binary(b))) => {
+                        if let Err(e) = self.inflate(&b) {
+                            s.error = Some(e);
+                            return s;
+                        }
+                        // One or more messages, `\n`-separated.
+                        let all = bytes::Bytes::from(std::mem::take(&mut self.plain));
+                        let mut start = 0;
+                        for (i, _) in all.iter().enumerate().filter(|(_, &b)| b == b'\n') {
+                            self.decoded.push_back(all.slice(start..i));
+                            start = i + 1;
+                        }
+                        self.decoded.push_back(all.slice(start..));
+                        continue;
+                    }
+                    other => other,
+                }
+            };
+            match msg {
                 Ok(Some(Message::Text(t))) => {
                     let now = Instant::now();
                     if t.starts_with(b"{\"type\":\"delta\"") {
-                        s.delta(now, &mut last);
+                        s.delta(now, last);
                         continue;
                     }
                     let v: serde_json::Value = serde_json::from_slice(&t).unwrap_or_default();
@@ -149,8 +224,8 @@ impl Client {
                 Ok(Some(Message::Ping(p))) => {
                     let _ = self.send_ws(OpCode::Pong, &p).await;
                 }
-                Ok(Some(Message::Close(_))) => {
-                    s.error = Some("closed by server".into());
+                Ok(Some(Message::Close(c))) => {
+                    s.error = Some(format!("closed by server: {c:?}"));
                     return s;
                 }
                 Ok(Some(_)) => {}

@@ -63,6 +63,9 @@ struct LoadArgs {
     /// WebSocket stream mode: token | chunk | full.
     #[arg(long, default_value = "token")]
     stream_mode: String,
+    /// WebSocket message compression: none | zstd.
+    #[arg(long, default_value = "none")]
+    compression: String,
     /// Seconds measured after warm-up (ignored when --num-requests is given).
     #[arg(long, default_value_t = 10.0)]
     duration: f64,
@@ -95,6 +98,9 @@ struct IdleArgs {
     /// Seconds to hold the connections after all are open.
     #[arg(long, default_value_t = 10.0)]
     hold: f64,
+    /// Ask for compression (none | zstd).
+    #[arg(long, default_value = "none")]
+    compression: String,
     #[arg(long)]
     cpu: Option<usize>,
 }
@@ -178,7 +184,10 @@ impl Run {
 }
 
 async fn worker(run: Rc<Run>, n: usize) {
-    let query = format!("?stream_mode={}", run.args.stream_mode);
+    let mut query = format!("?stream_mode={}", run.args.stream_mode);
+    if run.args.compression != "none" {
+        query.push_str(&format!("&compression={}", run.args.compression));
+    }
     let connect = || async {
         if run.sse {
             Client::http(run.args.addr).await
@@ -286,13 +295,14 @@ fn report(run: &Run) -> i32 {
         _ => f64::NAN,
     };
     let (mut ttft, mut itl, mut tpot, mut e2e) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let (mut tokens, mut deltas) = (0u64, 0u64);
+    let (mut tokens, mut deltas, mut wire) = (0u64, 0u64, 0u64);
     for s in samples.iter() {
         let (Some(sent), Some(end)) = (s.sent, s.end) else {
             continue;
         };
         tokens += s.tokens;
         deltas += s.deltas;
+        wire += s.wire_bytes;
         let total = end.duration_since(sent).as_secs_f64();
         e2e.push(total);
         if let Some(f) = s.first {
@@ -320,6 +330,13 @@ fn report(run: &Run) -> i32 {
         tokens as f64 / secs,
         deltas as f64 / secs
     );
+    if !run.sse {
+        println!(
+            "compression {}  bytes received {wire}  bytes/delta {:.1}",
+            a.compression,
+            wire as f64 / deltas.max(1) as f64
+        );
+    }
     println!(
         "{:<6} {:>10} {:>10} {:>10} {:>10} {:>10}   (ms)",
         "", "mean", "p50", "p90", "p95", "p99"
@@ -356,6 +373,12 @@ fn report(run: &Run) -> i32 {
         json.insert("request_throughput".into(), (n as f64 / secs).into());
         json.insert("output_throughput".into(), (tokens as f64 / secs).into());
         json.insert("delta_messages_per_s".into(), (deltas as f64 / secs).into());
+        json.insert("compression".into(), a.compression.clone().into());
+        json.insert("wire_bytes".into(), wire.into());
+        json.insert(
+            "wire_bytes_per_delta".into(),
+            (wire as f64 / deltas.max(1) as f64).into(),
+        );
         println!("{}", serde_json::Value::Object(json));
     }
     i32::from(n == 0 || run.errors.get() > 0)
@@ -365,7 +388,11 @@ async fn run_idle(a: IdleArgs) -> i32 {
     let mut conns = Vec::with_capacity(a.connections);
     let mut failed = 0;
     for n in 0..a.connections {
-        match Client::websocket(a.addr, "").await {
+        let query = match a.compression.as_str() {
+            "none" => String::new(),
+            c => format!("?compression={c}"),
+        };
+        match Client::websocket(a.addr, &query).await {
             Ok(c) => conns.push(c),
             Err(e) => {
                 failed += 1;
