@@ -33,6 +33,10 @@ pub enum Device {
     Cuda,
 }
 
+/// Largest credit window or window credit (RFC 7540's flow-control limit, for the same reason:
+/// it fits an i32 on every client).
+pub const MAX_WINDOW: u32 = (1 << 31) - 1;
+
 /// Defines every configuration key once: `name: Type = default, "ENV_NAME", "help"`.
 macro_rules! keys {
     ($( $(#[$doc:meta])* $name:ident : $ty:ty = $default:expr, $env:literal; )*) => {
@@ -194,10 +198,6 @@ keys! {
     /// Log filter (tracing EnvFilter syntax).
     log: String = "info".into(), "SEEDANCE_LOG";
 }
-
-/// Largest credit window or window credit (RFC 7540's flow-control limit, for the same reason:
-/// it fits an i32 on every client).
-pub const MAX_WINDOW: u32 = (1 << 31) - 1;
 
 /// Sub-commands besides serving.
 #[derive(clap::Subcommand, Debug)]

@@ -164,6 +164,11 @@ pub fn start(config: Config) -> Result<Server, StartError> {
     let compression = Arc::new(crate::session::compress::Budget::new(
         &config.session.compression,
     ));
+    tracing::debug!(
+        context_bytes = compression.ctx_bytes,
+        window_log = compression.window_log,
+        "zstd context size (ZSTD_sizeof_CCtx)"
+    );
     let registry = Arc::new(Registry {
         shards: shard_metrics.clone(),
         engine: engine_metrics,
