@@ -273,6 +273,14 @@ pub fn pump(shard: &Shard, conn: &Conn, tick: bool) -> bool {
         // limit); control frames keep their place. Only the last batch of a connection left
         // idle ends the zstd frame.
         let limit = f.batch_limit();
+        let mut last_data_end = None;
+        let mut pos = 0;
+        while let Some((op, hdr, len)) = frame_header(&scratch[pos..]) {
+            pos += hdr + len;
+            if op & 0x8 == 0 {
+                last_data_end = Some(pos);
+            }
+        }
         let mut batch: Vec<std::ops::Range<usize>> = Vec::new();
         let mut batch_bytes = 0;
         let mut pos = 0;
@@ -280,7 +288,8 @@ pub fn pump(shard: &Shard, conn: &Conn, tick: bool) -> bool {
             let frame = pos..pos + hdr + len;
             pos = frame.end;
             if op & 0x8 != 0 {
-                f.data(shard, &scratch, &batch, false, &mut out.buf);
+                let last = batch.last().map(|r| r.end) == last_data_end;
+                f.data(shard, &scratch, &batch, idle && last, &mut out.buf);
                 batch.clear();
                 batch_bytes = 0;
                 out.buf.extend_from_slice(&scratch[frame]);
