@@ -130,9 +130,7 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, over_capacity: bool) {
     finish(&shard, &conn);
     writer.await;
     crate::session::flow::release_conn(&shard, &conn);
-    if conn.paused_since.take().is_some() {
-        shard.metrics.paused_connections.sub(1);
-    }
+    clear_pause(&shard, &conn);
     conn.state
         .advance(ConnState::Closed, Instant::now(), &shard.metrics);
     shard.conns.borrow_mut().try_remove(key);
@@ -249,11 +247,16 @@ fn relieve_backpressure(shard: &Shard, conn: &Conn) {
         return;
     }
     conn.paused.set(false);
-    if conn.paused_since.take().is_some() {
-        shard.metrics.paused_connections.sub(1);
-    }
+    clear_pause(shard, conn);
     for key in active_keys(conn) {
         shard.send_control(EngineMsg::Resume(key));
+    }
+}
+
+/// The connection's pause ended (it drained, or it closed): the gauge follows.
+fn clear_pause(shard: &Shard, conn: &Conn) {
+    if conn.paused_since.take().is_some() {
+        shard.metrics.paused_connections.sub(1);
     }
 }
 

@@ -43,6 +43,8 @@ pub struct Flow {
     scratch: Vec<u8>,
     zbuf: Vec<u8>,
     joined: Vec<u8>,
+    /// Message ranges of the batch being encoded (kept to reuse its allocation).
+    batch: Vec<std::ops::Range<usize>>,
     /// Queued on the shard's throttle list.
     pub throttled: bool,
 }
@@ -101,6 +103,7 @@ impl Flow {
             scratch: Vec::new(),
             zbuf: Vec::new(),
             joined: Vec::new(),
+            batch: Vec::new(),
             throttled: false,
         }
     }
@@ -150,16 +153,23 @@ impl Flow {
         if let (Some(z), Some(level)) = (self.zstd.as_mut(), level) {
             let mut joined = std::mem::take(&mut self.joined);
             joined.clear();
-            for (i, m) in msgs.iter().enumerate() {
-                if i > 0 {
-                    joined.push(b'\n');
+            let input: &[u8] = match msgs {
+                // One message (the usual case at light load): no copy.
+                [m] => &src[m.clone()],
+                _ => {
+                    for (i, m) in msgs.iter().enumerate() {
+                        if i > 0 {
+                            joined.push(b'\n');
+                        }
+                        joined.extend_from_slice(&src[m.clone()]);
+                    }
+                    &joined
                 }
-                joined.extend_from_slice(&src[m.clone()]);
-            }
+            };
             let budget = &shard.shared.compression;
-            let ok = z.compress(budget, level, &joined, end, &mut self.zbuf);
+            let ok = z.compress(budget, level, input, end, &mut self.zbuf);
             if ok {
-                shard.metrics.compress_in.add(joined.len() as u64);
+                shard.metrics.compress_in.add(input.len() as u64);
                 shard.metrics.compress_out.add(self.zbuf.len() as u64);
                 send(
                     &mut self.credit,
@@ -281,7 +291,8 @@ pub fn pump(shard: &Shard, conn: &Conn, tick: bool) -> bool {
                 last_data_end = Some(pos);
             }
         }
-        let mut batch: Vec<std::ops::Range<usize>> = Vec::new();
+        let mut batch = std::mem::take(&mut f.batch);
+        batch.clear();
         let mut batch_bytes = 0;
         let mut pos = 0;
         while let Some((op, hdr, len)) = frame_header(&scratch[pos..]) {
@@ -304,6 +315,7 @@ pub fn pump(shard: &Shard, conn: &Conn, tick: bool) -> bool {
             batch_bytes += len + 1;
         }
         f.data(shard, &scratch, &batch, idle, &mut out.buf);
+        f.batch = batch;
         // Never reached with our own frames; kept whole rather than lost.
         out.buf.extend_from_slice(&scratch[pos..]);
         if scratch.capacity() > 64 * 1024 {
