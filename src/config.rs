@@ -156,10 +156,17 @@ keys! {
     min_window: u32 = 1024, "SEEDANCE_MIN_WINDOW";
     /// How often messages held in the coalescing tier (credit 8–64 KiB) are flushed (10 ms steps).
     throttle_delay_ms: u64 = 10, "SEEDANCE_THROTTLE_DELAY_MS";
-    /// Grant zstd to WebSocket clients that ask for it (`X-Compression: zstd`).
+    /// Grant compression to WebSocket clients that ask for it (`X-Compression: zstd`, or a
+    /// permessage-deflate offer); off: every connection gets plain frames.
     compression: bool = true, "SEEDANCE_COMPRESSION";
-    /// Memory all zstd contexts together may take, in MiB; past it, new connections get plain frames.
+    /// Accept permessage-deflate offers (RFC 7692; browsers send one by default).
+    permessage_deflate: bool = true, "SEEDANCE_PERMESSAGE_DEFLATE";
+    /// Memory all compression contexts (zstd and deflate) together may take, in MiB; past it,
+    /// connections send plain frames and new ones are not granted compression.
     compression_budget_mb: usize = 256, "SEEDANCE_COMPRESSION_BUDGET_MB";
+    /// Window bits of our permessage-deflate compressor (9..=15; a client's
+    /// `server_max_window_bits` may lower it).
+    deflate_window_bits: u8 = 12, "SEEDANCE_DEFLATE_WINDOW_BITS";
     /// zstd window log of every connection's stream (10..=20; the hash and chain logs follow it).
     zstd_window_log: u32 = 12, "SEEDANCE_ZSTD_WINDOW_LOG";
     /// Shard CPU load (0..1) under which zstd runs at level 9; up to `zstd_load_heavy` level 3, then 1.
@@ -255,12 +262,14 @@ pub struct SessionConfig {
     pub max_tokens_limit: u32,
 }
 
-/// zstd for WebSocket clients that ask (SPEC 4 "Compression").
+/// zstd and permessage-deflate for WebSocket clients that ask (SPEC 4 "Compression").
 #[derive(Clone, Copy, Debug)]
 pub struct CompressionConfig {
     pub enabled: bool,
+    pub deflate: bool,
     pub budget_bytes: usize,
     pub window_log: u32,
+    pub deflate_window_bits: u8,
     pub load_light: f64,
     pub load_heavy: f64,
     pub load_breaker: f64,
@@ -395,6 +404,9 @@ impl Config {
         if !(10..=20).contains(&s.zstd_window_log) {
             return Err(invalid("zstd_window_log", "must be in 10..=20"));
         }
+        if !(9..=15).contains(&s.deflate_window_bits) {
+            return Err(invalid("deflate_window_bits", "must be in 9..=15"));
+        }
         let loads = [s.zstd_load_light, s.zstd_load_heavy, s.zstd_load_breaker];
         if loads.iter().any(|l| !l.is_finite() || *l < 0.0)
             || loads[0] > loads[1]
@@ -455,8 +467,10 @@ impl Config {
                 throttle_delay: ms(s.throttle_delay_ms.max(10)),
                 compression: CompressionConfig {
                     enabled: s.compression,
+                    deflate: s.compression && s.permessage_deflate,
                     budget_bytes: s.compression_budget_mb << 20,
                     window_log: s.zstd_window_log,
+                    deflate_window_bits: s.deflate_window_bits,
                     load_light: s.zstd_load_light,
                     load_heavy: s.zstd_load_heavy,
                     load_breaker: s.zstd_load_breaker,

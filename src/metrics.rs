@@ -82,6 +82,7 @@ pub const HANDSHAKE_REASONS: &[&str] = &[
     "bad_request",
     "over_capacity",
     "bad_window",
+    "bad_extension",
 ];
 
 /// Outcomes of `resume` messages, in label order (the error codes of docs/protocol.md).
@@ -125,7 +126,7 @@ pub const STATES: &[&str] = &[
 pub struct ShardMetrics {
     pub active_connections: Counter,
     pub accepted_connections: Counter,
-    pub handshake_failures: [Counter; 17],
+    pub handshake_failures: [Counter; 18],
     pub http_requests: Counter,
     pub ws_messages_in: Counter,
     pub deltas_out: Counter,
@@ -140,10 +141,13 @@ pub struct ShardMetrics {
     pub paused_connections: Counter,
     /// Output bytes connections hold (socket queue + held for credit), summed at each tick.
     pub queued_output_bytes: Counter,
-    /// Message bytes before and after zstd, and messages sent plain on a zstd connection.
+    /// Message bytes before and after zstd, and messages sent plain on a compressed connection.
     pub compress_in: Counter,
     pub compress_out: Counter,
     pub compress_plain: Counter,
+    /// Message bytes before and after permessage-deflate.
+    pub deflate_in: Counter,
+    pub deflate_out: Counter,
     /// Credit-window connections: messages sent at once, messages held, flushes of held ones.
     pub flow_sent_now: Counter,
     pub flow_held: Counter,
@@ -374,42 +378,70 @@ impl Registry {
             "Output held for clients: socket queues plus messages waiting for credit (every 100 ms).",
             sum(sh.iter().map(|s| &s.queued_output_bytes)),
         );
-        let (zin, zout) = (
-            sum(sh.iter().map(|s| &s.compress_in)),
-            sum(sh.iter().map(|s| &s.compress_out)),
-        );
-        simple(
+        let codecs = [
+            (
+                "zstd",
+                sum(sh.iter().map(|s| &s.compress_in)),
+                sum(sh.iter().map(|s| &s.compress_out)),
+            ),
+            (
+                "deflate",
+                sum(sh.iter().map(|s| &s.deflate_in)),
+                sum(sh.iter().map(|s| &s.deflate_out)),
+            ),
+        ];
+        header(
             w,
             "seedance_compression_input_bytes_total",
             "counter",
-            "Message bytes given to zstd.",
-            zin,
+            "Message bytes given to each codec (zstd, permessage-deflate).",
         );
-        simple(
+        for (codec, zin, _) in codecs {
+            let _ = writeln!(
+                w,
+                "seedance_compression_input_bytes_total{{codec=\"{codec}\"}} {zin}"
+            );
+        }
+        header(
             w,
             "seedance_compression_bytes_saved_total",
             "counter",
-            "Bytes zstd kept off the wire.",
-            zin.saturating_sub(zout),
+            "Bytes each codec kept off the wire.",
         );
-        let _ = writeln!(
+        for (codec, zin, zout) in codecs {
+            let _ = writeln!(
+                w,
+                "seedance_compression_bytes_saved_total{{codec=\"{codec}\"}} {}",
+                zin.saturating_sub(zout)
+            );
+        }
+        header(
             w,
-            "# HELP seedance_compression_ratio zstd output over input bytes since start.\n# TYPE seedance_compression_ratio gauge\nseedance_compression_ratio {}",
-            if zin == 0 { 1.0 } else { zout as f64 / zin as f64 }
+            "seedance_compression_ratio",
+            "gauge",
+            "Output over input bytes of each codec since start.",
         );
+        for (codec, zin, zout) in codecs {
+            let ratio = if zin == 0 {
+                1.0
+            } else {
+                zout as f64 / zin as f64
+            };
+            let _ = writeln!(w, "seedance_compression_ratio{{codec=\"{codec}\"}} {ratio}");
+        }
         if let Some(b) = self.compression.as_ref() {
             simple(
                 w,
                 "seedance_compression_contexts",
                 "gauge",
-                "zstd contexts alive now (connections with generations in flight).",
+                "Compression contexts (zstd and deflate) alive now: connections with generations in flight.",
                 b.contexts() as u64,
             );
             simple(
                 w,
                 "seedance_compression_context_bytes",
                 "gauge",
-                "Memory of the zstd contexts alive now (ZSTD_sizeof_CCtx each).",
+                "Memory of the compression contexts alive now (ZSTD_sizeof_CCtx, or the deflater's allocation).",
                 b.used_bytes() as u64,
             );
         }
@@ -417,7 +449,7 @@ impl Registry {
             w,
             "seedance_compression_plain_messages_total",
             "counter",
-            "Messages of zstd connections sent plain (breaker open or context budget spent).",
+            "Messages of compressed connections sent plain (breaker open or context budget spent).",
             sum(sh.iter().map(|s| &s.compress_plain)),
         );
         header(

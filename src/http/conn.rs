@@ -249,11 +249,14 @@ fn upgrade(shard: &Shard, head: &Head<'_>) -> Result<Accepted, handshake::Handsh
         http_version_minor: head.version_minor,
         headers: &head.headers,
     };
+    let cc = &shard.shared.config.session.compression;
+    let budget = &shard.shared.compression;
     let ctx = HandshakeContext {
         models: &shard.shared.models,
         tenants: &shard.shared.tenants,
-        compression_allowed: shard.shared.config.session.compression.enabled
-            && shard.shared.compression.has_room(),
+        compression_allowed: cc.enabled && budget.has_room(),
+        deflate_window_bits: (cc.deflate && budget.has_room_for(budget.deflate_bytes))
+            .then_some(cc.deflate_window_bits),
         min_window: shard.shared.config.session.min_window,
         default_window: shard.shared.config.session.initial_window,
     };

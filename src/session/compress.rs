@@ -1,5 +1,7 @@
-//! zstd for WebSocket messages (SPEC 4 "Compression"): one stream per connection, flushed at
-//! every message so each binary frame decodes on its own while the context carries over.
+//! Compression of WebSocket messages (SPEC 4 "Compression"): zstd, one stream per connection,
+//! flushed at every message so each binary frame decodes on its own while the context carries
+//! over; and permessage-deflate ([`DeflateStream`], RFC 7692) for browsers and other clients
+//! that offer it. Both share the memory budget and the rules below.
 //!
 //! Memory is bounded three ways. Every context is made with small window, hash and chain logs
 //! (`zstd_window_log`; a default context is megabytes). A connection holds a context only while
@@ -20,14 +22,18 @@ use zstd_safe::zstd_sys::ZSTD_EndDirective;
 use zstd_safe::{CCtx, CParameter, InBuffer, OutBuffer};
 
 use crate::config::CompressionConfig;
+use crate::ws::deflate::{DeflateParams, Deflater};
 
-/// The process-wide budget of zstd context memory.
+/// The process-wide budget of compression context memory (zstd and deflate).
 pub struct Budget {
     limit: usize,
     used: AtomicUsize,
-    /// What one context takes once it has compressed (measured at start-up).
+    count: AtomicUsize,
+    /// What one zstd context takes once it has compressed (measured at start-up).
     pub ctx_bytes: usize,
     pub window_log: u32,
+    /// What one deflater with the configured window takes.
+    pub deflate_bytes: usize,
 }
 
 impl Budget {
@@ -35,41 +41,52 @@ impl Budget {
         Self {
             limit: if cfg.enabled { cfg.budget_bytes } else { 0 },
             used: AtomicUsize::new(0),
+            count: AtomicUsize::new(0),
             ctx_bytes: measure_ctx_bytes(cfg.window_log),
             window_log: cfg.window_log,
+            deflate_bytes: Deflater::memory_bytes(cfg.deflate_window_bits),
         }
     }
 
     /// Whether a new connection may be granted zstd now.
     pub fn has_room(&self) -> bool {
-        self.used.load(Ordering::Relaxed) + self.ctx_bytes <= self.limit
+        self.has_room_for(self.ctx_bytes)
     }
 
-    fn try_charge(&self) -> bool {
+    /// Whether a context of `bytes` fits now.
+    pub fn has_room_for(&self, bytes: usize) -> bool {
+        self.used.load(Ordering::Relaxed) + bytes <= self.limit
+    }
+
+    fn try_charge(&self, bytes: usize) -> bool {
         let mut cur = self.used.load(Ordering::Relaxed);
         loop {
-            if cur + self.ctx_bytes > self.limit {
+            if cur + bytes > self.limit {
                 return false;
             }
             match self.used.compare_exchange_weak(
                 cur,
-                cur + self.ctx_bytes,
+                cur + bytes,
                 Ordering::Relaxed,
                 Ordering::Relaxed,
             ) {
-                Ok(_) => return true,
+                Ok(_) => {
+                    self.count.fetch_add(1, Ordering::Relaxed);
+                    return true;
+                }
                 Err(now) => cur = now,
             }
         }
     }
 
-    fn release(&self) {
-        self.used.fetch_sub(self.ctx_bytes, Ordering::Relaxed);
+    fn release(&self, bytes: usize) {
+        self.used.fetch_sub(bytes, Ordering::Relaxed);
+        self.count.fetch_sub(1, Ordering::Relaxed);
     }
 
     /// Contexts alive now.
     pub fn contexts(&self) -> usize {
-        self.used.load(Ordering::Relaxed) / self.ctx_bytes.max(1)
+        self.count.load(Ordering::Relaxed)
     }
 
     pub fn used_bytes(&self) -> usize {
@@ -149,13 +166,13 @@ impl ZstdStream {
             return false;
         }
         if self.ctx.is_none() {
-            if !budget.try_charge() {
+            if !budget.try_charge(budget.ctx_bytes) {
                 return false;
             }
             match new_ctx(budget.window_log, level) {
                 Some(c) => self.ctx = Some(c),
                 None => {
-                    budget.release();
+                    budget.release(budget.ctx_bytes);
                     return false;
                 }
             }
@@ -208,9 +225,67 @@ impl ZstdStream {
     /// Frees the context (the connection closed, or went idle with its frame ended).
     pub fn drop_ctx(&mut self, budget: &Budget) {
         if self.ctx.take().is_some() {
-            budget.release();
+            budget.release(budget.ctx_bytes);
         }
         self.open = false;
+    }
+}
+
+/// A connection's permessage-deflate compressor. Like a zstd stream it holds a deflater only
+/// while generations are in flight: the message that leaves the connection idle frees it, and
+/// the next message starts a fresh one. That is valid with context takeover too: the client's
+/// inflater keeps its window, a fresh deflater just never refers back into it.
+pub struct DeflateStream {
+    d: Option<Deflater>,
+    window_bits: u8,
+    no_takeover: bool,
+    /// zlib failed once: this connection sends uncompressed messages from now on.
+    broken: bool,
+}
+
+impl DeflateStream {
+    pub fn new(p: &DeflateParams) -> Self {
+        Self {
+            d: None,
+            window_bits: p.server_window_bits,
+            no_takeover: p.server_no_context_takeover,
+            broken: false,
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        Deflater::memory_bytes(self.window_bits)
+    }
+
+    /// Compresses one message into `out` (the payload of an RSV1 frame). `end`: no generation
+    /// is left in flight, the deflater is freed after it. `false`: send this one uncompressed
+    /// (budget spent or zlib failed).
+    pub fn compress(&mut self, budget: &Budget, msg: &[u8], end: bool, out: &mut Vec<u8>) -> bool {
+        out.clear();
+        if self.broken {
+            return false;
+        }
+        if self.d.is_none() {
+            if !budget.try_charge(self.bytes()) {
+                return false;
+            }
+            self.d = Some(Deflater::new(self.window_bits, self.no_takeover));
+        }
+        let ok = self.d.as_mut().is_some_and(|d| d.compress(msg, out));
+        if !ok {
+            self.broken = true;
+            out.clear();
+        }
+        if end || !ok {
+            self.drop_ctx(budget);
+        }
+        ok
+    }
+
+    pub fn drop_ctx(&mut self, budget: &Budget) {
+        if self.d.take().is_some() {
+            budget.release(self.bytes());
+        }
     }
 }
 
@@ -239,8 +314,10 @@ mod tests {
     fn cfg() -> CompressionConfig {
         CompressionConfig {
             enabled: true,
+            deflate: true,
             budget_bytes: 64 << 20,
             window_log: 12,
+            deflate_window_bits: 12,
             load_light: 0.5,
             load_heavy: 0.8,
             load_breaker: 0.95,
@@ -300,6 +377,38 @@ mod tests {
         let mut buf = Vec::new();
         assert!(!z.compress(&budget, 3, b"{}", false, &mut buf));
         assert_eq!(budget.used_bytes(), 0);
+    }
+
+    #[test]
+    fn deflate_holds_its_deflater_only_while_busy_and_within_the_budget() {
+        let budget = Budget::new(&cfg());
+        let p = DeflateParams {
+            server_window_bits: 10,
+            server_no_context_takeover: false,
+            client_no_context_takeover: true,
+            client_max_window_bits: None,
+            echo_server_bits: false,
+        };
+        let mut d = DeflateStream::new(&p);
+        let mut inf = crate::ws::deflate::Inflater::new(true);
+        let mut out = Vec::new();
+        for i in 0..200u32 {
+            let msg = format!(
+                r#"{{"type":"delta","id":"c1","seq":{i},"text":" w{}"}}"#,
+                i % 5
+            );
+            let end = i % 50 == 49;
+            assert!(d.compress(&budget, msg.as_bytes(), end, &mut out));
+            assert_eq!(&inf.inflate(&out, 1 << 16).unwrap()[..], msg.as_bytes());
+            assert_eq!(budget.contexts(), usize::from(!end));
+            let held = if end { 0 } else { Deflater::memory_bytes(10) };
+            assert_eq!(budget.used_bytes(), held);
+        }
+        let mut c = cfg();
+        c.budget_bytes = Deflater::memory_bytes(10) - 1;
+        let small = Budget::new(&c);
+        assert!(!DeflateStream::new(&p).compress(&small, b"{}", false, &mut out));
+        assert_eq!(small.contexts(), 0);
     }
 
     #[test]

@@ -1,10 +1,11 @@
-//! Outgoing WebSocket messages on their way to the socket: zstd and the opt-in credit window
-//! (SPEC 4 "Flow control", "Compression").
+//! Outgoing WebSocket messages on their way to the socket: zstd, permessage-deflate and the
+//! opt-in credit window (SPEC 4 "Flow control", "Compression").
 //!
 //! The session layer writes complete frames into the connection's queue as it always does. On a
-//! connection with zstd or a credit window, [`pump`] runs before the writer takes the queue
-//! (and at the end of every dispatch): it re-encodes the data frames written since its last run
-//! (zstd → binary frames) and moves those the credit does not cover to a held queue. Control
+//! connection with compression or a credit window, [`pump`] runs before the writer takes the
+//! queue (and at the end of every dispatch): it re-encodes the data frames written since its
+//! last run (zstd → binary frames; permessage-deflate → the same text messages, each deflated
+//! and sent with RSV1) and moves those the credit does not cover to a held queue. Control
 //! frames stay in place: a PING or PONG never waits for credit. Plain connections skip all of
 //! this (`Conn::flow` is `None`).
 //!
@@ -23,10 +24,11 @@ use std::rc::Rc;
 
 use bytes::BytesMut;
 
-use super::compress::ZstdStream;
+use super::compress::{DeflateStream, ZstdStream};
 use crate::server::conn::Conn;
 use crate::server::shard::Shard;
-use crate::ws::frame::{write_frame, OpCode};
+use crate::ws::deflate::DeflateParams;
+use crate::ws::frame::{write_frame_rsv, OpCode, RSV1};
 
 /// Credit from which a message goes out at once.
 pub const SEND_NOW: i64 = 64 * 1024;
@@ -38,6 +40,7 @@ const BATCH_MAX: usize = 16 * 1024;
 /// A connection's flow state (present only with zstd or a credit window).
 pub struct Flow {
     pub zstd: Option<ZstdStream>,
+    pub deflate: Option<DeflateStream>,
     pub credit: Option<Credit>,
     held: Held,
     scratch: Vec<u8>,
@@ -56,12 +59,12 @@ struct Held {
     sizes: VecDeque<(u32, u32)>,
 }
 
-/// Sends one encoded frame now, or holds it when the credit tier says so.
+/// Sends one encoded frame (RSV bits `rsv`) now, or holds it when the credit tier says so.
 fn send(
     credit: &mut Option<Credit>,
     held: &mut Held,
     shard: &Shard,
-    op: OpCode,
+    (rsv, op): (u8, OpCode),
     data: &[u8],
     out: &mut BytesMut,
 ) {
@@ -70,18 +73,20 @@ fn send(
         Some(c) if held.sizes.is_empty() && c.avail >= SEND_NOW && size <= c.avail => {
             c.avail -= size;
             shard.metrics.flow_sent_now.inc();
-            write_frame(out, op, data);
+            write_frame_rsv(out, rsv, op, data);
         }
         Some(_) => {
             shard.metrics.flow_held.inc();
             let before = held.bytes.len();
-            write_frame(&mut held.bytes, op, data);
+            write_frame_rsv(&mut held.bytes, rsv, op, data);
             let frame = (held.bytes.len() - before) as u32;
             held.sizes.push_back((frame, data.len() as u32));
         }
-        None => write_frame(out, op, data),
+        None => write_frame_rsv(out, rsv, op, data),
     }
 }
+
+const PLAIN_TEXT: (u8, OpCode) = (0, OpCode::Text);
 
 /// The opt-in credit window.
 #[derive(Debug, Clone, Copy)]
@@ -92,9 +97,10 @@ pub struct Credit {
 }
 
 impl Flow {
-    pub fn new(zstd: bool, window: Option<u32>) -> Self {
+    pub fn new(zstd: bool, deflate: Option<&DeflateParams>, window: Option<u32>) -> Self {
         Self {
             zstd: zstd.then(ZstdStream::default),
+            deflate: deflate.map(DeflateStream::new),
             credit: window.map(|w| Credit {
                 window: i64::from(w),
                 avail: i64::from(w),
@@ -150,6 +156,38 @@ impl Flow {
             return;
         }
         let level = shard.zstd_level.get();
+        if let (Some(d), Some(_)) = (self.deflate.as_mut(), level) {
+            // One deflated message per frame: each stays the message the client expects.
+            let budget = &shard.shared.compression;
+            for (i, m) in msgs.iter().enumerate() {
+                let last = end && i + 1 == msgs.len();
+                let msg = &src[m.clone()];
+                if d.compress(budget, msg, last, &mut self.zbuf) {
+                    shard.metrics.deflate_in.add(msg.len() as u64);
+                    shard.metrics.deflate_out.add(self.zbuf.len() as u64);
+                    let frame = (RSV1, OpCode::Text);
+                    send(
+                        &mut self.credit,
+                        &mut self.held,
+                        shard,
+                        frame,
+                        &self.zbuf,
+                        out,
+                    );
+                } else {
+                    shard.metrics.compress_plain.inc();
+                    send(
+                        &mut self.credit,
+                        &mut self.held,
+                        shard,
+                        PLAIN_TEXT,
+                        msg,
+                        out,
+                    );
+                }
+            }
+            return;
+        }
         if let (Some(z), Some(level)) = (self.zstd.as_mut(), level) {
             let mut joined = std::mem::take(&mut self.joined);
             joined.clear();
@@ -175,7 +213,7 @@ impl Flow {
                     &mut self.credit,
                     &mut self.held,
                     shard,
-                    OpCode::Binary,
+                    (0, OpCode::Binary),
                     &self.zbuf,
                     out,
                 );
@@ -186,14 +224,14 @@ impl Flow {
             }
         }
         for m in msgs {
-            if self.zstd.is_some() {
+            if self.zstd.is_some() || self.deflate.is_some() {
                 shard.metrics.compress_plain.inc();
             }
             send(
                 &mut self.credit,
                 &mut self.held,
                 shard,
-                OpCode::Text,
+                PLAIN_TEXT,
                 &src[m.clone()],
                 out,
             );
@@ -366,11 +404,15 @@ pub fn window_update(shard: &Shard, conn: &Rc<Conn>, bytes: u64) -> bool {
     granted
 }
 
-/// Frees what a closed connection's flow holds (its zstd context goes back to the budget).
+/// Frees what a closed connection's flow holds (its compression context goes back to the
+/// budget).
 pub fn release_conn(shard: &Shard, conn: &Conn) {
     if let Some(f) = conn.flow.borrow_mut().as_deref_mut() {
         if let Some(z) = f.zstd.as_mut() {
             z.drop_ctx(&shard.shared.compression);
+        }
+        if let Some(d) = f.deflate.as_mut() {
+            d.drop_ctx(&shard.shared.compression);
         }
         f.held = Held::default();
     }
@@ -379,9 +421,10 @@ pub fn release_conn(shard: &Shard, conn: &Conn) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ws::frame::write_frame;
 
     fn held_flow(window: u32, sizes: &[usize]) -> (Flow, BytesMut) {
-        let mut f = Flow::new(false, Some(window));
+        let mut f = Flow::new(false, None, Some(window));
         let out = BytesMut::new();
         for &n in sizes {
             let before = f.held.bytes.len();
@@ -432,7 +475,7 @@ mod tests {
 
     #[test]
     fn grants_past_the_limit_are_refused() {
-        let mut f = Flow::new(false, Some(65536));
+        let mut f = Flow::new(false, None, Some(65536));
         assert!(!f.grant(u64::from(crate::config::MAX_WINDOW)));
         assert!(!f.grant(u64::MAX));
         assert!(f.grant(1000));

@@ -66,9 +66,9 @@ pub async fn run<R: AsyncReadRent>(
         [0; 32]
     };
     let zstd = accepted.compression == Compression::Zstd;
-    if zstd || accepted.window.is_some() {
+    if zstd || accepted.deflate.is_some() || accepted.window.is_some() {
         // The credit starts after the `session` message (it is not charged).
-        let flow = Flow::new(zstd, None);
+        let flow = Flow::new(zstd, accepted.deflate.as_ref(), None);
         *conn.flow.borrow_mut() = Some(Box::new(flow));
         // Everything queued so far (the 101) is not a frame of ours.
         let mut out = conn.out.borrow_mut();
@@ -86,9 +86,8 @@ pub async fn run<R: AsyncReadRent>(
             "stream_mode": accepted.stream_mode.as_str(),
             "resumable": resumable,
         });
-        if accepted.compression_declined {
-            msg["compression_declined"] =
-                "the server's compression memory budget is spent, or compression is off".into();
+        if let Some(why) = accepted.compression_declined {
+            msg["compression_declined"] = why.into();
         }
         if let Some(store) = shard.shared.store.as_ref() {
             msg["resume_grace_ms"] = (shard.shared.config.resume.grace.as_millis() as u64).into();
@@ -126,6 +125,10 @@ pub async fn run<R: AsyncReadRent>(
         allowed_rsv: 0,
     };
     let mut dec = Decoder::new(Role::Server, limits);
+    if accepted.deflate.is_some() {
+        // We always answer `client_no_context_takeover`: each client message inflates alone.
+        dec = dec.with_deflate(false);
+    }
     if buf.is_empty() {
         // The handshake's read buffer is larger than an idle session needs.
         buf = BytesMut::new();

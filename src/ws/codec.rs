@@ -12,8 +12,9 @@
 use bytes::{Buf, Bytes, BytesMut};
 
 use super::close::{close_payload_into, parse_close_payload, CloseCode};
+use super::deflate::Inflater;
 use super::error::WsError;
-use super::frame::{parse_header, write_fragment, FrameHeader, Limits, OpCode, Role};
+use super::frame::{parse_header, write_fragment, FrameHeader, Limits, OpCode, Role, RSV1};
 use super::mask::apply_mask_offset;
 use super::utf8::Utf8Validator;
 
@@ -64,6 +65,10 @@ pub struct Decoder {
     fragments: BytesMut,
     /// UTF-8 state of the text message in progress.
     utf8: Utf8Validator,
+    /// permessage-deflate, when negotiated: inflates messages sent with RSV1.
+    inflater: Option<Inflater>,
+    /// The message in progress is compressed (its text is checked once inflated).
+    compressed: bool,
 }
 
 impl Decoder {
@@ -76,7 +81,18 @@ impl Decoder {
             fragmented: None,
             fragments: BytesMut::new(),
             utf8: Utf8Validator::new(),
+            inflater: None,
+            compressed: false,
         }
+    }
+
+    /// Accepts permessage-deflate messages (RSV1 on their first frame), inflating them within
+    /// `limits.max_message_size`. `takeover`: the peer keeps its deflate window between
+    /// messages (a server always asks clients not to).
+    pub fn with_deflate(mut self, takeover: bool) -> Self {
+        self.limits.allowed_rsv |= RSV1;
+        self.inflater = Some(Inflater::new(takeover));
+        self
     }
 
     pub fn role(&self) -> Role {
@@ -133,11 +149,17 @@ impl Decoder {
 
     /// Message-level checks from the header, before the payload is read.
     fn begin_frame(&mut self, header: &FrameHeader) -> Result<(), WsError> {
+        let rsv1 = header.rsv & RSV1 != 0;
         let so_far = match (header.opcode, self.fragmented) {
             (OpCode::Continuation, None) => return Err(WsError::UnexpectedContinuation),
+            (OpCode::Continuation, Some(_)) if rsv1 => return Err(WsError::CompressedContinuation),
             (OpCode::Continuation, Some(_)) => self.fragments.len() as u64,
             (OpCode::Text | OpCode::Binary, Some(_)) => return Err(WsError::ExpectedContinuation),
             (OpCode::Text | OpCode::Binary, None) => {
+                if rsv1 && self.inflater.is_none() {
+                    return Err(WsError::ReservedBits(RSV1));
+                }
+                self.compressed = rsv1;
                 self.utf8.reset();
                 0
             }
@@ -153,8 +175,11 @@ impl Decoder {
         Ok(())
     }
 
-    /// Whether `header`'s payload is (part of) a text message.
+    /// Whether `header`'s payload is (part of) a plain text message, checked as it arrives.
     fn is_text(&self, header: &FrameHeader) -> bool {
+        if self.compressed && !header.opcode.is_control() {
+            return false;
+        }
         match header.opcode {
             OpCode::Text => true,
             OpCode::Continuation => self.fragmented == Some(OpCode::Text),
@@ -211,10 +236,7 @@ impl Decoder {
                 return Ok(Some(Message::Close(code.map(|c| (c, payload.slice(2..))))));
             }
             OpCode::Text | OpCode::Binary if header.fin => {
-                if header.opcode == OpCode::Text {
-                    self.utf8.finish()?;
-                }
-                return Ok(Some(data_message(header.opcode, payload.freeze())));
+                return self.complete(header.opcode, payload).map(Some);
             }
             OpCode::Text | OpCode::Binary => {
                 self.fragmented = Some(header.opcode);
@@ -228,10 +250,25 @@ impl Decoder {
             return Ok(None);
         }
         self.fragmented = None;
-        if opcode == OpCode::Text {
-            self.utf8.finish()?;
+        let whole = self.fragments.split();
+        self.complete(opcode, whole).map(Some)
+    }
+
+    /// A whole data message: inflated when compressed, its text checked.
+    fn complete(&mut self, opcode: OpCode, payload: BytesMut) -> Result<Message, WsError> {
+        if !self.compressed {
+            if opcode == OpCode::Text {
+                self.utf8.finish()?;
+            }
+            return Ok(data_message(opcode, payload.freeze()));
         }
-        Ok(Some(data_message(opcode, self.fragments.split().freeze())))
+        self.compressed = false;
+        let inflater = self.inflater.as_mut().ok_or(WsError::ReservedBits(RSV1))?;
+        let plain = inflater.inflate(&payload, self.limits.max_message_size)?;
+        if opcode == OpCode::Text && std::str::from_utf8(&plain).is_err() {
+            return Err(WsError::InvalidUtf8);
+        }
+        Ok(data_message(opcode, plain.freeze()))
     }
 }
 

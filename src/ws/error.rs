@@ -53,6 +53,12 @@ pub enum WsError {
     /// A close frame whose reason is not UTF-8.
     #[error("close reason is not valid UTF-8")]
     InvalidCloseReason,
+    /// A permessage-deflate message that does not inflate (corrupt or cut-short deflate data).
+    #[error("compressed message does not inflate")]
+    BadDeflate,
+    /// RSV1 (compressed) on a continuation frame: only a message's first frame carries it.
+    #[error("RSV1 set on a continuation frame")]
+    CompressedContinuation,
 }
 
 impl WsError {
@@ -60,7 +66,9 @@ impl WsError {
     /// for size limits, 1002 for every other protocol violation.
     pub const fn close_code(&self) -> CloseCode {
         match self {
-            WsError::InvalidUtf8 | WsError::InvalidCloseReason => CloseCode::INVALID_PAYLOAD,
+            WsError::InvalidUtf8 | WsError::InvalidCloseReason | WsError::BadDeflate => {
+                CloseCode::INVALID_PAYLOAD
+            }
             WsError::FrameTooBig { .. } | WsError::MessageTooBig { .. } => CloseCode::TOO_BIG,
             _ => CloseCode::PROTOCOL,
         }
@@ -84,6 +92,8 @@ impl WsError {
             WsError::CloseOneByte => "bad_close_payload",
             WsError::InvalidCloseCode(_) => "bad_close_code",
             WsError::InvalidCloseReason => "bad_close_reason",
+            WsError::BadDeflate => "bad_deflate",
+            WsError::CompressedContinuation => "compressed_continuation",
         }
     }
 }
@@ -110,6 +120,8 @@ mod tests {
             (WsError::CloseOneByte, 1002),
             (WsError::InvalidCloseCode(1005), 1002),
             (WsError::InvalidCloseReason, 1007),
+            (WsError::BadDeflate, 1007),
+            (WsError::CompressedContinuation, 1002),
         ];
         let mut labels = std::collections::HashSet::new();
         for (err, code) in cases {

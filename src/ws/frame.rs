@@ -87,10 +87,8 @@ pub struct Limits {
     /// this bounds the memory one connection can make us buffer.
     pub max_message_size: u64,
     /// RSV bits (first-byte position, e.g. [`RSV1`]) an extension negotiated
-    /// at handshake allows on data frames; 0 without extensions. Only the
-    /// header check uses it so far: `Decoder` does not yet report RSV1 per
-    /// message nor skip UTF-8 checks on compressed text, which
-    /// permessage-deflate will need.
+    /// at handshake allows on data frames; 0 without extensions
+    /// (`Decoder::with_deflate` sets RSV1 for permessage-deflate).
     pub allowed_rsv: u8,
 }
 
@@ -255,6 +253,14 @@ pub fn write_frame(dst: &mut BytesMut, opcode: OpCode, payload: &[u8]) {
 #[inline]
 pub fn write_frame_masked(dst: &mut BytesMut, opcode: OpCode, payload: &[u8], key: [u8; 4]) {
     write_fragment(dst, true, opcode, payload, Some(key));
+}
+
+/// Appends one complete, unmasked frame with RSV bits (first-byte position) set, e.g. RSV1
+/// for a permessage-deflate message.
+pub fn write_frame_rsv(dst: &mut BytesMut, rsv: u8, opcode: OpCode, payload: &[u8]) {
+    let start = dst.len();
+    write_fragment(dst, true, opcode, payload, None);
+    dst[start] |= rsv & (RSV1 | RSV2 | RSV3);
 }
 
 /// Appends one frame with explicit FIN and optional mask: the building block

@@ -209,6 +209,7 @@ fn run(
         models: &models,
         tenants,
         compression_allowed: true,
+        deflate_window_bits: Some(12),
         min_window: 1024,
         default_window: 65536,
     };

@@ -12,8 +12,9 @@
 //! 5. model (`X-Model-ID` header, else `?model=`): format (400), served (404)
 //!    — none named: the first served model the tenant may use
 //! 6. stream mode (`X-Stream-Mode`, else `?stream_mode=`), compression
-//!    (`X-Compression`, else `?compression=`), credit window (`X-Initial-Window` /
-//!    `X-Flow-Control`, else the same as query parameters) (400)
+//!    (`X-Compression`, else `?compression=`; permessage-deflate offers in
+//!    `Sec-WebSocket-Extensions`, see [`super::deflate`]), credit window
+//!    (`X-Initial-Window` / `X-Flow-Control`, else the same as query parameters) (400)
 //! 7. tenant and key (403 `unknown_tenant`, 401 `bad_credentials`), then
 //!    whether the tenant may use the model (403 `model_not_allowed`)
 //!
@@ -25,6 +26,7 @@ use base64::Engine as _;
 use bytes::BytesMut;
 use ring::digest;
 
+use super::deflate::{self, DeflateParams, Negotiation};
 use super::fields::{self, Single};
 pub use super::reject::{write_error_response, HandshakeError};
 use super::tenant::authenticate;
@@ -55,6 +57,9 @@ pub struct HandshakeContext<'a> {
     pub tenants: &'a Tenants,
     /// When false a request for zstd is accepted with plain frames.
     pub compression_allowed: bool,
+    /// permessage-deflate: the window bits of our deflater when it may be granted (`None`:
+    /// compression off or its memory budget spent; offers are declined).
+    pub deflate_window_bits: Option<u8>,
     /// Smallest credit window a client may ask for, and the one `?flow_control=credit` gets.
     pub min_window: u32,
     pub default_window: u32,
@@ -100,6 +105,9 @@ pub enum Compression {
     None,
     /// One zstd stream per connection, binary frames.
     Zstd,
+    /// permessage-deflate (RFC 7692), negotiated in `Sec-WebSocket-Extensions`; never parsed
+    /// from `X-Compression`.
+    Deflate,
 }
 
 impl Compression {
@@ -116,6 +124,7 @@ impl Compression {
         match self {
             Compression::None => "none",
             Compression::Zstd => "zstd",
+            Compression::Deflate => "permessage-deflate",
         }
     }
 }
@@ -131,10 +140,12 @@ pub struct Accepted {
     /// The model requested, or the first served model the tenant may use.
     pub model: String,
     pub stream_mode: StreamMode,
-    /// Zstd only when requested and allowed.
+    /// Zstd only when requested and allowed; else permessage-deflate when offered and allowed.
     pub compression: Compression,
-    /// zstd was asked for and refused (compression off, or its memory budget spent).
-    pub compression_declined: bool,
+    /// The permessage-deflate parameters, when that is the compression.
+    pub deflate: Option<DeflateParams>,
+    /// Why compression asked for was not granted (said in the `session` message).
+    pub compression_declined: Option<&'static str>,
     /// The credit window the client opted into (SPEC 4 "Flow control"); `None`: the socket's
     /// own backlog is the only bound.
     pub window: Option<u32>,
@@ -186,23 +197,48 @@ pub fn validate(
         Ok(Some(v)) => Compression::parse(&v).ok_or(HandshakeError::BadCompression)?,
         Err(Repeated) => return Err(HandshakeError::BadCompression),
     };
+    let offer = deflate::negotiate(h, ctx.deflate_window_bits.unwrap_or(15))
+        .map_err(|e| HandshakeError::BadExtension(e.to_string()))?;
     let window = requested_window(req, ctx)?;
     let (tenant, subprotocol) = authenticate(req, ctx)?;
     let model = choose_model(requested, tenant, ctx)?;
+    let (compression, deflate, compression_declined) = choose_compression(compression, offer, ctx);
     Ok(Accepted {
         accept: accept_key(key),
         subprotocol: subprotocol.map(str::to_owned),
         model,
         stream_mode,
-        compression: if ctx.compression_allowed {
-            compression
-        } else {
-            Compression::None
-        },
-        compression_declined: compression == Compression::Zstd && !ctx.compression_allowed,
+        compression,
+        deflate,
+        compression_declined,
         window,
         tenant: tenant.map(|t| t.id.clone()),
     })
+}
+
+const BUDGET_SPENT: &str = "the server's compression memory budget is spent, or compression is off";
+
+/// zstd when asked for and allowed (it wins over a permessage-deflate offer: it was asked for
+/// by name), else permessage-deflate when offered and allowed, else plain frames.
+fn choose_compression(
+    asked: Compression,
+    offer: Negotiation,
+    ctx: &HandshakeContext<'_>,
+) -> (Compression, Option<DeflateParams>, Option<&'static str>) {
+    if asked == Compression::Zstd {
+        if ctx.compression_allowed {
+            return (Compression::Zstd, None, None);
+        }
+        return (Compression::None, None, Some(BUDGET_SPENT));
+    }
+    match offer {
+        Negotiation::NotOffered => (Compression::None, None, None),
+        Negotiation::Declined(why) => (Compression::None, None, Some(why)),
+        Negotiation::Accepted(_) if ctx.deflate_window_bits.is_none() => {
+            (Compression::None, None, Some(BUDGET_SPENT))
+        }
+        Negotiation::Accepted(p) => (Compression::Deflate, Some(p), None),
+    }
 }
 
 /// The credit window asked for: `X-Initial-Window` / `?initial_window=` (bytes, between the
@@ -312,7 +348,8 @@ fn choose_model(
 
 /// Appends the `101 Switching Protocols` response. No `Content-Length`: a 101
 /// has no body (RFC 9110 §8.6). `x-compression: zstd` tells the client its
-/// request for compression was granted.
+/// request for compression was granted; `sec-websocket-extensions` answers a
+/// permessage-deflate offer it accepted.
 pub fn write_response_101(dst: &mut BytesMut, accepted: &Accepted) {
     dst.extend_from_slice(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: ");
     dst.extend_from_slice(&accepted.accept);
@@ -322,6 +359,10 @@ pub fn write_response_101(dst: &mut BytesMut, accepted: &Accepted) {
     }
     if accepted.compression == Compression::Zstd {
         dst.extend_from_slice(b"\r\nx-compression: zstd");
+    }
+    if let Some(p) = &accepted.deflate {
+        dst.extend_from_slice(b"\r\nsec-websocket-extensions: ");
+        dst.extend_from_slice(p.response_value().as_bytes());
     }
     dst.extend_from_slice(b"\r\n\r\n");
 }

@@ -54,6 +54,7 @@ fn run(
         models: &models,
         tenants,
         compression_allowed: true,
+        deflate_window_bits: Some(12),
         min_window: 1024,
         default_window: 65536,
     };
@@ -93,7 +94,8 @@ fn rfc_accept_key_example() {
             model: "qwen2.5-0.5b".into(), // first served model by default
             stream_mode: StreamMode::Chunk,
             compression: Compression::None,
-            compression_declined: false,
+            deflate: None,
+            compression_declined: None,
             window: None,
             tenant: None,
         }
@@ -214,6 +216,7 @@ fn model_selection() {
         models: &models,
         tenants: &none,
         compression_allowed: true,
+        deflate_window_bits: Some(12),
         min_window: 1024,
         default_window: 65536,
     };
@@ -267,6 +270,7 @@ fn stream_mode_and_compression() {
         models: &models,
         tenants: &none,
         compression_allowed: false,
+        deflate_window_bits: None,
         min_window: 1024,
         default_window: 65536,
     };
@@ -393,6 +397,89 @@ fn response_101() {
     assert!(text.contains("\r\nsec-websocket-protocol: acme-corp.v2\r\n"));
     assert!(text.ends_with("\r\nx-compression: zstd\r\n\r\n"));
     assert!(!text.to_ascii_lowercase().contains("content-length"));
+}
+
+#[test]
+fn permessage_deflate_is_negotiated_answered_and_declined() {
+    let none = Tenants::default();
+    let offer = |v: &'static [u8]| with(&[("Sec-WebSocket-Extensions", v)]);
+    let ok = run(
+        "GET",
+        1,
+        None,
+        &offer(b"permessage-deflate; client_max_window_bits"),
+        &none,
+    )
+    .unwrap();
+    assert_eq!(ok.compression, Compression::Deflate);
+    let p = ok.deflate.unwrap();
+    assert_eq!(p.server_window_bits, 12);
+    let mut dst = BytesMut::new();
+    write_response_101(&mut dst, &ok);
+    let text = std::str::from_utf8(&dst).unwrap();
+    assert!(
+        text.ends_with(
+            "\r\nsec-websocket-extensions: permessage-deflate; client_no_context_takeover\r\n\r\n"
+        ),
+        "{text}"
+    );
+    // zstd asked for by name wins over the offer (and is the only answer).
+    let h = with(&[
+        ("Sec-WebSocket-Extensions", b"permessage-deflate"),
+        ("X-Compression", b"zstd"),
+    ]);
+    let ok = run("GET", 1, None, &h, &none).unwrap();
+    assert_eq!((ok.compression, ok.deflate), (Compression::Zstd, None));
+    // An offer we cannot meet: plain frames, and the reason for the session message.
+    let ok = run(
+        "GET",
+        1,
+        None,
+        &offer(b"permessage-deflate; server_max_window_bits=8"),
+        &none,
+    )
+    .unwrap();
+    assert_eq!((ok.compression, ok.deflate), (Compression::None, None));
+    assert!(ok
+        .compression_declined
+        .unwrap()
+        .contains("server_max_window_bits=8"));
+    // A malformed offer refuses the handshake, naming what is wrong.
+    let e = run(
+        "GET",
+        1,
+        None,
+        &offer(b"permessage-deflate; server_max_window_bits=99"),
+        &none,
+    )
+    .unwrap_err();
+    assert_eq!((e.status(), e.label()), (400, "bad_extension"));
+    assert!(
+        e.message().contains("server_max_window_bits"),
+        "{}",
+        e.message()
+    );
+    // Budget spent or compression off: declined, said so.
+    let models = models();
+    let h = offer(b"permessage-deflate");
+    let req = HandshakeRequest {
+        method: "GET",
+        path: "/v1/chat",
+        query: None,
+        http_version_minor: 1,
+        headers: &h,
+    };
+    let ctx = HandshakeContext {
+        models: &models,
+        tenants: &none,
+        compression_allowed: true,
+        deflate_window_bits: None,
+        min_window: 1024,
+        default_window: 65536,
+    };
+    let ok = validate(&req, &ctx).unwrap();
+    assert_eq!((ok.compression, ok.deflate), (Compression::None, None));
+    assert!(ok.compression_declined.unwrap().contains("budget"));
 }
 
 #[test]

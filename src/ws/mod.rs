@@ -11,6 +11,8 @@
 //! - [`codec`]: [`Decoder`] turns the read buffer into [`Message`]s,
 //!   zero-copy for single-frame messages, reassembling fragments, validating
 //!   text incrementally with [`utf8`].
+//! - [`deflate`]: permessage-deflate (RFC 7692) negotiation and bounded inflating
+//!   (the decoder inflates messages sent with RSV1).
 //! - [`reject`]: handshake refusals and their HTTP responses.
 //! - [`close`]: close codes and close payloads; [`error`]: every protocol
 //!   violation with its close code and metric label.
@@ -20,6 +22,7 @@
 
 pub mod close;
 pub mod codec;
+pub mod deflate;
 pub mod error;
 pub mod fields;
 pub mod frame;

@@ -30,6 +30,9 @@ pub enum HandshakeError {
     BadStreamMode,
     #[error("compression must be `zstd` or `none`")]
     BadCompression,
+    /// A malformed `Sec-WebSocket-Extensions` header or permessage-deflate offer.
+    #[error("{0}")]
+    BadExtension(String),
     #[error("initial_window must be an integer of bytes between the server's min_window and 2^31-1, flow_control `credit` or `none`")]
     BadWindow,
     #[error("no known tenant: offer a `<tenant>.<version>` subprotocol or an API key")]
@@ -67,6 +70,7 @@ impl HandshakeError {
             HandshakeError::BadStreamMode => "bad_stream_mode",
             HandshakeError::BadCompression => "bad_compression",
             HandshakeError::BadWindow => "bad_window",
+            HandshakeError::BadExtension(_) => "bad_extension",
             HandshakeError::UnknownTenant => "unknown_tenant",
             HandshakeError::BadCredentials => "bad_credentials",
             HandshakeError::ModelNotAllowed(_) => "model_not_allowed",
@@ -168,6 +172,7 @@ mod tests {
             HandshakeError::NoModelServed,
             HandshakeError::BadStreamMode,
             HandshakeError::BadCompression,
+            HandshakeError::BadExtension("x".into()),
             HandshakeError::UnknownTenant,
             HandshakeError::BadCredentials,
             HandshakeError::ModelNotAllowed("m".into()),

@@ -209,18 +209,6 @@ def test_percent_encoded_query(server):
     run(main())
 
 
-def test_no_extension_negotiated(server):
-    """websockets offers permessage-deflate; a server that does not implement it must not accept it."""
-
-    async def main():
-        async with open_ws(server) as ws:
-            await session_of(ws)
-            assert ws.protocol.extensions == []
-            assert "Sec-WebSocket-Extensions" not in ws.response.headers
-
-    run(main())
-
-
 def test_connections_are_released(server):
     async def main():
         for _ in range(3):

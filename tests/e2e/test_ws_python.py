@@ -547,10 +547,12 @@ def test_client_close_mid_generation(slow_server):
 
 
 def test_oversized_frame_closes_1009(server):
-    """A 2 MiB text frame is over the 1 MiB frame limit: close 1009, checked from the header."""
+    """A 2 MiB text frame is over the 1 MiB frame limit: close 1009, checked from the header.
+    (Uncompressed: deflated, those 2 MiB of `x` would be a 2 KB frame; the limit on what a
+    compressed message inflates to is in test_deflate.py.)"""
 
     async def main():
-        async with open_ws(server, max_size=None) as ws:
+        async with open_ws(server, max_size=None, compression=None) as ws:
             await session_of(ws)
             await ws.send(gen_msg("huge", 5, prompt="x" * (2 << 20)))
             with pytest.raises(ConnectionClosed) as e:
