@@ -56,9 +56,10 @@ after(async () => {
 });
 
 /** Opens a connection and resolves once the `session` message arrived. */
-function open(query = '') {
+function open(query = '', options = undefined) {
   return new Promise((resolve, reject) => {
-    const ws = new WebSocket(url + query);
+    const ws = new WebSocket(url + query, options);
+    ws.once('upgrade', (res) => { ws.answer = res.headers; });
     const inbox = [];
     const waiters = [];
     ws.on('message', (data, isBinary) => {
@@ -209,4 +210,61 @@ test('WebSocket ping frame is answered by a pong with the same payload', async (
 
 // A masked-frame violation (an unmasked client frame) cannot be produced with `ws`: it always
 // masks client frames. Raw-byte protocol violations are covered by the Python raw-frame tests.
+/** One sample of the server's Prometheus metrics. */
+async function metric(name) {
+  const text = await (await fetch(url.replace('ws://', 'http://').replace('/v1/chat', '/metrics'))).text();
+  const line = text.split('\n').find((l) => l.startsWith(name + ' '));
+  assert.ok(line, `metric ${name} missing`);
+  return Number(line.split(' ').pop());
+}
+
+const DEFLATE_IN = 'seedance_compression_input_bytes_total{codec="deflate"}';
+
+test('permessage-deflate: negotiated, server messages inflated, compressed client messages understood', async () => {
+  const before = await metric(DEFLATE_IN);
+  // threshold 0: ws compresses every message it sends (by default only those over 1 KiB).
+  const ws = await open('?stream_mode=token', { perMessageDeflate: { threshold: 0 } });
+  assert.equal(ws.extensions, 'permessage-deflate');
+  assert.equal(ws.answer['sec-websocket-extensions'], 'permessage-deflate; client_no_context_takeover');
+  for (const [id, n] of [['d1', 60], ['d2', 5]]) {
+    ws.send_json({ type: 'generate', id, prompt: 'tell me '.repeat(500), max_tokens: n });
+    const { [id]: s } = await collect(ws, [id]);
+    assert.equal(s.text, expected(n));
+    assert.equal(s.deltas.length, n);
+  }
+  assert.ok(await metric(DEFLATE_IN) > before, 'the server deflated its messages');
+  const c = closed(ws);
+  ws.close(1000);
+  assert.equal((await c).code, 1000);
+});
+
+test('permessage-deflate: no context takeover both ways and a 9-bit server window', async () => {
+  const ws = await open('?stream_mode=chunk', {
+    perMessageDeflate: {
+      threshold: 0, serverNoContextTakeover: true, clientNoContextTakeover: true, serverMaxWindowBits: 9,
+    },
+  });
+  assert.equal(ws.extensions, 'permessage-deflate');
+  assert.equal(ws.answer['sec-websocket-extensions'],
+    'permessage-deflate; client_no_context_takeover; server_no_context_takeover; server_max_window_bits=9');
+  ws.send_json({ type: 'generate', id: 'n', prompt: 'hi', max_tokens: 50 });
+  ws.send_json({ type: 'generate', id: 'm', prompt: 'hi', max_tokens: 30 });
+  const s = await collect(ws, ['n', 'm']);
+  assert.equal(s.n.text, expected(50));
+  assert.equal(s.m.text, expected(30));
+  ws.close();
+});
+
+test('permessage-deflate offer with window bits 8 is declined: plain frames, reason in session', async () => {
+  const ws = new WebSocket(url, { perMessageDeflate: { serverMaxWindowBits: 8 } });
+  const session = await new Promise((resolve, reject) => {
+    ws.once('message', (data) => resolve(JSON.parse(data.toString('utf8'))));
+    ws.once('error', reject);
+  });
+  assert.equal(ws.extensions, '');
+  assert.equal(session.compression, 'none');
+  assert.match(session.compression_declined, /server_max_window_bits=8/);
+  ws.close();
+});
+
 test('unmasked client frame (not producible with ws)', { skip: 'ws always masks client frames' }, () => {});
