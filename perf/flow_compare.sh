@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Plain vs zstd WebSocket streams side by side (issue 10): null model, token mode, server pinned
-# to CPU 0 (one shard + engine), load generator pinned to CPU 1; rounds alternate the two so
-# drift on a shared machine hits both. Then server RSS per idle connection, plain and zstd.
+# Plain vs zstd vs permessage-deflate WebSocket streams side by side (issue 10): null model, token
+# mode, server pinned to CPU 0 (one shard + engine), load generator pinned to CPU 1; rounds
+# alternate the three so drift on a shared machine hits all. Then server RSS per idle connection
+# with each.
 # Usage: perf/flow_compare.sh [connections=1000] [seconds=8] [rounds=3] [idle=10000]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,7 +22,7 @@ start() {
 trap 'kill $SRV 2>/dev/null || true' EXIT
 start
 for R in $(seq "$ROUNDS"); do
-  for Z in none zstd; do
+  for Z in none zstd deflate; do
     echo "round $R compression $Z"
     target/release/seedance-bench ws --addr 127.0.0.1:$PORT --connections "$C" --output-len 256 \
       --stream-mode token --compression $Z --duration "$SECS" --warmup 2 --cpu 1 | sed -n '2,3p'
@@ -31,7 +32,7 @@ curl -s 127.0.0.1:$PORT/metrics | grep -E '^seedance_compression_(ratio|level|co
 kill $SRV; wait $SRV 2>/dev/null || true
 rss() { awk '/VmRSS/ {print $2}' /proc/$SRV/status; }
 open_conns() { curl -s 127.0.0.1:$PORT/metrics | awk '/^seedance_active_connections/ {s+=$2} END {print s-1}'; }
-for Z in none zstd; do
+for Z in none zstd deflate; do
   start
   target/release/seedance-bench idle --addr 127.0.0.1:$PORT --connections 100 --hold 0.5 --cpu 1 --compression $Z >/dev/null
   sleep 0.5

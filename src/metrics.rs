@@ -441,7 +441,7 @@ impl Registry {
                 w,
                 "seedance_compression_context_bytes",
                 "gauge",
-                "Memory of the compression contexts alive now (ZSTD_sizeof_CCtx, or the deflater's allocation).",
+                "Memory of the compression contexts alive now, in use or pooled by the shards for reuse (ZSTD_sizeof_CCtx, or the deflater allocation).",
                 b.used_bytes() as u64,
             );
         }

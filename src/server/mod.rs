@@ -303,6 +303,7 @@ fn spawn_shard(
                     journal: Default::default(),
                     throttled: RefCell::new(Vec::new()),
                     zstd_level: Cell::new(Some(9)),
+                    pools: Default::default(),
                     cpu_sample: Cell::new((std::time::Instant::now(), shard::thread_cpu_time())),
                 });
                 let _ = ready.send(Ok(bound));

@@ -68,6 +68,8 @@ pub struct Shard {
     pub throttled: RefCell<Vec<usize>>,
     /// zstd level for this shard's load (`None`: breaker open, send plain).
     pub zstd_level: Cell<Option<i32>>,
+    /// Free compression contexts, reused by connections that start streaming again.
+    pub pools: crate::session::compress::Pools,
     /// Wall clock and this thread's CPU time at the last load sample.
     pub cpu_sample: Cell<(Instant, Duration)>,
 }
@@ -291,5 +293,6 @@ fn sample_load(shard: &Shard, now: Instant) {
         crate::session::compress::level_for_load(&shard.shared.config.session.compression, load);
     shard.zstd_level.set(level);
     shard.metrics.zstd_level.set(level.unwrap_or(0) as u64);
+    shard.pools.trim(&shard.shared.compression);
     shard.metrics.cpu_load_permille.set((load * 1000.0) as u64);
 }

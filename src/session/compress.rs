@@ -84,7 +84,21 @@ impl Budget {
         self.count.fetch_sub(1, Ordering::Relaxed);
     }
 
-    /// Contexts alive now.
+    /// A pooled context taken by a connection (its bytes stay charged throughout).
+    fn in_use(&self, delta: isize) {
+        if delta > 0 {
+            self.count.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.count.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// A pooled context freed (it was not in use).
+    fn free_pooled(&self, bytes: usize) {
+        self.used.fetch_sub(bytes, Ordering::Relaxed);
+    }
+
+    /// Contexts connections use now (pooled ones not counted).
     pub fn contexts(&self) -> usize {
         self.count.load(Ordering::Relaxed)
     }
@@ -93,6 +107,69 @@ impl Budget {
         self.used.load(Ordering::Relaxed)
     }
 }
+
+/// A shard's free compression contexts. Connections give theirs back when they go idle and take
+/// one when they start again, so a burst does not pay for creating one (zstd's `createCCtx`
+/// and the kernel zeroing fresh pages were 14% of a shard streaming 1,000 zstd connections).
+/// Pooled contexts stay charged to the budget; the pool keeps only as many as were taken during
+/// the last sample interval (100 ms), so it drains when connections stay idle.
+#[derive(Default)]
+pub struct Pools {
+    zstd: std::cell::RefCell<Vec<CCtx<'static>>>,
+    deflate: std::cell::RefCell<Vec<(u8, Deflater)>>,
+    taken: std::cell::Cell<(usize, usize)>,
+}
+
+impl Pools {
+    /// Frees what was not needed since the last call (the shard's load sample).
+    pub fn trim(&self, budget: &Budget) {
+        let (z, d) = self.taken.replace((0, 0));
+        let mut zs = self.zstd.borrow_mut();
+        while zs.len() > z {
+            zs.pop();
+            budget.free_pooled(budget.ctx_bytes);
+        }
+        let mut ds = self.deflate.borrow_mut();
+        while ds.len() > d {
+            if let Some((bits, _)) = ds.pop() {
+                budget.free_pooled(Deflater::memory_bytes(bits));
+            }
+        }
+    }
+
+    /// Frees every pooled context (shard shutdown).
+    pub fn clear(&self, budget: &Budget) {
+        self.taken.set((0, 0));
+        self.trim(budget);
+    }
+
+    pub fn len(&self) -> usize {
+        self.zstd.borrow().len() + self.deflate.borrow().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn take_zstd(&self) -> Option<CCtx<'static>> {
+        let c = self.zstd.borrow_mut().pop()?;
+        let (z, d) = self.taken.get();
+        self.taken.set((z + 1, d));
+        Some(c)
+    }
+
+    fn take_deflate(&self, bits: u8) -> Option<Deflater> {
+        let mut ds = self.deflate.borrow_mut();
+        let i = ds.iter().rposition(|(b, _)| *b == bits)?;
+        let (_, d) = ds.swap_remove(i);
+        let (zt, dt) = self.taken.get();
+        self.taken.set((zt, dt + 1));
+        Some(d)
+    }
+}
+
+/// Most contexts of each codec a shard keeps free.
+const POOL_MAX: usize = 256;
 
 /// The level for a shard CPU load in 0..=1 (`None`: the breaker is open, send plain).
 pub fn level_for_load(cfg: &CompressionConfig, load: f64) -> Option<i32> {
@@ -155,7 +232,7 @@ impl ZstdStream {
     /// flight, so the frame ends and the context is freed. `false`: send this one plain.
     pub fn compress(
         &mut self,
-        budget: &Budget,
+        (budget, pools): (&Budget, &Pools),
         level: i32,
         msg: &[u8],
         end: bool,
@@ -166,14 +243,27 @@ impl ZstdStream {
             return false;
         }
         if self.ctx.is_none() {
-            if !budget.try_charge(budget.ctx_bytes) {
-                return false;
-            }
-            match new_ctx(budget.window_log, level) {
-                Some(c) => self.ctx = Some(c),
-                None => {
-                    budget.release(budget.ctx_bytes);
+            if let Some(mut c) = pools.take_zstd() {
+                budget.in_use(1);
+                if c.set_parameter(CParameter::CompressionLevel(level))
+                    .is_err()
+                {
+                    self.ctx = Some(c);
+                    self.broken = true;
+                    self.drop_ctx(budget, pools);
                     return false;
+                }
+                self.ctx = Some(c);
+            } else {
+                if !budget.try_charge(budget.ctx_bytes) {
+                    return false;
+                }
+                match new_ctx(budget.window_log, level) {
+                    Some(c) => self.ctx = Some(c),
+                    None => {
+                        budget.release(budget.ctx_bytes);
+                        return false;
+                    }
                 }
             }
             self.level = level;
@@ -185,7 +275,7 @@ impl ZstdStream {
             out.clear();
         }
         if end || !ok {
-            self.drop_ctx(budget);
+            self.drop_ctx(budget, pools);
         }
         ok
     }
@@ -222,10 +312,19 @@ impl ZstdStream {
         true
     }
 
-    /// Frees the context (the connection closed, or went idle with its frame ended).
-    pub fn drop_ctx(&mut self, budget: &Budget) {
-        if self.ctx.take().is_some() {
-            budget.release(budget.ctx_bytes);
+    /// Gives the context back (the connection closed, or went idle with its frame ended): to the
+    /// shard's pool, reset, or freed when the pool is full or the context failed.
+    pub fn drop_ctx(&mut self, budget: &Budget, pools: &Pools) {
+        if let Some(mut c) = self.ctx.take() {
+            let reusable = !self.broken
+                && c.reset(zstd_safe::ResetDirective::SessionOnly).is_ok()
+                && pools.zstd.borrow().len() < POOL_MAX;
+            if reusable {
+                pools.zstd.borrow_mut().push(c);
+                budget.in_use(-1);
+            } else {
+                budget.release(budget.ctx_bytes);
+            }
         }
         self.open = false;
     }
@@ -260,16 +359,28 @@ impl DeflateStream {
     /// Compresses one message into `out` (the payload of an RSV1 frame). `end`: no generation
     /// is left in flight, the deflater is freed after it. `false`: send this one uncompressed
     /// (budget spent or zlib failed).
-    pub fn compress(&mut self, budget: &Budget, msg: &[u8], end: bool, out: &mut Vec<u8>) -> bool {
+    pub fn compress(
+        &mut self,
+        (budget, pools): (&Budget, &Pools),
+        msg: &[u8],
+        end: bool,
+        out: &mut Vec<u8>,
+    ) -> bool {
         out.clear();
         if self.broken {
             return false;
         }
         if self.d.is_none() {
-            if !budget.try_charge(self.bytes()) {
-                return false;
+            if let Some(mut d) = pools.take_deflate(self.window_bits) {
+                budget.in_use(1);
+                d.set_no_takeover(self.no_takeover);
+                self.d = Some(d);
+            } else {
+                if !budget.try_charge(self.bytes()) {
+                    return false;
+                }
+                self.d = Some(Deflater::new(self.window_bits, self.no_takeover));
             }
-            self.d = Some(Deflater::new(self.window_bits, self.no_takeover));
         }
         let ok = self.d.as_mut().is_some_and(|d| d.compress(msg, out));
         if !ok {
@@ -277,14 +388,21 @@ impl DeflateStream {
             out.clear();
         }
         if end || !ok {
-            self.drop_ctx(budget);
+            self.drop_ctx(budget, pools);
         }
         ok
     }
 
-    pub fn drop_ctx(&mut self, budget: &Budget) {
-        if self.d.take().is_some() {
-            budget.release(self.bytes());
+    /// Gives the deflater back: reset into the shard's pool, or freed.
+    pub fn drop_ctx(&mut self, budget: &Budget, pools: &Pools) {
+        if let Some(mut d) = self.d.take() {
+            if !self.broken && pools.deflate.borrow().len() < POOL_MAX {
+                d.reset();
+                pools.deflate.borrow_mut().push((self.window_bits, d));
+                budget.in_use(-1);
+            } else {
+                budget.release(self.bytes());
+            }
         }
     }
 }
@@ -346,6 +464,7 @@ mod tests {
     fn each_message_decodes_on_its_own_across_level_changes_and_idle() {
         let cfg = cfg();
         let budget = Budget::new(&cfg);
+        let pools = Pools::default();
         assert!(budget.ctx_bytes < 512 << 10, "{}", budget.ctx_bytes);
         let mut z = ZstdStream::default();
         let mut dec = Decoder { d: DCtx::create() };
@@ -358,13 +477,21 @@ mod tests {
             );
             let level = [9, 3, 1][(i / 50) as usize % 3];
             let end = i % 100 == 99;
-            assert!(z.compress(&budget, level, msg.as_bytes(), end, &mut buf));
+            assert!(z.compress((&budget, &pools), level, msg.as_bytes(), end, &mut buf));
             assert_eq!(dec.feed(&buf), msg.as_bytes(), "message {i}");
             plain += msg.len();
             wire += buf.len();
             assert_eq!(budget.contexts(), usize::from(!end));
+            // One context in all: made once, then back and forth through the pool.
+            assert_eq!(budget.used_bytes(), budget.ctx_bytes);
+            assert_eq!(pools.len(), usize::from(end));
         }
         assert!(wire * 2 < plain, "{wire} of {plain}");
+        // The pool keeps what was taken since the last trim, then drains.
+        pools.trim(&budget);
+        assert_eq!(pools.len(), 1);
+        pools.trim(&budget);
+        assert_eq!((pools.len(), budget.used_bytes()), (0, 0));
     }
 
     #[test]
@@ -375,7 +502,7 @@ mod tests {
         assert!(!budget.has_room());
         let mut z = ZstdStream::default();
         let mut buf = Vec::new();
-        assert!(!z.compress(&budget, 3, b"{}", false, &mut buf));
+        assert!(!z.compress((&budget, &Pools::default()), 3, b"{}", false, &mut buf));
         assert_eq!(budget.used_bytes(), 0);
     }
 
@@ -389,6 +516,7 @@ mod tests {
             client_max_window_bits: None,
             echo_server_bits: false,
         };
+        let pools = Pools::default();
         let mut d = DeflateStream::new(&p);
         let mut inf = crate::ws::deflate::Inflater::new(true);
         let mut out = Vec::new();
@@ -398,16 +526,19 @@ mod tests {
                 i % 5
             );
             let end = i % 50 == 49;
-            assert!(d.compress(&budget, msg.as_bytes(), end, &mut out));
+            assert!(d.compress((&budget, &pools), msg.as_bytes(), end, &mut out));
             assert_eq!(&inf.inflate(&out, 1 << 16).unwrap()[..], msg.as_bytes());
             assert_eq!(budget.contexts(), usize::from(!end));
-            let held = if end { 0 } else { Deflater::memory_bytes(10) };
-            assert_eq!(budget.used_bytes(), held);
+            // Made once, pooled while idle, reused: the inflater never notices.
+            assert_eq!(budget.used_bytes(), Deflater::memory_bytes(10));
+            assert_eq!(pools.len(), usize::from(end));
         }
+        pools.clear(&budget);
+        assert_eq!(budget.used_bytes(), 0);
         let mut c = cfg();
         c.budget_bytes = Deflater::memory_bytes(10) - 1;
         let small = Budget::new(&c);
-        assert!(!DeflateStream::new(&p).compress(&small, b"{}", false, &mut out));
+        assert!(!DeflateStream::new(&p).compress((&small, &pools), b"{}", false, &mut out));
         assert_eq!(small.contexts(), 0);
     }
 

@@ -158,11 +158,11 @@ impl Flow {
         let level = shard.zstd_level.get();
         if let (Some(d), Some(_)) = (self.deflate.as_mut(), level) {
             // One deflated message per frame: each stays the message the client expects.
-            let budget = &shard.shared.compression;
+            let ctx = (&*shard.shared.compression, &shard.pools);
             for (i, m) in msgs.iter().enumerate() {
                 let last = end && i + 1 == msgs.len();
                 let msg = &src[m.clone()];
-                if d.compress(budget, msg, last, &mut self.zbuf) {
+                if d.compress(ctx, msg, last, &mut self.zbuf) {
                     shard.metrics.deflate_in.add(msg.len() as u64);
                     shard.metrics.deflate_out.add(self.zbuf.len() as u64);
                     let frame = (RSV1, OpCode::Text);
@@ -204,8 +204,8 @@ impl Flow {
                     &joined
                 }
             };
-            let budget = &shard.shared.compression;
-            let ok = z.compress(budget, level, input, end, &mut self.zbuf);
+            let ctx = (&*shard.shared.compression, &shard.pools);
+            let ok = z.compress(ctx, level, input, end, &mut self.zbuf);
             if ok {
                 shard.metrics.compress_in.add(input.len() as u64);
                 shard.metrics.compress_out.add(self.zbuf.len() as u64);
@@ -409,10 +409,10 @@ pub fn window_update(shard: &Shard, conn: &Rc<Conn>, bytes: u64) -> bool {
 pub fn release_conn(shard: &Shard, conn: &Conn) {
     if let Some(f) = conn.flow.borrow_mut().as_deref_mut() {
         if let Some(z) = f.zstd.as_mut() {
-            z.drop_ctx(&shard.shared.compression);
+            z.drop_ctx(&shard.shared.compression, &shard.pools);
         }
         if let Some(d) = f.deflate.as_mut() {
-            d.drop_ctx(&shard.shared.compression);
+            d.drop_ctx(&shard.shared.compression, &shard.pools);
         }
         f.held = Held::default();
     }

@@ -368,6 +368,15 @@ impl Deflater {
         state + window + prev + head + 7 * lit_bufsize
     }
 
+    /// Starts over (a fresh stream, the allocation kept).
+    pub fn reset(&mut self) {
+        self.inner.reset();
+    }
+
+    pub fn set_no_takeover(&mut self, no_takeover: bool) {
+        self.no_takeover = no_takeover;
+    }
+
     /// Compresses one message into `out` (cleared first). `false`: zlib failed; the stream is
     /// unusable and the message should go uncompressed.
     pub fn compress(&mut self, msg: &[u8], out: &mut Vec<u8>) -> bool {

@@ -8,6 +8,7 @@ use bytes::{Buf, BytesMut};
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 use seedance::ws::codec::{Decoder, Message};
+use seedance::ws::deflate;
 use seedance::ws::frame::{write_frame_masked, Limits, OpCode, Role};
 
 /// One request's measurements.
@@ -71,29 +72,57 @@ impl Client {
         Self::tcp(addr).await
     }
 
-    pub async fn websocket(addr: SocketAddr, query: &str) -> std::io::Result<Client> {
+    /// Opens `/v1/chat{query}`; `compression`: `none`, `zstd` (asked in the query) or `deflate`
+    /// (permessage-deflate offered as browsers do). Fails when compression is not granted.
+    pub async fn websocket(
+        addr: SocketAddr,
+        query: &str,
+        compression: &str,
+    ) -> std::io::Result<Client> {
         let mut c = Self::tcp(addr).await?;
+        let zstd = compression == "zstd";
+        let deflate = compression == "deflate";
+        let mut target = format!("/v1/chat{query}");
+        if zstd {
+            target.push(if query.is_empty() { '?' } else { '&' });
+            target.push_str("compression=zstd");
+        }
+        let offer = if deflate {
+            format!("Sec-WebSocket-Extensions: {}\r\n", deflate::CLIENT_OFFER)
+        } else {
+            String::new()
+        };
         let req = format!(
-            "GET /v1/chat{query} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            "GET {target} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{offer}\r\n"
         );
         c.write(req.into_bytes()).await?;
         let end = c.head_end().await?;
-        if !c.buf.starts_with(b"HTTP/1.1 101") {
-            return Err(std::io::Error::other(
-                String::from_utf8_lossy(&c.buf[..end]).into_owned(),
-            ));
+        let head = String::from_utf8_lossy(&c.buf[..end]).into_owned();
+        if !head.starts_with("HTTP/1.1 101") {
+            return Err(std::io::Error::other(head));
         }
-        let zstd = query.contains("compression=zstd");
-        if zstd
-            && !c.buf[..end]
-                .windows(19)
-                .any(|w| w.eq_ignore_ascii_case(b"x-compression: zstd"))
-        {
+        let header = |name: &str| {
+            head.split("\r\n").find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.trim()
+                    .eq_ignore_ascii_case(name)
+                    .then(|| v.trim().to_owned())
+            })
+        };
+        if zstd && header("x-compression").as_deref() != Some("zstd") {
             return Err(std::io::Error::other("the server did not grant zstd"));
         }
+        let mut dec = Decoder::new(Role::Client, Limits::default());
+        if deflate {
+            let answer = header("sec-websocket-extensions").ok_or_else(|| {
+                std::io::Error::other("the server did not accept permessage-deflate")
+            })?;
+            let p = deflate::parse_response(answer.as_bytes()).map_err(std::io::Error::other)?;
+            dec = dec.with_deflate(!p.server_no_context_takeover);
+        }
         c.buf.advance(end);
-        c.ws = Some(Decoder::new(Role::Client, Limits::default()));
+        c.ws = Some(dec);
         c.zstd = zstd.then(zstd_safe::DCtx::create);
         Ok(c)
     }

@@ -63,7 +63,7 @@ struct LoadArgs {
     /// WebSocket stream mode: token | chunk | full.
     #[arg(long, default_value = "token")]
     stream_mode: String,
-    /// WebSocket message compression: none | zstd.
+    /// WebSocket message compression: none | zstd | deflate (permessage-deflate).
     #[arg(long, default_value = "none")]
     compression: String,
     /// Seconds measured after warm-up (ignored when --num-requests is given).
@@ -98,7 +98,7 @@ struct IdleArgs {
     /// Seconds to hold the connections after all are open.
     #[arg(long, default_value_t = 10.0)]
     hold: f64,
-    /// Ask for compression (none | zstd).
+    /// Ask for compression (none | zstd | deflate).
     #[arg(long, default_value = "none")]
     compression: String,
     #[arg(long)]
@@ -184,15 +184,12 @@ impl Run {
 }
 
 async fn worker(run: Rc<Run>, n: usize) {
-    let mut query = format!("?stream_mode={}", run.args.stream_mode);
-    if run.args.compression != "none" {
-        query.push_str(&format!("&compression={}", run.args.compression));
-    }
+    let query = format!("?stream_mode={}", run.args.stream_mode);
     let connect = || async {
         if run.sse {
             Client::http(run.args.addr).await
         } else {
-            Client::websocket(run.args.addr, &query).await
+            Client::websocket(run.args.addr, &query, &run.args.compression).await
         }
     };
     let mut client = match connect().await {
@@ -388,11 +385,7 @@ async fn run_idle(a: IdleArgs) -> i32 {
     let mut conns = Vec::with_capacity(a.connections);
     let mut failed = 0;
     for n in 0..a.connections {
-        let query = match a.compression.as_str() {
-            "none" => String::new(),
-            c => format!("?compression={c}"),
-        };
-        match Client::websocket(a.addr, &query).await {
+        match Client::websocket(a.addr, "", &a.compression).await {
             Ok(c) => conns.push(c),
             Err(e) => {
                 failed += 1;
