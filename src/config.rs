@@ -95,6 +95,19 @@ macro_rules! keys {
 keys! {
     /// Address every shard listens on (SO_REUSEPORT).
     listen: String = "127.0.0.1:8080".into(), "SEEDANCE_LISTEN";
+    /// Address of the TLS listener (every shard, beside `listen`); empty = no TLS. Needs
+    /// `tls_cert` and `tls_key`.
+    tls_listen: String = String::new(), "SEEDANCE_TLS_LISTEN";
+    /// PEM file with the certificate chain, leaf first (reloaded on SIGHUP).
+    tls_cert: String = String::new(), "SEEDANCE_TLS_CERT";
+    /// PEM file with the private key of `tls_cert` (PKCS#8, PKCS#1 or SEC1; reloaded on SIGHUP).
+    tls_key: String = String::new(), "SEEDANCE_TLS_KEY";
+    /// Also offer TLS 1.2 (TLS 1.3 only by default).
+    tls12: bool = false, "SEEDANCE_TLS12";
+    /// File of session-ticket keys shared by the instances behind one load balancer (one key
+    /// per line, 64 hex digits; the first seals, all open; reloaded on SIGHUP); empty =
+    /// per-process keys.
+    tls_ticket_keys: String = String::new(), "SEEDANCE_TLS_TICKET_KEYS";
     /// Protocols served: websocket, http or all.
     mode: Mode = Mode::All, "SEEDANCE_MODE";
     /// Network shards (one pinned monoio runtime each); 0 = all cores minus the engine's.
@@ -234,6 +247,8 @@ pub struct TokenizeArgs {
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
     pub listen: SocketAddr,
+    /// The TLS listener and its settings, when TLS is on.
+    pub tls: Option<(SocketAddr, crate::server::tls::TlsSettings)>,
     pub mode: Mode,
     pub cores: usize,
     pub max_head_bytes: usize,
@@ -378,6 +393,27 @@ impl Config {
             .listen
             .parse()
             .map_err(|e| invalid("listen", format!("{:?}: {e}", s.listen)))?;
+        let tls = if s.tls_listen.is_empty() {
+            None
+        } else {
+            let addr: SocketAddr = s
+                .tls_listen
+                .parse()
+                .map_err(|e| invalid("tls_listen", format!("{:?}: {e}", s.tls_listen)))?;
+            if s.tls_cert.is_empty() || s.tls_key.is_empty() {
+                return Err(invalid("tls_listen", "needs tls_cert and tls_key"));
+            }
+            Some((
+                addr,
+                crate::server::tls::TlsSettings {
+                    cert: s.tls_cert.clone().into(),
+                    key: s.tls_key.clone().into(),
+                    tls12: s.tls12,
+                    ticket_keys: (!s.tls_ticket_keys.is_empty())
+                        .then(|| s.tls_ticket_keys.clone().into()),
+                },
+            ))
+        };
         let cores = if s.cores == 0 {
             default_cores()
         } else {
@@ -445,6 +481,7 @@ impl Config {
         Ok(Config {
             server: ServerConfig {
                 listen,
+                tls,
                 mode: s.mode,
                 cores,
                 max_head_bytes: s.max_head_bytes,

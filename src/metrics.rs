@@ -83,6 +83,12 @@ pub const HANDSHAKE_REASONS: &[&str] = &[
     "over_capacity",
     "bad_window",
     "bad_extension",
+    "tls_plain_http",
+    "tls_no_shared_version",
+    "tls_no_shared_cipher",
+    "tls_bad_certificate",
+    "tls_timeout",
+    "tls_protocol",
 ];
 
 /// Outcomes of `resume` messages, in label order (the error codes of docs/protocol.md).
@@ -126,7 +132,10 @@ pub const STATES: &[&str] = &[
 pub struct ShardMetrics {
     pub active_connections: Counter,
     pub accepted_connections: Counter,
-    pub handshake_failures: [Counter; 18],
+    /// TLS handshakes completed, and how many of them resumed a session (ticket).
+    pub tls_handshakes: Counter,
+    pub tls_resumed: Counter,
+    pub handshake_failures: [Counter; 24],
     pub http_requests: Counter,
     pub ws_messages_in: Counter,
     pub deltas_out: Counter,
@@ -261,6 +270,21 @@ impl Registry {
             "counter",
             "Connections accepted.",
             sum(sh.iter().map(|s| &s.accepted_connections)),
+        );
+        header(
+            w,
+            "seedance_tls_handshakes_total",
+            "counter",
+            "TLS handshakes completed: full, or resumed with a session ticket.",
+        );
+        let (all, resumed) = (
+            sum(sh.iter().map(|s| &s.tls_handshakes)),
+            sum(sh.iter().map(|s| &s.tls_resumed)),
+        );
+        let _ = writeln!(
+            w,
+            "seedance_tls_handshakes_total{{kind=\"full\"}} {}\nseedance_tls_handshakes_total{{kind=\"resumed\"}} {resumed}",
+            all.saturating_sub(resumed)
         );
         header(
             w,

@@ -85,8 +85,11 @@ fn serve(config: Config) {
         Ok(s) => s,
         Err(e) => fail(1, &e.to_string()),
     };
-    server::shutdown::watch(server.stopper());
+    server::shutdown::watch(server.stopper(), server.reloader());
     eprintln!("listening on {}", server.addr);
+    if let Some(tls) = server.tls_addr {
+        eprintln!("tls listening on {tls}");
+    }
     server.join();
     tracing::info!("shut down cleanly");
 }

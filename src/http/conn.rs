@@ -5,7 +5,6 @@ use std::rc::Rc;
 use std::time::Instant;
 
 use bytes::{Buf, BytesMut};
-use monoio::io::{AsyncReadRent, CancelableAsyncReadRent, Canceller};
 
 use super::error::HttpError;
 use super::openai;
@@ -13,7 +12,8 @@ use super::request::{parse_head, BodyKind, ChunkedDecoder, Head};
 use super::response::{error_body, write_response};
 use super::routes;
 use crate::config::Mode;
-use crate::server::conn::{read_more, Conn};
+use crate::server::conn::Conn;
+use crate::server::io::ConnRead;
 use crate::server::shard::Shard;
 use crate::ws::handshake::{self, Accepted, HandshakeContext, HandshakeRequest};
 
@@ -46,7 +46,7 @@ impl RequestInfo {
 }
 
 /// Serves requests until the connection closes (`None`) or upgrades to WebSocket.
-pub async fn serve<R: AsyncReadRent + CancelableAsyncReadRent>(
+pub async fn serve<R: ConnRead>(
     shard: &Rc<Shard>,
     conn: &Rc<Conn>,
     rd: &mut R,
@@ -67,7 +67,7 @@ pub async fn serve<R: AsyncReadRent + CancelableAsyncReadRent>(
                 if !buf.is_empty() && conn.head_started.get().is_none() {
                     conn.head_started.set(Some(Instant::now()));
                 }
-                match read_more(rd, buf, READ_CHUNK).await {
+                match rd.read_more(buf, READ_CHUNK).await {
                     Ok(n) if n > 0 => continue,
                     _ => return None,
                 }
@@ -195,35 +195,15 @@ fn random_hex() -> String {
 /// Waits for the in-flight HTTP response to finish while keeping a read pending, so a client
 /// that disconnects is noticed at once (its generation is cancelled) and pipelined bytes are
 /// buffered. Returns false when the client went away.
-async fn wait_response<R: CancelableAsyncReadRent>(
-    conn: &Conn,
-    rd: &mut R,
-    buf: &mut BytesMut,
-) -> bool {
-    use monoio::buf::IoBufMut;
+async fn wait_response<R: ConnRead>(conn: &Conn, rd: &mut R, buf: &mut BytesMut) -> bool {
     loop {
         if conn.http_busy.get().is_none() {
             return true;
         }
-        buf.reserve(READ_CHUNK);
-        let (len, cap) = (buf.len(), buf.capacity());
-        let owned = std::mem::take(buf);
-        let canceller = Canceller::new();
-        let read = rd.cancelable_read(owned.slice_mut(len..cap), canceller.handle());
-        let mut read = std::pin::pin!(read);
-        let (res, slice) = monoio::select! {
-            r = &mut read => r,
-            _ = conn.response_done.notified() => {
-                canceller.cancel();
-                read.await
-            }
-        };
-        *buf = slice.into_inner();
-        match res {
-            Ok(0) => return false,
+        let done = std::pin::pin!(conn.response_done.notified());
+        match rd.read_more_until(buf, READ_CHUNK, done).await {
+            Ok(Some(0)) | Err(_) => return false,
             Ok(_) => {}
-            Err(e) if e.raw_os_error() == Some(libc::ECANCELED) => {}
-            Err(_) => return false,
         }
     }
 }
@@ -264,7 +244,7 @@ fn upgrade(shard: &Shard, head: &Head<'_>) -> Result<Accepted, handshake::Handsh
 }
 
 /// Reads the body the head announced. `Ok(None)`: the connection ended first.
-async fn read_body<R: AsyncReadRent>(
+async fn read_body<R: ConnRead>(
     shard: &Shard,
     conn: &Conn,
     rd: &mut R,
@@ -291,7 +271,8 @@ async fn read_body<R: AsyncReadRent>(
             }
             while buf.len() < n {
                 send_continue(conn);
-                if read_more(rd, buf, (n - buf.len()).min(1 << 20))
+                if rd
+                    .read_more(buf, (n - buf.len()).min(1 << 20))
                     .await
                     .unwrap_or(0)
                     == 0
@@ -311,7 +292,7 @@ async fn read_body<R: AsyncReadRent>(
                     return Ok(Some(body));
                 }
                 send_continue(conn);
-                if read_more(rd, buf, READ_CHUNK).await.unwrap_or(0) == 0 {
+                if rd.read_more(buf, READ_CHUNK).await.unwrap_or(0) == 0 {
                     return Ok(None);
                 }
             }

@@ -5,16 +5,18 @@
 use std::cell::{Cell, RefCell};
 use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use monoio::io::{AsyncReadRent, AsyncWriteRent, Splitable};
+use monoio::io::Splitable;
 use monoio::net::TcpStream;
 
 use crate::engine::EngineMsg;
 use crate::http::error::HttpError;
+use crate::server::io::{ConnRead, ConnWrite};
 use crate::server::notify::Notify;
-use crate::server::out::{self, OutQueue};
+use crate::server::out::OutQueue;
 use crate::server::shard::Shard;
 use crate::session::state::{ConnState, StateMachine};
 use crate::session::ws::WsState;
@@ -106,8 +108,13 @@ impl Conn {
     }
 }
 
-/// Serves one accepted socket until it closes.
-pub async fn serve(shard: Rc<Shard>, stream: TcpStream, over_capacity: bool) {
+/// Serves one accepted socket until it closes; `tls`: the listener is the TLS one.
+pub async fn serve(
+    shard: Rc<Shard>,
+    mut stream: TcpStream,
+    over_capacity: bool,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) {
     let _ = stream.set_nodelay(true);
     let now = Instant::now();
     let conn = Rc::new(Conn::new(stream.as_raw_fd(), now));
@@ -116,25 +123,60 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, over_capacity: bool) {
     shard.metrics.active_connections.inc();
     conn.state
         .advance(ConnState::Handshaking, now, &shard.metrics);
-    let (mut rd, wr) = stream.into_split();
-    let writer = monoio::spawn(write_loop(shard.clone(), conn.clone(), wr));
-    if over_capacity {
-        shard.metrics.handshake_failure("over_capacity");
-        HttpError::OverCapacity.write(&mut conn.out.borrow_mut().buf);
-    } else {
-        let mut buf = BytesMut::new();
-        if let Some(accepted) = crate::http::conn::serve(&shard, &conn, &mut rd, &mut buf).await {
-            crate::session::ws::run(&shard, &conn, &mut rd, buf, accepted).await;
+    match tls {
+        None => {
+            let (rd, wr) = stream.into_split();
+            run(&shard, &conn, rd, wr, over_capacity).await;
+        }
+        Some(config) => {
+            // The TLS handshake has the handshake timeout too (slow-loris on TLS).
+            let limit = shard.shared.config.server.handshake_timeout;
+            let hs = monoio::time::timeout(limit, super::tls::accept(&mut stream, config)).await;
+            match hs.unwrap_or(Err(super::tls::Failure::Timeout)) {
+                Ok((session, leftover)) => {
+                    shard.metrics.tls_handshakes.inc();
+                    if session.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+                        shard.metrics.tls_resumed.inc();
+                    }
+                    let (rd, wr) = super::tls::split(stream, session, leftover, conn.clone());
+                    run(&shard, &conn, rd, wr, over_capacity).await;
+                }
+                Err(f) => {
+                    shard.metrics.handshake_failure(f.label());
+                    tracing::info!(reason = f.label(), "TLS handshake failed");
+                    conn.closing_since.set(Some(Instant::now()));
+                }
+            }
         }
     }
-    finish(&shard, &conn);
-    writer.await;
     crate::session::flow::release_conn(&shard, &conn);
     clear_pause(&shard, &conn);
     conn.state
         .advance(ConnState::Closed, Instant::now(), &shard.metrics);
     shard.conns.borrow_mut().try_remove(key);
     shard.metrics.active_connections.sub(1);
+}
+
+/// Runs the connection's reader (HTTP, then maybe a WebSocket session) and its writer task.
+async fn run<R: ConnRead, W: ConnWrite + 'static>(
+    shard: &Rc<Shard>,
+    conn: &Rc<Conn>,
+    mut rd: R,
+    wr: W,
+    over_capacity: bool,
+) {
+    let writer = monoio::spawn(write_loop(shard.clone(), conn.clone(), wr));
+    if over_capacity {
+        shard.metrics.handshake_failure("over_capacity");
+        HttpError::OverCapacity.write(&mut conn.out.borrow_mut().buf);
+    } else {
+        let mut buf = BytesMut::new();
+        if let Some(accepted) = crate::http::conn::serve(shard, conn, &mut rd, &mut buf).await {
+            crate::session::ws::run(shard, conn, &mut rd, buf, accepted).await;
+        }
+    }
+    finish(shard, conn);
+    writer.await;
 }
 
 /// The reader is done: cancel this connection's generations and let the writer finish.
@@ -161,27 +203,16 @@ fn finish(shard: &Shard, conn: &Rc<Conn>) {
     }
 }
 
-/// Reads more bytes into `buf` (appending). Returns 0 at end of stream.
-pub async fn read_more<R: AsyncReadRent>(
-    rd: &mut R,
-    buf: &mut BytesMut,
-    want: usize,
-) -> std::io::Result<usize> {
-    use monoio::buf::IoBufMut;
-    buf.reserve(want);
-    let len = buf.len();
-    let cap = buf.capacity();
-    let owned = std::mem::take(buf);
-    let (res, slice) = rd.read(owned.slice_mut(len..cap)).await;
-    *buf = slice.into_inner();
-    res
-}
-
-async fn write_loop<W: AsyncWriteRent>(shard: Rc<Shard>, conn: Rc<Conn>, mut wr: W) {
+async fn write_loop<W: ConnWrite>(shard: Rc<Shard>, conn: Rc<Conn>, mut wr: W) {
     let mut segs: Vec<Bytes> = Vec::new();
     loop {
         crate::session::flow::pump(&shard, &conn, false);
         if conn.out.borrow().is_empty() {
+            // TLS records the read side produced (alerts, key updates).
+            if wr.flush_pending().await.is_err() {
+                conn.abort();
+                return;
+            }
             if conn.is_closing() {
                 break;
             }
@@ -191,7 +222,7 @@ async fn write_loop<W: AsyncWriteRent>(shard: Rc<Shard>, conn: Rc<Conn>, mut wr:
         }
         conn.out.borrow_mut().take(&mut segs);
         conn.in_flight.set(segs.iter().map(Bytes::len).sum());
-        let written = out::write_all(&mut wr, &mut segs).await;
+        let written = wr.write_segs(&mut segs).await;
         conn.in_flight.set(0);
         match written {
             Ok(n) => shard.metrics.bytes_out.add(n as u64),

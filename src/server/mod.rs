@@ -2,10 +2,12 @@
 //! monoio runtime with its own `SO_REUSEPORT` listener), one signal thread.
 
 pub mod conn;
+pub mod io;
 pub mod notify;
 pub mod out;
 pub mod shard;
 pub mod shutdown;
+pub mod tls;
 
 use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
@@ -44,11 +46,15 @@ pub enum StartError {
     Thread(std::io::Error),
     #[error("state store {url}: {reason}")]
     Store { url: String, reason: String },
+    #[error("{0}")]
+    Tls(#[from] tls::TlsError),
 }
 
 /// A running server (for tests and the binary).
 pub struct Server {
     pub addr: SocketAddr,
+    /// The TLS listener's address, when TLS is on.
+    pub tls_addr: Option<SocketAddr>,
     shared: Arc<Shared>,
     shards: Vec<JoinHandle<()>>,
     engine: Option<JoinHandle<()>>,
@@ -66,6 +72,17 @@ impl Server {
     pub fn stopper(&self) -> Arc<dyn Fn() + Send + Sync> {
         let shared = self.shared.clone();
         Arc::new(move || shared.shutdown.store(true, Ordering::Release))
+    }
+
+    /// A handle that reloads the TLS certificate and ticket keys (what SIGHUP does); open
+    /// connections keep what they negotiated.
+    pub fn reloader(&self) -> Arc<dyn Fn() + Send + Sync> {
+        let shared = self.shared.clone();
+        Arc::new(move || match shared.tls.as_ref().map(|t| t.reload()) {
+            None => tracing::info!("SIGHUP: no TLS listener, nothing to reload"),
+            Some(Ok(())) => tracing::info!("SIGHUP: TLS certificate and ticket keys reloaded"),
+            Some(Err(e)) => tracing::warn!("SIGHUP: TLS reload failed, keeping the old ones: {e}"),
+        })
     }
 
     /// Waits until every shard has drained, then stops the engine.
@@ -177,7 +194,12 @@ pub fn start(config: Config) -> Result<Server, StartError> {
         store: store.clone(),
         compression: Some(compression.clone()),
     });
+    let tls = match &config.server.tls {
+        Some((_, settings)) => Some(Arc::new(tls::Tls::load(settings)?)),
+        None => None,
+    };
     let shared = Arc::new(Shared {
+        tls,
         models: vec![config.engine.served_model_name.clone()],
         codec: built.codec,
         max_model_len: built.max_model_len,
@@ -204,6 +226,7 @@ pub fn start(config: Config) -> Result<Server, StartError> {
             .map_err(StartError::Thread)?
     };
     let mut addr = shared.config.server.listen;
+    let mut tls_addr = shared.config.server.tls.as_ref().map(|(a, _)| *a);
     let mut handles = Vec::with_capacity(n);
     for (i, link) in shard_links.into_iter().enumerate() {
         let (tx, rx) = mpsc::channel();
@@ -211,7 +234,7 @@ pub fn start(config: Config) -> Result<Server, StartError> {
         let h = spawn_shard(
             i,
             cpu,
-            addr,
+            (addr, tls_addr),
             link,
             shared.clone(),
             shard_metrics[i].clone(),
@@ -219,7 +242,11 @@ pub fn start(config: Config) -> Result<Server, StartError> {
         )?;
         handles.push(h);
         match rx.recv() {
-            Ok(Ok(bound)) => addr = bound,
+            // Later shards bind the ports the first one got (`:0` resolved once).
+            Ok(Ok((bound, tls_bound))) => {
+                addr = bound;
+                tls_addr = tls_bound;
+            }
             Ok(Err(e)) => {
                 shared.shutdown.store(true, Ordering::Release);
                 return Err(e);
@@ -235,6 +262,7 @@ pub fn start(config: Config) -> Result<Server, StartError> {
     shared.ready.store(true, Ordering::Release);
     Ok(Server {
         addr,
+        tls_addr,
         shared,
         shards: handles,
         engine: Some(engine),
@@ -243,14 +271,17 @@ pub fn start(config: Config) -> Result<Server, StartError> {
     })
 }
 
+/// Addresses a shard listens on: plain, and TLS when configured.
+type Addrs = (SocketAddr, Option<SocketAddr>);
+
 fn spawn_shard(
     i: usize,
     cpu: Option<usize>,
-    addr: SocketAddr,
+    (addr, tls_addr): Addrs,
     link: ShardLink,
     shared: Arc<Shared>,
     metrics: Arc<ShardMetrics>,
-    ready: mpsc::Sender<Result<SocketAddr, StartError>>,
+    ready: mpsc::Sender<Result<Addrs, StartError>>,
 ) -> Result<JoinHandle<()>, StartError> {
     std::thread::Builder::new()
         .name(format!("shard-{i}"))
@@ -286,7 +317,19 @@ fn spawn_shard(
                     }
                 };
                 let bound = listener.local_addr().unwrap_or(addr);
-                tracing::info!(shard = i, cpu = ?cpu, driver, "shard accepting on {bound}");
+                let tls_listener = match tls_addr.map(shard::bind) {
+                    None => None,
+                    Some(Ok(l)) => Some(l),
+                    Some(Err(source)) => {
+                        let addr = tls_addr.unwrap_or(addr);
+                        let _ = ready.send(Err(StartError::Bind { addr, source }));
+                        return;
+                    }
+                };
+                let tls_bound = tls_listener
+                    .as_ref()
+                    .map(|l| l.local_addr().unwrap_or(bound));
+                tracing::info!(shard = i, cpu = ?cpu, driver, tls = ?tls_bound, "shard accepting on {bound}");
                 let shard = Rc::new(Shard {
                     id: i as u16,
                     shared,
@@ -306,8 +349,8 @@ fn spawn_shard(
                     pools: Default::default(),
                     cpu_sample: Cell::new((std::time::Instant::now(), shard::thread_cpu_time())),
                 });
-                let _ = ready.send(Ok(bound));
-                shard::run(shard, listener).await;
+                let _ = ready.send(Ok((bound, tls_bound)));
+                shard::run(shard, listener, tls_listener).await;
             });
         })
         .map_err(StartError::Thread)

@@ -42,6 +42,8 @@ pub struct Shared {
     pub store: Option<Arc<crate::store::thread::StoreHandle>>,
     /// zstd context memory of all shards.
     pub compression: Arc<crate::session::compress::Budget>,
+    /// TLS (certificate, tickets), when a TLS listener is configured.
+    pub tls: Option<Arc<crate::server::tls::Tls>>,
 }
 
 /// A shard's state, owned by its thread.
@@ -137,11 +139,32 @@ pub fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind_with_config(addr, &opts)
 }
 
-/// The shard's main task.
-pub async fn run(shard: Rc<Shard>, listener: TcpListener) {
+/// The shard's main task: the plain listener's accept loop (and the TLS one's, when present).
+pub async fn run(shard: Rc<Shard>, listener: TcpListener, tls_listener: Option<TcpListener>) {
     monoio::spawn(dispatch(shard.clone()));
     monoio::spawn(tick(shard.clone()));
     monoio::spawn(crate::session::resume::replies(shard.clone()));
+    let tls_loop = match (tls_listener, shard.shared.tls.as_ref()) {
+        (Some(l), Some(tls)) => Some(monoio::spawn(accept_loop(
+            shard.clone(),
+            l,
+            Some(tls.config.clone()),
+        ))),
+        _ => None,
+    };
+    accept_loop(shard.clone(), listener, None).await;
+    if let Some(t) = tls_loop {
+        t.await;
+    }
+    drain(&shard).await;
+}
+
+/// Accepts until the shard drains; `tls`: connections on this listener speak TLS.
+async fn accept_loop(
+    shard: Rc<Shard>,
+    listener: TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) {
     let max = shard.shared.config.server.max_connections_per_core;
     loop {
         let accepted = {
@@ -162,9 +185,8 @@ pub async fn run(shard: Rc<Shard>, listener: TcpListener) {
         };
         shard.metrics.accepted_connections.inc();
         let over = shard.conns.borrow().len() >= max;
-        monoio::spawn(conn::serve(shard.clone(), stream, over));
+        monoio::spawn(conn::serve(shard.clone(), stream, over, tls.clone()));
     }
-    drain(&shard).await;
 }
 
 /// After accepting stops: close idle connections, let running generations finish until

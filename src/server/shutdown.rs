@@ -1,5 +1,6 @@
-//! SIGTERM / SIGINT: both signals are blocked in every thread and taken by one signal thread
-//! with `sigwait`, which flips the shared shutdown flag; shards notice it on their next tick.
+//! SIGTERM / SIGINT / SIGHUP: blocked in every thread and taken by one signal thread with
+//! `sigwait`. SIGTERM and SIGINT flip the shared shutdown flag (shards notice it on their next
+//! tick); SIGHUP reloads the TLS certificate and ticket keys.
 
 use std::sync::Arc;
 
@@ -10,11 +11,12 @@ fn signal_set() -> libc::sigset_t {
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGTERM);
         libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGHUP);
         set
     }
 }
 
-/// Blocks SIGTERM/SIGINT in the calling thread; threads spawned afterwards inherit the mask.
+/// Blocks SIGTERM/SIGINT/SIGHUP in the calling thread; threads spawned afterwards inherit the mask.
 /// Call first thing in `main`.
 pub fn block_signals() {
     let set = signal_set();
@@ -24,8 +26,9 @@ pub fn block_signals() {
     }
 }
 
-/// Spawns the thread that waits for a signal and sets `flag`; a second signal exits at once.
-pub fn watch(flag: Arc<dyn Fn() + Send + Sync>) {
+/// Spawns the thread that waits for signals: SIGHUP calls `reload`; SIGTERM/SIGINT call `flag`,
+/// and a second one exits at once.
+pub fn watch(flag: Arc<dyn Fn() + Send + Sync>, reload: Arc<dyn Fn() + Send + Sync>) {
     let _ = std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
@@ -36,6 +39,10 @@ pub fn watch(flag: Arc<dyn Fn() + Send + Sync>) {
                 // SAFETY: sigwait on a valid set that is blocked in every thread.
                 if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
                     return;
+                }
+                if sig == libc::SIGHUP {
+                    reload();
+                    continue;
                 }
                 if !first {
                     eprintln!("second signal: exiting now");

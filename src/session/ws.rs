@@ -6,7 +6,6 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use monoio::io::AsyncReadRent;
 use serde_json::json;
 
 use super::flow::Flow;
@@ -16,7 +15,8 @@ use super::protocol::{self, ClientMsg, ProtocolError};
 use super::request;
 use super::state::ConnState;
 use crate::engine::{EngineMsg, SeqKey};
-use crate::server::conn::{read_more, Conn};
+use crate::server::conn::Conn;
+use crate::server::io::ConnRead;
 use crate::server::shard::Shard;
 use crate::store::thread::StoreOp;
 use crate::ws::close::CloseCode;
@@ -48,7 +48,7 @@ pub struct WsState {
 }
 
 /// Runs the session until the connection closes.
-pub async fn run<R: AsyncReadRent>(
+pub async fn run<R: ConnRead>(
     shard: &Rc<Shard>,
     conn: &Rc<Conn>,
     rd: &mut R,
@@ -165,7 +165,7 @@ pub async fn run<R: AsyncReadRent>(
         if buf.is_empty() && buf.capacity() > 8 * READ_CHUNK {
             buf = BytesMut::new();
         }
-        match read_more(rd, &mut buf, READ_CHUNK).await {
+        match rd.read_more(&mut buf, READ_CHUNK).await {
             Ok(n) if n > 0 => {}
             _ => return,
         }
@@ -184,12 +184,12 @@ fn close_label(code: CloseCode) -> &'static str {
 
 /// Reads and discards until the peer closes or the linger time passes, so our close frame is
 /// not destroyed by a reset (closing a socket with unread data sends RST).
-async fn linger<R: AsyncReadRent>(rd: &mut R, buf: &mut BytesMut) {
+async fn linger<R: ConnRead>(rd: &mut R, buf: &mut BytesMut) {
     let deadline = Instant::now() + CLOSE_LINGER;
     loop {
         buf.clear();
         let left = deadline.saturating_duration_since(Instant::now());
-        match monoio::time::timeout(left, read_more(rd, buf, READ_CHUNK)).await {
+        match monoio::time::timeout(left, rd.read_more(buf, READ_CHUNK)).await {
             Ok(Ok(n)) if n > 0 => continue,
             _ => return,
         }
