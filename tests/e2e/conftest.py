@@ -93,6 +93,8 @@ class Server:
         self._termed = False
         self._ready = threading.Event()
         self.addr: str | None = None
+        self.tls_addr: str | None = None
+        self._tls_ready = threading.Event()
         self._reader = threading.Thread(target=self._read_stderr, daemon=True)
         self._reader.start()
         if not self._ready.wait(30) or self.addr is None:
@@ -110,7 +112,19 @@ class Server:
             if m and self.addr is None:
                 self.addr = m.group(1)
                 self._ready.set()
+            m = re.match(r"^tls listening on (\S+)$", line)
+            if m and self.tls_addr is None:
+                self.tls_addr = m.group(1)
+                self._tls_ready.set()
         self._ready.set()
+        self._tls_ready.set()
+
+    @property
+    def tls_port(self) -> int:
+        """Port of the TLS listener (`--tls-listen`), printed right after the plain one."""
+        self._tls_ready.wait(10)
+        assert self.tls_addr is not None, f"no `tls listening on` line:\n{self.stderr}"
+        return int(self.tls_addr.rsplit(":", 1)[1])
 
     @property
     def stderr(self) -> str:
