@@ -37,9 +37,46 @@ impl Sample {
     }
 }
 
+thread_local! {
+    /// The TLS client configuration every new connection uses (`--tls-ca`), if any.
+    static TLS: std::cell::RefCell<Option<std::sync::Arc<rustls::ClientConfig>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Makes every connection of this thread speak TLS, trusting the certificates in `ca` (PEM);
+/// `resume`: keep session tickets and resume with them.
+pub fn use_tls(ca: &std::path::Path, resume: bool) -> Result<(), String> {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pki_types::CertificateDer::pem_file_iter(ca).map_err(|e| e.to_string())? {
+        roots
+            .add(cert.map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+    }
+    #[allow(deprecated)] // ring: see src/server/tls.rs (also for the key exchange order)
+    let provider = std::sync::Arc::new(rustls::crypto::CryptoProvider {
+        kx_groups: seedance::server::tls::KX_GROUPS.to_vec(),
+        ..rustls::crypto::ring::default_provider()
+    });
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    if !resume {
+        config.resumption = rustls::client::Resumption::disabled();
+    }
+    TLS.with(|t| *t.borrow_mut() = Some(std::sync::Arc::new(config)));
+    Ok(())
+}
+
 /// A keep-alive connection of either protocol.
 pub struct Client {
     stream: TcpStream,
+    /// TLS session and the ciphertext read but not yet given to it.
+    tls: Option<rustls::ClientConnection>,
+    cbuf: BytesMut,
     buf: BytesMut,
     ws: Option<Decoder>,
     addr: SocketAddr,
@@ -56,8 +93,17 @@ impl Client {
     async fn tcp(addr: SocketAddr) -> std::io::Result<Client> {
         let stream = TcpStream::connect_addr(addr).await?;
         stream.set_nodelay(true)?;
-        Ok(Client {
+        let tls = match TLS.with(|t| t.borrow().clone()) {
+            None => None,
+            Some(config) => {
+                let name = rustls_pki_types::ServerName::IpAddress(addr.ip().into());
+                Some(rustls::ClientConnection::new(config, name).map_err(std::io::Error::other)?)
+            }
+        };
+        let mut c = Client {
             stream,
+            tls,
+            cbuf: BytesMut::new(),
             buf: BytesMut::with_capacity(64 * 1024),
             ws: None,
             addr,
@@ -65,7 +111,65 @@ impl Client {
             plain: Vec::new(),
             decoded: Default::default(),
             read_bytes: 0,
-        })
+        };
+        c.handshake().await?;
+        Ok(c)
+    }
+
+    /// Completes the TLS handshake (nothing to do without TLS).
+    async fn handshake(&mut self) -> std::io::Result<()> {
+        loop {
+            self.flush_tls().await?;
+            match self.tls.as_ref() {
+                Some(t) if t.is_handshaking() => {}
+                _ => return Ok(()),
+            }
+            self.read_cipher().await?;
+        }
+    }
+
+    /// Sends what the TLS session has queued.
+    async fn flush_tls(&mut self) -> std::io::Result<()> {
+        let Some(tls) = self.tls.as_mut() else {
+            return Ok(());
+        };
+        let mut out = Vec::new();
+        while tls.wants_write() {
+            tls.write_tls(&mut out)?;
+        }
+        if !out.is_empty() {
+            let (res, _) = self.stream.write_all(out).await;
+            res?;
+        }
+        Ok(())
+    }
+
+    /// Reads ciphertext from the socket and gives it to the TLS session.
+    async fn read_cipher(&mut self) -> std::io::Result<()> {
+        use monoio::buf::IoBufMut;
+        self.cbuf.reserve(16 * 1024);
+        let (len, cap) = (self.cbuf.len(), self.cbuf.capacity());
+        let owned = std::mem::take(&mut self.cbuf);
+        let (res, slice) = self.stream.read(owned.slice_mut(len..cap)).await;
+        self.cbuf = slice.into_inner();
+        let n = res?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        self.read_bytes += n as u64;
+        let Some(tls) = self.tls.as_mut() else {
+            return Ok(());
+        };
+        while !self.cbuf.is_empty() {
+            let mut rd: &[u8] = &self.cbuf;
+            let used = tls.read_tls(&mut rd)?;
+            self.cbuf.advance(used);
+            tls.process_new_packets().map_err(std::io::Error::other)?;
+            if used == 0 {
+                break;
+            }
+        }
+        Ok(())
     }
 
     pub async fn http(addr: SocketAddr) -> std::io::Result<Client> {
@@ -128,12 +232,57 @@ impl Client {
     }
 
     async fn write(&mut self, bytes: Vec<u8>) -> std::io::Result<()> {
+        if let Some(tls) = self.tls.as_mut() {
+            use std::io::Write;
+            tls.writer().write_all(&bytes)?;
+            return self.flush_tls().await;
+        }
         let (res, _) = self.stream.write_all(bytes).await;
         res.map(|_| ())
     }
 
     pub async fn read(&mut self) -> std::io::Result<()> {
         use monoio::buf::IoBufMut;
+        if self.tls.is_some() {
+            // Ciphertext in, plaintext appended to `buf`, until some plaintext arrived.
+            loop {
+                self.read_cipher().await?;
+                self.flush_tls().await?;
+                let Some(tls) = self.tls.as_mut() else {
+                    return Ok(());
+                };
+                let mut got = 0;
+                loop {
+                    let len = self.buf.len();
+                    self.buf.resize(len + 16 * 1024, 0);
+                    let r = std::io::Read::read(&mut tls.reader(), &mut self.buf[len..]);
+                    let n = match r {
+                        Ok(0) => {
+                            // close_notify: the peer is done (after what was read so far).
+                            self.buf.truncate(len);
+                            if got > 0 {
+                                return Ok(());
+                            }
+                            return Err(std::io::ErrorKind::UnexpectedEof.into());
+                        }
+                        Ok(n) => n,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
+                        Err(e) => {
+                            self.buf.truncate(len);
+                            return Err(e);
+                        }
+                    };
+                    self.buf.truncate(len + n);
+                    got += n;
+                    if n == 0 {
+                        break;
+                    }
+                }
+                if got > 0 {
+                    return Ok(());
+                }
+            }
+        }
         self.buf.reserve(64 * 1024);
         let (len, cap) = (self.buf.len(), self.buf.capacity());
         let owned = std::mem::take(&mut self.buf);
@@ -270,6 +419,29 @@ impl Client {
                 }
             }
         }
+    }
+
+    /// One `GET` with `Connection: close`; reads the whole response.
+    pub async fn get(&mut self, path: &str) -> std::io::Result<()> {
+        let req = format!(
+            "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            self.addr
+        );
+        self.write(req.into_bytes()).await?;
+        let end = self.head_end().await?;
+        let head = String::from_utf8_lossy(&self.buf[..end]).to_ascii_lowercase();
+        if !head.starts_with("http/1.1 200") {
+            return Err(std::io::Error::other(head));
+        }
+        let len = head
+            .split("\r\n")
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .unwrap_or(0);
+        while self.buf.len() < end + len {
+            self.read().await?;
+        }
+        Ok(())
     }
 
     /// One OpenAI streaming completion over SSE (chunked transfer coding).

@@ -8,6 +8,8 @@
 //! between deltas; TPOT: (e2e − TTFT) / (output tokens − 1); E2E: send → end — plus
 //! requests/s, output tokens/s and delta messages/s, as a table and (`--json`) as JSON.
 //! `seedance-bench idle`: opens N WebSocket connections and holds them (perf/idle_memory.sh).
+//! `seedance-bench handshakes`: TLS handshakes per second, full or resumed (perf/tls_compare.sh).
+//! `--tls-ca FILE` makes `ws`, `sse` and `idle` speak TLS 1.3 too.
 //! One monoio runtime, optionally pinned to one CPU, drives every connection.
 
 mod client;
@@ -42,6 +44,28 @@ enum Cmd {
     Sse(LoadArgs),
     /// Open connections and hold them idle.
     Idle(IdleArgs),
+    /// TLS handshakes per second: connect, handshake, `GET /v1/models`, close, over and over.
+    Handshakes(HandshakeArgs),
+}
+
+#[derive(clap::Args, Debug, Clone)]
+struct HandshakeArgs {
+    /// The TLS listener.
+    #[arg(long, default_value = "127.0.0.1:8443")]
+    addr: SocketAddr,
+    /// Connections made at once.
+    #[arg(long, default_value_t = 16)]
+    connections: usize,
+    #[arg(long, default_value_t = 5.0)]
+    duration: f64,
+    /// PEM file of the certificates to trust.
+    #[arg(long)]
+    tls_ca: std::path::PathBuf,
+    /// Resume sessions with the tickets the server sent (else every handshake is full).
+    #[arg(long)]
+    resume: bool,
+    #[arg(long)]
+    cpu: Option<usize>,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -66,6 +90,9 @@ struct LoadArgs {
     /// WebSocket message compression: none | zstd | deflate (permessage-deflate).
     #[arg(long, default_value = "none")]
     compression: String,
+    /// Speak TLS (1.3) to `--addr`, trusting the certificates in this PEM file.
+    #[arg(long)]
+    tls_ca: Option<std::path::PathBuf>,
     /// Seconds measured after warm-up (ignored when --num-requests is given).
     #[arg(long, default_value_t = 10.0)]
     duration: f64,
@@ -101,15 +128,19 @@ struct IdleArgs {
     /// Ask for compression (none | zstd | deflate).
     #[arg(long, default_value = "none")]
     compression: String,
+    /// Speak TLS (1.3), trusting the certificates in this PEM file.
+    #[arg(long)]
+    tls_ca: Option<std::path::PathBuf>,
     #[arg(long)]
     cpu: Option<usize>,
 }
 
 fn main() {
     let args = Args::parse();
-    let cpu = match &args.cmd {
-        Cmd::Ws(a) | Cmd::Sse(a) => a.cpu,
-        Cmd::Idle(a) => a.cpu,
+    let (cpu, tls) = match &args.cmd {
+        Cmd::Ws(a) | Cmd::Sse(a) => (a.cpu, a.tls_ca.clone().map(|p| (p, true))),
+        Cmd::Idle(a) => (a.cpu, a.tls_ca.clone().map(|p| (p, true))),
+        Cmd::Handshakes(a) => (a.cpu, Some((a.tls_ca.clone(), a.resume))),
     };
     if let Some(cpu) = cpu {
         let _ = monoio::utils::bind_to_cpu_set([cpu]);
@@ -126,10 +157,17 @@ fn main() {
         }
     };
     let code = rt.block_on(async move {
+        if let Some((ca, resume)) = tls {
+            if let Err(e) = client::use_tls(&ca, resume) {
+                eprintln!("seedance-bench: {}: {e}", ca.display());
+                return 1;
+            }
+        }
         match args.cmd {
             Cmd::Ws(a) => run_load(a, false).await,
             Cmd::Sse(a) => run_load(a, true).await,
             Cmd::Idle(a) => run_idle(a).await,
+            Cmd::Handshakes(a) => run_handshakes(a).await,
         }
     });
     std::process::exit(code);
@@ -379,6 +417,46 @@ fn report(run: &Run) -> i32 {
         println!("{}", serde_json::Value::Object(json));
     }
     i32::from(n == 0 || run.errors.get() > 0)
+}
+
+async fn run_handshakes(a: HandshakeArgs) -> i32 {
+    let done = Rc::new(Cell::new(0u64));
+    let errors = Rc::new(Cell::new(0u64));
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs_f64(a.duration);
+    let workers: Vec<_> = (0..a.connections.max(1))
+        .map(|_| {
+            let (done, errors) = (done.clone(), errors.clone());
+            monoio::spawn(async move {
+                while Instant::now() < deadline {
+                    let r = match Client::http(a.addr).await {
+                        Ok(mut c) => c.get("/v1/models").await,
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = &r {
+                        if errors.get() < 3 {
+                            eprintln!("handshake: {e}");
+                        }
+                    }
+                    let counter = if r.is_ok() { &done } else { &errors };
+                    counter.set(counter.get() + 1);
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.await;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "TLS handshakes ({}): {} in {secs:.2}s = {:.0}/s, {} errors ({} at once)",
+        if a.resume { "resumed" } else { "full" },
+        done.get(),
+        done.get() as f64 / secs,
+        errors.get(),
+        a.connections
+    );
+    i32::from(done.get() == 0 || errors.get() > 0)
 }
 
 async fn run_idle(a: IdleArgs) -> i32 {
