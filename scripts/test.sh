@@ -123,7 +123,7 @@ deps() {
     need node "install Node.js 20+ with npm"
     need npm "install npm"
     # Debian packages the tests need.
-    ensure_apt redis-server chromium
+    ensure_apt redis-server chromium openssl
     python3 -m pip install -q --root-user-action=ignore -r tests/e2e/requirements.txt
     npm ci --prefix tests/e2e --no-audit --no-fund --loglevel=error
     bash scripts/fetch_model.sh
