@@ -108,6 +108,9 @@ keys! {
     /// per line, 64 hex digits; the first seals, all open; reloaded on SIGHUP); empty =
     /// per-process keys.
     tls_ticket_keys: String = String::new(), "SEEDANCE_TLS_TICKET_KEYS";
+    /// YAML file of tenants (ids, SHA-256 of their API keys, allowed models, rate and
+    /// concurrency limits; docs/configuration.md "Tenants"); empty = authentication off.
+    tenants_file: String = String::new(), "SEEDANCE_TENANTS_FILE";
     /// Protocols served: websocket, http or all.
     mode: Mode = Mode::All, "SEEDANCE_MODE";
     /// Network shards (one pinned monoio runtime each); 0 = all cores minus the engine's.
@@ -249,6 +252,8 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// The TLS listener and its settings, when TLS is on.
     pub tls: Option<(SocketAddr, crate::server::tls::TlsSettings)>,
+    /// The tenants file, when authentication is on.
+    pub tenants_file: Option<std::path::PathBuf>,
     pub mode: Mode,
     pub cores: usize,
     pub max_head_bytes: usize,
@@ -482,6 +487,7 @@ impl Config {
             server: ServerConfig {
                 listen,
                 tls,
+                tenants_file: (!s.tenants_file.is_empty()).then(|| s.tenants_file.clone().into()),
                 mode: s.mode,
                 cores,
                 max_head_bytes: s.max_head_bytes,

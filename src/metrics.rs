@@ -89,6 +89,7 @@ pub const HANDSHAKE_REASONS: &[&str] = &[
     "tls_bad_certificate",
     "tls_timeout",
     "tls_protocol",
+    "rate_limited",
 ];
 
 /// Outcomes of `resume` messages, in label order (the error codes of docs/protocol.md).
@@ -135,7 +136,7 @@ pub struct ShardMetrics {
     /// TLS handshakes completed, and how many of them resumed a session (ticket).
     pub tls_handshakes: Counter,
     pub tls_resumed: Counter,
-    pub handshake_failures: [Counter; 24],
+    pub handshake_failures: [Counter; 25],
     pub http_requests: Counter,
     pub ws_messages_in: Counter,
     pub deltas_out: Counter,
@@ -225,6 +226,8 @@ pub struct Registry {
     pub store: Option<Arc<crate::store::thread::StoreHandle>>,
     /// zstd context memory, shared with the shards.
     pub compression: Option<Arc<crate::session::compress::Budget>>,
+    /// The tenants and their shared counters.
+    pub tenants: crate::ws::tenant::Tenants,
 }
 
 fn sum<'a>(it: impl Iterator<Item = &'a Counter>) -> u64 {
@@ -232,6 +235,84 @@ fn sum<'a>(it: impl Iterator<Item = &'a Counter>) -> u64 {
 }
 
 impl Registry {
+    /// Per-tenant counters (shared atomics of `session::limits::TenantState`).
+    fn tenant_metrics(&self, w: &mut String) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let ts: Vec<_> = self.tenants.iter().collect();
+        header(
+            w,
+            "seedance_tenant_requests_total",
+            "counter",
+            "Requests admitted per tenant.",
+        );
+        for t in &ts {
+            let n = t.state.admitted.load(Relaxed);
+            let _ = writeln!(
+                w,
+                "seedance_tenant_requests_total{{tenant=\"{}\"}} {n}",
+                t.id
+            );
+        }
+        header(
+            w,
+            "seedance_tenant_rate_limited_total",
+            "counter",
+            "Requests and connections refused per tenant, by the limit that refused them.",
+        );
+        for t in &ts {
+            for (i, l) in crate::session::limits::LIMIT_LABELS.iter().enumerate() {
+                let n = t.state.refused[i].load(Relaxed);
+                let _ = writeln!(
+                    w,
+                    "seedance_tenant_rate_limited_total{{tenant=\"{}\",limit=\"{l}\"}} {n}",
+                    t.id
+                );
+            }
+        }
+        header(
+            w,
+            "seedance_tenant_streams",
+            "gauge",
+            "Streams running per tenant.",
+        );
+        for t in &ts {
+            let _ = writeln!(
+                w,
+                "seedance_tenant_streams{{tenant=\"{}\"}} {}",
+                t.id,
+                t.state.streams()
+            );
+        }
+        header(
+            w,
+            "seedance_tenant_connections",
+            "gauge",
+            "WebSocket connections open per tenant.",
+        );
+        for t in &ts {
+            let _ = writeln!(
+                w,
+                "seedance_tenant_connections{{tenant=\"{}\"}} {}",
+                t.id,
+                t.state.connections()
+            );
+        }
+        header(
+            w,
+            "seedance_tenant_tokens_charged_total",
+            "counter",
+            "Tokens charged per tenant (prompt + max_tokens up front, less the refunds at the end).",
+        );
+        for t in &ts {
+            let n = t.state.tokens_charged.load(Relaxed);
+            let _ = writeln!(
+                w,
+                "seedance_tenant_tokens_charged_total{{tenant=\"{}\"}} {n}",
+                t.id
+            );
+        }
+    }
+
     /// Prometheus text exposition format 0.0.4.
     pub fn render(&self) -> String {
         let mut o = String::with_capacity(8192);
@@ -476,6 +557,9 @@ impl Registry {
             "Messages of compressed connections sent plain (breaker open or context budget spent).",
             sum(sh.iter().map(|s| &s.compress_plain)),
         );
+        if !self.tenants.is_empty() {
+            self.tenant_metrics(w);
+        }
         header(
             w,
             "seedance_compression_level",
@@ -739,6 +823,7 @@ mod tests {
             model: "null".into(),
             store: None,
             compression: None,
+            tenants: Default::default(),
         };
         let text = r.render();
         assert!(

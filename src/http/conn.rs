@@ -22,6 +22,8 @@ const READ_CHUNK: usize = 4096;
 
 /// What the request head said, owned, so the body can be read into the same buffer.
 pub struct RequestInfo {
+    /// The API key presented (`Authorization: Bearer`, `?api_key=`), for tenants.
+    pub api_key: Option<Vec<u8>>,
     pub method: String,
     pub path: String,
     pub query: Option<String>,
@@ -33,6 +35,7 @@ pub struct RequestInfo {
 impl RequestInfo {
     fn from_head(h: &Head<'_>) -> Self {
         Self {
+            api_key: crate::ws::tenant::request_key(&h.headers, h.query).map(|k| k.into_owned()),
             method: h.method.to_owned(),
             path: h.path.to_owned(),
             query: h.query.map(str::to_owned),
@@ -87,7 +90,10 @@ pub async fn serve<R: ConnRead>(
                         );
                         return None;
                     }
-                    let result = upgrade(shard, &head);
+                    let result = upgrade(shard, &head).and_then(|a| {
+                        take_tenant_connection(shard, conn, &a)?;
+                        Ok(a)
+                    });
                     return match result {
                         Ok(accepted) => {
                             buf.advance(len);
@@ -134,11 +140,16 @@ pub async fn serve<R: ConnRead>(
                     }
                     Err(e) => {
                         let body = error_body(e.code, &e.message, e.param);
+                        let retry = e.retry_after.map(|s| s.to_string());
+                        let headers: Vec<(&str, &str)> = match &retry {
+                            Some(r) => vec![("retry-after", r.as_str())],
+                            None => Vec::new(),
+                        };
                         write_response(
                             &mut conn.out.borrow_mut().buf,
                             e.status,
                             "application/json",
-                            &[],
+                            &headers,
                             &body,
                             false,
                         );
@@ -165,6 +176,59 @@ pub async fn serve<R: ConnRead>(
     }
 }
 
+/// A tenant's WebSocket connection takes one of its connection slots.
+fn take_tenant_connection(
+    shard: &Shard,
+    conn: &Conn,
+    accepted: &Accepted,
+) -> Result<(), handshake::HandshakeError> {
+    let Some(tenant) = accepted
+        .tenant
+        .as_deref()
+        .and_then(|id| shard.shared.tenants.get(id))
+    else {
+        return Ok(());
+    };
+    match tenant.state.connect() {
+        Ok(slot) => {
+            *conn.tenant_slot.borrow_mut() = Some(slot);
+            Ok(())
+        }
+        Err(why) => Err(handshake::HandshakeError::TenantLimit {
+            message: why.message(&tenant.id),
+            retry_after: why.retry_after_secs().unwrap_or(1),
+        }),
+    }
+}
+
+/// The tenant of an OpenAI request (by its key), or the 401 that says why there is none.
+/// Authentication off: `None`.
+fn http_tenant(shard: &Shard, info: &RequestInfo) -> Result<Option<usize>, openai::OpenAiError> {
+    let tenants = &shard.shared.tenants;
+    if tenants.is_empty() {
+        return Ok(None);
+    }
+    let found = info
+        .api_key
+        .as_deref()
+        .and_then(|k| tenants.find_by_key(k))
+        .and_then(|t| tenants.index_of(&t.id));
+    match found {
+        Some(i) => Ok(Some(i)),
+        None => Err(openai::OpenAiError {
+            status: 401,
+            code: "invalid_api_key",
+            message: if info.api_key.is_some() {
+                "Incorrect API key provided".into()
+            } else {
+                "You didn't provide an API key: send `Authorization: Bearer <key>`".into()
+            },
+            param: None,
+            retry_after: None,
+        }),
+    }
+}
+
 fn openai_request(
     shard: &Rc<Shard>,
     conn: &Rc<Conn>,
@@ -178,11 +242,13 @@ fn openai_request(
             code: "method_not_allowed",
             message: format!("{} takes POST", info.path),
             param: None,
+            retry_after: None,
         });
     }
+    let tenant = http_tenant(shard, info)?;
     let id = format!("{}{}", endpoint.id_prefix(), random_hex());
     let req = openai::parse(endpoint, body, id, &shard.shared.config.session)?;
-    crate::session::request_http::start_http(shard, conn, req)
+    crate::session::request_http::start_http(shard, conn, req, tenant)
 }
 
 fn random_hex() -> String {

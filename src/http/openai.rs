@@ -63,13 +63,15 @@ pub struct OpenAiError {
     pub code: &'static str,
     pub message: String,
     pub param: Option<&'static str>,
+    /// `Retry-After` (seconds) of a 429 from a tenant limit.
+    pub retry_after: Option<u64>,
 }
 
 impl From<ProtocolError> for OpenAiError {
     fn from(e: ProtocolError) -> Self {
         let status = match e.code {
             "model_not_found" => 404,
-            "overloaded" | "too_many_requests" => 429,
+            "overloaded" | "too_many_requests" | "rate_limited" | "request_too_large" => 429,
             "shutting_down" => 503,
             _ => 400,
         };
@@ -78,6 +80,7 @@ impl From<ProtocolError> for OpenAiError {
             code: e.code,
             message: e.message,
             param: e.param,
+            retry_after: e.limited.and_then(|l| l.retry_after_secs()),
         }
     }
 }
@@ -88,6 +91,7 @@ fn bad(msg: impl Into<String>) -> OpenAiError {
         code: "invalid_request_error",
         message: msg.into(),
         param: None,
+        retry_after: None,
     }
 }
 
@@ -101,6 +105,7 @@ fn unsupported(m: &Map<String, Value>) -> Result<(), OpenAiError> {
         code: "unsupported_parameter",
         message: format!("`{field}` is not supported by this server: {why}"),
         param: Some(field),
+        retry_after: None,
     };
     if set("tools").is_some_and(|t| t.as_array().is_none_or(|a| !a.is_empty())) {
         return Err(refuse("tools", "no tool calling"));

@@ -74,10 +74,10 @@ pub fn write_head(out: &mut BytesMut, status: u16, content_type: &str, len: usiz
 
 /// `{"error":{"message","type","param","code"}}`: the SPEC's shape, which is also OpenAI's.
 pub fn error_body(code: &str, message: &str, param: Option<&str>) -> Vec<u8> {
-    let kind = if code == "internal_error" {
-        "server_error"
-    } else {
-        "invalid_request_error"
+    let kind = match code {
+        "internal_error" => "server_error",
+        "rate_limited" | "request_too_large" => "rate_limit_error",
+        _ => "invalid_request_error",
     };
     serde_json::to_vec(&serde_json::json!({
         "error": { "code": code, "message": message, "type": kind, "param": param }

@@ -54,6 +54,9 @@ pub struct Conn {
     pub http_busy: Cell<Option<crate::engine::SeqKey>>,
     /// Signalled when `http_busy` clears.
     pub response_done: Notify,
+    /// The tenant's connection slot, for a WebSocket session of a tenant (freed with the
+    /// connection).
+    pub tenant_slot: RefCell<Option<crate::session::limits::ConnSlot>>,
 }
 
 impl Conn {
@@ -75,6 +78,7 @@ impl Conn {
             in_flight: Cell::new(0),
             http_busy: Cell::new(None),
             response_done: Notify::default(),
+            tenant_slot: RefCell::new(None),
         }
     }
 
@@ -111,7 +115,7 @@ impl Conn {
 /// Serves one accepted socket until it closes; `tls`: the listener is the TLS one.
 pub async fn serve(
     shard: Rc<Shard>,
-    mut stream: TcpStream,
+    stream: TcpStream,
     over_capacity: bool,
     tls: Option<Arc<rustls::ServerConfig>>,
 ) {
@@ -128,33 +132,45 @@ pub async fn serve(
             let (rd, wr) = stream.into_split();
             run(&shard, &conn, rd, wr, over_capacity).await;
         }
-        Some(config) => {
-            // The TLS handshake has the handshake timeout too (slow-loris on TLS).
-            let limit = shard.shared.config.server.handshake_timeout;
-            let hs = monoio::time::timeout(limit, super::tls::accept(&mut stream, config)).await;
-            match hs.unwrap_or(Err(super::tls::Failure::Timeout)) {
-                Ok((session, leftover)) => {
-                    shard.metrics.tls_handshakes.inc();
-                    if session.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
-                        shard.metrics.tls_resumed.inc();
-                    }
-                    let (rd, wr) = super::tls::split(stream, session, leftover, conn.clone());
-                    run(&shard, &conn, rd, wr, over_capacity).await;
-                }
-                Err(f) => {
-                    shard.metrics.handshake_failure(f.label());
-                    tracing::info!(reason = f.label(), "TLS handshake failed");
-                    conn.closing_since.set(Some(Instant::now()));
-                }
-            }
-        }
+        // Boxed: the TLS handshake and halves would otherwise make every connection's task
+        // (plain ones too) as large as the TLS one.
+        Some(config) => Box::pin(serve_tls(&shard, &conn, stream, config, over_capacity)).await,
     }
     crate::session::flow::release_conn(&shard, &conn);
+    conn.tenant_slot.borrow_mut().take();
     clear_pause(&shard, &conn);
     conn.state
         .advance(ConnState::Closed, Instant::now(), &shard.metrics);
     shard.conns.borrow_mut().try_remove(key);
     shard.metrics.active_connections.sub(1);
+}
+
+/// The TLS handshake (with the handshake timeout: a TLS slow-loris is closed too), then the
+/// connection over TLS.
+async fn serve_tls(
+    shard: &Rc<Shard>,
+    conn: &Rc<Conn>,
+    mut stream: TcpStream,
+    config: Arc<rustls::ServerConfig>,
+    over_capacity: bool,
+) {
+    let limit = shard.shared.config.server.handshake_timeout;
+    let hs = monoio::time::timeout(limit, super::tls::accept(&mut stream, config)).await;
+    match hs.unwrap_or(Err(super::tls::Failure::Timeout)) {
+        Ok((session, leftover)) => {
+            shard.metrics.tls_handshakes.inc();
+            if session.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+                shard.metrics.tls_resumed.inc();
+            }
+            let (rd, wr) = super::tls::split(stream, session, leftover, conn.clone());
+            run(shard, conn, rd, wr, over_capacity).await;
+        }
+        Err(f) => {
+            shard.metrics.handshake_failure(f.label());
+            tracing::info!(reason = f.label(), "TLS handshake failed");
+            conn.closing_since.set(Some(Instant::now()));
+        }
+    }
 }
 
 /// Runs the connection's reader (HTTP, then maybe a WebSocket session) and its writer task.

@@ -48,6 +48,8 @@ pub enum StartError {
     Store { url: String, reason: String },
     #[error("{0}")]
     Tls(#[from] tls::TlsError),
+    #[error("tenants file {path}: {reason}")]
+    Tenants { path: String, reason: String },
 }
 
 /// A running server (for tests and the binary).
@@ -186,6 +188,15 @@ pub fn start(config: Config) -> Result<Server, StartError> {
         window_log = compression.window_log,
         "zstd context size (ZSTD_sizeof_CCtx)"
     );
+    let tenants = match &config.server.tenants_file {
+        None => crate::ws::tenant::Tenants::default(),
+        Some(path) => {
+            crate::ws::tenant::Tenants::load(path).map_err(|reason| StartError::Tenants {
+                path: path.display().to_string(),
+                reason,
+            })?
+        }
+    };
     let registry = Arc::new(Registry {
         shards: shard_metrics.clone(),
         engine: engine_metrics,
@@ -193,6 +204,7 @@ pub fn start(config: Config) -> Result<Server, StartError> {
         model: config.engine.served_model_name.clone(),
         store: store.clone(),
         compression: Some(compression.clone()),
+        tenants: tenants.clone(),
     });
     let tls = match &config.server.tls {
         Some((_, settings)) => Some(Arc::new(tls::Tls::load(settings)?)),
@@ -206,7 +218,7 @@ pub fn start(config: Config) -> Result<Server, StartError> {
         registry,
         ready: AtomicBool::new(false),
         shutdown: AtomicBool::new(false),
-        tenants: crate::ws::tenant::Tenants::default(),
+        tenants,
         store,
         compression,
         config,

@@ -9,6 +9,7 @@ pub mod flow;
 pub mod heartbeat;
 pub mod journal;
 pub mod json;
+pub mod limits;
 pub mod logprobs;
 pub mod protocol;
 pub mod request;

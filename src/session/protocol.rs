@@ -69,6 +69,8 @@ pub struct ProtocolError {
     pub message: String,
     /// The request field at fault, when one is (OpenAI's `error.param`).
     pub param: Option<&'static str>,
+    /// A tenant limit refused the request: which one, and when to retry.
+    pub limited: Option<crate::session::limits::Limited>,
 }
 
 impl ProtocolError {
@@ -78,7 +80,15 @@ impl ProtocolError {
             code,
             message: message.into(),
             param: None,
+            limited: None,
         }
+    }
+
+    /// A request a tenant limit refused (`rate_limited` or `request_too_large`).
+    pub fn limited(id: Option<&str>, why: crate::session::limits::Limited, tenant: &str) -> Self {
+        let mut e = Self::new(id, why.code(), why.message(tenant));
+        e.limited = Some(why);
+        e
     }
 
     /// Names the request field at fault.
@@ -95,6 +105,12 @@ impl ProtocolError {
         }
         m.insert("code".into(), self.code.into());
         m.insert("message".into(), self.message.clone().into());
+        if let Some(why) = &self.limited {
+            m.insert("limit".into(), why.limit().into());
+            if let Some(d) = why.retry_after() {
+                m.insert("retry_after_ms".into(), (d.as_millis() as u64).into());
+            }
+        }
         Value::Object(m)
     }
 }

@@ -56,6 +56,10 @@ pub struct ReqEntry {
     pub logprobs: Option<Box<Logprobs>>,
     /// Set when the generation is resumable: its messages also go to the state store.
     pub journal: Option<Journal>,
+    /// The tenant's hold for this request (stream slot, tokens): released when the entry goes.
+    pub charge: Option<crate::session::limits::Charge>,
+    /// The tenant's index, for the log line.
+    pub tenant: Option<usize>,
 }
 
 impl ReqEntry {
@@ -114,6 +118,30 @@ impl ReqEntry {
             scratch: String::new(),
             logprobs: g.params.logprobs.map(|_| Box::new(Logprobs::new(shape))),
             journal: None,
+            charge: None,
+            tenant: None,
+        }
+    }
+
+    /// Takes the tenant's limits for this request: prompt + `max_tokens` tokens, one request,
+    /// one stream. Authentication off (`None`): nothing to take.
+    pub(super) fn charge_tenant(
+        &mut self,
+        shard: &Shard,
+        tenant: Option<usize>,
+        max_tokens: u32,
+    ) -> Result<(), ProtocolError> {
+        let Some(t) = tenant.and_then(|i| shard.shared.tenants.at(i)) else {
+            return Ok(());
+        };
+        let tokens = u64::from(self.prompt_tokens) + u64::from(max_tokens);
+        match t.state.admit(tokens) {
+            Ok(c) => {
+                self.charge = Some(c);
+                self.tenant = tenant;
+                Ok(())
+            }
+            Err(why) => Err(ProtocolError::limited(Some(&self.id), why, &t.id)),
         }
     }
 }
@@ -223,6 +251,9 @@ pub fn start_ws(shard: &Rc<Shard>, conn: &Rc<Conn>, g: GenerateMsg) -> Result<()
     })?;
     check_context(shard, &g, prompt.len())?;
     let mut entry = ReqEntry::new(shard, conn, &g, mode, prompt.len(), Sink::Ws);
+    let tenant = conn.ws.borrow().as_ref().and_then(|ws| ws.tenant);
+    let max_tokens = g.params.max_tokens.unwrap_or(cfg.default_max_tokens);
+    entry.charge_tenant(shard, tenant, max_tokens)?;
     let mut params = g.params.clone();
     let start = shared.store.as_ref().and_then(|store| {
         let ws = conn.ws.borrow();
@@ -506,6 +537,20 @@ fn finish(shard: &Shard, mut e: ReqEntry, reason: FinishReason, now: Instant) {
     }
     shard.metrics.outcome(reason.as_str());
     shard.metrics.e2e.observe(now.duration_since(e.arrived));
+    if let Some(c) = e.charge.as_mut() {
+        // What it used; the rest of its charge goes back when the entry is dropped.
+        c.used = u64::from(e.prompt_tokens) + u64::from(e.tokens);
+    }
+    tracing::debug!(
+        target: "seedance::request",
+        id = &*e.id,
+        tenant = e.tenant.and_then(|i| shard.shared.tenants.at(i)).map(|t| t.id.as_str()),
+        reason = reason.as_str(),
+        prompt_tokens = e.prompt_tokens,
+        completion_tokens = e.tokens,
+        ms = now.duration_since(e.arrived).as_millis() as u64,
+        "request done"
+    );
     if e.live() || e.journal.is_some() {
         write_end(shard, &mut e, reason, now);
     }

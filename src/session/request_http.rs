@@ -87,6 +87,7 @@ pub fn start_http(
     shard: &Rc<Shard>,
     conn: &Rc<Conn>,
     req: crate::http::openai::OpenAiRequest,
+    tenant: Option<usize>,
 ) -> Result<(), crate::http::openai::OpenAiError> {
     let shared = &shard.shared;
     let g = req.gen;
@@ -104,6 +105,21 @@ pub fn start_http(
             )
             .into());
         }
+    }
+    let t = tenant.and_then(|i| shared.tenants.at(i));
+    let model = g
+        .model
+        .as_deref()
+        .or_else(|| shared.models.first().map(String::as_str))
+        .unwrap_or_default();
+    if let Some(t) = t.filter(|t| !t.allows_model(model)) {
+        return Err(crate::http::openai::OpenAiError {
+            status: 403,
+            code: "model_not_allowed",
+            message: format!("tenant {:?} may not use model `{model}`", t.id),
+            param: Some("model"),
+            retry_after: None,
+        });
     }
     let prompt = shared.codec.encode(&g.input)?;
     check_context(shard, &g, prompt.len()).map_err(|mut e| {
@@ -131,7 +147,17 @@ pub fn start_http(
         started: false,
         last_write: Instant::now(),
     });
-    let entry = ReqEntry::new(shard, conn, &g, StreamMode::Token, prompt.len(), sink);
+    let mut entry = ReqEntry::new(shard, conn, &g, StreamMode::Token, prompt.len(), sink);
+    let max_tokens = g
+        .params
+        .max_tokens
+        .unwrap_or(shared.config.session.default_max_tokens);
+    entry
+        .charge_tenant(shard, tenant, max_tokens)
+        .map_err(|mut e| {
+            e.id = None;
+            e
+        })?;
     let key = submit(shard, entry, prompt, g.params.clone()).map_err(|mut e| {
         e.id = None;
         e

@@ -314,6 +314,9 @@ fn adopt(shard: &Shard, ticket: u64, gen: GenId, claimed: Claimed) {
         scratch: String::new(),
         // Logprobs are not carried over a takeover (documented in docs/protocol.md).
         logprobs: None,
+        // A takeover is not charged to the tenant again (the first owner charged it).
+        charge: None,
+        tenant: None,
         journal: Some(Journal::new(
             gen.clone(),
             claimed.epoch,

@@ -45,6 +45,8 @@ pub struct WsState {
     pub close_sent: bool,
     /// SIGTERM arrived: close with 1001 when the last generation ends.
     pub shutting_down: bool,
+    /// The authenticated tenant (index into the shared tenant table).
+    pub tenant: Option<usize>,
 }
 
 /// Runs the session until the connection closes.
@@ -110,6 +112,10 @@ pub async fn run<R: ConnRead>(
         ),
         close_sent: false,
         shutting_down: false,
+        tenant: accepted
+            .tenant
+            .as_deref()
+            .and_then(|id| shard.shared.tenants.index_of(id)),
     });
     super::flow::pump(shard, conn, false);
     if let (Some(f), Some(w)) = (conn.flow.borrow_mut().as_deref_mut(), accepted.window) {

@@ -183,11 +183,12 @@ fn base_headers() -> Vec<(&'static str, &'static [u8])> {
 }
 
 fn tenants() -> Tenants {
-    Tenants::new(vec![Tenant {
-        id: "acme-corp".into(),
-        key_sha256: vec![hash_key(b"acme-secret")],
-        models: vec!["llama3.2-1b".into()],
-    }])
+    Tenants::new(vec![Tenant::new(
+        "acme-corp".into(),
+        vec![hash_key(b"acme-secret")],
+        vec!["llama3.2-1b".into()],
+        Default::default(),
+    )])
 }
 
 fn run(

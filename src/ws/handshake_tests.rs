@@ -22,16 +22,18 @@ fn models() -> Vec<String> {
 
 fn tenants() -> Tenants {
     Tenants::new(vec![
-        Tenant {
-            id: "acme-corp".into(),
-            key_sha256: vec![hash_key(b"acme-secret")],
-            models: vec![],
-        },
-        Tenant {
-            id: "globex".into(),
-            key_sha256: vec![hash_key(b"globex-secret")],
-            models: vec!["llama3.2-1b".into()],
-        },
+        Tenant::new(
+            "acme-corp".into(),
+            vec![hash_key(b"acme-secret")],
+            vec![],
+            Default::default(),
+        ),
+        Tenant::new(
+            "globex".into(),
+            vec![hash_key(b"globex-secret")],
+            vec!["llama3.2-1b".into()],
+            Default::default(),
+        ),
     ])
 }
 

@@ -41,6 +41,9 @@ pub enum HandshakeError {
     BadCredentials,
     #[error("this tenant may not use model `{0}`")]
     ModelNotAllowed(String),
+    /// A tenant limit (its connections) refused the upgrade; `retry_after` in seconds.
+    #[error("{message}")]
+    TenantLimit { message: String, retry_after: u64 },
 }
 
 impl HandshakeError {
@@ -52,6 +55,7 @@ impl HandshakeError {
             HandshakeError::ModelNotFound(_) | HandshakeError::NoModelServed => 404,
             HandshakeError::UnknownTenant | HandshakeError::ModelNotAllowed(_) => 403,
             HandshakeError::BadCredentials => 401,
+            HandshakeError::TenantLimit { .. } => 429,
             _ => 400,
         }
     }
@@ -74,6 +78,7 @@ impl HandshakeError {
             HandshakeError::UnknownTenant => "unknown_tenant",
             HandshakeError::BadCredentials => "bad_credentials",
             HandshakeError::ModelNotAllowed(_) => "model_not_allowed",
+            HandshakeError::TenantLimit { .. } => "rate_limited",
         }
     }
 
@@ -109,6 +114,9 @@ pub fn write_error_response(dst: &mut BytesMut, err: &HandshakeError) {
         401 => b"www-authenticate: Bearer\r\n",
         _ => b"",
     });
+    if let HandshakeError::TenantLimit { retry_after, .. } = err {
+        dst.extend_from_slice(format!("retry-after: {retry_after}\r\n").as_bytes());
+    }
     dst.extend_from_slice(b"connection: close\r\n\r\n");
     dst.extend_from_slice(body.as_bytes());
 }
@@ -120,6 +128,7 @@ fn reason_phrase(status: u16) -> &'static str {
         403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        429 => "Too Many Requests",
         426 => "Upgrade Required",
         _ => "Error",
     }
@@ -176,6 +185,10 @@ mod tests {
             HandshakeError::UnknownTenant,
             HandshakeError::BadCredentials,
             HandshakeError::ModelNotAllowed("m".into()),
+            HandshakeError::TenantLimit {
+                message: "m".into(),
+                retry_after: 1,
+            },
         ];
         for e in all {
             assert_ne!(reason_phrase(e.status()), "Error", "{e:?}");

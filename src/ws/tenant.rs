@@ -3,8 +3,11 @@
 //! constant time.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
 use ring::digest;
+
+use crate::session::limits::{TenantLimits, TenantState};
 
 use super::fields;
 use super::handshake::{HandshakeContext, HandshakeError, HandshakeRequest};
@@ -18,6 +21,8 @@ pub struct Tenant {
     pub key_sha256: Vec<[u8; 32]>,
     /// Models this tenant may use; empty means every served model.
     pub models: Vec<String>,
+    /// Its limits and their counters, shared by every shard.
+    pub state: Arc<TenantState>,
 }
 
 impl std::fmt::Debug for Tenant {
@@ -27,11 +32,26 @@ impl std::fmt::Debug for Tenant {
             .field("id", &self.id)
             .field("keys", &self.key_sha256.len())
             .field("models", &self.models)
+            .field("limits", &self.state.limits)
             .finish()
     }
 }
 
 impl Tenant {
+    pub fn new(
+        id: String,
+        key_sha256: Vec<[u8; 32]>,
+        models: Vec<String>,
+        limits: TenantLimits,
+    ) -> Self {
+        Self {
+            id,
+            key_sha256,
+            models,
+            state: Arc::new(TenantState::new(limits)),
+        }
+    }
+
     /// Whether `key` is one of this tenant's keys. Hashes the key and
     /// compares against every stored digest without early exit, so the time
     /// taken says nothing about which bytes matched.
@@ -83,6 +103,83 @@ impl Tenants {
 
     pub fn iter(&self) -> impl Iterator<Item = &Tenant> {
         self.0.iter()
+    }
+
+    /// Index of tenant `id` (kept by sessions instead of the name).
+    pub fn index_of(&self, id: &str) -> Option<usize> {
+        self.0.iter().position(|t| t.id == id)
+    }
+
+    pub fn at(&self, i: usize) -> Option<&Tenant> {
+        self.0.get(i)
+    }
+
+    /// Reads the tenants file (`tenants_file`):
+    ///
+    /// ```yaml
+    /// tenants:
+    ///   - id: acme                 # routing name: subprotocol `acme.v1`
+    ///     key_sha256: [<64 hex>]   # SHA-256 of each accepted API key
+    ///     models: [null]           # optional; absent = every served model
+    ///     requests_per_minute: 600 # each limit optional
+    ///     tokens_per_minute: 200000
+    ///     max_concurrent_streams: 32
+    ///     max_connections: 64
+    /// ```
+    pub fn load(path: &std::path::Path) -> Result<Tenants, String> {
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct File {
+            tenants: Vec<Entry>,
+        }
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Entry {
+            id: String,
+            key_sha256: Vec<String>,
+            #[serde(default)]
+            models: Vec<String>,
+            requests_per_minute: Option<u32>,
+            tokens_per_minute: Option<u32>,
+            max_concurrent_streams: Option<u32>,
+            max_connections: Option<u32>,
+        }
+        let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+        let file: File = serde_yaml::from_str(&text).map_err(|e| e.to_string())?;
+        let mut out: Vec<Tenant> = Vec::new();
+        for e in file.tenants {
+            let valid_id = !e.id.is_empty()
+                && e.id.len() <= 64
+                && e.id.bytes().all(|b| fields::is_tchar(b) && b != b'.');
+            if !valid_id {
+                return Err(format!(
+                    "tenant id {:?}: 1-64 token characters, no dot",
+                    e.id
+                ));
+            }
+            if out.iter().any(|t| t.id == e.id) {
+                return Err(format!("tenant {:?} listed twice", e.id));
+            }
+            let keys = e
+                .key_sha256
+                .iter()
+                .map(|h| parse_sha256_hex(h.trim()))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| {
+                    format!("tenant {:?}: key_sha256 entries are 64 hex digits", e.id)
+                })?;
+            if keys.is_empty() {
+                return Err(format!("tenant {:?}: no key", e.id));
+            }
+            let limits = TenantLimits {
+                requests_per_minute: e.requests_per_minute,
+                tokens_per_minute: e.tokens_per_minute,
+                max_concurrent_streams: e.max_concurrent_streams,
+                max_connections: e.max_connections,
+            };
+            out.push(Tenant::new(e.id, keys, e.models, limits));
+        }
+        Ok(Tenants(out))
     }
 }
 
@@ -183,19 +280,28 @@ fn tenant_offer(entry: &[u8]) -> Option<(&str, &str)> {
 /// The API key, from the first of: `Authorization: Bearer <key>`, a
 /// `bearer.<key>` subprotocol, `?api_key=`.
 fn presented_key<'a>(req: &HandshakeRequest<'a>) -> Option<Cow<'a, [u8]>> {
-    let from_header = fields::all(req.headers, "authorization").find_map(|v| {
+    request_key(req.headers, req.query)
+}
+
+/// The API key of a request (WebSocket upgrade or OpenAI route), from the first of:
+/// `Authorization: Bearer <key>`, a `bearer.<key>` subprotocol, `?api_key=`.
+pub fn request_key<'a>(
+    headers: &'a fields::Headers<'a>,
+    query: Option<&'a str>,
+) -> Option<Cow<'a, [u8]>> {
+    let from_header = fields::all(headers, "authorization").find_map(|v| {
         let (scheme, rest) = fields::trim(v).split_at_checked(7)?;
         let key = fields::trim(rest);
         (scheme.eq_ignore_ascii_case(b"bearer ") && !key.is_empty()).then_some(key)
     });
     let from_protocol = || {
-        fields::list(req.headers, "sec-websocket-protocol")
+        fields::list(headers, "sec-websocket-protocol")
             .find_map(|e| e.strip_prefix(b"bearer.").filter(|k| !k.is_empty()))
     };
     from_header
         .or_else(from_protocol)
         .map(Cow::Borrowed)
-        .or_else(|| fields::query_param(req.query, "api_key").filter(|k| !k.is_empty()))
+        .or_else(|| fields::query_param(query, "api_key").filter(|k| !k.is_empty()))
 }
 
 #[cfg(test)]
@@ -203,11 +309,12 @@ mod tests {
     use super::*;
 
     fn tenant(id: &str, keys: &[&str], models: &[&str]) -> Tenant {
-        Tenant {
-            id: id.to_string(),
-            key_sha256: keys.iter().map(|k| hash_key(k.as_bytes())).collect(),
-            models: models.iter().map(|m| m.to_string()).collect(),
-        }
+        Tenant::new(
+            id.to_string(),
+            keys.iter().map(|k| hash_key(k.as_bytes())).collect(),
+            models.iter().map(|m| m.to_string()).collect(),
+            Default::default(),
+        )
     }
 
     #[test]
