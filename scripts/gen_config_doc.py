@@ -45,6 +45,48 @@ null_tokens_per_s: 50
 heartbeat_interval_ms: 15000
 ```
 
+## TLS
+
+`tls_listen` with `tls_cert` and `tls_key` (PEM; the chain leaf first; PKCS#8, PKCS#1 or SEC1
+key) adds a TLS 1.3 listener beside `listen` (`wss://`, `https://`; ALPN `http/1.1`; no 0-RTT;
+`tls12` to allow TLS 1.2). `tls_ticket_keys` names a file of session-ticket keys that every
+instance behind one load balancer reads, so a client resumes on any of them:
+
+```
+# first line seals new tickets; every line opens them
+6f0c3f1e...64 hex digits...
+```
+
+Make a key with `openssl rand -hex 32`. Rotate: put a new key first, keep the old one for a
+ticket lifetime (6 h), then drop it; `kill -HUP <pid>` rereads the file, the certificate and its
+key (a file that does not parse is logged and the old one stays; open connections keep theirs).
+
+## Tenants
+
+`tenants_file` turns authentication on for the WebSocket and the OpenAI routes alike:
+
+```yaml
+tenants:
+  - id: acme                      # routing: subprotocol `acme.v1`; 1-64 token chars, no dot
+    key_sha256:                   # SHA-256 (hex) of each accepted key: several, for rotation
+      - 2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae
+    models: [qwen2.5-0.5b]        # optional; absent: every served model
+    requests_per_minute: 600      # each limit optional; absent: unlimited
+    tokens_per_minute: 200000     # prompt + max_tokens charged up front, unused part refunded
+    max_concurrent_streams: 32    # generations running at once
+    max_connections: 64           # WebSocket connections open at once
+```
+
+`printf %s "$KEY" | sha256sum` gives a key's hash; keys themselves never appear in the file,
+logs or metrics. A client presents its key as `Authorization: Bearer <key>`, a
+`bearer.<key>` subprotocol (browsers), or `?api_key=`. Limits hold across the shards of one
+instance (one shared atomic per check, per request — never per token); rates allow a burst of a
+whole minute's allowance, then refill evenly. Over a limit: HTTP `429` with `Retry-After` and an
+OpenAI error body (`code` `rate_limited`, `type` `rate_limit_error`), or a WebSocket `error` with
+`code`, `limit` and `retry_after_ms` (docs/protocol.md); a request asking for more tokens than a
+minute allows is `request_too_large` (no retry helps). Counters: `seedance_tenant_*` metrics.
+Limits are per instance: sharing them across instances through Redis is not built.
+
 Start-up errors (bad key, bad value, port taken, model missing) print one line
 `seedance-server: <reason>` and exit non-zero (2 for configuration, 1 for start-up).
 """
