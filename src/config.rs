@@ -158,6 +158,12 @@ keys! {
     heartbeat_dead_rtos: u32 = 4, "SEEDANCE_HEARTBEAT_DEAD_RTOS";
     /// Connections one shard accepts before answering 503.
     max_connections_per_core: usize = 65_536, "SEEDANCE_MAX_CONNECTIONS_PER_CORE";
+    /// Connections one client address may hold open at once (whole instance); 0 = no limit
+    /// (the default: behind a load balancer every client has its address).
+    max_connections_per_ip: u32 = 0, "SEEDANCE_MAX_CONNECTIONS_PER_IP";
+    /// New connections per second one client address may open (a burst of one second's worth);
+    /// 0 = no limit.
+    connection_rate_per_ip: u32 = 0, "SEEDANCE_CONNECTION_RATE_PER_IP";
     /// Concurrent generations on one WebSocket connection.
     max_requests_per_connection: usize = 64, "SEEDANCE_MAX_REQUESTS_PER_CONNECTION";
     /// Outgoing bytes queued on a connection above which its sequences pause in the engine.
@@ -259,6 +265,8 @@ pub struct ServerConfig {
     pub max_head_bytes: usize,
     pub max_body_bytes: usize,
     pub max_connections_per_core: usize,
+    pub max_connections_per_ip: u32,
+    pub connection_rate_per_ip: u32,
     pub handshake_timeout: Duration,
     pub idle_timeout: Duration,
     pub shutdown_timeout: Duration,
@@ -493,6 +501,8 @@ impl Config {
                 max_head_bytes: s.max_head_bytes,
                 max_body_bytes: s.max_body_bytes,
                 max_connections_per_core: s.max_connections_per_core,
+                max_connections_per_ip: s.max_connections_per_ip,
+                connection_rate_per_ip: s.connection_rate_per_ip,
                 handshake_timeout: ms(s.handshake_timeout_ms),
                 idle_timeout: ms(s.idle_timeout_ms),
                 shutdown_timeout: ms(s.shutdown_timeout_ms),

@@ -90,6 +90,8 @@ pub const HANDSHAKE_REASONS: &[&str] = &[
     "tls_timeout",
     "tls_protocol",
     "rate_limited",
+    "ip_connections",
+    "ip_rate",
 ];
 
 /// Outcomes of `resume` messages, in label order (the error codes of docs/protocol.md).
@@ -136,7 +138,7 @@ pub struct ShardMetrics {
     /// TLS handshakes completed, and how many of them resumed a session (ticket).
     pub tls_handshakes: Counter,
     pub tls_resumed: Counter,
-    pub handshake_failures: [Counter; 25],
+    pub handshake_failures: [Counter; 27],
     pub http_requests: Counter,
     pub ws_messages_in: Counter,
     pub deltas_out: Counter,

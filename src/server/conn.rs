@@ -57,6 +57,8 @@ pub struct Conn {
     /// The tenant's connection slot, for a WebSocket session of a tenant (freed with the
     /// connection).
     pub tenant_slot: RefCell<Option<crate::session::limits::ConnSlot>>,
+    /// Its place in its client address's connection count (per-IP limits).
+    pub ip_slot: RefCell<Option<crate::session::limits::IpSlot>>,
 }
 
 impl Conn {
@@ -79,6 +81,7 @@ impl Conn {
             http_busy: Cell::new(None),
             response_done: Notify::default(),
             tenant_slot: RefCell::new(None),
+            ip_slot: RefCell::new(None),
         }
     }
 
@@ -118,10 +121,12 @@ pub async fn serve(
     stream: TcpStream,
     over_capacity: bool,
     tls: Option<Arc<rustls::ServerConfig>>,
+    ip_slot: Option<crate::session::limits::IpSlot>,
 ) {
     let _ = stream.set_nodelay(true);
     let now = Instant::now();
     let conn = Rc::new(Conn::new(stream.as_raw_fd(), now));
+    *conn.ip_slot.borrow_mut() = ip_slot;
     let key = shard.conns.borrow_mut().insert(conn.clone());
     conn.key.set(key);
     shard.metrics.active_connections.inc();
@@ -138,11 +143,46 @@ pub async fn serve(
     }
     crate::session::flow::release_conn(&shard, &conn);
     conn.tenant_slot.borrow_mut().take();
+    conn.ip_slot.borrow_mut().take();
     clear_pause(&shard, &conn);
     conn.state
         .advance(ConnState::Closed, Instant::now(), &shard.metrics);
     shard.conns.borrow_mut().try_remove(key);
     shard.metrics.active_connections.sub(1);
+}
+
+/// A connection its client address may not open now (per-IP limits): a plain `429` with
+/// `Retry-After` on the plain port, a bare close on the TLS port (nothing readable to say there
+/// before a handshake), at once and without reading.
+pub async fn refuse_ip(mut stream: TcpStream, why: crate::session::limits::IpRefusal, tls: bool) {
+    use monoio::io::AsyncWriteRentExt;
+    if !tls {
+        let body = format!(
+            "{{\"error\":{{\"code\":\"too_many_connections\",\"message\":\"too many connections from your address ({})\"}}}}",
+            why.label()
+        );
+        let msg = format!(
+            "HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\nretry-after: {}\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+            why.retry_after_secs(),
+            body.len()
+        );
+        let _ = stream.write_all(msg.into_bytes()).await;
+    }
+    let _ = monoio::io::AsyncWriteRent::shutdown(&mut stream).await;
+    if !tls {
+        // Read what the client sent for a moment: closing with unread data would reset the
+        // connection and lose the answer.
+        let mut buf = BytesMut::new();
+        let linger = async {
+            while let Ok(n) = crate::server::io::read_into(&mut stream, &mut buf, 1024).await {
+                if n == 0 {
+                    break;
+                }
+                buf.clear();
+            }
+        };
+        let _ = monoio::time::timeout(Duration::from_millis(500), linger).await;
+    }
 }
 
 /// The TLS handshake (with the handshake timeout: a TLS slow-loris is closed too), then the

@@ -210,8 +210,13 @@ pub fn start(config: Config) -> Result<Server, StartError> {
         Some((_, settings)) => Some(Arc::new(tls::Tls::load(settings)?)),
         None => None,
     };
+    let ip_limits = crate::session::limits::IpLimits::new(
+        config.server.max_connections_per_ip,
+        config.server.connection_rate_per_ip,
+    );
     let shared = Arc::new(Shared {
         tls,
+        ip_limits,
         models: vec![config.engine.served_model_name.clone()],
         codec: built.codec,
         max_model_len: built.max_model_len,

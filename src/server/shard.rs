@@ -44,6 +44,8 @@ pub struct Shared {
     pub compression: Arc<crate::session::compress::Budget>,
     /// TLS (certificate, tickets), when a TLS listener is configured.
     pub tls: Option<Arc<crate::server::tls::Tls>>,
+    /// Per-address connection limits, when configured.
+    pub ip_limits: Option<Arc<crate::session::limits::IpLimits>>,
 }
 
 /// A shard's state, owned by its thread.
@@ -174,7 +176,7 @@ async fn accept_loop(
         if shard.draining.get() {
             break;
         }
-        let (stream, _) = match accepted {
+        let (stream, peer) = match accepted {
             Ok(s) => s,
             Err(e) => {
                 tracing::debug!(shard = shard.id, "accept: {e}");
@@ -184,8 +186,17 @@ async fn accept_loop(
             }
         };
         shard.metrics.accepted_connections.inc();
+        let slot = match shard.shared.ip_limits.as_ref().map(|l| l.admit(peer.ip())) {
+            None => None,
+            Some(Ok(slot)) => Some(slot),
+            Some(Err(why)) => {
+                shard.metrics.handshake_failure(why.label());
+                monoio::spawn(conn::refuse_ip(stream, why, tls.is_some()));
+                continue;
+            }
+        };
         let over = shard.conns.borrow().len() >= max;
-        monoio::spawn(conn::serve(shard.clone(), stream, over, tls.clone()));
+        monoio::spawn(conn::serve(shard.clone(), stream, over, tls.clone(), slot));
     }
 }
 

@@ -319,9 +319,142 @@ impl Drop for ConnSlot {
     }
 }
 
+/// Per-IP connection limits (hostile clients): connections open at once and new connections
+/// per second, for the whole instance. One lock per accepted connection (never per message);
+/// entries go when an address has no connection open and a full allowance.
+pub struct IpLimits {
+    max_open: u32,
+    per_second: u32,
+    table: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, IpEntry>>,
+}
+
+#[derive(Debug, Default)]
+struct IpEntry {
+    open: u32,
+    /// GCRA arrival time of the accept rate (ns).
+    tat: u64,
+}
+
+/// Why an address may not connect now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IpRefusal {
+    TooMany { max: u32 },
+    TooFast { retry_after: Duration },
+}
+
+impl IpRefusal {
+    pub const fn label(&self) -> &'static str {
+        match self {
+            IpRefusal::TooMany { .. } => "ip_connections",
+            IpRefusal::TooFast { .. } => "ip_rate",
+        }
+    }
+
+    pub fn retry_after_secs(&self) -> u64 {
+        match self {
+            IpRefusal::TooMany { .. } => 1,
+            IpRefusal::TooFast { retry_after } => {
+                retry_after.as_millis().div_ceil(1000).max(1) as u64
+            }
+        }
+    }
+}
+
+impl IpLimits {
+    /// `None` when both limits are off (0).
+    pub fn new(max_open: u32, per_second: u32) -> Option<Arc<Self>> {
+        (max_open > 0 || per_second > 0).then(|| {
+            Arc::new(Self {
+                max_open,
+                per_second,
+                table: Default::default(),
+            })
+        })
+    }
+
+    /// Admits a new connection from `ip`; the slot is released when dropped.
+    pub fn admit(self: &Arc<Self>, ip: std::net::IpAddr) -> Result<IpSlot, IpRefusal> {
+        let now = now_ns();
+        let Ok(mut table) = self.table.lock() else {
+            // A poisoned lock (a panic elsewhere): do not lock every client out.
+            return Ok(IpSlot { limits: None, ip });
+        };
+        let e = table.entry(ip).or_default();
+        if self.max_open > 0 && e.open >= self.max_open {
+            return Err(IpRefusal::TooMany { max: self.max_open });
+        }
+        if self.per_second > 0 {
+            // A burst of one second's allowance, then `per_second` a second.
+            let cost = 1_000_000_000 / u64::from(self.per_second);
+            let new = e.tat.max(now) + cost;
+            let limit = now + 1_000_000_000;
+            if new > limit {
+                return Err(IpRefusal::TooFast {
+                    retry_after: Duration::from_nanos(new - limit),
+                });
+            }
+            e.tat = new;
+        }
+        e.open += 1;
+        if table.len() > 4096 {
+            // Forget addresses with nothing open whose allowance is full again.
+            table.retain(|_, e| e.open > 0 || e.tat > now);
+        }
+        Ok(IpSlot {
+            limits: Some(self.clone()),
+            ip,
+        })
+    }
+
+    pub fn addresses(&self) -> usize {
+        self.table.lock().map_or(0, |t| t.len())
+    }
+}
+
+/// A connection's place in its address's count.
+pub struct IpSlot {
+    limits: Option<Arc<IpLimits>>,
+    ip: std::net::IpAddr,
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let Some(l) = &self.limits else { return };
+        if let Ok(mut t) = l.table.lock() {
+            let now = now_ns();
+            if let Some(e) = t.get_mut(&self.ip) {
+                e.open = e.open.saturating_sub(1);
+                if e.open == 0 && e.tat <= now {
+                    t.remove(&self.ip);
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ip_limits_cap_open_connections_and_the_accept_rate() {
+        let ip: std::net::IpAddr = "10.0.0.1".parse().unwrap();
+        let other: std::net::IpAddr = "10.0.0.2".parse().unwrap();
+        let l = IpLimits::new(3, 0).unwrap();
+        let slots: Vec<_> = (0..3).map(|_| l.admit(ip).unwrap()).collect();
+        assert_eq!(l.admit(ip).err(), Some(IpRefusal::TooMany { max: 3 }));
+        assert!(l.admit(other).is_ok(), "another address is not affected");
+        drop(slots);
+        assert!(l.admit(ip).is_ok());
+        assert_eq!(l.addresses(), 0, "entries go with their last connection");
+        let r = IpLimits::new(0, 10).unwrap();
+        let held: Vec<_> = (0..10).map(|_| r.admit(ip).unwrap()).collect();
+        let e = r.admit(ip).err().unwrap();
+        assert_eq!((e.label(), e.retry_after_secs()), ("ip_rate", 1));
+        drop(held);
+        assert!(r.admit(ip).is_err(), "closing does not give rate back");
+        assert!(IpLimits::new(0, 0).is_none());
+    }
 
     fn state(l: TenantLimits) -> Arc<TenantState> {
         Arc::new(TenantState::new(l))
