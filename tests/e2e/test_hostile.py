@@ -143,3 +143,73 @@ def test_idle_crowd_and_slow_loris_while_streams_run(start_server):
         k.close()
     assert wait_until(lambda: metric_value(s.metrics(), 'seedance_active_connections{core="0"}') <= 1,
                       timeout=30), "connections were not released"
+
+
+def test_garbage_from_many_clients_never_hurts_a_stream_or_leaks_kv(start_server):
+    """Random heads, random frames after a valid upgrade, and random JSON in valid frames, from
+    200 connections (seeded), while one real generation streams on a model with a KV cache: the
+    stream finishes whole and in order, the server answers every bad client with an error or a
+    close, and every KV block is free afterwards."""
+    import json
+    import random
+
+    from conftest import run
+    from test_robustness import client_frame
+    from wsclient import gen_msg, open_ws
+
+    s = start_server(model="synthetic:tiny")
+    rng = random.Random(11)
+
+    def garbage(i: int) -> None:
+        with socket.create_connection((s.host, s.port), timeout=10) as k:
+            kind = i % 4
+            if kind == 0:  # a random head
+                k.sendall(bytes(rng.randrange(256) for _ in range(rng.randrange(1, 2000))) + b"\r\n\r\n")
+            elif kind == 1:  # an oversized head
+                k.sendall(b"GET /v1/chat HTTP/1.1\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n")
+            else:
+                assert upgrade(k).startswith(b"HTTP/1.1 101")
+                if kind == 2:  # random bytes as frames
+                    k.sendall(bytes(rng.randrange(256) for _ in range(rng.randrange(1, 5000))))
+                else:  # random JSON-ish text in valid frames, then a generation that is cancelled
+                    for _ in range(5):
+                        junk = rng.choice([
+                            json.dumps({"type": "generate", "id": rng.random(), "max_tokens": rng.randint(-5, 10**9)}),
+                            json.dumps({"type": rng.choice(["resume", "cancel", "ack", "x"]), "id": "z" * rng.randrange(300)}),
+                            '{"type":"generate","id":"g","messages":[{"role":"user","content":' + "[" * 200 + '}',
+                            "".join(chr(rng.randrange(32, 0x2FFF)) for _ in range(rng.randrange(200))),
+                        ])
+                        k.sendall(client_frame(0x1, junk.encode()))
+                    k.sendall(client_frame(0x1, gen_msg("g", 50).encode()))
+            k.settimeout(5)
+            try:
+                while k.recv(65536):
+                    if kind == 3:
+                        break
+            except OSError:
+                pass
+
+    async def good():
+        async with open_ws(s, "?stream_mode=token", compression=None) as ws:
+            await ws.recv()
+            await ws.send(gen_msg("good", 200))
+            seqs = []
+            while True:
+                m = json.loads(await ws.recv())
+                if m["type"] == "done":
+                    return seqs, m
+                assert m["type"] == "delta", m
+                seqs.append(m["seq"])
+
+    result = {}
+    t = threading.Thread(target=lambda: result.update(r=run(good(), timeout=120)))
+    t.start()
+    for i in range(200):
+        garbage(i)
+    t.join(120)
+    seqs, done = result["r"]
+    assert seqs == list(range(1, len(seqs) + 1)) and done["seq"] == len(seqs) + 1
+    # (The random-weights model may end early with its EOS token: `stop`.)
+    assert done["finish_reason"] in ("length", "stop") and done["usage"]["completion_tokens"] >= 1, done
+    assert wait_until(lambda: metric_value(s.metrics(), "seedance_kv_cache_usage_ratio") == 0, timeout=30)
+    assert s.proc.poll() is None, "the server is still running"
