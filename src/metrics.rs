@@ -389,12 +389,24 @@ impl Registry {
             "Generation requests by outcome.",
         );
         for (i, r) in OUTCOMES.iter().enumerate() {
-            let _ = writeln!(
-                w,
-                "seedance_requests_total{{tenant=\"\",model=\"{}\",outcome=\"{r}\"}} {}",
-                self.model,
-                sum(sh.iter().map(|s| &s.requests[i]))
-            );
+            // Requests of no tenant (authentication off) are the rest of the total.
+            let mut anonymous = sum(sh.iter().map(|s| &s.requests[i]));
+            for t in self.tenants.iter() {
+                let n = t.state.outcomes[i].load(std::sync::atomic::Ordering::Relaxed);
+                anonymous = anonymous.saturating_sub(n);
+                let _ = writeln!(
+                    w,
+                    "seedance_requests_total{{tenant=\"{}\",model=\"{}\",outcome=\"{r}\"}} {n}",
+                    t.id, self.model
+                );
+            }
+            if self.tenants.is_empty() || anonymous > 0 {
+                let _ = writeln!(
+                    w,
+                    "seedance_requests_total{{tenant=\"\",model=\"{}\",outcome=\"{r}\"}} {anonymous}",
+                    self.model
+                );
+            }
         }
         simple(
             w,

@@ -173,6 +173,8 @@ pub struct TenantState {
     pub admitted: AtomicU64,
     pub refused: [AtomicU64; 4],
     pub tokens_charged: AtomicU64,
+    /// Ended requests by outcome (`metrics::OUTCOMES` order), for `seedance_requests_total`.
+    pub outcomes: [AtomicU64; 5],
 }
 
 pub const LIMIT_LABELS: [&str; 4] = [
@@ -216,6 +218,7 @@ impl TenantState {
             admitted: AtomicU64::new(0),
             refused: Default::default(),
             tokens_charged: AtomicU64::new(0),
+            outcomes: Default::default(),
         }
     }
 
@@ -272,6 +275,17 @@ impl TenantState {
         } else {
             let max = self.limits.max_connections.unwrap_or(0);
             Err(self.refuse(Limited::Connections { max }))
+        }
+    }
+
+    /// Counts an ended request of this tenant under `label` (a `metrics::OUTCOMES` entry).
+    pub fn outcome(&self, label: &str) {
+        let i = crate::metrics::OUTCOMES
+            .iter()
+            .position(|r| *r == label)
+            .unwrap_or(3);
+        if let Some(c) = self.outcomes.get(i) {
+            c.fetch_add(1, Ordering::Relaxed);
         }
     }
 

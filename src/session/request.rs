@@ -181,6 +181,7 @@ pub(super) fn submit(
     params: SamplingParams,
 ) -> Result<SeqKey, ProtocolError> {
     let id = entry.id.clone();
+    let tenant = entry.tenant;
     let key = shard.insert_request(entry);
     let msg = EngineMsg::Generate(Box::new(GenerateRequest {
         key,
@@ -191,6 +192,7 @@ pub(super) fn submit(
     if shard.link.borrow_mut().send(msg).is_err() {
         shard.requests.borrow_mut().try_remove(key.slot as usize);
         shard.metrics.outcome("rejected");
+        tenant_outcome(shard, tenant, "rejected");
         return Err(ProtocolError::new(
             Some(&id),
             "overloaded",
@@ -297,6 +299,13 @@ pub fn start_ws(shard: &Rc<Shard>, conn: &Rc<Conn>, g: GenerateMsg) -> Result<()
     Ok(())
 }
 
+/// Counts an ended request under its tenant too (`seedance_requests_total{tenant}`).
+fn tenant_outcome(shard: &Shard, tenant: Option<usize>, label: &str) {
+    if let Some(t) = tenant.and_then(|i| shard.shared.tenants.at(i)) {
+        t.state.outcome(label);
+    }
+}
+
 fn random_seed() -> u64 {
     use ring::rand::{SecureRandom, SystemRandom};
     let mut b = [0u8; 8];
@@ -334,6 +343,7 @@ pub fn on_event(shard: &Shard, ev: TokenEvent, now: Instant) {
             let entry = reqs.remove(slot);
             drop(reqs);
             shard.metrics.outcome("rejected");
+            tenant_outcome(shard, entry.tenant, "rejected");
             let (status, message) = match why {
                 RejectReason::Overloaded => (429, "the engine is at capacity; retry later"),
                 RejectReason::PromptTooLong => (
@@ -536,6 +546,7 @@ fn finish(shard: &Shard, mut e: ReqEntry, reason: FinishReason, now: Instant) {
         return;
     }
     shard.metrics.outcome(reason.as_str());
+    tenant_outcome(shard, e.tenant, reason.as_str());
     shard.metrics.e2e.observe(now.duration_since(e.arrived));
     if let Some(c) = e.charge.as_mut() {
         // What it used; the rest of its charge goes back when the entry is dropped.

@@ -168,6 +168,8 @@ def test_requests_per_minute_shared_by_the_shards(tenants_server):
         assert e["limit"] == "requests_per_minute" and 0 < e["retry_after_ms"] <= 20_000, e
     m = s.metrics()
     assert metric_value(m, 'seedance_tenant_requests_total{tenant="limited"}') == 3
+    # The request counter carries the tenant too.
+    assert metric_value(m, 'seedance_requests_total{tenant="limited",model="null",outcome="length"}') == 3
     assert metric_value(m, 'seedance_tenant_rate_limited_total{tenant="limited",limit="requests_per_minute"}') == before + 5
 
 
