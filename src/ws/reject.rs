@@ -168,6 +168,25 @@ mod tests {
     }
 
     #[test]
+    fn a_tenant_limit_says_when_to_retry() {
+        let mut dst = BytesMut::new();
+        let e = HandshakeError::TenantLimit {
+            message: "tenant \"acme\" already has 3 connections open (its limit)".into(),
+            retry_after: 2,
+        };
+        write_error_response(&mut dst, &e);
+        let text = std::str::from_utf8(&dst).unwrap();
+        assert!(
+            text.starts_with("HTTP/1.1 429 Too Many Requests\r\n"),
+            "{text}"
+        );
+        assert!(text.contains("\r\nretry-after: 2\r\n"), "{text}");
+        let body: serde_json::Value =
+            serde_json::from_str(text.split_once("\r\n\r\n").unwrap().1).unwrap();
+        assert_eq!(body["error"]["code"], "rate_limited");
+    }
+
+    #[test]
     fn every_error_has_status_label_and_reason() {
         let all = [
             HandshakeError::BadMethod,
