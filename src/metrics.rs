@@ -239,29 +239,33 @@ fn sum<'a>(it: impl Iterator<Item = &'a Counter>) -> u64 {
 impl Registry {
     /// Per-tenant counters (shared atomics of `session::limits::TenantState`).
     fn tenant_metrics(&self, w: &mut String) {
+        use crate::session::limits::TenantState;
         use std::sync::atomic::Ordering::Relaxed;
-        let ts: Vec<_> = self.tenants.iter().collect();
-        header(
+        // One sample per tenant of a value read from its shared state.
+        let per_tenant = |w: &mut String,
+                          name: &str,
+                          kind: &str,
+                          help: &str,
+                          f: &dyn Fn(&TenantState) -> u64| {
+            header(w, name, kind, help);
+            for t in self.tenants.iter() {
+                let _ = writeln!(w, "{name}{{tenant=\"{}\"}} {}", t.id, f(&t.state));
+            }
+        };
+        per_tenant(
             w,
             "seedance_tenant_requests_total",
             "counter",
             "Requests admitted per tenant.",
+            &|s| s.admitted.load(Relaxed),
         );
-        for t in &ts {
-            let n = t.state.admitted.load(Relaxed);
-            let _ = writeln!(
-                w,
-                "seedance_tenant_requests_total{{tenant=\"{}\"}} {n}",
-                t.id
-            );
-        }
         header(
             w,
             "seedance_tenant_rate_limited_total",
             "counter",
             "Requests and connections refused per tenant, by the limit that refused them.",
         );
-        for t in &ts {
+        for t in self.tenants.iter() {
             for (i, l) in crate::session::limits::LIMIT_LABELS.iter().enumerate() {
                 let n = t.state.refused[i].load(Relaxed);
                 let _ = writeln!(
@@ -271,48 +275,27 @@ impl Registry {
                 );
             }
         }
-        header(
+        per_tenant(
             w,
             "seedance_tenant_streams",
             "gauge",
             "Streams running per tenant.",
+            &|s| u64::from(s.streams()),
         );
-        for t in &ts {
-            let _ = writeln!(
-                w,
-                "seedance_tenant_streams{{tenant=\"{}\"}} {}",
-                t.id,
-                t.state.streams()
-            );
-        }
-        header(
+        per_tenant(
             w,
             "seedance_tenant_connections",
             "gauge",
             "WebSocket connections open per tenant.",
+            &|s| u64::from(s.connections()),
         );
-        for t in &ts {
-            let _ = writeln!(
-                w,
-                "seedance_tenant_connections{{tenant=\"{}\"}} {}",
-                t.id,
-                t.state.connections()
-            );
-        }
-        header(
+        per_tenant(
             w,
             "seedance_tenant_tokens_charged_total",
             "counter",
             "Tokens charged per tenant (prompt + max_tokens up front, less the refunds at the end).",
+            &|s| s.tokens_charged.load(Relaxed),
         );
-        for t in &ts {
-            let n = t.state.tokens_charged.load(Relaxed);
-            let _ = writeln!(
-                w,
-                "seedance_tenant_tokens_charged_total{{tenant=\"{}\"}} {n}",
-                t.id
-            );
-        }
     }
 
     /// Prometheus text exposition format 0.0.4.

@@ -211,8 +211,7 @@ fn http_tenant(shard: &Shard, info: &RequestInfo) -> Result<Option<usize>, opena
     let found = info
         .api_key
         .as_deref()
-        .and_then(|k| tenants.find_by_key(k))
-        .and_then(|t| tenants.index_of(&t.id));
+        .and_then(|k| tenants.index_by_key(k));
     match found {
         Some(i) => Ok(Some(i)),
         None => Err(openai::OpenAiError {

@@ -86,7 +86,21 @@ fn send(
     }
 }
 
-const PLAIN_TEXT: (u8, OpCode) = (0, OpCode::Text);
+/// Sends one message as a plain text frame; `compressed`: the connection has compression, so
+/// the message counts as one sent plain.
+fn send_plain(
+    credit: &mut Option<Credit>,
+    held: &mut Held,
+    shard: &Shard,
+    compressed: bool,
+    msg: &[u8],
+    out: &mut BytesMut,
+) {
+    if compressed {
+        shard.metrics.compress_plain.inc();
+    }
+    send(credit, held, shard, (0, OpCode::Text), msg, out);
+}
 
 /// The opt-in credit window.
 #[derive(Debug, Clone, Copy)]
@@ -175,15 +189,7 @@ impl Flow {
                         out,
                     );
                 } else {
-                    shard.metrics.compress_plain.inc();
-                    send(
-                        &mut self.credit,
-                        &mut self.held,
-                        shard,
-                        PLAIN_TEXT,
-                        msg,
-                        out,
-                    );
+                    send_plain(&mut self.credit, &mut self.held, shard, true, msg, out);
                 }
             }
             return;
@@ -223,16 +229,15 @@ impl Flow {
                 return;
             }
         }
+        let compressed = self.zstd.is_some() || self.deflate.is_some();
         for m in msgs {
-            if self.zstd.is_some() || self.deflate.is_some() {
-                shard.metrics.compress_plain.inc();
-            }
-            send(
+            let msg = &src[m.clone()];
+            send_plain(
                 &mut self.credit,
                 &mut self.held,
                 shard,
-                PLAIN_TEXT,
-                &src[m.clone()],
+                compressed,
+                msg,
                 out,
             );
         }

@@ -92,10 +92,15 @@ impl Tenants {
     /// The tenant holding `key`, for clients that send a key but no tenant
     /// subprotocol. Checks every tenant (constant time per key).
     pub fn find_by_key(&self, key: &[u8]) -> Option<&Tenant> {
+        self.index_by_key(key).and_then(|i| self.0.get(i))
+    }
+
+    /// The index of the tenant holding `key` (see [`find_by_key`](Self::find_by_key)).
+    pub fn index_by_key(&self, key: &[u8]) -> Option<usize> {
         let mut found = None;
-        for t in &self.0 {
+        for (i, t) in self.0.iter().enumerate() {
             if t.verify_key(key) && found.is_none() {
-                found = Some(t);
+                found = Some(i);
             }
         }
         found

@@ -139,8 +139,9 @@ def test_openai_routes_take_the_same_keys(tenants_server):
 
 
 def test_requests_per_minute_shared_by_the_shards(tenants_server):
-    """`limited` may make 3 requests a minute: over HTTP and WebSocket, on connections spread
-    over both shards, the fourth and later are refused with 429 / `rate_limited`."""
+    """`limited` may make 3 requests a minute: over HTTP and WebSocket, on new connections (which
+    SO_REUSEPORT hands to either of the two shards), the fourth and later are refused with 429 /
+    `rate_limited`."""
     s = tenants_server
     before = metric_value(s.metrics(), 'seedance_tenant_rate_limited_total{tenant="limited",limit="requests_per_minute"}')
     outcomes = []

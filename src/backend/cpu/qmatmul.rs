@@ -218,177 +218,138 @@ unsafe fn tile_portable(
     }
 }
 
-/// Q4_0 (`Q41 = false`) and Q4_1 panel × T-token tile.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q4_avx2<const T: usize, const Q41: bool>(w: *const u8, nb: usize, x: &Acts, y: *mut f32) {
-    use std::arch::x86_64::*;
-    let kind = if Q41 {
-        QuantKind::Q4_1
-    } else {
-        QuantKind::Q4_0
-    };
-    let (pb, ps) = (kind.panel_block_bytes(), kind.scale_bytes());
-    let mask = _mm256_set1_epi8(0x0f);
-    let ones = _mm256_set1_epi16(1);
-    let mut acc = [_mm256_setzero_ps(); T];
-    for b in 0..nb {
-        let blk = w.add(b * pb);
-        let mut s16 = [_mm256_setzero_si256(); T];
-        for v in 0..4 {
-            let raw = _mm256_loadu_si256(blk.add(ps + 32 * v) as *const __m256i);
-            let lo = _mm256_and_si256(raw, mask);
-            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), mask);
-            for t in 0..T {
-                let xp = x.q.add(t * x.qstride + b * QK + 4 * v);
-                let xl = _mm256_set1_epi32((xp as *const i32).read_unaligned());
-                let xh = _mm256_set1_epi32((xp.add(16) as *const i32).read_unaligned());
-                s16[t] = _mm256_add_epi16(s16[t], _mm256_maddubs_epi16(lo, xl));
-                s16[t] = _mm256_add_epi16(s16[t], _mm256_maddubs_epi16(hi, xh));
-            }
-        }
-        let d = _mm256_cvtph_ps(_mm_loadu_si128(blk as *const __m128i));
-        let m = if Q41 {
-            _mm256_cvtph_ps(_mm_loadu_si128(blk.add(16) as *const __m128i))
-        } else {
-            _mm256_setzero_ps()
-        };
-        for t in 0..T {
-            let f = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16[t], ones));
-            let dx = _mm256_set1_ps(*x.d.add(t * x.dstride + b));
-            let sx = *x.s.add(t * x.dstride + b);
-            if Q41 {
-                acc[t] = _mm256_fmadd_ps(d, _mm256_mul_ps(f, dx), acc[t]);
-                acc[t] = _mm256_fmadd_ps(m, _mm256_set1_ps(sx), acc[t]);
+/// A Q4_0 (`Q41 = false`) / Q4_1 panel × T-token tile; `$step(acc, codes, acts)` adds one
+/// vector of u8 codes × i8 activations into the per-row accumulator, `$widen(acc)` turns the
+/// block's accumulator into i32 per row.
+macro_rules! q4_kernel {
+    ($(#[$doc:meta])* $name:ident, $features:literal, $step:expr, $widen:expr) => {
+        $(#[$doc])*
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $features)]
+        unsafe fn $name<const T: usize, const Q41: bool>(
+            w: *const u8,
+            nb: usize,
+            x: &Acts,
+            y: *mut f32,
+        ) {
+            use std::arch::x86_64::*;
+            let kind = if Q41 {
+                QuantKind::Q4_1
             } else {
-                let c = _mm256_set1_ps(-8.0 * sx);
-                acc[t] = _mm256_fmadd_ps(d, _mm256_fmadd_ps(f, dx, c), acc[t]);
+                QuantKind::Q4_0
+            };
+            let (pb, ps) = (kind.panel_block_bytes(), kind.scale_bytes());
+            let mask = _mm256_set1_epi8(0x0f);
+            let mut acc = [_mm256_setzero_ps(); T];
+            for b in 0..nb {
+                let blk = w.add(b * pb);
+                let mut sums = [_mm256_setzero_si256(); T];
+                for v in 0..4 {
+                    let raw = _mm256_loadu_si256(blk.add(ps + 32 * v) as *const __m256i);
+                    let lo = _mm256_and_si256(raw, mask);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), mask);
+                    for t in 0..T {
+                        let xp = x.q.add(t * x.qstride + b * QK + 4 * v);
+                        let xl = _mm256_set1_epi32((xp as *const i32).read_unaligned());
+                        let xh = _mm256_set1_epi32((xp.add(16) as *const i32).read_unaligned());
+                        sums[t] = $step(sums[t], lo, xl);
+                        sums[t] = $step(sums[t], hi, xh);
+                    }
+                }
+                let d = _mm256_cvtph_ps(_mm_loadu_si128(blk as *const __m128i));
+                let m = if Q41 {
+                    _mm256_cvtph_ps(_mm_loadu_si128(blk.add(16) as *const __m128i))
+                } else {
+                    _mm256_setzero_ps()
+                };
+                for t in 0..T {
+                    let f = _mm256_cvtepi32_ps($widen(sums[t]));
+                    let dx = _mm256_set1_ps(*x.d.add(t * x.dstride + b));
+                    let sx = *x.s.add(t * x.dstride + b);
+                    if Q41 {
+                        acc[t] = _mm256_fmadd_ps(d, _mm256_mul_ps(f, dx), acc[t]);
+                        acc[t] = _mm256_fmadd_ps(m, _mm256_set1_ps(sx), acc[t]);
+                    } else {
+                        let c = _mm256_set1_ps(-8.0 * sx);
+                        acc[t] = _mm256_fmadd_ps(d, _mm256_fmadd_ps(f, dx, c), acc[t]);
+                    }
+                }
             }
-        }
-    }
-    for t in 0..T {
-        _mm256_storeu_ps(y.add(t * QROWS), acc[t]);
-    }
-}
-
-/// Q8_0 panel × T-token tile.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q8_avx2<const T: usize>(w: *const u8, nb: usize, x: &Acts, y: *mut f32) {
-    use std::arch::x86_64::*;
-    let ones = _mm256_set1_epi16(1);
-    let mut acc = [_mm256_setzero_ps(); T];
-    for b in 0..nb {
-        let blk = w.add(b * QuantKind::Q8_0.panel_block_bytes());
-        let mut s32 = [_mm256_setzero_si256(); T];
-        for v in 0..8 {
-            let wv = _mm256_loadu_si256(
-                blk.add(QuantKind::Q8_0.scale_bytes() + 32 * v) as *const __m256i
-            );
-            let aw = _mm256_abs_epi8(wv);
             for t in 0..T {
-                let xp = x.q.add(t * x.qstride + b * QK + 4 * v);
-                let xb = _mm256_set1_epi32((xp as *const i32).read_unaligned());
-                let p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(xb, wv));
-                s32[t] = _mm256_add_epi32(s32[t], _mm256_madd_epi16(p, ones));
+                _mm256_storeu_ps(y.add(t * QROWS), acc[t]);
             }
         }
-        let d = _mm256_cvtph_ps(_mm_loadu_si128(blk as *const __m128i));
-        for t in 0..T {
-            let f = _mm256_cvtepi32_ps(s32[t]);
-            let dx = _mm256_set1_ps(*x.d.add(t * x.dstride + b));
-            acc[t] = _mm256_fmadd_ps(d, _mm256_mul_ps(f, dx), acc[t]);
-        }
-    }
-    for t in 0..T {
-        _mm256_storeu_ps(y.add(t * QROWS), acc[t]);
-    }
-}
-
-/// Q4_0 / Q4_1 tile with VNNI: codes 0..15 (unsigned) × activations (signed) summed by
-/// `vpdpbusd` into each row's i32 lane.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
-unsafe fn q4_vnni<const T: usize, const Q41: bool>(w: *const u8, nb: usize, x: &Acts, y: *mut f32) {
-    use std::arch::x86_64::*;
-    let kind = if Q41 {
-        QuantKind::Q4_1
-    } else {
-        QuantKind::Q4_0
     };
-    let (pb, ps) = (kind.panel_block_bytes(), kind.scale_bytes());
-    let mask = _mm256_set1_epi8(0x0f);
-    let mut acc = [_mm256_setzero_ps(); T];
-    for b in 0..nb {
-        let blk = w.add(b * pb);
-        let mut s32 = [_mm256_setzero_si256(); T];
-        for v in 0..4 {
-            let raw = _mm256_loadu_si256(blk.add(ps + 32 * v) as *const __m256i);
-            let lo = _mm256_and_si256(raw, mask);
-            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), mask);
-            for t in 0..T {
-                let xp = x.q.add(t * x.qstride + b * QK + 4 * v);
-                let xl = _mm256_set1_epi32((xp as *const i32).read_unaligned());
-                let xh = _mm256_set1_epi32((xp.add(16) as *const i32).read_unaligned());
-                s32[t] = _mm256_dpbusd_epi32(s32[t], lo, xl);
-                s32[t] = _mm256_dpbusd_epi32(s32[t], hi, xh);
-            }
-        }
-        let d = _mm256_cvtph_ps(_mm_loadu_si128(blk as *const __m128i));
-        let m = if Q41 {
-            _mm256_cvtph_ps(_mm_loadu_si128(blk.add(16) as *const __m128i))
-        } else {
-            _mm256_setzero_ps()
-        };
-        for t in 0..T {
-            let f = _mm256_cvtepi32_ps(s32[t]);
-            let dx = _mm256_set1_ps(*x.d.add(t * x.dstride + b));
-            let sx = *x.s.add(t * x.dstride + b);
-            if Q41 {
-                acc[t] = _mm256_fmadd_ps(d, _mm256_mul_ps(f, dx), acc[t]);
-                acc[t] = _mm256_fmadd_ps(m, _mm256_set1_ps(sx), acc[t]);
-            } else {
-                let c = _mm256_set1_ps(-8.0 * sx);
-                acc[t] = _mm256_fmadd_ps(d, _mm256_fmadd_ps(f, dx, c), acc[t]);
-            }
-        }
-    }
-    for t in 0..T {
-        _mm256_storeu_ps(y.add(t * QROWS), acc[t]);
-    }
 }
 
-/// Q8_0 tile with VNNI: |w| (unsigned) × x with w's sign, summed by `vpdpbusd`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
-unsafe fn q8_vnni<const T: usize>(w: *const u8, nb: usize, x: &Acts, y: *mut f32) {
-    use std::arch::x86_64::*;
-    let mut acc = [_mm256_setzero_ps(); T];
-    for b in 0..nb {
-        let blk = w.add(b * QuantKind::Q8_0.panel_block_bytes());
-        let mut s32 = [_mm256_setzero_si256(); T];
-        for v in 0..8 {
-            let wv = _mm256_loadu_si256(
-                blk.add(QuantKind::Q8_0.scale_bytes() + 32 * v) as *const __m256i
-            );
-            let aw = _mm256_abs_epi8(wv);
+/// A Q8_0 panel × T-token tile; `$dot(acc, |w|, x with w's sign)` adds each row's four byte
+/// products into its i32 lane.
+macro_rules! q8_kernel {
+    ($(#[$doc:meta])* $name:ident, $features:literal, $dot:expr) => {
+        $(#[$doc])*
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $features)]
+        unsafe fn $name<const T: usize>(w: *const u8, nb: usize, x: &Acts, y: *mut f32) {
+            use std::arch::x86_64::*;
+            let mut acc = [_mm256_setzero_ps(); T];
+            for b in 0..nb {
+                let blk = w.add(b * QuantKind::Q8_0.panel_block_bytes());
+                let mut s32 = [_mm256_setzero_si256(); T];
+                for v in 0..8 {
+                    let wv = _mm256_loadu_si256(
+                        blk.add(QuantKind::Q8_0.scale_bytes() + 32 * v) as *const __m256i
+                    );
+                    let aw = _mm256_abs_epi8(wv);
+                    for t in 0..T {
+                        let xp = x.q.add(t * x.qstride + b * QK + 4 * v);
+                        let xb = _mm256_set1_epi32((xp as *const i32).read_unaligned());
+                        s32[t] = $dot(s32[t], aw, _mm256_sign_epi8(xb, wv));
+                    }
+                }
+                let d = _mm256_cvtph_ps(_mm_loadu_si128(blk as *const __m128i));
+                for t in 0..T {
+                    let f = _mm256_cvtepi32_ps(s32[t]);
+                    let dx = _mm256_set1_ps(*x.d.add(t * x.dstride + b));
+                    acc[t] = _mm256_fmadd_ps(d, _mm256_mul_ps(f, dx), acc[t]);
+                }
+            }
             for t in 0..T {
-                let xp = x.q.add(t * x.qstride + b * QK + 4 * v);
-                let xb = _mm256_set1_epi32((xp as *const i32).read_unaligned());
-                s32[t] = _mm256_dpbusd_epi32(s32[t], aw, _mm256_sign_epi8(xb, wv));
+                _mm256_storeu_ps(y.add(t * QROWS), acc[t]);
             }
         }
-        let d = _mm256_cvtph_ps(_mm_loadu_si128(blk as *const __m128i));
-        for t in 0..T {
-            let f = _mm256_cvtepi32_ps(s32[t]);
-            let dx = _mm256_set1_ps(*x.d.add(t * x.dstride + b));
-            acc[t] = _mm256_fmadd_ps(d, _mm256_mul_ps(f, dx), acc[t]);
-        }
-    }
-    for t in 0..T {
-        _mm256_storeu_ps(y.add(t * QROWS), acc[t]);
-    }
+    };
 }
+
+q4_kernel!(
+    /// Q4 with AVX2: `vpmaddubsw` into i16 (16 products ≤ 15·127 each fit), widened once per
+    /// block by `vpmaddwd`.
+    q4_avx2,
+    "avx2,fma,f16c",
+    |s, c, a| _mm256_add_epi16(s, _mm256_maddubs_epi16(c, a)),
+    |s| _mm256_madd_epi16(s, _mm256_set1_epi16(1))
+);
+q4_kernel!(
+    /// Q4 with VNNI: `vpdpbusd` straight into i32.
+    q4_vnni,
+    "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
+    |s, c, a| _mm256_dpbusd_epi32(s, c, a),
+    |s| s
+);
+q8_kernel!(
+    /// Q8 with AVX2: each vector's pairs widened at once (two i16 sums of 127·127 would not fit).
+    q8_avx2,
+    "avx2,fma,f16c",
+    |s, aw, x| _mm256_add_epi32(
+        s,
+        _mm256_madd_epi16(_mm256_maddubs_epi16(aw, x), _mm256_set1_epi16(1))
+    )
+);
+q8_kernel!(
+    /// Q8 with VNNI: `vpdpbusd`.
+    q8_vnni,
+    "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
+    |s, aw, x| _mm256_dpbusd_epi32(s, aw, x)
+);
 
 #[cfg(test)]
 mod tests {
