@@ -58,6 +58,9 @@ fn generate(args: &seedance::model::generate::GenerateArgs) {
         Ok(m) => m,
         Err(e) => fail(1, &e),
     };
+    if let Some(n) = args.parallel {
+        return generate_parallel(usize::from(n), args.ids, &opts, model, &tok, &device);
+    }
     let max_len = model
         .config()
         .max_position_embeddings
@@ -74,6 +77,43 @@ fn generate(args: &seedance::model::generate::GenerateArgs) {
             tracing::info!(?stats, "generation finished");
         }
         Err(e) => fail(1, &e.to_string()),
+    }
+}
+
+/// `seedance-server generate --parallel N` (see the flag's help).
+fn generate_parallel(
+    n: usize,
+    print_ids: bool,
+    opts: &seedance::model::generate::GenerateOptions,
+    model: seedance::model::transformer::Transformer,
+    tok: &seedance::model::tokenizer::Tokenizer,
+    device: &seedance::backend::cuda::device::Selected,
+) {
+    let prompt = match tok.encode(&opts.prompt, true) {
+        Ok(p) => p,
+        Err(e) => fail(1, &e.to_string()),
+    };
+    let mut ids: Vec<Vec<u32>> = vec![Vec::new(); n];
+    let stats = seedance::engine::build::generate_parallel(
+        model,
+        device,
+        &prompt,
+        n,
+        &opts.sampling,
+        opts.max_tokens as usize,
+        &mut |seq, t| ids[seq].push(t),
+    );
+    match stats {
+        Ok(stats) => {
+            if print_ids {
+                for seq in &ids {
+                    let line: Vec<String> = seq.iter().map(u32::to_string).collect();
+                    println!("{}", line.join(" "));
+                }
+            }
+            tracing::info!(?stats, "parallel generation finished");
+        }
+        Err(e) => fail(1, &e),
     }
 }
 

@@ -194,6 +194,13 @@ pub struct GenerateArgs {
     /// Print generated token ids separated by spaces instead of text.
     #[arg(long)]
     pub ids: bool,
+    /// Generate for N copies of the prompt together: prefilled one after another, then one
+    /// batched decode step advances all N (a benchmark of batched decode, what llama.cpp's
+    /// `llama-batched-bench -npl N` times). Each sequence generates exactly --max-tokens (EOS and
+    /// --stop do not end it); its tokens are printed as one line of ids per sequence with --ids,
+    /// else nothing but the stats.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub parallel: Option<u16>,
 }
 
 impl GenerateArgs {
