@@ -169,6 +169,7 @@ impl Attention {
         layer: usize,
         x: &[f32],
         seqs: &[SeqInput<'_>],
+        aseqs: &[AttnSeq<'_>],
         kv: &mut KvCache,
         s: &mut Scratch,
         out: &mut [f32],
@@ -215,7 +216,7 @@ impl Attention {
         };
         let (kc, vc) = kv.layer(layer);
         let attn = &mut s.attn[..n * qd]; // (n, heads, head_dim)
-        be.attention(q, kc, vc, &attn_seqs(seqs), &shape, attn);
+        be.attention(q, kc, vc, aseqs, &shape, attn);
         be.matmul(attn, &self.o_proj, out);
         if let Some(b) = &self.o_bias {
             out.chunks_exact_mut(b.len())
@@ -249,12 +250,14 @@ impl DecoderLayer {
     }
 
     /// x (n, hidden) updated in place: x += attn(norm(x)); x += mlp(norm(x)).
+    #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
         m: &Transformer,
         layer: usize,
         x: &mut [f32],
         seqs: &[SeqInput<'_>],
+        aseqs: &[AttnSeq<'_>],
         kv: &mut KvCache,
         s: &mut Scratch,
     ) {
@@ -265,8 +268,16 @@ impl DecoderLayer {
         let mut normed = std::mem::take(&mut s.normed); // (n, hidden)
         let mut delta = std::mem::take(&mut s.delta); // (n, hidden)
         be.rmsnorm(x, &self.input_layernorm, eps, &mut normed[..n * h]);
-        self.self_attn
-            .forward(m, layer, &normed[..n * h], seqs, kv, s, &mut delta[..n * h]);
+        self.self_attn.forward(
+            m,
+            layer,
+            &normed[..n * h],
+            seqs,
+            aseqs,
+            kv,
+            s,
+            &mut delta[..n * h],
+        );
         x.iter_mut().zip(&delta[..n * h]).for_each(|(a, d)| *a += d);
         be.rmsnorm(x, &self.post_attention_layernorm, eps, &mut normed[..n * h]);
         self.mlp
@@ -604,8 +615,10 @@ impl Transformer {
         for (row, &t) in x.chunks_exact_mut(h).zip(toks) {
             self.embed_tokens.row_f32(t as usize, row);
         }
+        // The attention view of the batch, once per step (every layer reads the same).
+        let aseqs = attn_seqs(seqs);
         for (i, layer) in self.layers.iter().enumerate() {
-            layer.forward(self, i, &mut x[..n * h], seqs, kv, s);
+            layer.forward(self, i, &mut x[..n * h], seqs, &aseqs, kv, s);
         }
         // Gather the wanted rows, then final norm + lm_head on those only.
         let mut row = 0;

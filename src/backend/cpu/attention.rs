@@ -9,9 +9,9 @@
 //! elements (their own rows × their own heads).
 
 use super::matmul::Isa;
+use super::team::Team;
 use crate::backend::{AttnSeq, AttnShape};
 use half::f16;
-use rayon::prelude::*;
 
 #[derive(Clone, Copy)]
 struct OutPtr(*mut f32);
@@ -23,7 +23,7 @@ unsafe impl Sync for OutPtr {}
 #[allow(clippy::too_many_arguments)]
 pub fn attention(
     isa: Isa,
-    threads: usize,
+    team: &Team,
     q: &[f32],
     k_cache: &[f16],
     v_cache: &[f16],
@@ -38,11 +38,11 @@ pub fn attention(
         let need = (sq.start_pos + sq.len).div_ceil(s.block_size);
         assert!(sq.blocks.len() >= need, "attention: block table too short");
     }
-    let tasks: Vec<(usize, usize)> = (0..seqs.len())
-        .flat_map(|i| (0..s.num_kv_heads).map(move |g| (i, g)))
-        .collect();
+    // One task per (sequence, KV head), numbered i · kv_heads + g.
+    let tasks = seqs.len() * s.num_kv_heads;
     let o = OutPtr(out.as_mut_ptr());
-    let run = |&(i, g): &(usize, usize)| {
+    let run = |task: usize| {
+        let (i, g) = (task / s.num_kv_heads, task % s.num_kv_heads);
         // SAFETY: see OutPtr; bounds checked above (rows, block tables) and by slice indexing.
         unsafe {
             match isa {
@@ -54,11 +54,7 @@ pub fn attention(
             }
         }
     };
-    if threads <= 1 || tasks.len() == 1 {
-        tasks.iter().for_each(run);
-    } else {
-        tasks.par_iter().for_each(run);
-    }
+    team.for_each(tasks, &run);
 }
 
 /// `one` compiled for AVX-512 (the compiler vectorises the dot products and AXPYs 16 wide).
@@ -121,21 +117,79 @@ unsafe fn one<const F16C: bool>(
     s: &AttnShape,
     o: OutPtr,
 ) {
+    // SAFETY: the thread's own scratch, borrowed by this call alone (tasks do not nest).
+    let sc = &mut *SCRATCH.with(|c| c.as_ptr());
+    sc.prepare(
+        sq.len * (s.num_heads / s.num_kv_heads),
+        s.head_dim,
+        s.block_size,
+    );
+    one_in::<F16C>(q, kc, vc, sq, g, s, o, sc)
+}
+
+/// One task's buffers, per pool thread and reused across calls so decode steps do not allocate:
+/// per query (t, h) the running max `m`, normaliser `l` and weighted V sum `acc` (head_dim); one
+/// block's K (`kraw`), K transposed (`kt`, (head_dim, block_size): scores of one query against
+/// the whole block are then head_dim vector FMAs across its keys, with no horizontal sums), V
+/// (`vt`) and scores (`p`).
+#[derive(Default)]
+struct Scratch {
+    m: Vec<f32>,
+    l: Vec<f32>,
+    acc: Vec<f32>,
+    kraw: Vec<f32>,
+    kt: Vec<f32>,
+    vt: Vec<f32>,
+    p: Vec<f32>,
+}
+
+impl Scratch {
+    fn prepare(&mut self, nq: usize, hd: usize, bs: usize) {
+        let set = |v: &mut Vec<f32>, len: usize, x: f32| {
+            v.clear();
+            v.resize(len, x);
+        };
+        set(&mut self.m, nq, f32::NEG_INFINITY);
+        set(&mut self.l, nq, 0.0);
+        set(&mut self.acc, nq * hd, 0.0);
+        set(&mut self.kraw, bs * hd, 0.0);
+        set(&mut self.kt, hd * bs, 0.0);
+        set(&mut self.vt, bs * hd, 0.0);
+        set(&mut self.p, bs, 0.0);
+    }
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
+}
+
+/// [`one`] on prepared buffers.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn one_in<const F16C: bool>(
+    q: &[f32],
+    kc: &[f16],
+    vc: &[f16],
+    sq: &AttnSeq<'_>,
+    g: usize,
+    s: &AttnShape,
+    o: OutPtr,
+    sc: &mut Scratch,
+) {
     let hd = s.head_dim;
     let bs = s.block_size;
     let group = s.num_heads / s.num_kv_heads;
     let nq = sq.len * group;
     let total = sq.start_pos + sq.len;
-    // Per query (t, h): running max, normaliser, weighted V sum (head_dim).
-    let mut m = vec![f32::NEG_INFINITY; nq];
-    let mut l = vec![0f32; nq];
-    let mut acc = vec![0f32; nq * hd];
-    let mut kraw = vec![0f32; bs * hd];
-    // K tile transposed, (head_dim, block_size): scores of one query against the whole block are
-    // then head_dim vector FMAs across the block's keys, with no horizontal sums.
-    let mut kt = vec![0f32; hd * bs];
-    let mut vt = vec![0f32; bs * hd];
-    let mut p = vec![0f32; bs];
+    let Scratch {
+        m,
+        l,
+        acc,
+        kraw,
+        kt,
+        vt,
+        p,
+    } = sc;
     // Few queries per block (decode: the heads of one KV group): a dot product per key beats
     // transposing the block's K tile first, which only pays off over many queries.
     let few = nq <= FEW_QUERIES;
@@ -231,8 +285,10 @@ unsafe fn one<const F16C: bool>(
     }
 }
 
-/// Queries per (sequence, KV head) up to which scores are per-key dot products.
-const FEW_QUERIES: usize = 8;
+/// Queries per (sequence, KV head) up to which scores are per-key dot products: beyond, the
+/// block's K is transposed once for all of them (decode of a GQA model reads a group of 4–7
+/// query heads per KV head; transposing won there on the AMD EPYC, docs/benchmarks.md).
+const FEW_QUERIES: usize = 2;
 
 /// Σ a·b with 8 independent lanes (the compiler vectorises it), summed at the end.
 #[inline(always)]

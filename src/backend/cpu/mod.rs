@@ -1,19 +1,23 @@
 //! The CPU backend: the numerical reference and the fallback device. FP16 weights (or GGUF
-//! quantized ones, multiplied in integers), FP32 math, SIMD matmul on a private rayon pool of a configurable size.
+//! quantized ones, multiplied in integers), FP32 math, SIMD matmul on a private
+//! team of threads of a configurable size ([`team`]), tiled as the start-up autotune chose ([`tune`]).
 
 pub mod attention;
 pub mod matmul;
 pub mod ops;
 pub mod qmatmul;
+pub mod team;
+pub mod tune;
 
 use super::{AttnSeq, AttnShape, Backend, RopeFreqs, Weight};
 use half::f16;
-pub use matmul::Isa;
+pub use matmul::{F16Kernel, Isa};
 
 pub struct CpuBackend {
-    pool: rayon::ThreadPool,
-    threads: usize,
+    team: team::Team,
     isa: Isa,
+    /// The F16 kernels' tiling, tuned at start-up for this CPU ([`tune`]).
+    f16: F16Kernel,
 }
 
 impl CpuBackend {
@@ -24,51 +28,36 @@ impl CpuBackend {
         } else {
             threads
         };
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .thread_name(|i| format!("seedance-cpu-{i}"))
-            .build()
-            .unwrap_or_else(|_| {
-                // Building a pool only fails when threads cannot be spawned at all; fall back to
-                // running on the caller's thread rather than failing the model load.
-                rayon::ThreadPoolBuilder::new()
-                    .num_threads(1)
-                    .use_current_thread()
-                    .build()
-                    .unwrap_or_else(|e| panic!("rayon: {e}"))
-            });
-        Self {
-            pool,
-            threads,
-            isa: Isa::detect(),
-        }
+        let team = team::Team::new(threads);
+        let isa = Isa::detect();
+        let f16 = tune::f16_kernel(isa, &team);
+        Self { team, isa, f16 }
     }
 
     pub fn threads(&self) -> usize {
-        self.threads
+        self.team.threads()
     }
 
     pub fn isa(&self) -> Isa {
         self.isa
     }
 
-    /// Forces an instruction set (tests compare the SIMD kernels with the portable one).
+    pub fn f16_kernel(&self) -> F16Kernel {
+        self.f16
+    }
+
+    /// Forces an instruction set (tests compare the SIMD kernels with the portable one), with
+    /// its default F16 tiling.
     pub fn with_isa(mut self, isa: Isa) -> Self {
         self.isa = isa;
+        self.f16 = F16Kernel::default_for(isa);
         self
     }
-}
 
-impl CpuBackend {
-    /// Runs an op on the pool (inline when called from a pool thread, as inside
-    /// [`Backend::scope`]), or inline with one thread: handing each op to a lone pool thread
-    /// would cost two context switches per op (hundreds per decoded token).
-    fn run(&self, op: impl FnOnce() + Send) {
-        if self.threads <= 1 {
-            op()
-        } else {
-            self.pool.install(op)
-        }
+    /// Forces an F16 tiling (tests run every candidate the autotune may pick).
+    pub fn with_f16_kernel(mut self, k: F16Kernel) -> Self {
+        self.f16 = k;
+        self
     }
 }
 
@@ -84,11 +73,12 @@ impl Backend for CpuBackend {
     }
 
     fn scope(&self, f: &mut (dyn FnMut() + Send)) {
-        self.run(f)
+        // Ops run on the calling thread, which leads the team in every parallel loop.
+        f()
     }
 
     fn matmul(&self, x: &[f32], w: &Weight, y: &mut [f32]) {
-        self.run(|| matmul::matmul(self.isa, self.threads, x, w, y));
+        matmul::matmul(self.isa, self.f16, &self.team, x, w, y);
     }
 
     fn rmsnorm(&self, x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
@@ -119,18 +109,7 @@ impl Backend for CpuBackend {
         shape: &AttnShape,
         out: &mut [f32],
     ) {
-        self.run(|| {
-            attention::attention(
-                self.isa,
-                self.threads,
-                q,
-                k_cache,
-                v_cache,
-                seqs,
-                shape,
-                out,
-            )
-        });
+        attention::attention(self.isa, &self.team, q, k_cache, v_cache, seqs, shape, out);
     }
 }
 
@@ -151,6 +130,63 @@ pub(crate) mod tests {
             .collect()
     }
 
+    /// Every F16 tiling the autotune may choose on this machine, and the portable one.
+    fn every_f16_kernel() -> Vec<F16Kernel> {
+        let mut v = vec![F16Kernel::default_for(Isa::Portable)];
+        let isa = Isa::detect();
+        if isa.rank() >= Isa::Avx2.rank() {
+            for p in 1..=8 {
+                v.push(F16Kernel {
+                    decode_panels: p,
+                    ..F16Kernel::default_for(Isa::Avx2)
+                });
+            }
+        }
+        if isa == Isa::Avx512 {
+            for p in 1..=8 {
+                for s in [(2, 8), (3, 8), (4, 4), (1, 8)] {
+                    for l in [(2, 12), (3, 8), (4, 6)] {
+                        v.push(F16Kernel {
+                            isa,
+                            decode_panels: p,
+                            small: s,
+                            large: l,
+                        });
+                    }
+                }
+            }
+        }
+        assert!(v.iter().all(F16Kernel::is_supported));
+        v
+    }
+
+    /// Every tiling gives bit-identical results: each output sums over k in the same order.
+    #[test]
+    fn every_f16_tiling_gives_the_same_bits() {
+        let (rows, cols) = (200, 96);
+        let w: Vec<f16> = rand_vec(rows * cols, 3)
+            .into_iter()
+            .map(f16::from_f32)
+            .collect();
+        let wt = Weight::new(rows, cols, w);
+        for n in [1, 3, 8, 13, 40] {
+            let x = rand_vec(n * cols, 4);
+            let mut first: Option<Vec<f32>> = None;
+            for k in every_f16_kernel()
+                .into_iter()
+                .filter(|k| k.isa != Isa::Portable)
+            {
+                let be = CpuBackend::new(2).with_isa(k.isa).with_f16_kernel(k);
+                let mut y = vec![0f32; n * rows];
+                be.matmul(&x, &wt, &mut y);
+                match &first {
+                    None => first = Some(y),
+                    Some(f) => assert!(f == &y, "{k:?} n={n} differs from the first tiling"),
+                }
+            }
+        }
+    }
+
     #[test]
     fn simd_matmul_matches_f64_reference() {
         for &(rows, cols, n) in &[
@@ -167,14 +203,9 @@ pub(crate) mod tests {
             let x = rand_vec(n * cols, 2);
             let wt = Weight::new(rows, cols, w.clone());
             assert_eq!(wt.to_row_major(), w);
-            let isas = match Isa::detect() {
-                Isa::Portable => vec![Isa::Portable],
-                Isa::Avx2 => vec![Isa::Avx2, Isa::Portable],
-                Isa::Avx512 => vec![Isa::Avx512, Isa::Avx2, Isa::Portable],
-            };
-            for isa in isas {
+            for k in every_f16_kernel() {
                 for threads in [1, 2] {
-                    let be = CpuBackend::new(threads).with_isa(isa);
+                    let be = CpuBackend::new(threads).with_isa(k.isa).with_f16_kernel(k);
                     let mut y = vec![0f32; n * rows];
                     be.matmul(&x, &wt, &mut y);
                     for t in 0..n {
@@ -185,7 +216,7 @@ pub(crate) mod tests {
                             let got = y[t * rows + r] as f64;
                             assert!(
                                 (got - want).abs() < 1e-4 + 1e-4 * want.abs(),
-                                "{isa:?} {rows}x{cols} n={n} t={t} r={r}: {got} vs {want}"
+                                "{k:?} {rows}x{cols} n={n} t={t} r={r}: {got} vs {want}"
                             );
                         }
                     }

@@ -33,8 +33,8 @@
 #![allow(clippy::needless_range_loop)]
 
 use super::matmul::{Isa, OutPtr};
+use super::team::Team;
 use crate::backend::quant::{QuantActs, QuantKind, QuantMatrix, QK, QROWS};
-use rayon::prelude::*;
 
 /// Largest tokens per micro-kernel tile.
 const TT: usize = 4;
@@ -44,8 +44,9 @@ thread_local! {
     static XQ: std::cell::RefCell<QuantActs> = std::cell::RefCell::new(QuantActs::default());
 }
 
-/// y (n, w.rows) = x (n, w.cols) · wᵀ on the current rayon pool.
-pub fn matmul(isa: Isa, threads: usize, x: &[f32], w: &QuantMatrix, y: &mut [f32]) {
+/// y (n, w.rows) = x (n, w.cols) · wᵀ across `team`.
+pub fn matmul(isa: Isa, team: &Team, x: &[f32], w: &QuantMatrix, y: &mut [f32]) {
+    let threads = team.threads();
     let (rows, cols) = (w.rows, w.cols);
     assert!(
         cols > 0 && x.len().is_multiple_of(cols),
@@ -74,11 +75,7 @@ pub fn matmul(isa: Isa, threads: usize, x: &[f32], w: &QuantMatrix, y: &mut [f32
                 unsafe { panel(isa, w, p, xq, n, out) }
             }
         };
-        if nchunks == 1 || threads <= 1 {
-            (0..nchunks).for_each(run);
-        } else {
-            (0..nchunks).into_par_iter().for_each(run);
-        }
+        team.for_each(nchunks, &run);
     });
 }
 
@@ -385,12 +382,9 @@ mod tests {
                 let mut wr = vec![0f32; cols];
                 for isa in &isas {
                     for threads in [1, 2] {
-                        let pool = rayon::ThreadPoolBuilder::new()
-                            .num_threads(threads)
-                            .build()
-                            .unwrap();
+                        let team = Team::new(threads);
                         let mut y = vec![0f32; n * rows];
-                        pool.install(|| matmul(*isa, threads, &x, &w, &mut y));
+                        matmul(*isa, &team, &x, &w, &mut y);
                         for r in 0..rows {
                             w.row_f32(r, &mut wr);
                             for t in 0..n {
