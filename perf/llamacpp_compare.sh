@@ -124,8 +124,9 @@ CPU_FLAGS=$(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' |
   grep -xE 'avx2|fma|f16c|avx512f|avx512bw|avx512vl|avx512_vnni|avx512_bf16|avx512_fp16|avx_vnni|amx_bf16|amx_int8|amx_tile' |
   tr '\n' ' ')
 log "read bandwidth"
-BW1=$("${PIN[@]}" "$CACHE/readbw" 1)
-BWN=$("${PIN[@]}" "$CACHE/readbw" "$THREADS")
+# "median best" (GB/s) of each; the decode share is of the THREADS-thread median.
+read -r BW1 BW1_BEST < <("${PIN[@]}" "$CACHE/readbw" 1)
+read -r BWN BWN_BEST < <("${PIN[@]}" "$CACHE/readbw" "$THREADS")
 
 # --- alternating runs --------------------------------------------------------------------------
 LOAD_BEFORE=$(uptime)
@@ -146,7 +147,7 @@ LOAD_AFTER=$(uptime)
 echo
 echo "seedance $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src || echo '+uncommitted src changes') CPU vs llama.cpp $(awk '$1 == "meta" {c=$3} END {print c}' "$RES") (llama-cpp-python $VER sdist) — F16, $THREADS threads, nproc $(nproc)"
 echo "CPU: $CPU_MODEL; flags: $CPU_FLAGS"
-echo "read bandwidth (perf/readbw.c, best of 7 passes over 1 GiB): $BW1 GB/s on 1 thread, $BWN GB/s on $THREADS"
+echo "read bandwidth (perf/readbw.c: 1 GiB, 1 and 8 streams per thread, 9 passes each; median of the better, best pass): $BW1 GB/s (best $BW1_BEST) on 1 thread, $BWN GB/s (best $BWN_BEST) on $THREADS"
 echo "medians of ROUNDS=$ROUNDS alternating rounds x REPS=$REPS (llama-bench -r $REPS; $REPS seedance generate runs)"
 WBYTES=()
 for s in "${SHAPES[@]}"; do

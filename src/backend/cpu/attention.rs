@@ -117,70 +117,14 @@ unsafe fn one<const F16C: bool>(
     s: &AttnShape,
     o: OutPtr,
 ) {
-    // SAFETY: the thread's own scratch, borrowed by this call alone (tasks do not nest).
-    let sc = &mut *SCRATCH.with(|c| c.as_ptr());
-    sc.prepare(
-        sq.len * (s.num_heads / s.num_kv_heads),
-        s.head_dim,
-        s.block_size,
-    );
-    one_in::<F16C>(q, kc, vc, sq, g, s, o, sc)
-}
-
-/// One task's buffers, per pool thread and reused across calls so decode steps do not allocate:
-/// per query (t, h) the running max `m`, normaliser `l` and weighted V sum `acc` (head_dim); one
-/// block's K (`kraw`), K transposed (`kt`, (head_dim, block_size): scores of one query against
-/// the whole block are then head_dim vector FMAs across its keys, with no horizontal sums), V
-/// (`vt`) and scores (`p`).
-#[derive(Default)]
-struct Scratch {
-    m: Vec<f32>,
-    l: Vec<f32>,
-    acc: Vec<f32>,
-    kraw: Vec<f32>,
-    kt: Vec<f32>,
-    vt: Vec<f32>,
-    p: Vec<f32>,
-}
-
-impl Scratch {
-    fn prepare(&mut self, nq: usize, hd: usize, bs: usize) {
-        let set = |v: &mut Vec<f32>, len: usize, x: f32| {
-            v.clear();
-            v.resize(len, x);
-        };
-        set(&mut self.m, nq, f32::NEG_INFINITY);
-        set(&mut self.l, nq, 0.0);
-        set(&mut self.acc, nq * hd, 0.0);
-        set(&mut self.kraw, bs * hd, 0.0);
-        set(&mut self.kt, hd * bs, 0.0);
-        set(&mut self.vt, bs * hd, 0.0);
-        set(&mut self.p, bs, 0.0);
-    }
-}
-
-thread_local! {
-    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
-}
-
-/// [`one`] on prepared buffers.
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-unsafe fn one_in<const F16C: bool>(
-    q: &[f32],
-    kc: &[f16],
-    vc: &[f16],
-    sq: &AttnSeq<'_>,
-    g: usize,
-    s: &AttnShape,
-    o: OutPtr,
-    sc: &mut Scratch,
-) {
     let hd = s.head_dim;
     let bs = s.block_size;
     let group = s.num_heads / s.num_kv_heads;
     let nq = sq.len * group;
     let total = sq.start_pos + sq.len;
+    // SAFETY: the thread's own scratch, borrowed by this call alone (tasks do not nest).
+    let sc = &mut *SCRATCH.with(|c| c.as_ptr());
+    sc.prepare(nq, hd, bs);
     let Scratch {
         m,
         l,
@@ -283,6 +227,42 @@ unsafe fn one_in<const F16C: bool>(
             }
         }
     }
+}
+
+/// One task's buffers, per pool thread and reused across calls so decode steps do not allocate:
+/// per query (t, h) the running max `m`, normaliser `l` and weighted V sum `acc` (head_dim); one
+/// block's K (`kraw`), K transposed (`kt`, (head_dim, block_size): scores of one query against
+/// the whole block are then head_dim vector FMAs across its keys, with no horizontal sums), V
+/// (`vt`) and scores (`p`).
+#[derive(Default)]
+struct Scratch {
+    m: Vec<f32>,
+    l: Vec<f32>,
+    acc: Vec<f32>,
+    kraw: Vec<f32>,
+    kt: Vec<f32>,
+    vt: Vec<f32>,
+    p: Vec<f32>,
+}
+
+impl Scratch {
+    fn prepare(&mut self, nq: usize, hd: usize, bs: usize) {
+        let set = |v: &mut Vec<f32>, len: usize, x: f32| {
+            v.clear();
+            v.resize(len, x);
+        };
+        set(&mut self.m, nq, f32::NEG_INFINITY);
+        set(&mut self.l, nq, 0.0);
+        set(&mut self.acc, nq * hd, 0.0);
+        set(&mut self.kraw, bs * hd, 0.0);
+        set(&mut self.kt, hd * bs, 0.0);
+        set(&mut self.vt, bs * hd, 0.0);
+        set(&mut self.p, bs, 0.0);
+    }
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
 }
 
 /// Queries per (sequence, KV head) up to which scores are per-key dot products: beyond, the
