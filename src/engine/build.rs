@@ -369,6 +369,7 @@ pub fn generate_parallel(
     }
     let prefill = start.elapsed();
     let device_rows = vec![None; n];
+    let mut sampled = vec![0u32; n];
     for step in 0..max_tokens {
         for (seq, &t) in next.iter().enumerate() {
             histories[seq].push(t);
@@ -386,11 +387,11 @@ pub fn generate_parallel(
             })
             .collect();
         let out = fwd.run(&inputs, &device_rows).map_err(|e| e.to_string())?;
-        let mut sampled = vec![0u32; n];
         for (seq, t) in sampled.iter_mut().enumerate() {
             *t = sample_row(&out, seq, &mut row, &mut samplers[seq], &histories[seq])?;
         }
-        next = sampled;
+        drop(inputs);
+        std::mem::swap(&mut next, &mut sampled);
     }
     Ok(ParallelStats {
         sequences: n,

@@ -3,17 +3,20 @@
 //!
 //! Micro-kernel (outer-product form): for each k, load column k of P panels (P × 16 F16 →
 //! F32, one `vcvtph2ps` each), broadcast x[t][k] for T tokens, and do P × T FMAs into P × T
-//! accumulators of 16 output rows each. With P = 2, T = 12 on AVX-512 that is 24 FMAs per 2
-//! conversions and 14 loads, so prefill is FMA-bound; each weight byte is read from memory once
-//! per call (the panel pair stays in L2 while all token tiles pass over it). Decode (n = 1) is
-//! P × 1: it streams the weights once and is bound by memory bandwidth.
+//! accumulators of 16 output rows each. With P = 3, T = 8 on AVX-512 that is 24 FMAs per 3
+//! conversions and 11 loads, so prefill is FMA-bound; each weight byte is read from memory once
+//! per call (the panel group stays in L2 while all token tiles pass over it). Decode (n = 1) is
+//! P × 1 with P up to 8: it streams the weights once, P streams per thread, and is bound by
+//! memory bandwidth. P and T per call size come from [`F16Kernel`], measured at start-up
+//! ([`super::tune`]).
 //!
-//! Activations of a multi-token call are first packed as (tiles of 12 tokens, cols, 12), so the
+//! Activations of a multi-token call are first packed as (tiles of T tokens, cols, T), so the
 //! kernel's broadcasts come from constant offsets of one pointer.
 //!
-//! Work split: panels are cut into chunks, one rayon task each, so threads never share an output
-//! element. ISA: AVX-512F, else AVX2 + FMA + F16C (each panel as two 8-lane halves), else a
-//! portable loop; chosen once with `is_x86_feature_detected!`.
+//! Work split: panels are cut into chunks, one task each on the backend's [`Team`], so threads
+//! never share an output element. ISA: AVX-512F, else AVX2 + FMA + F16C (each panel as two 8-lane
+//! halves), else a portable loop; detected once with `is_x86_feature_detected!`, and the F16
+//! kernels may run AVX2 on an AVX-512 machine where the autotune found it faster.
 
 // Kernels index fixed-size register tiles by (panel, token); index loops read clearer there.
 #![allow(clippy::needless_range_loop)]

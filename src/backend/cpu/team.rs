@@ -108,6 +108,8 @@ impl Team {
                 &'static Job,
             >(f));
         }
+        // A flag left by a loop whose caller unwound first belongs to that loop, not this one.
+        inner.panicked.store(false, Relaxed);
         inner.tasks.store(n, Relaxed);
         inner.next.store(0, Relaxed);
         inner.active.store(self.workers.len(), Relaxed);

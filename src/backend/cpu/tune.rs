@@ -1,9 +1,9 @@
 //! Start-up autotune of the F16 kernels: which instruction set, how many weight panels a decode
 //! call streams side by side, and which tile shapes batched decode and prefill use — measured on
 //! the machine the process runs on, because the best choice differs between CPUs (docs/benchmarks.md,
-//! "Kernel choice per CPU").
+//! "CPU engine at the bandwidth limit on the AMD EPYC").
 //!
-//! The measurement takes ~0.2 s: every candidate runs on the backend's own threads, on a 64 MiB
+//! The measurement takes 0.3–0.6 s on 2 threads: every candidate runs on the backend's own threads, on a 64 MiB
 //! matrix for the memory-bound calls (one token, eight tokens: weights stream from DRAM as in a
 //! real decode step) and on a cache-resident one for prefill tiles, in interleaved rounds; the
 //! fastest median wins. The result is cached per CPU (model name, the flags the kernels use,
@@ -226,43 +226,33 @@ fn measure(isa: Isa, team: &Team, shrink: usize) -> (F16Kernel, String) {
     };
     let small = pick(tiles(&[(2, 8), (3, 8), (4, 4)]), &big, 8, "batch8");
     let large = pick(tiles(&[(2, 12), (3, 8), (4, 6)]), &mid, 96, "prefill");
-    // One ISA for all F16 calls (mixing costs nothing, but a single answer reads clearer in the
-    // log): the decode winner's, unless the tiles won on another; then each kind keeps its
-    // winner's shapes under the ISA that won most.
-    let votes = [decode.isa, small.isa, large.isa];
-    let chosen = if votes.iter().filter(|&&i| i == Isa::Avx2).count() >= 2 {
-        Isa::Avx2
-    } else {
-        isa
-    };
-    let k = if chosen == Isa::Avx2 {
-        F16Kernel {
-            decode_panels: if decode.isa == Isa::Avx2 {
-                decode.decode_panels
-            } else {
-                2
-            },
-            ..F16Kernel::default_for(Isa::Avx2)
-        }
-    } else {
-        F16Kernel {
-            isa: chosen,
-            decode_panels: if decode.isa == chosen {
-                decode.decode_panels
-            } else {
-                base.decode_panels
-            },
-            small: if small.isa == chosen {
-                small.small
-            } else {
-                base.small
-            },
-            large: if large.isa == chosen {
-                large.large
-            } else {
-                base.large
-            },
-        }
+    // One ISA for all F16 calls (a kernel choice has one): AVX2 where it won at least two of
+    // the three kinds, else the machine's; each kind keeps its winner's shape where the winner
+    // ran under that ISA, else that ISA's default.
+    let avx2_wins = [decode.isa, small.isa, large.isa]
+        .iter()
+        .filter(|&&i| i == Isa::Avx2)
+        .count();
+    let chosen = if avx2_wins >= 2 { Isa::Avx2 } else { isa };
+    let base = F16Kernel::default_for(chosen);
+    let keep = |winner: &F16Kernel| winner.isa == chosen;
+    let k = F16Kernel {
+        isa: chosen,
+        decode_panels: if keep(&decode) {
+            decode.decode_panels
+        } else {
+            base.decode_panels
+        },
+        small: if keep(&small) {
+            small.small
+        } else {
+            base.small
+        },
+        large: if keep(&large) {
+            large.large
+        } else {
+            base.large
+        },
     };
     (k, report.join("; "))
 }
