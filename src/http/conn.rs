@@ -9,12 +9,13 @@ use bytes::{Buf, BytesMut};
 use super::error::HttpError;
 use super::openai;
 use super::request::{parse_head, BodyKind, ChunkedDecoder, Head};
-use super::response::{error_body, write_response};
+use super::responses;
 use super::routes;
 use crate::config::Mode;
 use crate::server::conn::Conn;
 use crate::server::io::ConnRead;
 use crate::server::shard::Shard;
+use crate::session::request_http::Caller;
 use crate::ws::handshake::{self, Accepted, HandshakeContext, HandshakeRequest};
 
 /// Bytes asked of the socket per read while a request head or body is incoming.
@@ -30,6 +31,8 @@ pub struct RequestInfo {
     pub keep_alive: bool,
     pub body: BodyKind,
     pub expect_continue: bool,
+    /// `Last-Event-ID` (an SSE client reconnecting).
+    pub last_event_id: Option<String>,
 }
 
 impl RequestInfo {
@@ -44,6 +47,10 @@ impl RequestInfo {
             expect_continue: h
                 .header("expect")
                 .is_some_and(|v| v.eq_ignore_ascii_case(b"100-continue")),
+            last_event_id: h
+                .header("last-event-id")
+                .and_then(|v| std::str::from_utf8(v).ok())
+                .map(str::to_owned),
         }
     }
 }
@@ -125,43 +132,30 @@ pub async fn serve<R: ConnRead>(
                 return None;
             }
         };
-        if let Some(endpoint) = openai::Endpoint::from_path(&info.path) {
-            if shard.shared.config.server.mode != Mode::Websocket {
-                match openai_request(shard, conn, endpoint, &info, &body) {
-                    Ok(()) => {
-                        conn.wake_writer.notify();
-                        if !wait_response(conn, rd, buf).await {
-                            return None;
-                        }
-                        if !info.keep_alive {
-                            conn.close_after_flush(shard);
-                            return None;
-                        }
-                    }
-                    Err(e) => {
-                        let body = error_body(e.code, &e.message, e.param);
-                        let retry = e.retry_after.map(|s| s.to_string());
-                        let headers: Vec<(&str, &str)> = match &retry {
-                            Some(r) => vec![("retry-after", r.as_str())],
-                            None => Vec::new(),
-                        };
-                        write_response(
-                            &mut conn.out.borrow_mut().buf,
-                            e.status,
-                            "application/json",
-                            &headers,
-                            &body,
-                            false,
-                        );
-                        conn.wake_writer.notify();
-                        if !info.keep_alive {
-                            conn.close_after_flush(shard);
-                            return None;
-                        }
-                    }
-                }
-                continue;
+        let api = if shard.shared.config.server.mode == Mode::Websocket {
+            None
+        } else if let Some(r) = responses::route(&info.method, &info.path) {
+            Some(r.map_err(method_not_allowed).and_then(|r| {
+                let caller = http_caller(shard, &info)?;
+                responses_request(shard, conn, r, &info, &body, caller)
+            }))
+        } else {
+            openai::Endpoint::from_path(&info.path)
+                .map(|endpoint| openai_request(shard, conn, endpoint, &info, &body))
+        };
+        if let Some(result) = api {
+            if let Err(e) = result {
+                crate::session::resume_http::write_error(&mut conn.out.borrow_mut().buf, &e);
             }
+            conn.wake_writer.notify();
+            if !wait_response(conn, rd, buf).await {
+                return None;
+            }
+            if !info.keep_alive {
+                conn.close_after_flush(shard);
+                return None;
+            }
+            continue;
         }
         let close = {
             let mut out = conn.out.borrow_mut();
@@ -244,10 +238,146 @@ fn openai_request(
             retry_after: None,
         });
     }
-    let tenant = http_tenant(shard, info)?;
+    let caller = http_caller(shard, info)?;
     let id = format!("{}{}", endpoint.id_prefix(), random_hex());
     let req = openai::parse(endpoint, body, id, &shard.shared.config.session)?;
-    crate::session::request_http::start_http(shard, conn, req, tenant)
+    crate::session::request_http::start_http(shard, conn, req, caller)
+}
+
+fn method_not_allowed(allow: &'static str) -> openai::OpenAiError {
+    openai::OpenAiError {
+        status: 405,
+        code: "method_not_allowed",
+        message: format!("this path takes {allow}"),
+        param: None,
+        retry_after: None,
+    }
+}
+
+/// The tenant and key of an OpenAI request.
+fn http_caller(shard: &Shard, info: &RequestInfo) -> Result<Caller, openai::OpenAiError> {
+    let tenant = http_tenant(shard, info)?;
+    Ok(Caller::new(tenant, info.api_key.as_deref()))
+}
+
+/// The Responses routes and the reattach of a resumable chat stream.
+fn responses_request(
+    shard: &Rc<Shard>,
+    conn: &Rc<Conn>,
+    route: responses::Route,
+    info: &RequestInfo,
+    body: &[u8],
+    caller: Caller,
+) -> Result<(), openai::OpenAiError> {
+    use crate::session::resume_http::{self as rh, Purpose, Want};
+    let bad_param = |param: &'static str, message: String| openai::OpenAiError {
+        status: 400,
+        code: "invalid_request_error",
+        message,
+        param: Some(param),
+        retry_after: None,
+    };
+    let q = info.query.as_deref();
+    match route {
+        responses::Route::Create => {
+            let id = format!("resp_{}", random_hex());
+            let created = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let rr = responses::parse(body, id, created, &shard.shared.config.session)?;
+            if rr.meta.previous_response_id.is_some() && shard.shared.store.is_none() {
+                return Err(bad_param(
+                    "previous_response_id",
+                    "nothing is stored on this server (--resume false)".into(),
+                ));
+            }
+            match rr.meta.previous_response_id.clone() {
+                Some(prev) => rh::read(
+                    shard,
+                    conn,
+                    &prev,
+                    caller.token_hash,
+                    Purpose::Previous(Box::new(rr), caller),
+                ),
+                None => crate::session::request_http::start_response(
+                    shard,
+                    conn,
+                    rr,
+                    Vec::new(),
+                    caller,
+                ),
+            }
+        }
+        responses::Route::Get(id) => {
+            let stream = match responses::query(q, "stream") {
+                None | Some("false") => false,
+                Some("true") => true,
+                Some(v) => return Err(bad_param("stream", format!("stream={v}: true or false"))),
+            };
+            let after = match responses::query(q, "starting_after") {
+                None => None,
+                Some(v) => Some(v.parse::<u64>().map_err(|_| {
+                    bad_param(
+                        "starting_after",
+                        format!("starting_after={v}: a sequence number"),
+                    )
+                })?),
+            };
+            if stream {
+                rh::follow(
+                    shard,
+                    conn,
+                    &id,
+                    caller.token_hash,
+                    Want::Responses {
+                        after,
+                        stream: true,
+                    },
+                    false,
+                )
+            } else {
+                rh::read(shard, conn, &id, caller.token_hash, Purpose::Retrieve)
+            }
+        }
+        responses::Route::Cancel(id) => {
+            if let Some(store) = shard.shared.store.as_ref() {
+                let gen = crate::store::gen_id(&id, &id);
+                // The owner learns it at its next lease renewal; the answer waits for the end.
+                if !store.send(shard.id, crate::store::thread::StoreOp::Cancel(gen)) {
+                    shard.metrics.store_drops.inc();
+                }
+            }
+            let want = Want::Responses {
+                after: None,
+                stream: false,
+            };
+            rh::follow(shard, conn, &id, caller.token_hash, want, true)
+        }
+        responses::Route::Delete(id) => {
+            rh::read(shard, conn, &id, caller.token_hash, Purpose::Delete)
+        }
+        responses::Route::ChatStream(id) => {
+            // `Last-Event-ID` (what EventSource sends when it reconnects) wins over the query.
+            let given = info
+                .last_event_id
+                .as_deref()
+                .or_else(|| responses::query(q, "last_event_id"));
+            let after = match given {
+                None | Some("") => 0,
+                Some(v) => v.trim().parse::<u64>().map_err(|_| {
+                    bad_param("last_event_id", format!("Last-Event-ID {v:?}: an event id"))
+                })?,
+            };
+            rh::follow(
+                shard,
+                conn,
+                &id,
+                caller.token_hash,
+                Want::Chat { after },
+                false,
+            )
+        }
+    }
 }
 
 fn random_hex() -> String {
@@ -262,7 +392,7 @@ fn random_hex() -> String {
 /// buffered. Returns false when the client went away.
 async fn wait_response<R: ConnRead>(conn: &Conn, rd: &mut R, buf: &mut BytesMut) -> bool {
     loop {
-        if conn.http_busy.get().is_none() {
+        if conn.http_busy.get().is_none() && conn.http_follow.get().is_none() {
             return true;
         }
         let done = std::pin::pin!(conn.response_done.notified());

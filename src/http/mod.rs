@@ -10,5 +10,6 @@ pub mod error;
 pub mod openai;
 pub mod request;
 pub mod response;
+pub mod responses;
 pub mod routes;
 pub mod sse;

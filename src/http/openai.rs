@@ -54,6 +54,9 @@ pub struct OpenAiRequest {
     pub gen: GenerateMsg,
     pub stream: bool,
     pub include_usage: bool,
+    /// Logged so the stream can be picked up again (`"resumable": true`, a seedance field):
+    /// `GET /v1/chat/completions/{id}/stream` with `Last-Event-ID`.
+    pub resumable: bool,
 }
 
 /// An OpenAI error: HTTP status, `error.code`, message, offending `param`.
@@ -165,6 +168,23 @@ pub fn parse(
         .and_then(|o| o.get("include_usage"))
         .and_then(Value::as_bool)
         .unwrap_or(false);
+    let resumable = match m.remove("resumable") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => b,
+        Some(_) => return Err(bad("resumable must be a boolean")),
+    };
+    if resumable && (!stream || endpoint != Endpoint::Chat) {
+        return Err(OpenAiError {
+            param: Some("resumable"),
+            ..bad("resumable needs a streamed chat completion (stream: true)")
+        });
+    }
+    if resumable && m.get("logprobs").is_some_and(|v| v.as_bool() == Some(true)) {
+        return Err(OpenAiError {
+            param: Some("logprobs"),
+            ..bad("logprobs are not logged: a resumable stream cannot carry them")
+        });
+    }
     if let Some(n) = m.get("n").filter(|n| !n.is_null()) {
         if n.as_u64() != Some(1) {
             return Err(bad("n must be 1 (one choice per request)"));
@@ -210,6 +230,7 @@ pub fn parse(
         gen,
         stream,
         include_usage,
+        resumable,
     })
 }
 

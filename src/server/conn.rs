@@ -52,7 +52,10 @@ pub struct Conn {
     pub in_flight: Cell<usize>,
     /// The generation an HTTP response is waiting for (responses go out in request order).
     pub http_busy: Cell<Option<crate::engine::SeqKey>>,
-    /// Signalled when `http_busy` clears.
+    /// The store ticket an HTTP response is waiting on instead (a read, or a follow of a
+    /// logged generation: `GET /v1/responses/{id}`, a stream picked up again).
+    pub http_follow: Cell<Option<u64>>,
+    /// Signalled when `http_busy` or `http_follow` clears.
     pub response_done: Notify,
     /// The tenant's connection slot, for a WebSocket session of a tenant (freed with the
     /// connection).
@@ -79,6 +82,7 @@ impl Conn {
             flow: RefCell::new(None),
             in_flight: Cell::new(0),
             http_busy: Cell::new(None),
+            http_follow: Cell::new(None),
             response_done: Notify::default(),
             tenant_slot: RefCell::new(None),
             ip_slot: RefCell::new(None),
@@ -238,7 +242,14 @@ async fn run<R: ConnRead, W: ConnWrite + 'static>(
 /// The reader is done: cancel this connection's generations and let the writer finish.
 fn finish(shard: &Shard, conn: &Rc<Conn>) {
     if let Some(key) = conn.http_busy.get() {
-        shard.send_control(EngineMsg::Cancel(key));
+        // A logged HTTP generation (a response, a resumable chat stream) runs on like a
+        // WebSocket one.
+        if !crate::session::journal::detach(shard, key, conn.paused.get()) {
+            shard.send_control(EngineMsg::Cancel(key));
+        }
+    }
+    if let Some(ticket) = conn.http_follow.take() {
+        crate::session::resume_http::forget(shard, ticket);
     }
     let (reqs, follows) = match conn.ws.borrow_mut().as_mut() {
         Some(ws) => (

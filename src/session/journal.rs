@@ -29,6 +29,8 @@ pub struct Journal {
     pub tokens: Vec<u32>,
     /// Its client is gone (since then); the generation runs on for `resume_grace`.
     pub detached: Option<Instant>,
+    /// A background response: it runs to its end with or without a client.
+    pub background: bool,
     /// Messages were lost on the way to the store: no longer logged, `done` says so.
     pub broken: bool,
     /// Another instance carries it on (fenced, or handed over on SIGTERM): send nothing more.
@@ -53,6 +55,7 @@ impl Journal {
             epoch,
             tokens: Vec::new(),
             detached,
+            background: false,
             broken: false,
             stopped: false,
             local,
@@ -77,6 +80,10 @@ pub struct StoredRequest {
     pub prompt: Vec<u32>,
     pub params: SamplingParams,
     pub stop: Vec<String>,
+    /// A generation made over HTTP (a Responses API response, a resumable chat stream):
+    /// what its HTTP views render from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<crate::http::responses::HttpMeta>,
 }
 
 impl StoredRequest {
@@ -100,6 +107,8 @@ pub struct ShardJournal {
     scratch: RefCell<BytesMut>,
     /// Resumed clients on this shard, by ticket.
     pub followers: RefCell<HashMap<u64, Follower>>,
+    /// Whole-log reads that HTTP requests on this shard wait for, by ticket.
+    pub reads: RefCell<HashMap<u64, super::resume_http::PendingRead>>,
     next_ticket: Cell<u64>,
     last_renew: Cell<Option<Instant>>,
     /// Messages staged for the embedded store's logs, and the requests that staged them
@@ -125,7 +134,7 @@ pub fn start(shard: &Shard, start: Start) {
 /// How a plain delta is logged: this byte, then its text. The JSON around it (id, seq) is
 /// rebuilt on replay, so the log holds a few bytes per token rather than a whole message.
 /// Every other message (a delta with logprobs, the `done`) is logged as its JSON object.
-const TEXT_DELTA: u8 = 0;
+pub const TEXT_DELTA: u8 = 0;
 
 /// Writes a logged message as the WebSocket text frame its client gets.
 pub fn render(buf: &mut BytesMut, id_json: &str, seq: u64, logged: &[u8]) {
@@ -415,8 +424,9 @@ pub fn on_tick(shard: &Shard, now: Instant) {
                 };
                 leases.push((lease, e.key));
             }
-            if j.detached
-                .is_some_and(|t| now.duration_since(t) > cfg.grace)
+            if !j.background
+                && j.detached
+                    .is_some_and(|t| now.duration_since(t) > cfg.grace)
             {
                 expired.push(e.key);
             }

@@ -15,5 +15,6 @@ pub mod protocol;
 pub mod request;
 pub mod request_http;
 pub mod resume;
+pub mod resume_http;
 pub mod state;
 pub mod ws;

@@ -257,38 +257,26 @@ pub fn start_ws(shard: &Rc<Shard>, conn: &Rc<Conn>, g: GenerateMsg) -> Result<()
     let max_tokens = g.params.max_tokens.unwrap_or(cfg.default_max_tokens);
     entry.charge_tenant(shard, tenant, max_tokens)?;
     let mut params = g.params.clone();
-    let start = shared.store.as_ref().and_then(|store| {
+    let start = {
         let ws = conn.ws.borrow();
-        let ws = ws.as_ref()?;
-        if params.seed.is_none() {
-            // A takeover must continue the same random stream.
-            params.seed = Some(random_seed());
-        }
-        let req = journal::StoredRequest {
-            id: g.id.clone(),
-            mode: mode.as_str().into(),
-            prompt: prompt.clone(),
-            params: params.clone(),
-            stop: g.stop.clone(),
-        };
-        let gen = crate::store::gen_id(&ws.session, &g.id);
-        let request = super::resume::stored_request(&req)?;
-        // The embedded store: this shard appends to the log in place.
-        let local = store.local.as_ref().map(|c| {
-            let tokens = params.max_tokens.unwrap_or(256) as usize;
-            let room = tokens * crate::store::local::BYTES_PER_TOKEN;
-            crate::store::local::GenLog::shared(1, c.clone(), room)
-        });
-        entry.journal = Some(Journal::new(gen.clone(), 1, None, local.clone()));
-        Some(crate::store::Start {
-            gen,
-            session: ws.session.as_str().into(),
-            token_hash: ws.token_hash,
-            owner: store.instance.clone(),
-            request,
-            log: local,
+        ws.as_ref().and_then(|ws| {
+            let (j, start) = journal_for(
+                shard,
+                Logged {
+                    session: &ws.session,
+                    id: &g.id,
+                    token_hash: ws.token_hash,
+                    mode,
+                    prompt: &prompt,
+                    stop: &g.stop,
+                    http: None,
+                },
+                &mut params,
+            )?;
+            entry.journal = Some(j);
+            Some(start)
         })
-    });
+    };
     let key = submit(shard, entry, prompt, params)?;
     if let Some(start) = start {
         journal::start(shard, start);
@@ -297,6 +285,58 @@ pub fn start_ws(shard: &Rc<Shard>, conn: &Rc<Conn>, g: GenerateMsg) -> Result<()
         ws.reqs.push((g.id.into_boxed_str(), key));
     }
     Ok(())
+}
+
+/// What a logged generation is stored under and with.
+pub(super) struct Logged<'a> {
+    pub session: &'a str,
+    pub id: &'a str,
+    pub token_hash: [u8; 32],
+    pub mode: StreamMode,
+    pub prompt: &'a [u32],
+    pub stop: &'a [String],
+    pub http: Option<crate::http::responses::HttpMeta>,
+}
+
+/// The journal and the store `Start` of a new logged generation (`None`: resume is off). A
+/// generation without a seed gets one here: a takeover must continue the same random stream.
+pub(super) fn journal_for(
+    shard: &Shard,
+    l: Logged<'_>,
+    params: &mut SamplingParams,
+) -> Option<(Journal, crate::store::Start)> {
+    let store = shard.shared.store.as_ref()?;
+    if params.seed.is_none() {
+        params.seed = Some(random_seed());
+    }
+    let background = l.http.as_ref().is_some_and(|h| h.background);
+    let req = journal::StoredRequest {
+        id: l.id.to_owned(),
+        mode: l.mode.as_str().into(),
+        prompt: l.prompt.to_vec(),
+        params: params.clone(),
+        stop: l.stop.to_vec(),
+        http: l.http,
+    };
+    let gen = crate::store::gen_id(l.session, l.id);
+    let request = super::resume::stored_request(&req)?;
+    // The embedded store: this shard appends to the log in place.
+    let local = store.local.as_ref().map(|c| {
+        let tokens = params.max_tokens.unwrap_or(256) as usize;
+        let room = tokens * crate::store::local::BYTES_PER_TOKEN;
+        crate::store::local::GenLog::shared(1, c.clone(), room)
+    });
+    let mut j = Journal::new(gen.clone(), 1, None, local.clone());
+    j.background = background;
+    let start = crate::store::Start {
+        gen,
+        session: l.session.into(),
+        token_hash: l.token_hash,
+        owner: store.instance.clone(),
+        request,
+        log: local,
+    };
+    Some((j, start))
 }
 
 /// Counts an ended request under its tenant too (`seedance_requests_total{tenant}`).
@@ -352,13 +392,29 @@ pub fn on_event(shard: &Shard, ev: TokenEvent, now: Instant) {
                 ),
             };
             let e = ProtocolError::new(Some(&entry.id), why.code(), message);
+            let mut entry = entry;
+            if matches!(entry.sink, Sink::Http(_)) {
+                // Its views (a response read back later) must see it end.
+                let mut done = done_json(&entry, FinishReason::Error, now);
+                done["error"] = json!({"code": e.code, "message": &e.message});
+                log_done(shard, &mut entry, &done);
+            }
             forget(shard, &entry);
-            if !entry.conn.is_closing() {
+            if entry.live() {
                 match &entry.sink {
                     Sink::Ws => super::ws::send_error(shard, &entry.conn, &e),
                     Sink::Http(h) => {
                         let mut out = entry.conn.out.borrow_mut();
-                        if h.started {
+                        if let (true, Some(rv)) = (h.started, h.responses.as_deref()) {
+                            let end = crate::http::responses::End {
+                                finish_reason: "error".into(),
+                                prompt_tokens: u64::from(entry.prompt_tokens),
+                                completion_tokens: u64::from(entry.tokens),
+                                error: Some((e.code.into(), e.message.clone())),
+                            };
+                            rv.end(&mut out.buf, entry.seq + 1, &end);
+                            sse::write_last_chunk(&mut out.buf);
+                        } else if h.started {
                             sse::write_stream_error(&mut out.buf, e.code, &e.message);
                         } else {
                             crate::http::response::write_json_error(
@@ -419,27 +475,8 @@ fn on_token(shard: &Shard, e: &mut ReqEntry, id: u32, now: Instant) {
 
 /// Sends (or holds, per stream mode) newly completed text.
 fn emit_text(shard: &Shard, e: &mut ReqEntry, text: &str, now: Instant) {
-    if let Sink::Http(h) = &mut e.sink {
-        if h.stream {
-            let mut out = e.conn.out.borrow_mut();
-            if !h.started {
-                h.started = true;
-                sse::write_stream_head(&mut out.buf);
-                e.seq += 1;
-                sse::write_text_event(&mut out.buf, &h.meta, e.seq, "", true, None);
-            }
-            if !text.is_empty() {
-                e.seq += 1;
-                let lp = take_logprobs(shard, &mut e.logprobs);
-                sse::write_text_event(&mut out.buf, &h.meta, e.seq, text, false, lp.as_ref());
-            }
-            h.last_write = now;
-            drop(out);
-            shard.metrics.deltas_out.inc();
-            shard.mark_dirty(&e.conn);
-        } else {
-            e.chunker.pending.push_str(text);
-        }
+    if let Sink::Http(_) = e.sink {
+        emit_http(shard, e, text, now);
         return;
     }
     match e.mode {
@@ -455,6 +492,53 @@ fn emit_text(shard: &Shard, e: &mut ReqEntry, text: &str, now: Instant) {
             }
         }
         StreamMode::Full => e.chunker.pending.push_str(text),
+    }
+}
+
+/// An HTTP request's new text: its SSE event (chat chunk or Responses delta) while its client
+/// is there, held for the JSON answer otherwise, and logged when the generation is.
+fn emit_http(shard: &Shard, e: &mut ReqEntry, text: &str, now: Instant) {
+    let live = e.live();
+    let Sink::Http(h) = &mut e.sink else {
+        return;
+    };
+    if !text.is_empty() {
+        e.seq += 1;
+    }
+    let seq = e.seq;
+    if live && h.stream {
+        let mut out = e.conn.out.borrow_mut();
+        if !h.started {
+            h.started = true;
+            sse::write_stream_head(&mut out.buf);
+            match h.responses.as_deref() {
+                Some(rv) => rv.prelude(&mut out.buf),
+                None => sse::write_text_event(&mut out.buf, &h.meta, 0, "", true, None),
+            }
+        }
+        if !text.is_empty() {
+            match h.responses.as_deref_mut() {
+                Some(rv) => rv.delta(&mut out.buf, seq, text),
+                None => {
+                    let lp = take_logprobs(shard, &mut e.logprobs);
+                    sse::write_text_event(&mut out.buf, &h.meta, seq, text, false, lp.as_ref());
+                }
+            }
+        }
+        h.last_write = now;
+        drop(out);
+        shard.metrics.deltas_out.inc();
+        shard.mark_dirty(&e.conn);
+    } else if !text.is_empty() {
+        match h.responses.as_deref_mut() {
+            Some(rv) => rv.text.push_str(text),
+            None => e.chunker.pending.push_str(text),
+        }
+    }
+    if !text.is_empty() {
+        if let Some(j) = e.journal.as_mut().filter(|j| j.logging()) {
+            journal::send_delta(shard, e.key, j, seq, &e.id_json, text, None);
+        }
     }
 }
 
@@ -595,27 +679,15 @@ fn write_end(shard: &Shard, e: &mut ReqEntry, reason: FinishReason, now: Instant
             Some(lp) => lp.take_json(&shard.shared.codec),
             None => None,
         };
-        finish_http(shard, e, h, reason, logprobs);
+        let done = done_json(e, reason, now);
+        log_done(shard, e, &done);
+        if e.live() {
+            finish_http(shard, e, reason, logprobs);
+        }
         return;
     }
     flush_chunk(shard, e);
-    let ttft_ms = e
-        .first_token
-        .map(|t| t.duration_since(e.arrived).as_secs_f64() * 1e3);
-    let gen_secs = e
-        .first_token
-        .map_or(0.0, |t| now.duration_since(t).as_secs_f64());
-    let tps = if e.tokens > 1 && gen_secs > 0.0 {
-        (e.tokens - 1) as f64 / gen_secs
-    } else {
-        0.0
-    };
-    let mut done = json!({
-        "type": "done", "id": &*e.id, "seq": e.seq + 1, "finish_reason": reason.as_str(),
-        "usage": {"prompt_tokens": e.prompt_tokens, "completion_tokens": e.tokens,
-                  "total_tokens": e.prompt_tokens + e.tokens},
-        "timings": {"ttft_ms": ttft_ms, "tokens_per_s": tps},
-    });
+    let mut done = done_json(e, reason, now);
     // Tokens that produced no text (e.g. a skipped special token at the end).
     if let Some(lp) = take_logprobs(shard, &mut e.logprobs) {
         done["logprobs"] = lp;
@@ -636,6 +708,37 @@ fn write_end(shard: &Shard, e: &mut ReqEntry, reason: FinishReason, now: Instant
         None => {}
     }
     shard.mark_dirty(&e.conn);
+}
+
+/// Logs the `done` of a logged generation (the HTTP views read its end from it).
+fn log_done(shard: &Shard, e: &mut ReqEntry, done: &serde_json::Value) {
+    let (key, seq) = (e.key, e.seq + 1);
+    if let Some(j) = e.journal.as_mut().filter(|j| j.logging()) {
+        journal::send_logged(shard, key, j, seq, true, None, |b| {
+            let _ = serde_json::to_writer(bytes::BufMut::writer(b), done);
+        });
+    }
+}
+
+/// The `done` message: seq, finish reason, usage, timings.
+fn done_json(e: &ReqEntry, reason: FinishReason, now: Instant) -> serde_json::Value {
+    let ttft_ms = e
+        .first_token
+        .map(|t| t.duration_since(e.arrived).as_secs_f64() * 1e3);
+    let gen_secs = e
+        .first_token
+        .map_or(0.0, |t| now.duration_since(t).as_secs_f64());
+    let tps = if e.tokens > 1 && gen_secs > 0.0 {
+        (e.tokens - 1) as f64 / gen_secs
+    } else {
+        0.0
+    };
+    json!({
+        "type": "done", "id": &*e.id, "seq": e.seq + 1, "finish_reason": reason.as_str(),
+        "usage": {"prompt_tokens": e.prompt_tokens, "completion_tokens": e.tokens,
+                  "total_tokens": e.prompt_tokens + e.tokens},
+        "timings": {"ttft_ms": ttft_ms, "tokens_per_s": tps},
+    })
 }
 
 /// Removes the request from its connection's list; closes a draining session that went idle.

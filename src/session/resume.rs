@@ -20,6 +20,7 @@ use super::json::quoted;
 use super::protocol::ProtocolError;
 use super::request::{ReqEntry, Sink};
 use crate::engine::{EngineMsg, GenerateRequest, SeqKey};
+use crate::http::sse;
 use crate::server::conn::Conn;
 use crate::server::shard::Shard;
 use crate::store::thread::{OwnerNote, StoreOp, StoreReply};
@@ -32,6 +33,26 @@ pub struct Follower {
     pub gen: GenId,
     asked: Instant,
     answered: bool,
+    /// An HTTP view of the log (`None`: a WebSocket `resume`).
+    pub http: Option<Box<super::resume_http::HttpFollow>>,
+}
+
+impl Follower {
+    pub fn new(
+        conn: &Rc<Conn>,
+        id: &str,
+        gen: GenId,
+        http: Option<Box<super::resume_http::HttpFollow>>,
+    ) -> Self {
+        Follower {
+            conn: conn.clone(),
+            id: id.into(),
+            gen,
+            asked: Instant::now(),
+            answered: false,
+            http,
+        }
+    }
 }
 
 /// Handles a `resume` message.
@@ -86,6 +107,7 @@ pub fn start(
         id: id.as_str().into(),
         token_hash: crate::store::token_hash(&token),
         after,
+        with_request: false,
     };
     if !store.send(shard.id, op) {
         shard.metrics.store_drops.inc();
@@ -96,16 +118,11 @@ pub fn start(
             "the state queue is full; retry",
         ));
     }
-    shard.journal.followers.borrow_mut().insert(
-        ticket,
-        Follower {
-            conn: conn.clone(),
-            id: id.as_str().into(),
-            gen: gen.clone(),
-            asked: Instant::now(),
-            answered: false,
-        },
-    );
+    shard
+        .journal
+        .followers
+        .borrow_mut()
+        .insert(ticket, Follower::new(conn, &id, gen.clone(), None));
     if let Some(ws) = conn.ws.borrow_mut().as_mut() {
         ws.follows.push((id.into_boxed_str(), ticket, gen));
     }
@@ -168,7 +185,11 @@ fn on_reply(shard: &Shard, r: StoreReply) {
             if !f.answered {
                 shard.metrics.resume(why.0);
             }
-            if !f.conn.is_closing() {
+            if f.http.is_some() {
+                if !f.conn.is_closing() {
+                    super::resume_http::on_refused(shard, &f, ticket, &why);
+                }
+            } else if !f.conn.is_closing() {
                 let e = ProtocolError::new(Some(&f.id), why.0, why.1);
                 super::ws::send_error(shard, &f.conn, &e);
             }
@@ -178,6 +199,7 @@ fn on_reply(shard: &Shard, r: StoreReply) {
             first_seq,
             msgs,
             done,
+            request,
         } => {
             let (conn, id_json) = {
                 let mut fs = shard.journal.followers.borrow_mut();
@@ -186,6 +208,20 @@ fn on_reply(shard: &Shard, r: StoreReply) {
                     f.answered = true;
                     shard.metrics.resume("ok");
                     shard.metrics.resume_latency.observe(f.asked.elapsed());
+                }
+                if f.http.is_some() {
+                    if f.conn.is_closing() {
+                        return;
+                    }
+                    let over = super::resume_http::on_msgs(
+                        shard, f, ticket, first_seq, &msgs, done, request,
+                    );
+                    shard.metrics.deltas_out.add(msgs.len() as u64);
+                    drop(fs);
+                    if over {
+                        super::resume_http::forget(shard, ticket);
+                    }
+                    return;
                 }
                 (f.conn.clone(), quoted(&f.id))
             };
@@ -210,6 +246,12 @@ fn on_reply(shard: &Shard, r: StoreReply) {
             claimed,
         } => adopt(shard, ticket, gen, claimed),
         StoreReply::Owner { key, what } => on_owner_note(shard, key, what),
+        StoreReply::Snapshot { ticket, result } => {
+            super::resume_http::on_snapshot(shard, ticket, result)
+        }
+        StoreReply::Deleted { ticket, result } => {
+            super::resume_http::on_deleted(shard, ticket, result)
+        }
     }
 }
 
@@ -235,6 +277,21 @@ fn on_owner_note(shard: &Shard, key: SeqKey, what: OwnerNote) {
             let live = j.detached.is_none() && !e.conn.is_closing();
             let conn = e.conn.clone();
             let id = e.id.clone();
+            if let Sink::Http(h) = &e.sink {
+                // Its HTTP client is told where the rest is, as the stream's last event.
+                if live && h.stream && h.started {
+                    let mut out = conn.out.borrow_mut();
+                    sse::write_stream_error(
+                        &mut out.buf,
+                        "moved",
+                        "another instance carries this generation on now; read it back there",
+                    );
+                }
+                drop(reqs);
+                shard.mark_dirty(&conn);
+                shard.send_control(EngineMsg::Cancel(key));
+                return;
+            }
             drop(reqs);
             if live {
                 let err = ProtocolError::new(
@@ -270,10 +327,17 @@ fn on_owner_note(shard: &Shard, key: SeqKey, what: OwnerNote) {
 
 /// Carries on a generation this instance just claimed for follower `ticket`.
 fn adopt(shard: &Shard, ticket: u64, gen: GenId, claimed: Claimed) {
-    let conn = match shard.journal.followers.borrow().get(&ticket) {
-        Some(f) => f.conn.clone(),
-        // The follower left already: the lease runs out again and the next resume claims.
-        None => return,
+    let (conn, cancel) = match shard.journal.followers.borrow().get(&ticket) {
+        Some(f) => (
+            f.conn.clone(),
+            f.http.as_ref().is_some_and(|h| h.cancel_on_adopt),
+        ),
+        None => match shard.journal.reads.borrow().get(&ticket) {
+            // A read found it orphaned (a background response nobody streams).
+            Some(r) => (r.conn.clone(), false),
+            // The follower left already: the lease runs out again and the next resume claims.
+            None => return,
+        },
     };
     let req: StoredRequest = match serde_json::from_slice(&claimed.request) {
         Ok(r) => r,
@@ -290,7 +354,10 @@ fn adopt(shard: &Shard, ticket: u64, gen: GenId, claimed: Claimed) {
     for &t in &claimed.tokens {
         let _ = detok.push(t);
     }
-    let stopped = detok.stopped();
+    let stopped = detok.stopped() || cancel;
+    let background = req.http.as_ref().is_some_and(|h| h.background);
+    let mut journal = Journal::new(gen.clone(), claimed.epoch, Some(now), claimed.log.clone());
+    journal.background = background;
     let entry = ReqEntry {
         key: SeqKey {
             shard: shard.id,
@@ -317,12 +384,7 @@ fn adopt(shard: &Shard, ticket: u64, gen: GenId, claimed: Claimed) {
         // A takeover is not charged to the tenant again (the first owner charged it).
         charge: None,
         tenant: None,
-        journal: Some(Journal::new(
-            gen.clone(),
-            claimed.epoch,
-            Some(now),
-            claimed.log.clone(),
-        )),
+        journal: Some(journal),
     };
     let key = shard.insert_request(entry);
     let ntok = claimed.tokens.len();

@@ -324,6 +324,23 @@ impl StateStore for MemoryStore {
         Ok(())
     }
 
+    fn request(&mut self, gen: &str) -> Result<Option<Bytes>, StoreError> {
+        let now = Instant::now();
+        Ok(self
+            .gens
+            .get(gen)
+            .filter(|g| g.expires > now)
+            .map(|g| g.request.clone()))
+    }
+
+    fn delete(&mut self, gen: &str) -> Result<(), StoreError> {
+        // Its place in the start order goes with the sweep (a missing entry is skipped).
+        if let Some(g) = self.gens.remove(gen) {
+            self.drop_gen(g);
+        }
+        Ok(())
+    }
+
     fn trim(&mut self, gen: &str, upto: u64) -> Result<(), StoreError> {
         let Some(g) = self.gens.get(gen) else {
             return Ok(());

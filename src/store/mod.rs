@@ -421,6 +421,10 @@ pub trait StateStore: Send {
     fn claim(&mut self, gen: &str, epoch: u64, owner: &str) -> Result<Claim, StoreError>;
     /// Asks the owner (through its next renewal) to cancel.
     fn cancel(&mut self, gen: &str) -> Result<(), StoreError>;
+    /// The request blob of a generation ([`Start::request`]); `None` when it is gone.
+    fn request(&mut self, gen: &str) -> Result<Option<Bytes>, StoreError>;
+    /// Removes a generation's log and metadata (its owner's next append finds it gone).
+    fn delete(&mut self, gen: &str) -> Result<(), StoreError>;
     /// Drops messages up to `upto` (the client acknowledged them).
     fn trim(&mut self, gen: &str, upto: u64) -> Result<(), StoreError>;
     /// Marks a generation not resumable (its messages did not all reach the store).

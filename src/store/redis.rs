@@ -563,6 +563,22 @@ impl StateStore for RedisStore {
         .map(|_| ())
     }
 
+    fn request(&mut self, gen: &str) -> Result<Option<Bytes>, StoreError> {
+        let [m, _, _] = keys(gen);
+        let r = self.run(|p, _| {
+            p.cmd("HGET").arg(m).arg("rq");
+        })?;
+        Ok(r.first().and_then(bytes_of).map(Bytes::copy_from_slice))
+    }
+
+    fn delete(&mut self, gen: &str) -> Result<(), StoreError> {
+        let k = keys(gen);
+        self.run(|p, _| {
+            p.cmd("DEL").arg(&k[..]).ignore();
+        })
+        .map(|_| ())
+    }
+
     fn trim(&mut self, gen: &str, upto: u64) -> Result<(), StoreError> {
         self.run(|p, shas| {
             evalsha(p, shas, Script::Trim, &keys(gen)[..2]).arg(upto);

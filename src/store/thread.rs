@@ -68,6 +68,26 @@ pub enum StoreOp {
         id: Arc<str>,
         token_hash: [u8; 32],
         after: u64,
+        /// The first answer carries the generation's request blob (an HTTP view renders
+        /// from it).
+        with_request: bool,
+    },
+    /// One read of a whole log as it is now (`GET /v1/responses/{id}`); a generation whose
+    /// owner is gone is claimed for this shard first, as a follow would.
+    Read {
+        shard: u16,
+        ticket: u64,
+        session: Arc<str>,
+        id: Arc<str>,
+        token_hash: [u8; 32],
+    },
+    /// Removes a generation (cancelling it first) for the holder of its token.
+    Delete {
+        shard: u16,
+        ticket: u64,
+        session: Arc<str>,
+        id: Arc<str>,
+        token_hash: [u8; 32],
     },
     Unfollow(u64),
     Cancel(GenId),
@@ -88,6 +108,18 @@ pub enum StoreReply {
         first_seq: u64,
         msgs: Vec<Bytes>,
         done: bool,
+        /// The request blob, in the first answer of a follow that asked for it.
+        request: Option<Bytes>,
+    },
+    /// The answer to a [`StoreOp::Read`].
+    Snapshot {
+        ticket: u64,
+        result: Result<Snapshot, Refusal>,
+    },
+    /// The answer to a [`StoreOp::Delete`].
+    Deleted {
+        ticket: u64,
+        result: Result<(), Refusal>,
     },
     /// The follow ended without a `done` (the log broke or expired).
     Lost { ticket: u64, why: Refusal },
@@ -99,6 +131,15 @@ pub enum StoreReply {
     },
     /// An owner's append or renewal: stop (fenced), cancel, or keep alive (watched).
     Owner { key: SeqKey, what: OwnerNote },
+}
+
+/// A whole log as one read found it.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub request: Bytes,
+    /// Every message from seq 1 on, in order.
+    pub msgs: Vec<Bytes>,
+    pub done: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -272,6 +313,15 @@ pub fn spawn(
             t.run(inboxes, &parker);
         })?;
     Ok((handle, join))
+}
+
+/// Who asks for a generation, and for which.
+struct Who {
+    shard: u16,
+    ticket: u64,
+    session: Arc<str>,
+    id: Arc<str>,
+    token_hash: [u8; 32],
 }
 
 struct Follow {
@@ -564,13 +614,33 @@ impl StateThread {
 
     fn misc(&mut self, op: StoreOp) {
         if !self.healthy {
-            if let StoreOp::Follow { shard, ticket, .. } = op {
-                let why = (
+            let why = || {
+                (
                     "store_unavailable",
-                    "the state store is unreachable; retry".into(),
-                );
-                self.out.push((shard, StoreReply::Refused { ticket, why }));
-            }
+                    "the state store is unreachable; retry".to_string(),
+                )
+            };
+            let reply = match op {
+                StoreOp::Follow { shard, ticket, .. } => {
+                    Some((shard, StoreReply::Refused { ticket, why: why() }))
+                }
+                StoreOp::Read { shard, ticket, .. } => Some((
+                    shard,
+                    StoreReply::Snapshot {
+                        ticket,
+                        result: Err(why()),
+                    },
+                )),
+                StoreOp::Delete { shard, ticket, .. } => Some((
+                    shard,
+                    StoreReply::Deleted {
+                        ticket,
+                        result: Err(why()),
+                    },
+                )),
+                _ => None,
+            };
+            self.out.extend(reply);
             return;
         }
         let r = match op {
@@ -581,8 +651,50 @@ impl StateThread {
                 id,
                 token_hash,
                 after,
+                with_request,
             } => {
-                self.follow(shard, ticket, session, id, token_hash, after);
+                let who = Who {
+                    shard,
+                    ticket,
+                    session,
+                    id,
+                    token_hash,
+                };
+                self.follow(who, after, with_request);
+                Ok(())
+            }
+            StoreOp::Read {
+                shard,
+                ticket,
+                session,
+                id,
+                token_hash,
+            } => {
+                let who = Who {
+                    shard,
+                    ticket,
+                    session,
+                    id,
+                    token_hash,
+                };
+                self.read(who);
+                Ok(())
+            }
+            StoreOp::Delete {
+                shard,
+                ticket,
+                session,
+                id,
+                token_hash,
+            } => {
+                let who = Who {
+                    shard,
+                    ticket,
+                    session,
+                    id,
+                    token_hash,
+                };
+                self.delete(who);
                 Ok(())
             }
             StoreOp::Unfollow(ticket) => {
@@ -599,57 +711,63 @@ impl StateThread {
         }
     }
 
-    fn follow(
-        &mut self,
-        shard: u16,
-        ticket: u64,
-        session: Arc<str>,
-        id: Arc<str>,
-        token_hash: [u8; 32],
-        after: u64,
-    ) {
-        let found = match self.timed(|s| s.lookup(&session, &id, after, PAGE)) {
+    /// Looks a generation up for `who` (messages after `after`); `Err`: the refusal to send.
+    fn look(&mut self, who: &Who, after: u64) -> Result<super::Found, Refusal> {
+        let (session, id) = (&who.session, &who.id);
+        let found = match self.timed(|s| s.lookup(session, id, after, PAGE)) {
             Ok(l) => l,
             Err(e) => {
                 self.fail(&e);
-                let why = (
+                return Err((
                     "store_unavailable",
                     "the state store is unreachable; retry".into(),
-                );
-                self.out.push((shard, StoreReply::Refused { ticket, why }));
-                return;
+                ));
             }
         };
-        let refuse = |code: &'static str, msg: String| Some((code, msg));
-        let why = match (&found.session, &found.gen) {
-            (None, _) => refuse(
+        match (found.session, found.gen) {
+            (None, _) => Err((
                 "unknown_session",
                 format!("session {session:?} is unknown or expired"),
-            ),
-            (Some(h), _) if !super::hashes_equal(h, &token_hash) => refuse(
+            )),
+            (Some(h), _) if !super::hashes_equal(&h, &who.token_hash) => Err((
                 "bad_token",
                 "the resume token does not match the session".into(),
-            ),
-            (_, None) => refuse(
+            )),
+            (_, None) => Err((
                 "unknown_id",
                 format!("no generation {id:?} in session {session:?} (unknown or expired)"),
-            ),
-            (_, Some(g)) if g.broken => refuse(
+            )),
+            (_, Some(g)) => Ok(g),
+        }
+    }
+
+    fn follow(&mut self, who: Who, after: u64, with_request: bool) {
+        let Who {
+            shard,
+            ticket,
+            ref id,
+            ..
+        } = who;
+        let refuse = |code: &'static str, msg: String| Some((code, msg));
+        let found = self.look(&who, after);
+        let why = match &found {
+            Err(why) => Some(why.clone()),
+            Ok(g) if g.broken => refuse(
                 "not_resumable",
                 format!("generation {id:?} lost messages on the way to the store"),
             ),
-            (_, Some(g)) if g.done && after >= g.last_seq => refuse(
+            Ok(g) if g.done && after >= g.last_seq => refuse(
                 "already_finished",
                 format!("generation {id:?} ended at seq {}", g.last_seq),
             ),
-            (_, Some(g)) if after > g.last_seq + AHEAD_MAX => refuse(
+            Ok(g) if after > g.last_seq + AHEAD_MAX => refuse(
                 "bad_offset",
                 format!(
                     "after={after} is beyond the last seq {} of {id:?}",
                     g.last_seq
                 ),
             ),
-            (_, Some(g)) if after < g.trimmed => refuse(
+            Ok(g) if after < g.trimmed => refuse(
                 "bad_offset",
                 format!(
                     "seq up to {} of {id:?} was acknowledged and trimmed",
@@ -662,7 +780,29 @@ impl StateThread {
             self.out.push((shard, StoreReply::Refused { ticket, why }));
             return;
         }
-        let Some(g) = found.gen else { return };
+        let Ok(g) = found else { return };
+        let Who { session, id, .. } = who;
+        let request = if with_request {
+            match self.timed(|s| s.request(&super::gen_id(&session, &id))) {
+                Ok(Some(r)) => Some(r),
+                Ok(None) => {
+                    let why = ("unknown_id", format!("no generation {id:?} (expired)"));
+                    self.out.push((shard, StoreReply::Refused { ticket, why }));
+                    return;
+                }
+                Err(e) => {
+                    self.fail(&e);
+                    let why = (
+                        "store_unavailable",
+                        "the state store is unreachable; retry".into(),
+                    );
+                    self.out.push((shard, StoreReply::Refused { ticket, why }));
+                    return;
+                }
+            }
+        } else {
+            None
+        };
         let gen = super::gen_id(&session, &id);
         // Ahead of the log: wait for the owner's in-flight writes (or, if it is gone, for the
         // takeover to regenerate them; they are not sent again).
@@ -679,7 +819,7 @@ impl StateThread {
             pushed: false,
         };
         f.next_poll += f.poll_every(self.handle.local.is_some());
-        let ended = self.send_found(ticket, &mut f, g, true);
+        let ended = self.send_found(ticket, &mut f, g, Some(request));
         if !ended {
             self.by_gen.entry(gen).or_default().push(ticket);
             self.follows.insert(ticket, f);
@@ -688,7 +828,14 @@ impl StateThread {
 
     /// Delivers a lookup's messages; claims the generation when its owner is gone. True when
     /// the follow is over.
-    fn send_found(&mut self, ticket: u64, f: &mut Follow, g: super::Found, first: bool) -> bool {
+    /// `first`: the follow's first answer (with the request blob, if it asked for it).
+    fn send_found(
+        &mut self,
+        ticket: u64,
+        f: &mut Follow,
+        g: super::Found,
+        first: Option<Option<Bytes>>,
+    ) -> bool {
         let first_seq = f.last_seq + 1;
         let mut msgs = Vec::with_capacity(g.msgs.len());
         for (seq, m) in g.msgs {
@@ -717,7 +864,7 @@ impl StateThread {
         // Paged (or an entry still to come): read on at once.
         let more = !msgs.is_empty() && f.last_seq < g.last_seq;
         // The first answer goes out even when empty: it tells the shard the resume is accepted.
-        if !msgs.is_empty() || done || first {
+        if !msgs.is_empty() || done || first.is_some() {
             self.out.push((
                 f.shard,
                 StoreReply::Msgs {
@@ -725,6 +872,7 @@ impl StateThread {
                     first_seq,
                     msgs,
                     done,
+                    request: first.flatten(),
                 },
             ));
         }
@@ -779,6 +927,92 @@ impl StateThread {
         }
     }
 
+    /// A whole log for `who`, paged; claims it first when its owner is gone.
+    fn read(&mut self, who: Who) {
+        let (shard, ticket) = (who.shard, who.ticket);
+        let result = self.read_all(&who);
+        self.out
+            .push((shard, StoreReply::Snapshot { ticket, result }));
+    }
+
+    fn read_all(&mut self, who: &Who) -> Result<Snapshot, Refusal> {
+        let gen = super::gen_id(&who.session, &who.id);
+        let unavailable = || {
+            (
+                "store_unavailable",
+                "the state store is unreachable; retry".to_string(),
+            )
+        };
+        let mut snap = Snapshot::default();
+        let mut g = self.look(who, 0)?;
+        if g.trimmed > 0 || g.broken {
+            return Err((
+                "not_resumable",
+                format!("generation {:?} is not whole in the store", who.id),
+            ));
+        }
+        loop {
+            let mut got = false;
+            for (seq, m) in std::mem::take(&mut g.msgs) {
+                if seq == snap.msgs.len() as u64 + 1 {
+                    snap.msgs.push(m);
+                    got = true;
+                }
+            }
+            snap.done = g.done && snap.msgs.len() as u64 >= g.last_seq;
+            if !got || snap.msgs.len() as u64 >= g.last_seq {
+                break;
+            }
+            g = self.look(who, snap.msgs.len() as u64)?;
+        }
+        snap.request = match self.timed(|s| s.request(&gen)) {
+            Ok(Some(r)) => r,
+            Ok(None) => return Err(("unknown_id", format!("no generation {:?}", who.id))),
+            Err(e) => {
+                self.fail(&e);
+                return Err(unavailable());
+            }
+        };
+        if g.lease_expired && !snap.done {
+            // Nobody carries it on: this instance does (a background response must finish
+            // whether or not a client streams it).
+            let instance = self.instance.clone();
+            match self.timed(|s| s.claim(&gen, g.epoch, &instance)) {
+                Ok(Claim::Claimed(claimed)) => self.out.push((
+                    who.shard,
+                    StoreReply::Adopt {
+                        ticket: who.ticket,
+                        gen,
+                        claimed,
+                    },
+                )),
+                Ok(_) => {}
+                Err(e) => self.fail(&e),
+            }
+        }
+        Ok(snap)
+    }
+
+    /// Cancels and removes a generation for the holder of its token.
+    fn delete(&mut self, who: Who) {
+        let gen = super::gen_id(&who.session, &who.id);
+        let result = self.look(&who, u64::MAX - 1).and_then(|_| {
+            let r = self
+                .timed(|s| s.cancel(&gen))
+                .and_then(|()| self.timed(|s| s.delete(&gen)));
+            r.map_err(|e| {
+                self.fail(&e);
+                (
+                    "store_unavailable",
+                    "the state store is unreachable; retry".to_string(),
+                )
+            })
+        });
+        let (shard, ticket) = (who.shard, who.ticket);
+        self.out
+            .push((shard, StoreReply::Deleted { ticket, result }));
+    }
+
     fn unfollow(&mut self, ticket: u64) {
         if let Some(f) = self.follows.remove(&ticket) {
             if let Some(v) = self.by_gen.get_mut(&f.gen) {
@@ -825,6 +1059,7 @@ impl StateThread {
                     first_seq,
                     msgs,
                     done: a.done,
+                    request: None,
                 },
             ));
             if a.done {
@@ -854,7 +1089,7 @@ impl StateThread {
             let (session, id, after) = (f.session.clone(), f.id.clone(), f.last_seq);
             match self.timed(|s| s.lookup(&session, &id, after, PAGE)) {
                 Ok(super::Lookup { gen: Some(g), .. }) => {
-                    if self.send_found(ticket, &mut f, g, false) {
+                    if self.send_found(ticket, &mut f, g, None) {
                         self.follows.insert(ticket, f);
                         self.unfollow(ticket);
                     } else {
