@@ -80,8 +80,8 @@ fn chat_stream_is_openai_sse_and_connection_stays_usable() {
         .collect();
     assert_eq!(
         ids,
-        (1..=ids.len() as u64).collect::<Vec<_>>(),
-        "event ids are the delta seq"
+        (0..ids.len() as u64).collect::<Vec<_>>(),
+        "event ids: 0 for the role chunk, then the delta seq"
     );
     // Keep-alive: the same connection serves the next request.
     s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")

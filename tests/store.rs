@@ -29,6 +29,32 @@ fn start(session: &str, id: &str) -> Start {
     }
 }
 
+/// `delete`: the log and its request go; the owner's next append finds it gone, its
+/// renewal is fenced.
+fn deleted_generations_are_gone(store: &mut dyn StateStore) {
+    let s = session(store.kind());
+    let g = gen_id(&s, "del");
+    store
+        .write(&[start(&s, "del")], &[append(&g, 1, 1, 2, false)])
+        .expect("write");
+    store.delete(&g).expect("delete");
+    assert!(store
+        .lookup(&s, "del", 0, 10)
+        .expect("lookup")
+        .gen
+        .is_none());
+    assert_eq!(store.request(&g).expect("request"), None);
+    let lease = Lease {
+        gen: g.clone(),
+        epoch: 1,
+    };
+    assert!(store.renew(&[lease]).expect("renew")[0].fenced);
+    assert_ne!(
+        store.write(&[], &[append(&g, 1, 3, 1, false)]).expect("w"),
+        vec![Appended::Ok]
+    );
+}
+
 fn msg(seq: u64) -> String {
     format!("{{\"seq\":{seq}}}")
 }
@@ -68,6 +94,7 @@ fn session(tag: &str) -> String {
 }
 
 fn contract(store: &mut dyn StateStore) {
+    deleted_generations_are_gone(store);
     let s = session(store.kind());
     let g = gen_id(&s, "r1");
     let w = store
@@ -91,6 +118,12 @@ fn contract(store: &mut dyn StateStore) {
         (5, false, false)
     );
     assert!(!first.lease_expired);
+    // The request blob comes back as stored (HTTP views render from it).
+    assert_eq!(
+        store.request(&g).expect("request").as_deref(),
+        Some(&br#"{"id":"x"}"#[..])
+    );
+    assert_eq!(store.request("nope/r1").expect("request"), None);
 
     // Idempotent re-append: a retried batch changes nothing.
     assert_eq!(

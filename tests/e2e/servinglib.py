@@ -127,13 +127,13 @@ def post_sse(server: Server, path: str, body: dict, timeout: float = 30) -> SseR
 
 
 def sse_text(res: SseResult, chat: bool) -> str:
-    """Concatenated text of an SSE stream, checking its shape on the way: 200, event ids the
-    delta seqs 1..n on every JSON event that carries choices, `[DONE]` last."""
+    """Concatenated text of an SSE stream, checking its shape on the way: 200, event ids 0 (the
+    role chunk) then the delta seqs 1..n, `[DONE]` last."""
     assert res.status == 200, res
     assert res.headers.get("content-type", "").startswith("text/event-stream"), res.headers
     assert res.done, f"stream did not end with [DONE]: {res.events[-3:]}"
     ids = [int(e.id) for e in res.events if e.id is not None]
-    assert ids == list(range(1, len(ids) + 1)), f"SSE ids {ids}"
+    assert ids == list(range(len(ids))), f"SSE ids {ids}"
     text = []
     for ch in res.chunks:
         for c in ch["choices"]:
