@@ -445,10 +445,12 @@ impl Client {
     }
 
     /// One OpenAI streaming completion over SSE (chunked transfer coding).
-    pub async fn sse_request(&mut self, body: &str) -> Sample {
+    /// `path`: `/v1/completions` (deltas are `"text"` chunks) or `/v1/responses` (deltas are
+    /// `response.output_text.delta` events).
+    pub async fn sse_request(&mut self, path: &str, body: &str) -> Sample {
         let mut s = Sample::default();
         let req = format!(
-            "POST /v1/completions HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
             self.addr,
             body.len()
         );
@@ -505,7 +507,12 @@ impl Client {
             self.buf.advance(eol + 2 + size + 2);
             while let Some(i) = body.windows(2).position(|w| w == b"\n\n") {
                 let ev = body.split_to(i + 2);
-                if ev.windows(8).any(|w| w == b"\"text\":\"")
+                if ev.starts_with(b"event: response.") {
+                    if ev.starts_with(b"event: response.output_text.delta") {
+                        s.delta(now, &mut last);
+                        s.tokens += 1;
+                    }
+                } else if ev.windows(8).any(|w| w == b"\"text\":\"")
                     && !ev.windows(10).any(|w| w == b"\"text\":\"\",")
                 {
                     s.delta(now, &mut last);

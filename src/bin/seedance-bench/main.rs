@@ -42,6 +42,9 @@ enum Cmd {
     Ws(LoadArgs),
     /// Generations over OpenAI SSE (`POST /v1/completions`, `stream: true`).
     Sse(LoadArgs),
+    /// Responses over OpenAI SSE (`POST /v1/responses`, `stream: true`; stored, so every
+    /// delta is logged too).
+    Responses(LoadArgs),
     /// Open connections and hold them idle.
     Idle(IdleArgs),
     /// TLS handshakes per second: connect, handshake, `GET /v1/models`, close, over and over.
@@ -138,7 +141,7 @@ struct IdleArgs {
 fn main() {
     let args = Args::parse();
     let (cpu, tls) = match &args.cmd {
-        Cmd::Ws(a) | Cmd::Sse(a) => (a.cpu, a.tls_ca.clone().map(|p| (p, true))),
+        Cmd::Ws(a) | Cmd::Sse(a) | Cmd::Responses(a) => (a.cpu, a.tls_ca.clone().map(|p| (p, true))),
         Cmd::Idle(a) => (a.cpu, a.tls_ca.clone().map(|p| (p, true))),
         Cmd::Handshakes(a) => (a.cpu, Some((a.tls_ca.clone(), a.resume))),
     };
@@ -164,8 +167,9 @@ fn main() {
             }
         }
         match args.cmd {
-            Cmd::Ws(a) => run_load(a, false).await,
-            Cmd::Sse(a) => run_load(a, true).await,
+            Cmd::Ws(a) => run_load(a, Proto::Ws).await,
+            Cmd::Sse(a) => run_load(a, Proto::Sse).await,
+            Cmd::Responses(a) => run_load(a, Proto::Responses).await,
             Cmd::Idle(a) => run_idle(a).await,
             Cmd::Handshakes(a) => run_handshakes(a).await,
         }
@@ -177,6 +181,8 @@ fn main() {
 struct Run {
     args: LoadArgs,
     sse: bool,
+    /// The SSE route.
+    path: &'static str,
     body: String,
     start_measure: Instant,
     /// Duration mode: no request is sent after this.
@@ -246,7 +252,7 @@ async fn worker(run: Rc<Run>, n: usize) {
         }
         req_no += 1;
         let sample = if run.sse {
-            client.sse_request(&run.body).await
+            client.sse_request(run.path, &run.body).await
         } else {
             let body = run
                 .body
@@ -279,9 +285,21 @@ fn percentiles(v: &mut [f64]) -> [f64; 5] {
     ]
 }
 
-async fn run_load(args: LoadArgs, sse: bool) -> i32 {
+/// What `run_load` speaks.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Proto {
+    Ws,
+    Sse,
+    Responses,
+}
+
+async fn run_load(args: LoadArgs, proto: Proto) -> i32 {
     let prompt = vec!["word"; args.input_len].join(" ");
-    let body = if sse {
+    let sse = proto != Proto::Ws;
+    let body = if proto == Proto::Responses {
+        serde_json::json!({"model": args.model, "input": prompt, "max_output_tokens": args.output_len,
+            "temperature": 0, "stream": true})
+    } else if sse {
         serde_json::json!({"model": args.model, "prompt": prompt, "max_tokens": args.output_len,
             "ignore_eos": true, "temperature": 0, "stream": true, "stream_options": {"include_usage": true}})
     } else {
@@ -297,6 +315,11 @@ async fn run_load(args: LoadArgs, sse: bool) -> i32 {
         .then(|| start_measure + Duration::from_secs_f64(args.duration));
     let run = Rc::new(Run {
         sse,
+        path: if proto == Proto::Responses {
+            "/v1/responses"
+        } else {
+            "/v1/completions"
+        },
         body,
         start_measure,
         deadline,
@@ -350,7 +373,11 @@ fn report(run: &Run) -> i32 {
         itl.extend_from_slice(&s.gaps);
     }
     let n = samples.len() as u64;
-    let proto = if run.sse { "sse" } else { "ws" };
+    let proto = match (run.sse, run.path) {
+        (false, _) => "ws",
+        (true, "/v1/responses") => "responses",
+        (true, _) => "sse",
+    };
     let rate = a
         .request_rate
         .map_or("inf (closed loop)".to_string(), |r| format!("{r}/s"));
