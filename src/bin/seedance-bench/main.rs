@@ -141,7 +141,9 @@ struct IdleArgs {
 fn main() {
     let args = Args::parse();
     let (cpu, tls) = match &args.cmd {
-        Cmd::Ws(a) | Cmd::Sse(a) | Cmd::Responses(a) => (a.cpu, a.tls_ca.clone().map(|p| (p, true))),
+        Cmd::Ws(a) | Cmd::Sse(a) | Cmd::Responses(a) => {
+            (a.cpu, a.tls_ca.clone().map(|p| (p, true)))
+        }
         Cmd::Idle(a) => (a.cpu, a.tls_ca.clone().map(|p| (p, true))),
         Cmd::Handshakes(a) => (a.cpu, Some((a.tls_ca.clone(), a.resume))),
     };
