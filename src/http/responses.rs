@@ -647,10 +647,10 @@ impl ResponsesView {
                    "output_tokens_details": {"reasoning_tokens": 0},
                    "total_tokens": e.prompt_tokens + e.completion_tokens})
         });
-        let error = end.and_then(|e| e.error.as_ref()).map(|(code, message)| {
-            let _ = code;
-            json!({"code": "server_error", "message": message})
-        });
+        // Every failure is the server's: OpenAI's `server_error`.
+        let error = end
+            .and_then(|e| e.error.as_ref())
+            .map(|(_, message)| json!({"code": "server_error", "message": message}));
         let incomplete = (status == "incomplete").then(|| json!({"reason": "max_output_tokens"}));
         json!({
             "id": m.id, "object": "response", "created_at": m.created, "status": status,

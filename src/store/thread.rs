@@ -98,6 +98,14 @@ pub enum StoreOp {
 /// Why a resume was refused: the `error` code and its message.
 pub type Refusal = (&'static str, String);
 
+/// The refusal while the store does not answer.
+fn unavailable() -> Refusal {
+    (
+        "store_unavailable",
+        "the state store is unreachable; retry".into(),
+    )
+}
+
 /// State thread → shard.
 pub enum StoreReply {
     /// The resume was refused (the follow is not registered).
@@ -614,12 +622,7 @@ impl StateThread {
 
     fn misc(&mut self, op: StoreOp) {
         if !self.healthy {
-            let why = || {
-                (
-                    "store_unavailable",
-                    "the state store is unreachable; retry".to_string(),
-                )
-            };
+            let why = unavailable;
             let reply = match op {
                 StoreOp::Follow { shard, ticket, .. } => {
                     Some((shard, StoreReply::Refused { ticket, why: why() }))
@@ -718,10 +721,7 @@ impl StateThread {
             Ok(l) => l,
             Err(e) => {
                 self.fail(&e);
-                return Err((
-                    "store_unavailable",
-                    "the state store is unreachable; retry".into(),
-                ));
+                return Err(unavailable());
             }
         };
         match (found.session, found.gen) {
@@ -792,10 +792,7 @@ impl StateThread {
                 }
                 Err(e) => {
                     self.fail(&e);
-                    let why = (
-                        "store_unavailable",
-                        "the state store is unreachable; retry".into(),
-                    );
+                    let why = unavailable();
                     self.out.push((shard, StoreReply::Refused { ticket, why }));
                     return;
                 }
@@ -937,12 +934,6 @@ impl StateThread {
 
     fn read_all(&mut self, who: &Who) -> Result<Snapshot, Refusal> {
         let gen = super::gen_id(&who.session, &who.id);
-        let unavailable = || {
-            (
-                "store_unavailable",
-                "the state store is unreachable; retry".to_string(),
-            )
-        };
         let mut snap = Snapshot::default();
         let mut g = self.look(who, 0)?;
         if g.trimmed > 0 || g.broken {
@@ -1002,10 +993,7 @@ impl StateThread {
                 .and_then(|()| self.timed(|s| s.delete(&gen)));
             r.map_err(|e| {
                 self.fail(&e);
-                (
-                    "store_unavailable",
-                    "the state store is unreachable; retry".to_string(),
-                )
+                unavailable()
             })
         });
         let (shard, ticket) = (who.shard, who.ticket);
