@@ -124,6 +124,14 @@ keys! {
     /// Redis URL of the state store (resume on any instance sharing it); empty = embedded
     /// in-memory store (resume on this instance).
     redis_url: String = String::new(), "SEEDANCE_REDIS_URL";
+    /// Redis Cluster nodes of the state store, comma-separated URLs (any of its masters or
+    /// replicas; the rest is discovered); excludes `redis_url`. Needs Redis 7+.
+    redis_cluster: String = String::new(), "SEEDANCE_REDIS_CLUSTER";
+    /// How long a failing Redis Cluster call is retried (reconnecting, reading the slot map
+    /// again) before the store counts as unavailable; set it above the cluster's
+    /// `cluster-node-timeout` plus a failover election. Meanwhile live streams go on and store
+    /// writes wait.
+    redis_retry_ms: u64 = 10_000, "SEEDANCE_REDIS_RETRY_MS";
     /// Log WebSocket generations so a client can resume them after a dropped connection.
     resume: bool = true, "SEEDANCE_RESUME";
     /// How long a generation runs on after its client left, waiting for a resume.
@@ -224,6 +232,11 @@ keys! {
     max_tokens_limit: u32 = 32_768, "SEEDANCE_MAX_TOKENS_LIMIT";
     /// Time given to running generations on SIGTERM/SIGINT before exit.
     shutdown_timeout_ms: u64 = 10_000, "SEEDANCE_SHUTDOWN_TIMEOUT_MS";
+    /// After SIGTERM, how long the instance goes on accepting while `/ready` answers 503, so a
+    /// balancer with active health checks takes it out of the pool before its listener closes
+    /// (0: close at once; a balancer without health checks sees connections refused and
+    /// retries another instance).
+    drain_delay_ms: u64 = 0, "SEEDANCE_DRAIN_DELAY_MS";
     /// Log filter (tracing EnvFilter syntax).
     log: String = "info".into(), "SEEDANCE_LOG";
 }
@@ -270,6 +283,7 @@ pub struct ServerConfig {
     pub handshake_timeout: Duration,
     pub idle_timeout: Duration,
     pub shutdown_timeout: Duration,
+    pub drain_delay: Duration,
 }
 
 /// Per-connection session layer: WebSocket limits, heartbeat, request limits.
@@ -308,6 +322,9 @@ pub struct CompressionConfig {
 pub struct ResumeConfig {
     pub enabled: bool,
     pub redis_url: String,
+    /// Redis Cluster seed nodes (empty: not a cluster).
+    pub redis_cluster: Vec<String>,
+    pub redis_retry: Duration,
     pub grace: Duration,
     pub ttl: Duration,
     pub lease: Duration,
@@ -469,6 +486,12 @@ impl Config {
         if s.heartbeat_interval_ms == 0 {
             return Err(invalid("heartbeat_interval_ms", "must be > 0"));
         }
+        if !s.redis_url.is_empty() && !s.redis_cluster.trim().is_empty() {
+            return Err(invalid(
+                "redis_cluster",
+                "give either redis_url (one Redis) or redis_cluster, not both",
+            ));
+        }
         if !(s.null_tokens_per_s >= 0.0 && s.null_tokens_per_s.is_finite()) {
             return Err(invalid("null_tokens_per_s", "must be ≥ 0"));
         }
@@ -506,6 +529,7 @@ impl Config {
                 handshake_timeout: ms(s.handshake_timeout_ms),
                 idle_timeout: ms(s.idle_timeout_ms),
                 shutdown_timeout: ms(s.shutdown_timeout_ms),
+                drain_delay: ms(s.drain_delay_ms),
             },
             session: SessionConfig {
                 max_frame_bytes: s.max_frame_bytes,
@@ -551,6 +575,14 @@ impl Config {
             resume: ResumeConfig {
                 enabled: s.resume,
                 redis_url: s.redis_url.clone(),
+                redis_cluster: s
+                    .redis_cluster
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|n| !n.is_empty())
+                    .map(str::to_owned)
+                    .collect(),
+                redis_retry: ms(s.redis_retry_ms),
                 grace: ms(s.resume_grace_ms),
                 ttl: ms(s.resume_ttl_ms.max(1_000)),
                 lease: ms(s.lease_ms.max(100)),

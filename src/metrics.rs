@@ -224,6 +224,9 @@ pub struct Registry {
     /// "io_uring" or "epoll", per shard, set when the shard's runtime starts.
     pub io_driver: Vec<std::sync::OnceLock<&'static str>>,
     pub model: String,
+    /// This instance's name (`--instance-id`), the `instance_id` label of
+    /// `seedance_instance_info`.
+    pub instance_id: String,
     /// The state thread's handle, when resume is on.
     pub store: Option<Arc<crate::store::thread::StoreHandle>>,
     /// zstd context memory, shared with the shards.
@@ -303,6 +306,15 @@ impl Registry {
         let mut o = String::with_capacity(8192);
         let sh = &self.shards;
         let w = &mut o;
+        let _ = write!(
+            w,
+            "# HELP seedance_instance_info This instance (--instance-id) and what it serves.\n\
+             # TYPE seedance_instance_info gauge\n\
+             seedance_instance_info{{instance_id=\"{}\",model=\"{}\",version=\"{}\"}} 1\n",
+            label(&self.instance_id),
+            label(&self.model),
+            env!("CARGO_PKG_VERSION")
+        );
         for driver in ["io_uring", "epoll"] {
             let n = self
                 .io_driver
@@ -747,6 +759,13 @@ impl Registry {
         );
         simple(
             w,
+            "seedance_store_retries_total",
+            "counter",
+            "Failed state store calls retried on a fresh connection (a Redis Cluster failover).",
+            m.retries.load(std::sync::atomic::Ordering::Relaxed),
+        );
+        simple(
+            w,
             "seedance_store_appended_messages_total",
             "counter",
             "Messages the state store accepted (logged, resumable).",
@@ -758,6 +777,17 @@ impl Registry {
         let up = u64::from(st.healthy.load(std::sync::atomic::Ordering::Acquire));
         let _ = write!(w, "# HELP seedance_store_up Whether the state store answers.\n# TYPE seedance_store_up gauge\nseedance_store_up{{store=\"{}\"}} {up}\n", st.kind);
     }
+}
+
+/// A label value escaped for the text format (backslash, quote, newline).
+fn label(v: &str) -> std::borrow::Cow<'_, str> {
+    if !v.contains(['\\', '"', '\n']) {
+        return v.into();
+    }
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+        .into()
 }
 
 fn header(w: &mut String, name: &str, kind: &str, help: &str) {
@@ -818,6 +848,7 @@ mod tests {
             engine: Arc::default(),
             io_driver: vec![OnceLock::from("io_uring"), OnceLock::from("io_uring")],
             model: "null".into(),
+            instance_id: "a\"b".into(),
             store: None,
             compression: None,
             tenants: Default::default(),
@@ -829,6 +860,10 @@ mod tests {
         );
         assert!(text.contains("seedance_handshake_failures_total{reason=\"bad_version\"} 1\n"));
         assert!(text.contains("seedance_io_driver{driver=\"io_uring\"} 2\n"));
+        assert!(
+            text.contains("seedance_instance_info{instance_id=\"a\\\"b\",model=\"null\""),
+            "{text}"
+        );
         assert!(text.contains("seedance_time_to_first_token_seconds_bucket{le=\"0.005\"} 1\n"));
         assert!(text.contains("seedance_time_to_first_token_seconds_count 1\n"));
     }

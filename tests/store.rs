@@ -338,3 +338,19 @@ fn redis_unreachable_is_an_error() {
     let e = RedisStore::connect("redis://127.0.0.1:1", TTLS);
     assert!(e.is_err());
 }
+
+/// The same contract on a Redis Cluster (`SEEDANCE_TEST_REDIS_CLUSTER`: comma-separated node
+/// URLs; the scale-out stage of scripts/test.sh starts a 3-master cluster and sets it), where
+/// every generation's keys live in one slot and a lookup's session key in another.
+#[test]
+fn redis_cluster_store_contract() {
+    let Ok(nodes) = std::env::var("SEEDANCE_TEST_REDIS_CLUSTER") else {
+        eprintln!("skipped: SEEDANCE_TEST_REDIS_CLUSTER is not set (the scaleout stage sets it)");
+        return;
+    };
+    let nodes: Vec<String> = nodes.split(',').map(str::to_owned).collect();
+    let mut r = RedisStore::connect_cluster(&nodes, TTLS, Duration::from_secs(5))
+        .expect("connect to the test cluster");
+    assert_eq!(r.kind(), "redis-cluster");
+    contract(&mut r);
+}

@@ -118,6 +118,9 @@ fn generate_parallel(
 }
 
 fn serve(config: Config) {
+    // Every log line names the instance: the server's threads enter this span too.
+    let span = tracing::info_span!("seedance", instance = %config.resume.instance_id);
+    let _in = span.enter();
     if config.engine.model == "null" {
         tracing::info!("model: null (fixed text, no weights) — measures the serving path only");
     }

@@ -26,6 +26,8 @@ pub enum HttpError {
     OverCapacity,
     #[error("model is not loaded yet")]
     NotReady,
+    #[error("server is draining (shutting down); use another instance")]
+    Draining,
 }
 
 impl HttpError {
@@ -38,7 +40,7 @@ impl HttpError {
             HttpError::MethodNotAllowed(_) => 405,
             HttpError::NotImplemented(_) => 501,
             HttpError::Timeout => 408,
-            HttpError::OverCapacity | HttpError::NotReady => 503,
+            HttpError::OverCapacity | HttpError::NotReady | HttpError::Draining => 503,
         }
     }
 
@@ -54,6 +56,7 @@ impl HttpError {
             HttpError::Timeout => "timeout",
             HttpError::OverCapacity => "over_capacity",
             HttpError::NotReady => "not_ready",
+            HttpError::Draining => "draining",
         }
     }
 
@@ -61,7 +64,10 @@ impl HttpError {
     pub fn closes(&self) -> bool {
         !matches!(
             self,
-            HttpError::NotFound(_) | HttpError::MethodNotAllowed(_) | HttpError::NotReady
+            HttpError::NotFound(_)
+                | HttpError::MethodNotAllowed(_)
+                | HttpError::NotReady
+                | HttpError::Draining
         )
     }
 

@@ -58,7 +58,12 @@ pub fn handle(shard: &Shard, req: &RequestInfo, _body: &[u8], out: &mut BytesMut
     let (status, ctype, body): (u16, &str, Vec<u8>) = match route {
         Route::Health => (200, "application/json", br#"{"status":"ok"}"#.to_vec()),
         Route::Ready => {
-            if shared.ready.load(Ordering::Acquire) {
+            if shared.shutdown.load(Ordering::Acquire) {
+                // SIGTERM: out of the pool first (for `drain_delay_ms` the instance still
+                // accepts), then the listener closes and running generations drain.
+                HttpError::Draining.write(out);
+                return false;
+            } else if shared.ready.load(Ordering::Acquire) {
                 let mut v = serde_json::json!({"status": "ready", "model": shared.models.first()});
                 // The store's health is reported, not gated on: every instance shares the
                 // store, so taking them out of rotation would turn a resume outage into a full

@@ -135,7 +135,15 @@ fn start_store(config: &Config, shards: usize) -> Result<StoreStart, StartError>
         log: r.ttl,
         lease: r.lease,
     };
-    let store: Box<dyn StateStore> = if r.redis_url.is_empty() {
+    let store: Box<dyn StateStore> = if !r.redis_cluster.is_empty() {
+        let s = RedisStore::connect_cluster(&r.redis_cluster, ttls, r.redis_retry).map_err(|e| {
+            StartError::Store {
+                url: r.redis_cluster.join(","),
+                reason: e.to_string(),
+            }
+        })?;
+        Box::new(s)
+    } else if r.redis_url.is_empty() {
         Box::new(MemoryStore::new(ttls, r.memory_max_bytes))
     } else {
         let s = RedisStore::connect(&r.redis_url, ttls).map_err(|e| StartError::Store {
@@ -202,6 +210,7 @@ pub fn start(config: Config) -> Result<Server, StartError> {
         engine: engine_metrics,
         io_driver: (0..n).map(|_| OnceLock::new()).collect(),
         model: config.engine.served_model_name.clone(),
+        instance_id: config.resume.instance_id.clone(),
         store: store.clone(),
         compression: Some(compression.clone()),
         tenants: tenants.clone(),
@@ -232,9 +241,11 @@ pub fn start(config: Config) -> Result<Server, StartError> {
     let engine = {
         let stop = engine_stop.clone();
         let engine_cpu = (built.pin_engine && n < cpus.len()).then(|| cpus[n]);
+        let span = tracing::Span::current();
         std::thread::Builder::new()
             .name("engine".into())
             .spawn(move || {
+                let _in = span.entered();
                 if let Some(cpu) = engine_cpu {
                     let _ = monoio::utils::bind_to_cpu_set([cpu]);
                 }
@@ -300,9 +311,11 @@ fn spawn_shard(
     metrics: Arc<ShardMetrics>,
     ready: mpsc::Sender<Result<Addrs, StartError>>,
 ) -> Result<JoinHandle<()>, StartError> {
+    let span = tracing::Span::current();
     std::thread::Builder::new()
         .name(format!("shard-{i}"))
         .spawn(move || {
+            let _in = span.entered();
             if let Some(cpu) = cpu {
                 if monoio::utils::bind_to_cpu_set([cpu]).is_err() {
                     tracing::warn!(shard = i, cpu, "could not pin shard to its core");
@@ -360,6 +373,7 @@ fn spawn_shard(
                     epoch: std::time::Instant::now(),
                     accept_cancel: RefCell::new(monoio::io::Canceller::new()),
                     draining: Cell::new(false),
+                    shutdown_seen: Cell::new(None),
                     journal: Default::default(),
                     throttled: RefCell::new(Vec::new()),
                     zstd_level: Cell::new(Some(9)),

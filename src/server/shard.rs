@@ -66,6 +66,8 @@ pub struct Shard {
     pub epoch: Instant,
     pub accept_cancel: RefCell<Canceller>,
     pub draining: Cell<bool>,
+    /// When this shard first saw the shutdown flag (it drains `drain_delay` later).
+    pub shutdown_seen: Cell<Option<Instant>>,
     /// Store traffic waiting for the end of the dispatch, and resumed clients.
     pub journal: crate::session::journal::ShardJournal,
     /// Connections with messages held for credit (keys), for the throttle tick.
@@ -271,11 +273,16 @@ async fn tick(shard: Rc<Shard>) {
         for m in backlog {
             shard.send_control(m);
         }
-        if shard.shared.shutdown.load(Ordering::Acquire) && !shard.draining.get() {
-            shard.draining.set(true);
-            std::mem::replace(&mut *shard.accept_cancel.borrow_mut(), Canceller::new()).cancel();
-        }
         let now = Instant::now();
+        if shard.shared.shutdown.load(Ordering::Acquire) && !shard.draining.get() {
+            let seen = shard.shutdown_seen.get().unwrap_or(now);
+            shard.shutdown_seen.set(Some(seen));
+            if now >= seen + shard.shared.config.server.drain_delay {
+                shard.draining.set(true);
+                std::mem::replace(&mut *shard.accept_cancel.borrow_mut(), Canceller::new())
+                    .cancel();
+            }
+        }
         // Connection timers need 100 ms resolution; chunk latency caps need the 10 ms tick.
         if n.is_multiple_of(10) || shard.draining.get() {
             let now_us = shard.now_us();

@@ -29,9 +29,11 @@ pub fn block_signals() {
 /// Spawns the thread that waits for signals: SIGHUP calls `reload`; SIGTERM/SIGINT call `flag`,
 /// and a second one exits at once.
 pub fn watch(flag: Arc<dyn Fn() + Send + Sync>, reload: Arc<dyn Fn() + Send + Sync>) {
+    let span = tracing::Span::current();
     let _ = std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
+            let _in = span.entered();
             let set = signal_set();
             let mut first = true;
             loop {

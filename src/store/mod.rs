@@ -431,8 +431,12 @@ pub trait StateStore: Send {
     fn mark_broken(&mut self, gen: &str) -> Result<(), StoreError>;
     /// Checks the connection; reconnects when it was lost.
     fn ping(&mut self) -> Result<(), StoreError>;
-    /// "memory" or "redis".
+    /// "memory", "redis" or "redis-cluster".
     fn kind(&self) -> &'static str;
+    /// Failed calls retried so far (a cluster riding out a failover).
+    fn retries(&self) -> u64 {
+        0
+    }
     /// The embedded store: shards write the logs in place ([`Start::log`]), made with these
     /// counters (bytes held, which the store's cap reads; messages appended).
     fn local(&self) -> Option<Arc<local::LogCounters>> {

@@ -1,5 +1,6 @@
-//! The shared store: Redis (`--redis-url`), one synchronous RESP3 connection owned by the state
-//! thread, every batch one pipeline.
+//! The shared store: Redis (`--redis-url`) or Redis Cluster (`--redis-cluster`), one
+//! synchronous RESP3 connection (or the `redis` crate's cluster connection: one per node) owned
+//! by the state thread, every batch one pipeline (per node, on a cluster).
 //!
 //! Layout per generation `G` (all keys of one generation share the hash tag `{g:G}`, so a
 //! generation lives in one Redis Cluster slot):
@@ -14,19 +15,33 @@
 //! - `{g:G}:t` string — the generated token ids the logged messages cover (u32 LE each).
 //!
 //! and per session `S`: `{s:S}` = the hex SHA-256 of its resume token. Every write checks the
-//! epoch inside a Lua script, so a fenced-off owner's late appends are refused. Leases run on
-//! the Redis server's clock (`TIME`), so instances' clocks need not agree.
+//! epoch inside a Lua function, so a fenced-off owner's late appends are refused. Leases run on
+//! the Redis server's clock (`TIME`), so instances' clocks need not agree (on a cluster, each
+//! generation's lease on the clock of the master that holds its slot).
+//!
+//! The Lua code is a Redis Function library (Redis 7+, `FUNCTION LOAD`), not `EVALSHA` scripts:
+//! functions are persisted and replicated, so a replica promoted by a failover, or a restarted
+//! server, already has them. The library and its functions are named after a hash of their
+//! code, so instances running different versions during a rolling upgrade each call their own.
+//!
+//! On a cluster, a failing call (a master died and its replica is not promoted yet, MOVED after
+//! a resharding, a dropped connection) is retried on a fresh connection, which reads the slot
+//! map again, for up to `--redis-retry-ms` before the store counts as unavailable. Every write
+//! is idempotent (explicit stream ids, epoch checks), so a retried pipeline whose first try
+//! partly ran leaves the same log.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use redis::{Connection, Pipeline, Value};
+use redis::cluster::{ClusterClient, ClusterConnection};
+use redis::{Cmd, Connection, ToRedisArgs, Value};
 
 use super::{
     Appended, Batch, Claim, Claimed, Found, GenId, Lease, Lookup, Renewed, Start, StateStore,
     StoreError, Ttls,
 };
 
+/// Prefixed to the bodies that read the clock.
 const NOW: &str = "local t = redis.call('TIME') local now = tonumber(t[1]) * 1000 + \
                    math.floor(tonumber(t[2]) / 1000) ";
 
@@ -78,20 +93,20 @@ const TRIM: &str = "local nx = redis.call('HGET', KEYS[1], 'nx') if not nx then 
     if upto > tonumber(redis.call('HGET', KEYS[1], 'tr')) then redis.call('HSET', KEYS[1], 'tr', upto) end \
     return 1";
 
-/// The scripts, loaded (SCRIPT LOAD) on every new connection; the index is [`Script`].
-const SCRIPTS: [(&str, bool); 8] = [
-    (START, true),
-    (APPEND, false),
-    (RENEW, true),
-    (RELEASE, false),
-    (LOOKUP, true),
-    (CLAIM, true),
-    (SET_FLAG, false),
-    (TRIM, false),
+/// The function bodies (and whether each reads the clock), in [`Func`] order.
+const FUNCS: [(&str, &str, bool); 8] = [
+    ("start", START, true),
+    ("append", APPEND, false),
+    ("renew", RENEW, true),
+    ("release", RELEASE, false),
+    ("lookup", LOOKUP, true),
+    ("claim", CLAIM, true),
+    ("set_flag", SET_FLAG, false),
+    ("trim", TRIM, false),
 ];
 
 #[derive(Clone, Copy)]
-enum Script {
+enum Func {
     Start,
     Append,
     Renew,
@@ -102,10 +117,92 @@ enum Script {
     Trim,
 }
 
+/// The function library: its source (for `FUNCTION LOAD REPLACE`) and the name of each
+/// function, all suffixed with a hash of the code.
+struct Library {
+    source: String,
+    names: Vec<String>,
+}
+
+impl Library {
+    fn new() -> Self {
+        let mut code = String::new();
+        for (_, body, timed) in FUNCS {
+            code.push_str(body);
+            code.push(if timed { 't' } else { 'u' });
+        }
+        let digest = ring::digest::digest(&ring::digest::SHA256, code.as_bytes());
+        let tag = hex(&digest.as_ref()[..6]);
+        let mut source = format!("#!lua name=seedance_{tag}\n");
+        let mut names = Vec::with_capacity(FUNCS.len());
+        for (name, body, timed) in FUNCS {
+            let name = format!("seedance_{tag}_{name}");
+            let now = if timed { NOW } else { "" };
+            source.push_str(&format!(
+                "redis.register_function('{name}', function(KEYS, ARGV) {now}{body} end)\n"
+            ));
+            names.push(name);
+        }
+        Library { source, names }
+    }
+}
+
+/// The commands of one round trip, for either kind of connection.
+#[derive(Default)]
+struct Pipe {
+    cmds: Vec<(Cmd, bool)>,
+}
+
+impl Pipe {
+    fn cmd(&mut self, name: &str) -> &mut Self {
+        self.cmds.push((redis::cmd(name), false));
+        self
+    }
+
+    fn arg<T: ToRedisArgs>(&mut self, a: T) -> &mut Self {
+        if let Some((c, _)) = self.cmds.last_mut() {
+            c.arg(a);
+        }
+        self
+    }
+
+    /// The last command's reply is not returned.
+    fn ignore(&mut self) -> &mut Self {
+        if let Some((_, ignored)) = self.cmds.last_mut() {
+            *ignored = true;
+        }
+        self
+    }
+
+    fn fcall(&mut self, lib: &Library, f: Func, keys: &[String]) -> &mut Self {
+        self.cmd("FCALL").arg(&lib.names[f as usize]).arg(keys.len());
+        for k in keys {
+            self.arg(k);
+        }
+        self
+    }
+}
+
+/// Where the store lives.
+enum Link {
+    Single {
+        client: redis::Client,
+        conn: Option<Connection>,
+    },
+    Cluster {
+        client: ClusterClient,
+        conn: Option<ClusterConnection>,
+        /// How long a failing call is retried on fresh connections.
+        retry_for: Duration,
+    },
+}
+
 pub struct RedisStore {
-    client: redis::Client,
-    conn: Option<(Connection, Vec<String>)>,
+    link: Link,
+    lib: Library,
     ttls: Ttls,
+    /// Failed attempts that were retried (cluster only), for the metrics.
+    retries: u64,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
@@ -289,99 +386,212 @@ impl Runs<'_> {
     }
 }
 
+/// `url` with `protocol=resp3` added unless it names a protocol.
+fn resp3(url: &str) -> String {
+    if url.contains("protocol=") {
+        url.to_owned()
+    } else if url.contains('?') {
+        format!("{url}&protocol=resp3")
+    } else {
+        format!("{url}?protocol=resp3")
+    }
+}
+
+const IO_TIMEOUT: Duration = Duration::from_secs(2);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
 impl RedisStore {
-    /// Connects (and loads the scripts); an unreachable server is an error here.
+    /// Connects to one Redis (and loads the functions); an unreachable server is an error here.
     pub fn connect(url: &str, ttls: Ttls) -> Result<Self, StoreError> {
-        let url = if url.contains("protocol=") {
-            url.to_owned()
-        } else if url.contains('?') {
-            format!("{url}&protocol=resp3")
-        } else {
-            format!("{url}?protocol=resp3")
-        };
-        let client = redis::Client::open(url.as_str()).map_err(unavailable)?;
-        let mut s = RedisStore {
-            client,
-            conn: None,
+        let client = redis::Client::open(resp3(url).as_str()).map_err(unavailable)?;
+        Self::open(Link::Single { client, conn: None }, ttls)
+    }
+
+    /// Connects to a Redis Cluster through any of its `nodes` (URLs; the rest of the cluster
+    /// is discovered from them) and loads the functions on every master. `retry_for`: how long
+    /// a failing call is retried (a failover takes the cluster's `cluster-node-timeout` plus
+    /// an election) before the store counts as unavailable.
+    pub fn connect_cluster(
+        nodes: &[String],
+        ttls: Ttls,
+        retry_for: Duration,
+    ) -> Result<Self, StoreError> {
+        if nodes.is_empty() {
+            return Err(unavailable("no cluster nodes given"));
+        }
+        let client = ClusterClient::builder(nodes.iter().map(|n| resp3(n)))
+            .use_protocol(redis::ProtocolVersion::RESP3)
+            .connection_timeout(CONNECT_TIMEOUT)
+            .response_timeout(IO_TIMEOUT)
+            .build()
+            .map_err(unavailable)?;
+        Self::open(
+            Link::Cluster {
+                client,
+                conn: None,
+                retry_for,
+            },
             ttls,
+        )
+    }
+
+    fn open(link: Link, ttls: Ttls) -> Result<Self, StoreError> {
+        let mut s = RedisStore {
+            link,
+            lib: Library::new(),
+            ttls,
+            retries: 0,
         };
-        s.ensure()?;
+        s.ensure().map_err(unavailable)?;
         Ok(s)
     }
 
-    fn ensure(&mut self) -> Result<(), StoreError> {
-        if self.conn.is_some() {
-            return Ok(());
+    /// Opens the connection if there is none, loading the function library (on every master
+    /// of a cluster: `FUNCTION LOAD` is routed to all of them).
+    fn ensure(&mut self) -> redis::RedisResult<()> {
+        let load = redis::cmd("FUNCTION")
+            .arg("LOAD")
+            .arg("REPLACE")
+            .arg(&self.lib.source)
+            .clone();
+        match &mut self.link {
+            Link::Single { client, conn } => {
+                if conn.is_none() {
+                    let mut c = client.get_connection_with_timeout(CONNECT_TIMEOUT)?;
+                    c.set_read_timeout(Some(IO_TIMEOUT))?;
+                    c.set_write_timeout(Some(IO_TIMEOUT))?;
+                    load.query::<Value>(&mut c)?;
+                    *conn = Some(c);
+                }
+            }
+            Link::Cluster { client, conn, .. } => {
+                if conn.is_none() {
+                    let mut c = client.get_connection()?;
+                    load.query::<Value>(&mut c)?;
+                    *conn = Some(c);
+                }
+            }
         }
-        let mut c = self
-            .client
-            .get_connection_with_timeout(Duration::from_secs(1))
-            .map_err(unavailable)?;
-        let io = Some(Duration::from_secs(2));
-        c.set_read_timeout(io).map_err(unavailable)?;
-        c.set_write_timeout(io).map_err(unavailable)?;
-        let mut shas = Vec::with_capacity(SCRIPTS.len());
-        for (body, timed) in SCRIPTS {
-            let src = if timed {
-                format!("{NOW}{body}")
-            } else {
-                body.to_owned()
-            };
-            let sha: String = redis::cmd("SCRIPT")
-                .arg("LOAD")
-                .arg(src)
-                .query(&mut c)
-                .map_err(unavailable)?;
-            shas.push(sha);
-        }
-        self.conn = Some((c, shas));
         Ok(())
     }
 
-    /// Runs a pipeline; a failure drops the connection (the next call reconnects).
-    fn run(
-        &mut self,
-        build: impl FnOnce(&mut Pipeline, &[String]),
-    ) -> Result<Vec<Value>, StoreError> {
+    /// One attempt: the commands as one pipeline (one per node on a cluster).
+    fn attempt(&mut self, p: &Pipe) -> redis::RedisResult<Vec<Value>> {
         self.ensure()?;
-        let Some((conn, shas)) = self.conn.as_mut() else {
-            return Err(unavailable("not connected"));
+        let r = match &mut self.link {
+            Link::Single {
+                conn: Some(conn), ..
+            } => {
+                let mut q = redis::pipe();
+                for (c, ignored) in &p.cmds {
+                    q.add_command(c.clone());
+                    if *ignored {
+                        q.ignore();
+                    }
+                }
+                q.query::<Vec<Value>>(conn)
+            }
+            Link::Cluster {
+                conn: Some(conn), ..
+            } => {
+                let mut q = redis::cluster::cluster_pipe();
+                for (c, ignored) in &p.cmds {
+                    q.add_command(c.clone());
+                    if *ignored {
+                        q.ignore();
+                    }
+                }
+                q.query::<Vec<Value>>(conn)
+            }
+            _ => Err(redis::RedisError::from((
+                redis::ErrorKind::Io,
+                "not connected",
+            ))),
         };
-        let mut p = redis::pipe();
-        build(&mut p, shas);
-        if p.is_empty() {
+        if r.is_err() {
+            // The next attempt (or call) reconnects, which reads a cluster's slots again.
+            match &mut self.link {
+                Link::Single { conn, .. } => *conn = None,
+                Link::Cluster { conn, .. } => *conn = None,
+            }
+        }
+        r
+    }
+
+    /// Runs the commands `build` adds as one round trip. A single Redis fails at once (the
+    /// state thread backs off and pings); a cluster is retried for `retry_for`.
+    fn run(&mut self, build: impl FnOnce(&mut Pipe, &Library)) -> Result<Vec<Value>, StoreError> {
+        let mut p = Pipe::default();
+        build(&mut p, &self.lib);
+        if p.cmds.is_empty() {
             return Ok(Vec::new());
         }
-        match p.query::<Vec<Value>>(conn) {
-            Ok(v) => Ok(v),
-            Err(e) => {
-                self.conn = None;
-                Err(unavailable(e))
+        let deadline = match &self.link {
+            Link::Single { .. } => None,
+            Link::Cluster { retry_for, .. } => Some(Instant::now() + *retry_for),
+        };
+        let mut pause = Duration::from_millis(25);
+        let mut reloaded = false;
+        loop {
+            let e = match self.attempt(&p) {
+                Ok(v) => return Ok(v),
+                Err(e) => e,
+            };
+            if !reloaded && e.to_string().contains("Function not found") {
+                // A server that lost its functions (FUNCTION FLUSH, a new master without
+                // persistence): the reconnect loads them again.
+                reloaded = true;
+                continue;
+            }
+            match deadline {
+                Some(d) if Instant::now() + pause < d && retryable(&e) => {
+                    self.retries += 1;
+                    tracing::debug!("redis cluster call failed ({e}); retrying in {pause:?}");
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_millis(400));
+                }
+                _ => return Err(unavailable(e)),
             }
         }
     }
 
-    /// The generation names under a session key prefix are not enumerable; a test helper that
-    /// wipes everything this store wrote in one database.
+    /// One command outside a pipeline (on a cluster, routed as the crate routes it: `PING`
+    /// and `FLUSHDB` to every master).
+    fn single(&mut self, c: &Cmd) -> Result<(), StoreError> {
+        self.ensure().map_err(unavailable)?;
+        let r = match &mut self.link {
+            Link::Single {
+                conn: Some(conn), ..
+            } => c.query::<Value>(conn),
+            Link::Cluster {
+                conn: Some(conn), ..
+            } => c.query::<Value>(conn),
+            _ => return Err(unavailable("not connected")),
+        };
+        if let Err(e) = r {
+            match &mut self.link {
+                Link::Single { conn, .. } => *conn = None,
+                Link::Cluster { conn, .. } => *conn = None,
+            }
+            return Err(unavailable(e));
+        }
+        Ok(())
+    }
+
+    /// Wipes every key this store wrote (test helper: the generation names under a session are
+    /// not enumerable); on a cluster, on every master.
     pub fn flush_all(&mut self) -> Result<(), StoreError> {
-        self.run(|p, _| {
-            p.cmd("FLUSHDB");
-        })
-        .map(|_| ())
+        self.single(&redis::cmd("FLUSHDB"))
     }
 }
 
-fn evalsha<'a>(
-    p: &'a mut Pipeline,
-    shas: &[String],
-    s: Script,
-    keys: &[String],
-) -> &'a mut Pipeline {
-    p.cmd("EVALSHA").arg(&shas[s as usize]).arg(keys.len());
-    for k in keys {
-        p.arg(k);
-    }
-    p
+/// Errors that a fresh connection or a promoted replica can cure; a reply the functions did not
+/// expect (a bug, or a server without functions) is not retried.
+fn retryable(e: &redis::RedisError) -> bool {
+    use redis::ErrorKind;
+    !matches!(e.kind(), ErrorKind::Parse | ErrorKind::Client)
+        && !e.to_string().contains("Function not found")
+        && !e.to_string().contains("unknown command")
 }
 
 impl StateStore for RedisStore {
@@ -391,7 +601,7 @@ impl StateStore for RedisStore {
             self.ttls.lease.as_millis() as u64,
             self.ttls.log.as_millis() as u64,
         );
-        let replies = self.run(|p, shas| {
+        let replies = self.run(|p, lib| {
             for s in starts {
                 p.cmd("SET")
                     .arg(format!("{{s:{}}}", s.session))
@@ -399,7 +609,7 @@ impl StateStore for RedisStore {
                     .arg("PX")
                     .arg(ttl)
                     .ignore();
-                evalsha(p, shas, Script::Start, &keys(&s.gen))
+                p.fcall(lib, Func::Start, &keys(&s.gen))
                     .arg(&*s.owner)
                     .arg(&s.request[..])
                     .arg(lease)
@@ -409,7 +619,7 @@ impl StateStore for RedisStore {
             let (mut msgs, mut toks) = (Vec::new(), Vec::new());
             for (r, run) in runs.runs.iter().enumerate() {
                 runs.pack(batches, r, &mut msgs, &mut toks);
-                evalsha(p, shas, Script::Append, &keys(run.gen))
+                p.fcall(lib, Func::Append, &keys(run.gen))
                     .arg(run.epoch)
                     .arg(ttl)
                     .arg(run.first_seq)
@@ -437,9 +647,9 @@ impl StateStore for RedisStore {
 
     fn renew(&mut self, leases: &[Lease]) -> Result<Vec<Renewed>, StoreError> {
         let lease = self.ttls.lease.as_millis() as u64;
-        let replies = self.run(|p, shas| {
+        let replies = self.run(|p, lib| {
             for l in leases {
-                evalsha(p, shas, Script::Renew, &keys(&l.gen)[..1])
+                p.fcall(lib, Func::Renew, &keys(&l.gen)[..1])
                     .arg(l.epoch)
                     .arg(lease);
             }
@@ -463,9 +673,9 @@ impl StateStore for RedisStore {
     }
 
     fn release(&mut self, leases: &[Lease]) -> Result<(), StoreError> {
-        self.run(|p, shas| {
+        self.run(|p, lib| {
             for l in leases {
-                evalsha(p, shas, Script::Release, &keys(&l.gen)[..1])
+                p.fcall(lib, Func::Release, &keys(&l.gen)[..1])
                     .arg(l.epoch)
                     .ignore();
             }
@@ -481,9 +691,9 @@ impl StateStore for RedisStore {
         limit: usize,
     ) -> Result<Lookup, StoreError> {
         let gen = super::gen_id(session, id);
-        let r = self.run(|p, shas| {
+        let r = self.run(|p, lib| {
             p.cmd("GET").arg(format!("{{s:{session}}}"));
-            evalsha(p, shas, Script::Lookup, &keys(&gen))
+            p.fcall(lib, Func::Lookup, &keys(&gen))
                 .arg(after)
                 .arg(limit.max(1));
         })?;
@@ -529,8 +739,8 @@ impl StateStore for RedisStore {
     fn claim(&mut self, gen: &str, epoch: u64, owner: &str) -> Result<Claim, StoreError> {
         let lease = self.ttls.lease.as_millis() as u64;
         let [m, _, t] = keys(gen);
-        let r = self.run(|p, shas| {
-            evalsha(p, shas, Script::Claim, &[m, t])
+        let r = self.run(|p, lib| {
+            p.fcall(lib, Func::Claim, &[m, t])
                 .arg(epoch)
                 .arg(owner)
                 .arg(lease);
@@ -557,8 +767,8 @@ impl StateStore for RedisStore {
     }
 
     fn cancel(&mut self, gen: &str) -> Result<(), StoreError> {
-        self.run(|p, shas| {
-            evalsha(p, shas, Script::SetFlag, &keys(gen)[..1]).arg("cx");
+        self.run(|p, lib| {
+            p.fcall(lib, Func::SetFlag, &keys(gen)[..1]).arg("cx");
         })
         .map(|_| ())
     }
@@ -580,27 +790,31 @@ impl StateStore for RedisStore {
     }
 
     fn trim(&mut self, gen: &str, upto: u64) -> Result<(), StoreError> {
-        self.run(|p, shas| {
-            evalsha(p, shas, Script::Trim, &keys(gen)[..2]).arg(upto);
+        self.run(|p, lib| {
+            p.fcall(lib, Func::Trim, &keys(gen)[..2]).arg(upto);
         })
         .map(|_| ())
     }
 
     fn mark_broken(&mut self, gen: &str) -> Result<(), StoreError> {
-        self.run(|p, shas| {
-            evalsha(p, shas, Script::SetFlag, &keys(gen)[..1]).arg("bad");
+        self.run(|p, lib| {
+            p.fcall(lib, Func::SetFlag, &keys(gen)[..1]).arg("bad");
         })
         .map(|_| ())
     }
 
     fn ping(&mut self) -> Result<(), StoreError> {
-        self.run(|p, _| {
-            p.cmd("PING");
-        })
-        .map(|_| ())
+        self.single(&redis::cmd("PING"))
     }
 
     fn kind(&self) -> &'static str {
-        "redis"
+        match self.link {
+            Link::Single { .. } => "redis",
+            Link::Cluster { .. } => "redis-cluster",
+        }
+    }
+
+    fn retries(&self) -> u64 {
+        self.retries
     }
 }

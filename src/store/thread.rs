@@ -209,6 +209,8 @@ pub struct StoreMetrics {
     pub rtt: Histogram,
     pub queue_depth: AtomicU64,
     pub errors: AtomicU64,
+    /// Failed store calls that were retried (a Redis Cluster failover, a reconnect).
+    pub retries: AtomicU64,
     pub appends: AtomicU64,
     pub followers: AtomicU64,
 }
@@ -302,9 +304,11 @@ pub fn spawn(
         local: store.local(),
     });
     let h = handle.clone();
+    let span = tracing::Span::current();
     let join = std::thread::Builder::new()
         .name("state".into())
         .spawn(move || {
+            let _in = span.entered();
             parker.register_current();
             let mut t = StateThread {
                 store,
@@ -483,6 +487,11 @@ impl StateThread {
         let t = Instant::now();
         let r = f(&mut *self.store);
         self.handle.metrics.rtt.observe(t.elapsed());
+        let retries = self.store.retries();
+        self.handle
+            .metrics
+            .retries
+            .store(retries, Ordering::Relaxed);
         r
     }
 
