@@ -19,6 +19,10 @@
 #   pytest   tests/e2e with the Python websockets client against the built server (the resume
 #            tests start their own redis-server processes)
 #   node     tests/e2e with the Node ws client (node --test)
+#   scaleout tests/scaleout: 3 instances behind nginx on a 3-master Redis Cluster (6 redis-server
+#            processes), Prometheus scraping them; a rolling restart, a kill -9 and a Redis
+#            failover under 300 streams; the store contract on the cluster. Skipped (saying so)
+#            only when nginx or prometheus could not be installed
 #   peers    perf/peers (SPEC 7 peer baselines, own Cargo.lock) fmt-checked, built, and driven by
 #            seedance-bench for 1 s each (perf/peers.sh --check)
 #
@@ -42,7 +46,7 @@ export SEEDANCE_TEST_GGUF
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 export PYTHONDONTWRITEBYTECODE=1
 
-ALL_STAGES=(deps fmt clippy build kernels test pytest node peers)
+ALL_STAGES=(deps fmt clippy build kernels test pytest node scaleout peers)
 if (($# > 0)); then
     for s in "$@"; do
         [[ " ${ALL_STAGES[*]} " == *" $s "* ]] || { echo "unknown stage '$s' (stages: ${ALL_STAGES[*]})" >&2; exit 2; }
@@ -124,6 +128,8 @@ deps() {
     need npm "install npm"
     # Debian packages the tests need.
     ensure_apt redis-server chromium openssl
+    # The scale-out stage's balancer and scraper: that stage says it skipped when these fail.
+    ensure_apt nginx prometheus || echo "warning: nginx/prometheus not installed: the scaleout stage will skip" >&2
     python3 -m pip install -q --root-user-action=ignore -r tests/e2e/requirements.txt
     npm ci --prefix tests/e2e --no-audit --no-fund --loglevel=error
     bash scripts/fetch_model.sh
@@ -194,6 +200,13 @@ node_e2e() {
     node --test tests/e2e/
 }
 
+scaleout_e2e() {
+    [[ -x $SEEDANCE_BIN ]] || die "server binary $SEEDANCE_BIN missing: run the build stage"
+    ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+    # -s: the run's report (resume latency, takeover, failover, store ops) is printed.
+    python3 -m pytest tests/scaleout -p no:cacheprovider -q -s -rs
+}
+
 stage deps deps
 stage fmt fmt
 stage clippy clippy
@@ -202,4 +215,5 @@ stage kernels kernels
 stage test rust_tests
 stage pytest pytest_e2e
 stage node node_e2e
+stage scaleout scaleout_e2e
 stage peers peers_check

@@ -322,6 +322,15 @@ fn run_once(
             }
             Some("error") => {
                 let code = m["code"].as_str().unwrap_or("error").to_owned();
+                if *last_seq == 0
+                    && resume.is_some()
+                    && matches!(code.as_str(), "unknown_session" | "unknown_id")
+                {
+                    // The generate never reached the store (its instance went away first):
+                    // start over on the next connection.
+                    *resume = None;
+                    return Ok(Ended::Dropped(code));
+                }
                 if transient(&code) {
                     return Ok(Ended::Dropped(code));
                 }

@@ -77,7 +77,9 @@ pub trait Generator: Send {
     fn step(&mut self, sink: &mut EventSink<'_>) -> StepOutcome;
 }
 
-/// Runs the engine loop until `stop` is set and the generator has gone idle.
+/// Runs the engine loop until `stop` is set. The server sets it once every shard has drained and
+/// exited: nobody reads the events of what still runs (a generation that lost its client and
+/// runs on for a resume, adopted during the drain), so it is dropped rather than finished.
 pub fn run(
     mut gen: Box<dyn Generator>,
     mut links: Vec<EngineLink>,
@@ -87,12 +89,12 @@ pub fn run(
     parker.register_current();
     loop {
         let mut sink = EventSink { links: &mut links };
-        let got = drain(&mut *gen, &mut sink);
+        drain(&mut *gen, &mut sink);
         let outcome = gen.step(&mut sink);
         for link in links.iter_mut() {
             link.flush();
         }
-        if stop.load(Ordering::Acquire) && outcome == StepOutcome::Idle && !got {
+        if stop.load(Ordering::Acquire) {
             return;
         }
         match outcome {
@@ -103,15 +105,12 @@ pub fn run(
     }
 }
 
-fn drain(gen: &mut dyn Generator, sink: &mut EventSink<'_>) -> bool {
-    let mut got = false;
+fn drain(gen: &mut dyn Generator, sink: &mut EventSink<'_>) {
     for i in 0..sink.links.len() {
         while let Ok(msg) = sink.links[i].requests.pop() {
-            got = true;
             gen.handle(msg, sink);
         }
     }
-    got
 }
 
 fn sleep_until(parker: &EngineParker, links: &[EngineLink], until: Option<Instant>) {

@@ -82,6 +82,13 @@ pub fn start(
                 "no session",
             ));
         };
+        if ws.shutting_down {
+            return Err(ProtocolError::new(
+                Some(&id),
+                "shutting_down",
+                "the server is shutting down: resume on another instance",
+            ));
+        }
         if ws.follows.iter().any(|(i, _, _)| **i == *id) || ws.reqs.iter().any(|(i, _)| **i == *id)
         {
             return Err(ProtocolError::new(
@@ -327,6 +334,20 @@ fn on_owner_note(shard: &Shard, key: SeqKey, what: OwnerNote) {
 
 /// Carries on a generation this instance just claimed for follower `ticket`.
 fn adopt(shard: &Shard, ticket: u64, gen: GenId, claimed: Claimed) {
+    if shard.draining.get() {
+        // Claimed while this instance drains: hand it straight back, so that the instance the
+        // client reconnects to claims at once instead of waiting for the lease.
+        if let Some(store) = shard.shared.store.as_ref() {
+            let lease = crate::store::Lease {
+                gen,
+                epoch: claimed.epoch,
+            };
+            if !store.send(shard.id, StoreOp::Release(vec![lease])) {
+                shard.metrics.store_drops.inc();
+            }
+        }
+        return;
+    }
     let (conn, cancel) = match shard.journal.followers.borrow().get(&ticket) {
         Some(f) => (
             f.conn.clone(),
