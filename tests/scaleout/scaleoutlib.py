@@ -127,6 +127,14 @@ class RedisCluster:
             return out
         return []
 
+    def used_memory(self) -> int:
+        """Bytes the masters hold (INFO memory), replicas not counted."""
+        total = 0
+        for p in self.masters():
+            m = re.search(r"^used_memory:(\d+)", self.cli(p, "INFO", "memory"), re.M)
+            total += int(m.group(1)) if m else 0
+        return total
+
     def wait_ok(self, timeout: float = 30) -> None:
         def ok():
             return all("cluster_state:ok" in self.cli(p, "CLUSTER", "INFO") for p in self.alive()) \
@@ -240,39 +248,33 @@ http {{
 {body}
     server {{
         listen 127.0.0.1:{port};
-        location / {{
-            proxy_pass http://seedance;
 {location}
-        }}
     }}
 }}
 """
 
 
+DEPLOY_MD = REPO / "docs" / "deploy.md"
+
+
+def deploy_block(name: str) -> str:
+    """The fenced block docs/deploy.md marks `<!-- deploy:NAME (tested) -->`."""
+    text = DEPLOY_MD.read_text()
+    m = re.search(rf"<!-- deploy:{re.escape(name)} \(tested\) -->\s*```\w*\n(.*?)```", text, re.S)
+    assert m, f"docs/deploy.md has no tested block {name!r}"
+    return m.group(1)
+
+
 def nginx_http_block(upstreams: list[str]) -> tuple[str, str]:
-    """The `http` and `location` parts of the recipe in docs/deploy.md (kept identical)."""
-    servers = "\n".join(f"        server {a} max_fails=0;" for a in upstreams)
-    body = f"""
-    map $http_upgrade $connection_upgrade {{
-        default upgrade;
-        ''      '';
-    }}
-    upstream seedance {{
-{servers}
-        keepalive 64;
-    }}"""
-    location = """            proxy_http_version 1.1;
-            proxy_set_header Upgrade $http_upgrade;
-            proxy_set_header Connection $connection_upgrade;
-            proxy_set_header Host $host;
-            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
-            proxy_connect_timeout 2s;
-            proxy_read_timeout 3600s;
-            proxy_send_timeout 3600s;
-            proxy_buffering off;
-            proxy_next_upstream error timeout http_502 http_503;
-            proxy_next_upstream_tries 3;"""
-    return body, location
+    """The `http` and `location` blocks of docs/deploy.md, with its example upstream servers
+    replaced by `upstreams` (each keeps the parameters the doc gives them)."""
+    lines = deploy_block("nginx-http").splitlines()
+    servers = [i for i, l in enumerate(lines) if re.match(r"^\s*server \S+.*;$", l)]
+    assert servers, "no upstream servers in the nginx-http block"
+    indent, _, rest = re.match(r"^(\s*)server (\S+)(.*)$", lines[servers[0]]).groups()
+    ours = [f"{indent}server {a}{rest}" for a in upstreams]
+    lines = lines[:servers[0]] + ours + [l for i, l in enumerate(lines) if i > servers[0] and i not in servers]
+    return "\n".join(lines), deploy_block("nginx-location")
 
 
 class Nginx:
@@ -311,23 +313,28 @@ class Nginx:
                 self.proc.kill()
 
 
-PROMETHEUS_CONF = """
-global:
-  scrape_interval: 1s
-  scrape_timeout: 1s
-scrape_configs:
-  - job_name: seedance
-    metrics_path: /metrics
-    static_configs:
-      - targets: [{targets}]
-"""
+def prometheus_config(targets: list[str]) -> str:
+    """docs/deploy.md's prometheus.yml, scraping `targets` every second (rules evaluated every
+    second too) so that a run of a minute has data."""
+    conf = deploy_block("prometheus")
+    conf, n = re.subn(r"targets: \[.*\]", "targets: [" + ", ".join(f"'{t}'" for t in targets) + "]", conf)
+    assert n == 1, conf
+    conf, n = re.subn(r"scrape_interval: \S+",
+                      "scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s", conf)
+    assert n == 1, conf
+    return conf
 
 
 class Prometheus:
     def __init__(self, root: Path, targets: list[str]):
         self.port = free_port()
         conf = root / "prometheus.yml"
-        conf.write_text(PROMETHEUS_CONF.format(targets=", ".join(f"'{t}'" for t in targets)))
+        conf.write_text(prometheus_config(targets))
+        rules = root / "seedance-alerts.yml"
+        rules.write_text(deploy_block("alerts"))
+        check = subprocess.run(["promtool", "check", "rules", str(rules)], capture_output=True, text=True)
+        assert check.returncode == 0, check.stdout + check.stderr
+        self.rules = sum(1 for l in rules.read_text().splitlines() if l.strip().startswith("- alert:"))
         self.proc = subprocess.Popen(
             ["prometheus", f"--config.file={conf}", f"--storage.tsdb.path={root / 'tsdb'}",
              f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
@@ -350,6 +357,13 @@ class Prometheus:
         data = json.loads(body)
         assert data["status"] == "success", data
         return data["data"]["result"]
+
+    def rule_health(self) -> dict[str, str]:
+        """Each loaded rule's name and health ("ok" once it evaluated without error)."""
+        status, body = http_get(f"http://127.0.0.1:{self.port}/api/v1/rules")
+        assert status == 200, body
+        groups = json.loads(body)["data"]["groups"]
+        return {r["name"]: r["health"] for g in groups for r in g["rules"]}
 
     def scalar(self, q: str) -> float | None:
         r = self.query(q)

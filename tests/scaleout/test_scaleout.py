@@ -182,6 +182,8 @@ def test_rolling_restart_kill9_and_redis_failover_lose_nothing(root, cluster):
         # Prometheus scrapes every instance before the run starts.
         wait_for(lambda: prom.scalar("count(up == 1)") == 3, 30, "prometheus to scrape 3 instances")
 
+        redis_before = cluster.used_memory()
+
         async def chaos():
             await asyncio.sleep(2.0)
             t0 = time.monotonic()
@@ -228,6 +230,7 @@ def test_rolling_restart_kill9_and_redis_failover_lose_nothing(root, cluster):
             return done[1:], time.monotonic() - t0
 
         streams, took = asyncio.run(run())
+        redis_after = cluster.used_memory()
         want = expected_text(TOKENS)
         bad = [s.id for s in streams if s.text.strip() != want or not s.msgs or s.msgs[-1]["type"] != "done"]
         lost = sum(s.gaps for s in streams)
@@ -253,6 +256,8 @@ def test_rolling_restart_kill9_and_redis_failover_lose_nothing(root, cluster):
                  "TTFT samples in prometheus")
         assert prom.query("histogram_quantile(0.99, sum by (le) "
                           "(rate(seedance_time_to_first_token_seconds_bucket[2m])))"), "no TTFT p99"
+        health = prom.rule_health()
+        assert len(health) == prom.rules and set(health.values()) == {"ok"}, health
         takeovers = prom.scalar("sum(max_over_time(seedance_takeovers_total[5m]))") or 0
         assert takeovers >= 1, takeovers
         retries = prom.scalar("sum(max_over_time(seedance_store_retries_total[5m]))") or 0
@@ -284,6 +289,7 @@ def test_rolling_restart_kill9_and_redis_failover_lose_nothing(root, cluster):
             "store_retries": retries, "takeovers": takeovers,
             "store_calls_per_s": round(ops / took, 1),
             "store_messages_per_s": round(msgs / took, 1),
+            "redis_bytes_per_logged_message": round((redis_after - redis_before) / msgs) if msgs else None,
             "run_s": round(took, 1),
         }
     finally:
