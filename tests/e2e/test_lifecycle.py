@@ -91,6 +91,30 @@ def test_sigterm_with_no_connections_exits_0(start_server):
     assert rc == 0, srv.stderr
 
 
+def test_sigterm_ready_goes_503_while_drain_delay_keeps_accepting(start_server):
+    """With --drain-delay-ms, SIGTERM turns /ready into 503 `draining` at once while the
+    instance still accepts (a balancer with health checks takes it out of the pool first); then
+    the listener closes and the process exits 0."""
+    import socket
+    import time
+
+    srv = start_server("--drain-delay-ms", "1500")
+    status, _, body = srv.get("/ready")
+    assert status == 200 and json.loads(body)["status"] == "ready"
+    t0 = time.monotonic()
+    srv.sigterm()
+    time.sleep(0.2)
+    status, _, body = srv.get("/ready")  # a new connection: still accepted
+    assert status == 503, (status, body)
+    assert json.loads(body)["error"]["code"] == "draining", body
+    assert srv.get("/health")[0] == 200
+    rc = srv.proc.wait(20)
+    assert rc == 0, srv.stderr
+    assert time.monotonic() - t0 >= 1.4, "exited before the drain delay"
+    with pytest.raises(OSError):
+        socket.create_connection((srv.host, srv.port), 1).close()
+
+
 def test_legacy_driver(start_server):
     """MONOIO_FORCE_LEGACY_DRIVER=1: every shard runs on epoll, and streaming still works."""
     srv = start_server(env={"MONOIO_FORCE_LEGACY_DRIVER": "1"})

@@ -278,7 +278,7 @@ def nginx_http_block(upstreams: list[str]) -> tuple[str, str]:
 
 
 class Nginx:
-    def __init__(self, root: Path, upstreams: list[str]):
+    def __init__(self, root: Path, upstreams: list[str], cpu: int | None = None):
         self.port = free_port()
         body, location = nginx_http_block(upstreams)
         user = "user root;" if os.geteuid() == 0 else ""
@@ -286,7 +286,8 @@ class Nginx:
         conf.write_text(NGINX_CONF.format(user=user, dir=root, body=body, port=self.port,
                                           location=location))
         self.root = root
-        self.proc = subprocess.Popen(["nginx", "-p", str(root), "-c", str(conf), "-g", "daemon off;"],
+        pin = ["taskset", "-c", str(cpu)] if cpu is not None else []
+        self.proc = subprocess.Popen([*pin, "nginx", "-p", str(root), "-c", str(conf), "-g", "daemon off;"],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                      start_new_session=True)
 
