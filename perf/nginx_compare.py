@@ -54,8 +54,14 @@ def main() -> None:
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     nginx = None
     try:
-        scaleoutlib.wait_for(lambda: scaleoutlib.http_get(f"http://127.0.0.1:{port}/ready", 1)[0] == 200
-                             if server.poll() is None else None, 20, "the server")
+        def up() -> bool:
+            if server.poll() is not None:
+                raise SystemExit("the server exited")
+            try:
+                return scaleoutlib.http_get(f"http://127.0.0.1:{port}/ready", 1)[0] == 200
+            except OSError:
+                return False
+        scaleoutlib.wait_for(up, 20, "the server")
         nginx = scaleoutlib.Nginx(root, [f"127.0.0.1:{port}"], cpu=1)
         res: dict[tuple[str, int], list[float]] = {}
         for conns in CONNS:

@@ -127,6 +127,19 @@ class RedisCluster:
             return out
         return []
 
+    def node_id(self, port: int) -> str:
+        return self.cli(port, "CLUSTER", "MYID")
+
+    def reshard(self, src: int, dst: int, slots: int) -> None:
+        """Moves `slots` slots from master `src` to master `dst` while the cluster serves
+        (clients see ASK during each slot's migration, MOVED after)."""
+        out = subprocess.run(
+            ["redis-cli", "--cluster", "reshard", f"127.0.0.1:{src}", "--cluster-from", self.node_id(src),
+             "--cluster-to", self.node_id(dst), "--cluster-slots", str(slots), "--cluster-yes",
+             "--cluster-pipeline", "100"],
+            capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+
     def used_memory(self) -> int:
         """Bytes the masters hold (INFO memory), replicas not counted."""
         total = 0

@@ -3,7 +3,8 @@ scraping them (the recipe of docs/deploy.md, generated here on loopback).
 
 300 concurrent streams go through nginx: 30 through `seedance-client` processes, 270 through
 Python `websockets` resuming by hand. Meanwhile the instances restart one by one (SIGTERM, the
-rolling restart), one is killed with `kill -9`, and one Redis master is killed (its replica takes
+rolling restart), 200 slots move between Redis masters (ASK and MOVED redirections under
+load), one instance is killed with `kill -9`, and one Redis master is killed (its replica takes
 over). Every stream must end with its complete text, with zero lost and zero duplicated deltas.
 The figures (resume latency, takeover time, failover, store ops) are printed and written to
 $SEEDANCE_SCALEOUT_REPORT (default target/scaleout-report.json)."""
@@ -194,6 +195,11 @@ def test_rolling_restart_kill9_and_redis_failover_lose_nothing(root, cluster):
                 await asyncio.to_thread(inst.start)
                 await asyncio.sleep(1.0)
             events["rolling_restart_s"] = time.monotonic() - t0
+            # Resharding under load: 200 slots move between masters (ASK, then MOVED).
+            src, dst = cluster.masters()[:2]
+            t1 = time.monotonic()
+            await asyncio.to_thread(cluster.reshard, src, dst, 200)
+            events["reshard_s"] = time.monotonic() - t1
             # kill -9 the instance holding the most streams now.
             def held(i):
                 return metric_sum(i.metrics(), "seedance_active_connections")
@@ -280,12 +286,17 @@ def test_rolling_restart_kill9_and_redis_failover_lose_nothing(root, cluster):
             "resume_latency_ms_p99": round(percentile(lat, 0.99) * 1000, 1),
             "server_resume_latency_ms_p50": server_q(0.5),
             "server_resume_latency_ms_p99": server_q(0.99),
-            "takeover_after_kill9_ms_p50": round(percentile(takeover, 0.5) * 1000, 1),
-            "takeover_after_kill9_ms_max": round(max(takeover) * 1000, 1),
+            # Streams whose generation the dead instance owned wait for its lease to run out;
+            # those it only relayed (it followed a generation owned elsewhere) resume at once.
+            "resumed_after_kill9": len(takeover),
+            "resumed_after_kill9_under_500ms": sum(1 for t in takeover if t < 0.5),
+            "resume_after_kill9_ms_p50": round(percentile(takeover, 0.5) * 1000, 1),
+            "resume_after_kill9_ms_max": round(max(takeover) * 1000, 1),
             "kill9_connections": events["kill9_connections"],
             "lease_ms": LEASE_MS,
             "redis_failover_s": round(events["failover_s"], 2),
             "rolling_restart_s": round(events["rolling_restart_s"], 2),
+            "slots_resharded": 200, "reshard_s": round(events["reshard_s"], 2),
             "store_retries": retries, "takeovers": takeovers,
             "store_calls_per_s": round(ops / took, 1),
             "store_messages_per_s": round(msgs / took, 1),
