@@ -136,12 +136,13 @@ fn start_store(config: &Config, shards: usize) -> Result<StoreStart, StartError>
         lease: r.lease,
     };
     let store: Box<dyn StateStore> = if !r.redis_cluster.is_empty() {
-        let s = RedisStore::connect_cluster(&r.redis_cluster, ttls, r.redis_retry).map_err(|e| {
-            StartError::Store {
-                url: r.redis_cluster.join(","),
-                reason: e.to_string(),
-            }
-        })?;
+        let s =
+            RedisStore::connect_cluster(&r.redis_cluster, ttls, r.redis_retry).map_err(|e| {
+                StartError::Store {
+                    url: r.redis_cluster.join(","),
+                    reason: e.to_string(),
+                }
+            })?;
         Box::new(s)
     } else if r.redis_url.is_empty() {
         Box::new(MemoryStore::new(ttls, r.memory_max_bytes))

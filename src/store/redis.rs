@@ -175,7 +175,9 @@ impl Pipe {
     }
 
     fn fcall(&mut self, lib: &Library, f: Func, keys: &[String]) -> &mut Self {
-        self.cmd("FCALL").arg(&lib.names[f as usize]).arg(keys.len());
+        self.cmd("FCALL")
+            .arg(&lib.names[f as usize])
+            .arg(keys.len());
         for k in keys {
             self.arg(k);
         }
@@ -186,12 +188,12 @@ impl Pipe {
 /// Where the store lives.
 enum Link {
     Single {
-        client: redis::Client,
-        conn: Option<Connection>,
+        client: Box<redis::Client>,
+        conn: Option<Box<Connection>>,
     },
     Cluster {
-        client: ClusterClient,
-        conn: Option<ClusterConnection>,
+        client: Box<ClusterClient>,
+        conn: Option<Box<ClusterConnection>>,
         /// How long a failing call is retried on fresh connections.
         retry_for: Duration,
     },
@@ -404,7 +406,13 @@ impl RedisStore {
     /// Connects to one Redis (and loads the functions); an unreachable server is an error here.
     pub fn connect(url: &str, ttls: Ttls) -> Result<Self, StoreError> {
         let client = redis::Client::open(resp3(url).as_str()).map_err(unavailable)?;
-        Self::open(Link::Single { client, conn: None }, ttls)
+        Self::open(
+            Link::Single {
+                client: Box::new(client),
+                conn: None,
+            },
+            ttls,
+        )
     }
 
     /// Connects to a Redis Cluster through any of its `nodes` (URLs; the rest of the cluster
@@ -427,7 +435,7 @@ impl RedisStore {
             .map_err(unavailable)?;
         Self::open(
             Link::Cluster {
-                client,
+                client: Box::new(client),
                 conn: None,
                 retry_for,
             },
@@ -461,14 +469,14 @@ impl RedisStore {
                     c.set_read_timeout(Some(IO_TIMEOUT))?;
                     c.set_write_timeout(Some(IO_TIMEOUT))?;
                     load.query::<Value>(&mut c)?;
-                    *conn = Some(c);
+                    *conn = Some(Box::new(c));
                 }
             }
             Link::Cluster { client, conn, .. } => {
                 if conn.is_none() {
                     let mut c = client.get_connection()?;
                     load.query::<Value>(&mut c)?;
-                    *conn = Some(c);
+                    *conn = Some(Box::new(c));
                 }
             }
         }
