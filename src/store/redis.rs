@@ -185,6 +185,13 @@ impl Pipe {
     }
 }
 
+/// A [`Pipe`] as the crate's pipeline for the connection at hand, built once per call and
+/// resent as is on a retry.
+enum Built {
+    Single(redis::Pipeline),
+    Cluster(redis::cluster::ClusterPipeline),
+}
+
 /// Where the store lives.
 enum Link {
     Single {
@@ -483,34 +490,22 @@ impl RedisStore {
         Ok(())
     }
 
-    /// One attempt: the commands as one pipeline (one per node on a cluster).
-    fn attempt(&mut self, p: &Pipe) -> redis::RedisResult<Vec<Value>> {
+    /// One attempt of a built pipeline (one per node on a cluster).
+    fn attempt(&mut self, q: &Built) -> redis::RedisResult<Vec<Value>> {
         self.ensure()?;
-        let r = match &mut self.link {
-            Link::Single {
-                conn: Some(conn), ..
-            } => {
-                let mut q = redis::pipe();
-                for (c, ignored) in &p.cmds {
-                    q.add_command(c.clone());
-                    if *ignored {
-                        q.ignore();
-                    }
-                }
-                q.query::<Vec<Value>>(conn)
-            }
-            Link::Cluster {
-                conn: Some(conn), ..
-            } => {
-                let mut q = redis::cluster::cluster_pipe();
-                for (c, ignored) in &p.cmds {
-                    q.add_command(c.clone());
-                    if *ignored {
-                        q.ignore();
-                    }
-                }
-                q.query::<Vec<Value>>(conn)
-            }
+        let r = match (&mut self.link, q) {
+            (
+                Link::Single {
+                    conn: Some(conn), ..
+                },
+                Built::Single(q),
+            ) => q.query::<Vec<Value>>(conn),
+            (
+                Link::Cluster {
+                    conn: Some(conn), ..
+                },
+                Built::Cluster(q),
+            ) => q.query::<Vec<Value>>(conn),
             _ => Err(redis::RedisError::from((
                 redis::ErrorKind::Io,
                 "not connected",
@@ -534,14 +529,32 @@ impl RedisStore {
         if p.cmds.is_empty() {
             return Ok(Vec::new());
         }
-        let deadline = match &self.link {
-            Link::Single { .. } => None,
-            Link::Cluster { retry_for, .. } => Some(Instant::now() + *retry_for),
+        let (q, deadline) = match &self.link {
+            Link::Single { .. } => {
+                let mut q = redis::pipe();
+                for (c, ignored) in p.cmds {
+                    q.add_command(c);
+                    if ignored {
+                        q.ignore();
+                    }
+                }
+                (Built::Single(q), None)
+            }
+            Link::Cluster { retry_for, .. } => {
+                let mut q = redis::cluster::cluster_pipe();
+                for (c, ignored) in p.cmds {
+                    q.add_command(c);
+                    if ignored {
+                        q.ignore();
+                    }
+                }
+                (Built::Cluster(q), Some(Instant::now() + *retry_for))
+            }
         };
         let mut pause = Duration::from_millis(25);
         let mut reloaded = false;
         loop {
-            let e = match self.attempt(&p) {
+            let e = match self.attempt(&q) {
                 Ok(v) => return Ok(v),
                 Err(e) => e,
             };
