@@ -84,8 +84,18 @@ instance (one shared atomic per check, per request — never per token); rates a
 whole minute's allowance, then refill evenly. Over a limit: HTTP `429` with `Retry-After` and an
 OpenAI error body (`code` `rate_limited`, `type` `rate_limit_error`), or a WebSocket `error` with
 `code`, `limit` and `retry_after_ms` (docs/protocol.md); a request asking for more tokens than a
-minute allows is `request_too_large` (no retry helps). Counters: `seedance_tenant_*` metrics.
-Limits are per instance: sharing them across instances through Redis is not built.
+minute allows is `request_too_large` (no retry helps). Counters: `seedance_tenant_*` metrics
+(this instance's).
+
+With a shared store (`redis_url` or `redis_cluster`) the limits hold across every instance
+using it: each instance publishes its usage of each tenant every `tenant_sync_ms` (250 ms; one
+Redis call per tenant, in one pipeline) and applies what the others admitted since to its own
+buckets, and what they hold open to its concurrency caps. Within one instance a limit is exact;
+across instances, requests admitted on different instances within the same interval do not see
+each other, so a limit can be exceeded by what the other instances admit in that interval (at
+most what was left of it, once per other instance). An instance that stops publishing (killed)
+stops counting after 4 intervals (at least 1 s).
+`tenant_sync_ms: 0` makes every instance enforce the limits alone.
 
 Start-up errors (bad key, bad value, port taken, model missing) print one line
 `seedance-server: <reason>` and exit non-zero (2 for configuration, 1 for start-up).

@@ -144,6 +144,10 @@ keys! {
     store_queue_capacity: usize = 65_536, "SEEDANCE_STORE_QUEUE_CAPACITY";
     /// Memory the embedded store may hold, in MiB (oldest logs evicted first).
     memory_store_max_mb: usize = 512, "SEEDANCE_MEMORY_STORE_MAX_MB";
+    /// How often the instances sharing a store (Redis) exchange their tenants' usage, so that
+    /// tenant limits hold across all of them (overshooting by at most what the others admit in
+    /// one interval); 0 = each instance enforces the limits alone.
+    tenant_sync_ms: u64 = 250, "SEEDANCE_TENANT_SYNC_MS";
     /// This instance's name in the store and logs; empty = <hostname>-<pid>.
     instance_id: String = String::new(), "SEEDANCE_INSTANCE_ID";
     /// Null model pace per sequence; 0 = as fast as possible.
@@ -331,6 +335,8 @@ pub struct ResumeConfig {
     pub queue_capacity: usize,
     pub memory_max_bytes: usize,
     pub instance_id: String,
+    /// `None`: tenants' limits are per instance.
+    pub tenant_sync: Option<Duration>,
 }
 
 /// Engine thread: model, device, queues.
@@ -588,6 +594,7 @@ impl Config {
                 lease: ms(s.lease_ms.max(100)),
                 queue_capacity: s.store_queue_capacity.max(16),
                 memory_max_bytes: s.memory_store_max_mb.max(1) << 20,
+                tenant_sync: (s.tenant_sync_ms > 0).then(|| ms(s.tenant_sync_ms.max(20))),
                 instance_id: if s.instance_id.is_empty() {
                     default_instance_id()
                 } else {

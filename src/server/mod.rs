@@ -206,6 +206,11 @@ pub fn start(config: Config) -> Result<Server, StartError> {
             })?
         }
     };
+    if let (Some(st), Some(every)) = (store.as_ref(), config.resume.tenant_sync) {
+        if st.shared && !tenants.is_empty() {
+            let _ = st.tenant_sync.set((tenants.clone(), every));
+        }
+    }
     let registry = Arc::new(Registry {
         shards: shard_metrics.clone(),
         engine: engine_metrics,

@@ -6,6 +6,12 @@
 //! burst its whole per-minute allowance at once, then gets it back evenly over the minute. Tokens
 //! are charged up front as prompt + `max_tokens` and the unused part is refunded when the
 //! generation ends ([`Charge`] does both on drop, whichever way the request ends).
+//!
+//! With a shared store the limits hold across instances too: the state thread publishes this
+//! instance's usage every `tenant_sync_ms` and applies what the others used in the meantime to
+//! the same buckets ([`TenantState::apply_remote`]) and their open streams and connections to
+//! the concurrency caps ([`TenantState::set_remote`]). A limit is then exact within one
+//! instance and overshoots across instances by at most what they admit in one sync interval.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -66,6 +72,17 @@ impl Gcra {
                 Err(cur) => tat = cur,
             }
         }
+    }
+
+    /// Takes `units` that another instance already admitted: never refuses, so the bucket may
+    /// run past full and this instance waits for it.
+    fn force(&self, now: u64, units: u64) {
+        let cost = self.cost_ns(units);
+        let _ = self
+            .tat
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
+                Some(t.max(now).saturating_add(cost))
+            });
     }
 
     /// Gives back `units` taken earlier.
@@ -169,6 +186,9 @@ pub struct TenantState {
     tpm: Option<Gcra>,
     streams: AtomicU32,
     conns: AtomicU32,
+    /// Streams and connections the other instances hold (shared store; 0 otherwise).
+    remote_streams: AtomicU32,
+    remote_conns: AtomicU32,
     /// Requests admitted, refusals by limit (in [`Limited::limit`] order), tokens charged.
     pub admitted: AtomicU64,
     pub refused: [AtomicU64; 4],
@@ -192,18 +212,22 @@ impl PartialEq for TenantState {
 
 impl Eq for TenantState {}
 
-/// Takes one unit of a concurrency counter unless it is at `max`.
-fn acquire(counter: &AtomicU32, max: Option<u32>) -> bool {
+/// Takes one unit of a concurrency counter unless it is at `max` (less what other instances
+/// hold).
+fn acquire(counter: &AtomicU32, max: Option<u32>, remote: &AtomicU32) -> bool {
     match max {
         None => {
             counter.fetch_add(1, Ordering::Relaxed);
             true
         }
-        Some(max) => counter
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-                (n < max).then_some(n + 1)
-            })
-            .is_ok(),
+        Some(max) => {
+            let max = max.saturating_sub(remote.load(Ordering::Relaxed));
+            counter
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                    (n < max).then_some(n + 1)
+                })
+                .is_ok()
+        }
     }
 }
 
@@ -215,6 +239,8 @@ impl TenantState {
             tpm: limits.tokens_per_minute.map(Gcra::new),
             streams: AtomicU32::new(0),
             conns: AtomicU32::new(0),
+            remote_streams: AtomicU32::new(0),
+            remote_conns: AtomicU32::new(0),
             admitted: AtomicU64::new(0),
             refused: Default::default(),
             tokens_charged: AtomicU64::new(0),
@@ -237,7 +263,11 @@ impl TenantState {
                 return Err(self.refuse(Limited::TooLarge { tokens, per_minute }));
             }
         }
-        if !acquire(&self.streams, self.limits.max_concurrent_streams) {
+        if !acquire(
+            &self.streams,
+            self.limits.max_concurrent_streams,
+            &self.remote_streams,
+        ) {
             let max = self.limits.max_concurrent_streams.unwrap_or(0);
             return Err(self.refuse(Limited::Streams { max }));
         }
@@ -268,7 +298,7 @@ impl TenantState {
 
     /// Takes a connection slot.
     pub fn connect(self: &Arc<Self>) -> Result<ConnSlot, Limited> {
-        if acquire(&self.conns, self.limits.max_connections) {
+        if acquire(&self.conns, self.limits.max_connections, &self.remote_conns) {
             Ok(ConnSlot {
                 state: self.clone(),
             })
@@ -291,6 +321,32 @@ impl TenantState {
 
     pub fn streams(&self) -> u32 {
         self.streams.load(Ordering::Relaxed)
+    }
+
+    /// What the other instances used since the last sync: `requests` admitted and `tokens`
+    /// charged net of refunds (negative: they refunded more than they charged).
+    pub fn apply_remote(&self, requests: i64, tokens: i64) {
+        let now = now_ns();
+        if let Some(rpm) = &self.rpm {
+            if requests > 0 {
+                rpm.force(now, requests as u64);
+            } else if requests < 0 {
+                rpm.give(requests.unsigned_abs());
+            }
+        }
+        if let Some(tpm) = &self.tpm {
+            if tokens > 0 {
+                tpm.force(now, tokens as u64);
+            } else if tokens < 0 {
+                tpm.give(tokens.unsigned_abs());
+            }
+        }
+    }
+
+    /// The streams and connections the other instances hold now.
+    pub fn set_remote(&self, streams: u32, conns: u32) {
+        self.remote_streams.store(streams, Ordering::Relaxed);
+        self.remote_conns.store(conns, Ordering::Relaxed);
     }
 
     pub fn connections(&self) -> u32 {
@@ -512,6 +568,31 @@ mod tests {
         // More than a minute's worth can never pass: a different error, no retry.
         let e = s.admit(1001).unwrap_err();
         assert_eq!((e.code(), e.retry_after()), ("request_too_large", None));
+    }
+
+    #[test]
+    fn other_instances_usage_counts_against_the_same_limits() {
+        let s = state(TenantLimits {
+            requests_per_minute: Some(10),
+            tokens_per_minute: Some(1000),
+            max_concurrent_streams: Some(3),
+            max_connections: Some(2),
+        });
+        // Others admitted 8 requests and 900 tokens, and hold 2 streams and 2 connections.
+        s.apply_remote(8, 900);
+        s.set_remote(2, 2);
+        let one = s
+            .admit(50)
+            .expect("1 stream of 3, 9 requests of 10, 950 tokens of 1000");
+        assert_eq!(s.admit(10).unwrap_err().limit(), "max_concurrent_streams");
+        assert_eq!(s.connect().unwrap_err().limit(), "max_connections");
+        s.set_remote(0, 0);
+        assert_eq!(s.admit(100).unwrap_err().limit(), "tokens_per_minute");
+        // Their refunds come back here too.
+        s.apply_remote(0, -500);
+        let two = s.admit(100).expect("the refund made room");
+        assert_eq!(s.admit(0).unwrap_err().limit(), "requests_per_minute");
+        drop((one, two));
     }
 
     #[test]

@@ -391,6 +391,28 @@ pub enum StoreError {
     Protocol(String),
 }
 
+/// One tenant's usage on this instance, published for the others (limits across instances).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TenantReport {
+    pub tenant: String,
+    pub streams: u32,
+    pub conns: u32,
+    /// Requests admitted since this process started.
+    pub requests: u64,
+    /// Tokens charged since this process started, net of refunds.
+    pub tokens: u64,
+}
+
+/// Another instance's last published usage of one tenant.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RemoteUsage {
+    pub instance: String,
+    pub streams: u32,
+    pub conns: u32,
+    pub requests: u64,
+    pub tokens: u64,
+}
+
 /// Lifetimes the store applies.
 #[derive(Clone, Copy, Debug)]
 pub struct Ttls {
@@ -436,6 +458,18 @@ pub trait StateStore: Send {
     /// Failed calls retried so far (a cluster riding out a failover).
     fn retries(&self) -> u64 {
         0
+    }
+    /// Publishes `instance`'s usage of each tenant and returns, per report, what the other
+    /// instances last published (within `stale`; older entries are dropped). A store that only
+    /// this instance uses has no others.
+    fn tenant_sync(
+        &mut self,
+        instance: &str,
+        reports: &[TenantReport],
+        stale: Duration,
+    ) -> Result<Vec<Vec<RemoteUsage>>, StoreError> {
+        let _ = (instance, stale);
+        Ok(vec![Vec::new(); reports.len()])
     }
     /// The embedded store: shards write the logs in place ([`Start::log`]), made with these
     /// counters (bytes held, which the store's cap reads; messages appended).

@@ -37,8 +37,8 @@ use redis::cluster::{ClusterClient, ClusterConnection};
 use redis::{Cmd, Connection, ToRedisArgs, Value};
 
 use super::{
-    Appended, Batch, Claim, Claimed, Found, GenId, Lease, Lookup, Renewed, Start, StateStore,
-    StoreError, Ttls,
+    Appended, Batch, Claim, Claimed, Found, GenId, Lease, Lookup, RemoteUsage, Renewed, Start,
+    StateStore, StoreError, TenantReport, Ttls,
 };
 
 /// Prefixed to the bodies that read the clock.
@@ -93,8 +93,20 @@ const TRIM: &str = "local nx = redis.call('HGET', KEYS[1], 'nx') if not nx then 
     if upto > tonumber(redis.call('HGET', KEYS[1], 'tr')) then redis.call('HSET', KEYS[1], 'tr', upto) end \
     return 1";
 
+/// `KEYS[1]` the tenant's hash `{t:<tenant>}`: one field per instance, "streams conns requests
+/// tokens time"; returns the other instances' fields (flat), dropping those older than
+/// `ARGV[3]` ms.
+const TENANT_SYNC: &str = "redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. ' ' .. now) \
+    redis.call('PEXPIRE', KEYS[1], ARGV[4]) \
+    local all = redis.call('HGETALL', KEYS[1]) local out = {} \
+    for i = 1, #all, 2 do if all[i] ~= ARGV[1] then \
+      local ts = tonumber(string.match(all[i + 1], '(%d+)$')) \
+      if not ts or now - ts > tonumber(ARGV[3]) then redis.call('HDEL', KEYS[1], all[i]) \
+      else out[#out + 1] = all[i] out[#out + 1] = all[i + 1] end end end \
+    return out";
+
 /// The function bodies (and whether each reads the clock), in [`Func`] order.
-const FUNCS: [(&str, &str, bool); 8] = [
+const FUNCS: [(&str, &str, bool); 9] = [
     ("start", START, true),
     ("append", APPEND, false),
     ("renew", RENEW, true),
@@ -103,6 +115,7 @@ const FUNCS: [(&str, &str, bool); 8] = [
     ("claim", CLAIM, true),
     ("set_flag", SET_FLAG, false),
     ("trim", TRIM, false),
+    ("tenant_sync", TENANT_SYNC, true),
 ];
 
 #[derive(Clone, Copy)]
@@ -115,6 +128,7 @@ enum Func {
     Claim,
     SetFlag,
     Trim,
+    TenantSync,
 }
 
 /// The function library: its source (for `FUNCTION LOAD REPLACE`) and the name of each
@@ -837,5 +851,54 @@ impl StateStore for RedisStore {
 
     fn retries(&self) -> u64 {
         self.retries
+    }
+
+    fn tenant_sync(
+        &mut self,
+        instance: &str,
+        reports: &[TenantReport],
+        stale: Duration,
+    ) -> Result<Vec<Vec<RemoteUsage>>, StoreError> {
+        let stale_ms = stale.as_millis() as u64;
+        let replies = self.run(|p, lib| {
+            for r in reports {
+                let usage = format!("{} {} {} {}", r.streams, r.conns, r.requests, r.tokens);
+                p.fcall(lib, Func::TenantSync, &[format!("{{t:{}}}", r.tenant)])
+                    .arg(instance)
+                    .arg(usage)
+                    .arg(stale_ms)
+                    .arg(stale_ms.saturating_mul(20).max(60_000));
+            }
+        })?;
+        if replies.len() != reports.len() {
+            return Err(protocol("tenant_sync"));
+        }
+        Ok(replies
+            .iter()
+            .map(|v| {
+                array(v)
+                    .unwrap_or(&[])
+                    .chunks_exact(2)
+                    .filter_map(|kv| {
+                        let instance = std::str::from_utf8(bytes_of(&kv[0])?).ok()?;
+                        let usage = std::str::from_utf8(bytes_of(&kv[1])?).ok()?;
+                        let n: Vec<u64> = usage
+                            .split(' ')
+                            .map(|x| x.parse().ok())
+                            .collect::<Option<_>>()?;
+                        let [streams, conns, requests, tokens, _at] = n[..] else {
+                            return None;
+                        };
+                        Some(RemoteUsage {
+                            instance: instance.to_owned(),
+                            streams: streams as u32,
+                            conns: conns as u32,
+                            requests,
+                            tokens,
+                        })
+                    })
+                    .collect()
+            })
+            .collect())
     }
 }

@@ -230,6 +230,9 @@ pub struct StoreHandle {
     pub instance: Arc<str>,
     /// The embedded store: shards write the logs in place, made with these counters.
     pub local: Option<Arc<super::local::LogCounters>>,
+    /// The tenants whose usage this instance shares with the others through the store, and
+    /// how often (set once at start-up when tenants and a shared store are configured).
+    pub tenant_sync: std::sync::OnceLock<(crate::ws::tenant::Tenants, Duration)>,
 }
 
 impl StoreHandle {
@@ -302,6 +305,7 @@ pub fn spawn(
         shared: store.kind() != "memory",
         instance: instance.clone(),
         local: store.local(),
+        tenant_sync: std::sync::OnceLock::new(),
     });
     let h = handle.clone();
     let span = tracing::Span::current();
@@ -321,6 +325,8 @@ pub fn spawn(
                 healthy: true,
                 retry_at: Instant::now(),
                 backoff: BACKOFF_MIN,
+                next_sync: Instant::now(),
+                seen: HashMap::new(),
             };
             t.run(inboxes, &parker);
         })?;
@@ -375,6 +381,11 @@ struct StateThread {
     healthy: bool,
     retry_at: Instant,
     backoff: Duration,
+    /// When the tenants' usage is published next.
+    next_sync: Instant,
+    /// Per (tenant index, other instance): the cumulative requests and tokens it published
+    /// last, so that only what it used since is applied.
+    seen: HashMap<(usize, String), (u64, u64)>,
 }
 
 fn shard_of(ticket: u64) -> u16 {
@@ -402,6 +413,7 @@ impl StateThread {
             let idle = ops.is_empty();
             self.check_health();
             self.turn(std::mem::take(&mut ops));
+            self.sync_tenants();
             self.poll_remote();
             self.deliver();
             self.handle
@@ -432,6 +444,63 @@ impl StateThread {
                 std::thread::park_timeout(wait);
             }
             parker.end_sleep();
+        }
+    }
+
+    /// Every `tenant_sync_ms`: publishes this instance's usage of each tenant and applies the
+    /// other instances' (what they admitted since their last report to the rate buckets, what
+    /// they hold open to the concurrency caps).
+    fn sync_tenants(&mut self) {
+        let handle = self.handle.clone();
+        let Some((tenants, every)) = handle.tenant_sync.get() else {
+            return;
+        };
+        let now = Instant::now();
+        if now < self.next_sync || !self.healthy {
+            return;
+        }
+        self.next_sync = now + *every;
+        let reports: Vec<super::TenantReport> = tenants
+            .iter()
+            .map(|t| super::TenantReport {
+                tenant: t.id.clone(),
+                streams: t.state.streams(),
+                conns: t.state.connections(),
+                requests: t.state.admitted.load(Ordering::Relaxed),
+                tokens: t.state.tokens_charged.load(Ordering::Relaxed),
+            })
+            .collect();
+        // An instance that stopped publishing for this long is gone: its streams no longer count.
+        let stale = (*every * 4).max(Duration::from_secs(1));
+        let instance = self.instance.clone();
+        let others = match self.timed(|s| s.tenant_sync(&instance, &reports, stale)) {
+            Ok(o) => o,
+            Err(e) => {
+                self.fail(&e);
+                return;
+            }
+        };
+        for (i, (t, others)) in tenants.iter().zip(others).enumerate() {
+            let (mut streams, mut conns, mut requests, mut tokens) = (0u32, 0u32, 0i64, 0i64);
+            for o in others {
+                streams = streams.saturating_add(o.streams);
+                conns = conns.saturating_add(o.conns);
+                let (r0, k0) = self
+                    .seen
+                    .insert((i, o.instance), (o.requests, o.tokens))
+                    .unwrap_or((o.requests, o.tokens));
+                // Requests only grow, so fewer than last time is a restarted instance (the same
+                // id): all it published is new. Tokens shrink with refunds.
+                if o.requests < r0 {
+                    requests += o.requests as i64;
+                    tokens += o.tokens as i64;
+                } else {
+                    requests += (o.requests - r0) as i64;
+                    tokens += o.tokens as i64 - k0 as i64;
+                }
+            }
+            t.state.set_remote(streams, conns);
+            t.state.apply_remote(requests, tokens);
         }
     }
 

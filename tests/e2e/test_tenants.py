@@ -268,3 +268,68 @@ def test_bad_tenants_files_stop_the_server_with_a_reason(tmp_path, body, needle)
     assert r.returncode != 0
     err = r.stderr.decode()
     assert "tenants file" in err and needle in err, err
+
+
+def test_limits_hold_across_instances_sharing_redis(tmp_path):
+    """Two instances on one Redis share each tenant's limits (`tenant_sync_ms`, 100 ms here):
+    streams open on A count against B's cap, and requests admitted on either count against
+    the per-minute allowance of both — with the same 429 / `rate_limited` answers as on one
+    instance. Without the store each instance would admit the whole limit again."""
+    import time
+
+    from resumelib import Redis
+
+    f = tmp_path / "tenants.yaml"
+    f.write_text(f"""
+tenants:
+  - id: acme
+    key_sha256: ["{sha(KEYS['acme'])}"]
+    max_concurrent_streams: 2
+  - id: limited
+    key_sha256: ["{sha(KEYS['limited'])}"]
+    requests_per_minute: 4
+""")
+    redis = Redis(tmp_path)
+    common = ("--tenants-file", str(f), "--null-tokens-per-s", "100", "--redis-url", redis.url,
+              "--tenant-sync-ms", "100")
+    a = Server(*common, "--instance-id", "A", cores=1)
+    b = Server(*common, "--instance-id", "B", cores=1)
+    try:
+        auth = {"Authorization": f"Bearer {KEYS['acme']}"}
+
+        async def streams():
+            async with ws(a, "", auth) as wa, ws(b, "", auth) as wb:
+                await wa.recv()
+                await wb.recv()
+                await wa.send(gen_msg("a1", 400))  # 4 s each at 100 tokens/s
+                await wa.send(gen_msg("a2", 400))
+                assert json.loads(await wa.recv())["type"] == "delta"
+                await asyncio.sleep(0.5)  # a few syncs
+                refused = await generate(wb, "b1", 5)
+                assert refused["type"] == "error" and refused["limit"] == "max_concurrent_streams", refused
+                # A's streams end (cancelled): B has room again after the next sync.
+                await wa.send(json.dumps({"type": "cancel", "id": "a1"}))
+                await wa.send(json.dumps({"type": "cancel", "id": "a2"}))
+                await asyncio.sleep(0.5)
+                done = await generate(wb, "b2", 5)
+                assert done["type"] == "done", done
+
+        run(streams())
+
+        def complete(server):
+            return post(server, "/v1/completions", {"model": "null", "prompt": "x", "max_tokens": 2},
+                        key=KEYS["limited"])
+
+        assert [complete(a)[0], complete(a)[0], complete(a)[0]] == [200, 200, 200]
+        time.sleep(0.5)
+        assert complete(b)[0] == 200  # the fourth of the minute
+        time.sleep(0.5)
+        for server in (b, a):
+            st, h, body = complete(server)
+            assert st == 429 and body["error"]["code"] == "rate_limited", (st, body)
+            assert int(h["retry-after"]) >= 1, h
+        assert metric_value(b.metrics(), 'seedance_tenant_requests_total{tenant="limited"}') == 1
+    finally:
+        a.kill()
+        b.kill()
+        redis.stop()
