@@ -346,3 +346,45 @@ def test_eventsource_in_chromium_reconnects_with_last_event_id(start_server):
     assert got["firstPart"] > 0
     # EventSource itself reconnected (its connections were cut too), sending Last-Event-ID.
     assert got["opens"] >= 2, got
+
+
+def test_a_background_response_followed_over_the_websocket(start_server, redis):
+    """One log, three views: a background response is followed over the WebSocket protocol on
+    another instance (`resume` with session = id = the response id, token = the API key): the
+    same text as the Responses object, seqs 1..n then the `done`; another key is refused."""
+    import asyncio
+
+    from conftest import run
+    from resumelib import Resumed, connect, recv_until
+
+    common = ("--redis-url", redis.url, "--null-tokens-per-s", "100")
+    a = start_server(*common, "--instance-id", "A")
+    b = start_server(*common, "--instance-id", "B")
+    r = client(a).responses.create(model="null", input="x", background=True, max_output_tokens=60)
+
+    async def follow(token: str, after: int) -> tuple[Resumed, dict | None]:
+        ws, _ = await connect(b.ws_url)
+        await ws.send(json.dumps({"type": "resume", "session": r.id, "id": r.id, "token": token,
+                                  "after": after}))
+        got = Resumed()
+        first = json.loads(await asyncio.wait_for(ws.recv(), 10))
+        if first["type"] == "error":
+            await ws.close()
+            return got, first
+        got.msgs.append(first)
+        assert first["type"] == "done" or await recv_until(ws, got, 30)
+        await ws.close()
+        return got, None
+
+    got, err = run(follow("key-1", 0))
+    assert err is None
+    got.assert_exact()
+    assert got.text.strip() == expected_text(60)
+    assert got.done["usage"]["completion_tokens"] == 60
+    final = client(b).responses.retrieve(r.id)
+    assert final.output_text == got.text
+    # From the middle: only what follows seq 20.
+    tail, _ = run(follow("key-1", 20))
+    assert [m["seq"] for m in tail.msgs] == [m["seq"] for m in got.msgs if m["seq"] > 20]
+    _, err = run(follow("key-2", 0))
+    assert err is not None and err["code"] == "bad_token", err
