@@ -326,6 +326,24 @@ pub fn apply_backpressure(shard: &Shard, conn: &Conn) {
     for key in active_keys(conn) {
         shard.send_control(EngineMsg::Pause(key));
     }
+    follows_to_store(shard, conn, crate::store::thread::StoreOp::Pause);
+}
+
+/// Tells the state thread to stop (or go on) feeding the generations this connection follows
+/// from the log: a resumed client that reads slowly holds no more than its own backlog bound.
+fn follows_to_store(shard: &Shard, conn: &Conn, op: fn(u64) -> crate::store::thread::StoreOp) {
+    let Some(store) = shard.shared.store.as_ref() else {
+        return;
+    };
+    let mut tickets: Vec<u64> = conn.http_follow.get().into_iter().collect();
+    if let Some(ws) = conn.ws.borrow().as_ref() {
+        tickets.extend(ws.follows.iter().map(|(_, t, _)| *t));
+    }
+    for t in tickets {
+        if !store.send(shard.id, op(t)) {
+            shard.metrics.store_drops.inc();
+        }
+    }
 }
 
 /// Every generation this connection is waiting on.
@@ -349,6 +367,7 @@ fn relieve_backpressure(shard: &Shard, conn: &Conn) {
     for key in active_keys(conn) {
         shard.send_control(EngineMsg::Resume(key));
     }
+    follows_to_store(shard, conn, crate::store::thread::StoreOp::Unpause);
 }
 
 /// The connection's pause ended (it drained, or it closed): the gauge follows.

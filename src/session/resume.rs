@@ -133,6 +133,10 @@ pub fn start(
     if let Some(ws) = conn.ws.borrow_mut().as_mut() {
         ws.follows.push((id.into_boxed_str(), ticket, gen));
     }
+    // Already backlogged: this follow waits for the drain too.
+    if conn.paused.get() && !store.send(shard.id, StoreOp::Pause(ticket)) {
+        shard.metrics.store_drops.inc();
+    }
     Ok(())
 }
 

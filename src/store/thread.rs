@@ -90,6 +90,10 @@ pub enum StoreOp {
         token_hash: [u8; 32],
     },
     Unfollow(u64),
+    /// The follower's connection is backlogged: send it nothing until [`StoreOp::Unpause`]
+    /// (it is then served from the log, from the last message it was sent).
+    Pause(u64),
+    Unpause(u64),
     Cancel(GenId),
     Trim(GenId, u64),
     Broken(GenId),
@@ -355,6 +359,8 @@ struct Follow {
     /// The owner pushed it a message (the embedded store's owner does from its first publish
     /// after the follow began, up to a tick later; until then the follower reads the log).
     pushed: bool,
+    /// Its connection is backlogged ([`StoreOp::Pause`]): no pushes, no reads.
+    paused: bool,
 }
 
 impl Follow {
@@ -782,6 +788,26 @@ impl StateThread {
                 self.unfollow(ticket);
                 Ok(())
             }
+            StoreOp::Pause(ticket) => {
+                tracing::debug!(
+                    ticket,
+                    found = self.follows.contains_key(&ticket),
+                    "follow paused"
+                );
+                if let Some(f) = self.follows.get_mut(&ticket) {
+                    f.paused = true;
+                }
+                Ok(())
+            }
+            StoreOp::Unpause(ticket) => {
+                tracing::debug!(ticket, "follow unpaused");
+                if let Some(f) = self.follows.get_mut(&ticket) {
+                    f.paused = false;
+                    // What it missed meanwhile is read from the log.
+                    f.next_poll = Instant::now();
+                }
+                Ok(())
+            }
             StoreOp::Cancel(gen) => self.timed(|s| s.cancel(&gen)),
             StoreOp::Trim(gen, upto) => self.timed(|s| s.trim(&gen, upto)),
             StoreOp::Broken(gen) => self.timed(|s| s.mark_broken(&gen)),
@@ -892,6 +918,7 @@ impl StateThread {
             next_poll: Instant::now(),
             catch_up,
             pushed: false,
+            paused: false,
         };
         f.next_poll += f.poll_every(self.handle.local.is_some());
         let ended = self.send_found(ticket, &mut f, g, Some(request));
@@ -1100,6 +1127,9 @@ impl StateThread {
             let Some(f) = self.follows.get_mut(&ticket) else {
                 continue;
             };
+            if f.paused {
+                continue;
+            }
             if a.first_seq > f.last_seq + 1 {
                 // Behind (a paged replay): the poll catches up from the store.
                 f.next_poll = Instant::now();
@@ -1144,7 +1174,7 @@ impl StateThread {
         let due: Vec<u64> = self
             .follows
             .iter()
-            .filter(|(_, f)| f.next_poll <= now)
+            .filter(|(_, f)| f.next_poll <= now && !f.paused)
             .map(|(t, _)| *t)
             .collect();
         for ticket in due {

@@ -401,3 +401,34 @@ def test_reader_that_never_reads_is_ended_after_max_pause(start_server):
     wait_for(lambda: metric_value(srv.metrics(), "seedance_queued_output_bytes") == 0, 5,
              what="its output freed")
     s.close()
+
+
+def test_slow_resumed_reader_is_fed_no_faster_than_it_reads(start_server):
+    """A client resumes a long logged generation after 0 and does not read: the replay from the
+    log stops at the connection's backlog bound (the state thread pauses the follow), instead of
+    queueing the whole log in the server; once it reads, every delta arrives, in order."""
+    srv = start_server("--max-send-backlog-bytes", str(BOUND), *LIMIT, cores=1)
+    first = raw_ws(srv, "?stream_mode=token")
+    hello = json.loads(next(read_frames(first, until_close=False))[1])
+    first.sendall(client_frame(0x1, gen_msg("long", LONG).encode()))
+    time.sleep(0.2)
+    first.close()  # no close frame: a dropped client, the generation runs on into the log
+    wait_for(lambda: metric_value(srv.metrics(), "seedance_engine_running") == 0, 60,
+             what="the detached generation to finish")
+    slow = slow_socket(srv, "?stream_mode=token")
+    resume = {"type": "resume", "session": hello["session"], "token": hello["token"], "id": "long",
+              "after": 0}
+    slow.sendall(client_frame(0x1, json.dumps(resume).encode()))
+    wait_for(lambda: metric_value(srv.metrics(), "seedance_paused_connections") == 1, 10,
+             what="the resumed reader paused")
+    time.sleep(1.0)  # the state thread would have replayed the whole log by now
+    m = srv.metrics()
+    assert metric_value(m, "seedance_paused_connections") == 1
+    held = metric_value(m, "seedance_queued_output_bytes")
+    assert held <= held_max(WS_DELTA), f"{held} bytes queued for a reader that does not read"
+    msgs = read_ws_stream(slow, "long")
+    deltas = [x for x in msgs if x["type"] == "delta"]
+    assert [d["seq"] for d in deltas] == list(range(1, len(deltas) + 1))
+    assert "".join(d["text"] for d in deltas) == expected_text(LONG)
+    assert msgs[-1]["type"] == "done" and msgs[-1]["finish_reason"] == "length"
+    slow.close()
