@@ -97,6 +97,14 @@ most what was left of it, once per other instance). An instance that stops publi
 stops counting after 4 intervals (at least 1 s).
 `tenant_sync_ms: 0` makes every instance enforce the limits alone.
 
+`kill -HUP <pid>` (`systemctl reload`) rereads the file: keys added or removed take effect for
+new connections and requests at once (rotate by listing the new key next to the old, moving
+clients over, then dropping the old one); open connections and running requests keep the
+tenant they were admitted under. A tenant whose limits are unchanged keeps its counters; one
+whose limits changed starts new counters (what it holds open is released against the old). A
+file that does not parse, or that lists no tenant (authentication cannot be turned off this
+way), is logged and ignored: the tenants in force stay.
+
 Start-up errors (bad key, bad value, port taken, model missing) print one line
 `seedance-server: <reason>` and exit non-zero (2 for configuration, 1 for start-up).
 """

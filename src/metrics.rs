@@ -232,7 +232,7 @@ pub struct Registry {
     /// zstd context memory, shared with the shards.
     pub compression: Option<Arc<crate::session::compress::Budget>>,
     /// The tenants and their shared counters.
-    pub tenants: crate::ws::tenant::Tenants,
+    pub tenants: std::sync::Arc<crate::ws::tenant::TenantTable>,
 }
 
 fn sum<'a>(it: impl Iterator<Item = &'a Counter>) -> u64 {
@@ -242,6 +242,7 @@ fn sum<'a>(it: impl Iterator<Item = &'a Counter>) -> u64 {
 impl Registry {
     /// Per-tenant counters (shared atomics of `session::limits::TenantState`).
     fn tenant_metrics(&self, w: &mut String) {
+        let tenants = self.tenants.current();
         use crate::session::limits::TenantState;
         use std::sync::atomic::Ordering::Relaxed;
         // One sample per tenant of a value read from its shared state.
@@ -251,7 +252,7 @@ impl Registry {
                           help: &str,
                           f: &dyn Fn(&TenantState) -> u64| {
             header(w, name, kind, help);
-            for t in self.tenants.iter() {
+            for t in tenants.iter() {
                 let _ = writeln!(w, "{name}{{tenant=\"{}\"}} {}", t.id, f(&t.state));
             }
         };
@@ -268,7 +269,7 @@ impl Registry {
             "counter",
             "Requests and connections refused per tenant, by the limit that refused them.",
         );
-        for t in self.tenants.iter() {
+        for t in tenants.iter() {
             for (i, l) in crate::session::limits::LIMIT_LABELS.iter().enumerate() {
                 let n = t.state.refused[i].load(Relaxed);
                 let _ = writeln!(
@@ -303,6 +304,7 @@ impl Registry {
 
     /// Prometheus text exposition format 0.0.4.
     pub fn render(&self) -> String {
+        let tenants = self.tenants.current();
         let mut o = String::with_capacity(8192);
         let sh = &self.shards;
         let w = &mut o;
@@ -386,7 +388,7 @@ impl Registry {
         for (i, r) in OUTCOMES.iter().enumerate() {
             // Requests of no tenant (authentication off) are the rest of the total.
             let mut anonymous = sum(sh.iter().map(|s| &s.requests[i]));
-            for t in self.tenants.iter() {
+            for t in tenants.iter() {
                 let n = t.state.outcomes[i].load(std::sync::atomic::Ordering::Relaxed);
                 anonymous = anonymous.saturating_sub(n);
                 let _ = writeln!(
@@ -395,7 +397,7 @@ impl Registry {
                     t.id, self.model
                 );
             }
-            if self.tenants.is_empty() || anonymous > 0 {
+            if tenants.is_empty() || anonymous > 0 {
                 let _ = writeln!(
                     w,
                     "seedance_requests_total{{tenant=\"\",model=\"{}\",outcome=\"{r}\"}} {anonymous}",
@@ -566,7 +568,7 @@ impl Registry {
             "Messages of compressed connections sent plain (breaker open or context budget spent).",
             sum(sh.iter().map(|s| &s.compress_plain)),
         );
-        if !self.tenants.is_empty() {
+        if !tenants.is_empty() {
             self.tenant_metrics(w);
         }
         header(

@@ -176,11 +176,8 @@ fn take_tenant_connection(
     conn: &Conn,
     accepted: &Accepted,
 ) -> Result<(), handshake::HandshakeError> {
-    let Some(tenant) = accepted
-        .tenant
-        .as_deref()
-        .and_then(|id| shard.shared.tenants.get(id))
-    else {
+    let tenants = shard.shared.tenants.current();
+    let Some(tenant) = accepted.tenant.as_deref().and_then(|id| tenants.get(id)) else {
         return Ok(());
     };
     match tenant.state.connect() {
@@ -197,17 +194,17 @@ fn take_tenant_connection(
 
 /// The tenant of an OpenAI request (by its key), or the 401 that says why there is none.
 /// Authentication off: `None`.
-fn http_tenant(shard: &Shard, info: &RequestInfo) -> Result<Option<usize>, openai::OpenAiError> {
-    let tenants = &shard.shared.tenants;
+fn http_tenant(
+    shard: &Shard,
+    info: &RequestInfo,
+) -> Result<Option<std::sync::Arc<crate::ws::Tenant>>, openai::OpenAiError> {
+    let tenants = shard.shared.tenants.current();
     if tenants.is_empty() {
         return Ok(None);
     }
-    let found = info
-        .api_key
-        .as_deref()
-        .and_then(|k| tenants.index_by_key(k));
+    let found = info.api_key.as_deref().and_then(|k| tenants.find_by_key(k));
     match found {
-        Some(i) => Ok(Some(i)),
+        Some(t) => Ok(Some(t.clone())),
         None => Err(openai::OpenAiError {
             status: 401,
             code: "invalid_api_key",
@@ -426,9 +423,10 @@ fn upgrade(shard: &Shard, head: &Head<'_>) -> Result<Accepted, handshake::Handsh
     };
     let cc = &shard.shared.config.session.compression;
     let budget = &shard.shared.compression;
+    let tenants = shard.shared.tenants.current();
     let ctx = HandshakeContext {
         models: &shard.shared.models,
-        tenants: &shard.shared.tenants,
+        tenants: &tenants,
         compression_allowed: cc.enabled && budget.has_room(),
         deflate_window_bits: (cc.deflate && budget.has_room_for(budget.deflate_bytes))
             .then_some(cc.deflate_window_bits),

@@ -76,14 +76,31 @@ impl Server {
         Arc::new(move || shared.shutdown.store(true, Ordering::Release))
     }
 
-    /// A handle that reloads the TLS certificate and ticket keys (what SIGHUP does); open
-    /// connections keep what they negotiated.
+    /// A handle that reloads the TLS certificate and ticket keys and the tenants file (what
+    /// SIGHUP does); open connections keep what they negotiated, running requests the tenant
+    /// they were admitted under.
     pub fn reloader(&self) -> Arc<dyn Fn() + Send + Sync> {
         let shared = self.shared.clone();
-        Arc::new(move || match shared.tls.as_ref().map(|t| t.reload()) {
-            None => tracing::info!("SIGHUP: no TLS listener, nothing to reload"),
-            Some(Ok(())) => tracing::info!("SIGHUP: TLS certificate and ticket keys reloaded"),
-            Some(Err(e)) => tracing::warn!("SIGHUP: TLS reload failed, keeping the old ones: {e}"),
+        Arc::new(move || {
+            match shared.tls.as_ref().map(|t| t.reload()) {
+                None => {}
+                Some(Ok(())) => tracing::info!("SIGHUP: TLS certificate and ticket keys reloaded"),
+                Some(Err(e)) => {
+                    tracing::warn!("SIGHUP: TLS reload failed, keeping the old ones: {e}")
+                }
+            }
+            if let Some(path) = &shared.config.server.tenants_file {
+                match shared.tenants.reload(path) {
+                    Ok(n) => tracing::info!("SIGHUP: {n} tenants reloaded from {}", path.display()),
+                    Err(e) => tracing::warn!(
+                        "SIGHUP: tenants file {} not reloaded, keeping the current tenants: {e}",
+                        path.display()
+                    ),
+                }
+            }
+            if shared.tls.is_none() && shared.config.server.tenants_file.is_none() {
+                tracing::info!("SIGHUP: no TLS listener and no tenants file, nothing to reload");
+            }
         })
     }
 
@@ -206,8 +223,9 @@ pub fn start(config: Config) -> Result<Server, StartError> {
             })?
         }
     };
+    let tenants = Arc::new(crate::ws::tenant::TenantTable::new(tenants));
     if let (Some(st), Some(every)) = (store.as_ref(), config.resume.tenant_sync) {
-        if st.shared && !tenants.is_empty() {
+        if st.shared && !tenants.current().is_empty() {
             let _ = st.tenant_sync.set((tenants.clone(), every));
         }
     }

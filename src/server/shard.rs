@@ -37,7 +37,8 @@ pub struct Shared {
     pub max_model_len: Option<usize>,
     pub ready: AtomicBool,
     pub shutdown: AtomicBool,
-    pub tenants: crate::ws::tenant::Tenants,
+    /// The tenants in force (replaced whole on SIGHUP).
+    pub tenants: Arc<crate::ws::tenant::TenantTable>,
     /// The state thread's queue (`None`: resume is off).
     pub store: Option<Arc<crate::store::thread::StoreHandle>>,
     /// zstd context memory of all shards.

@@ -59,7 +59,7 @@ pub struct ReqEntry {
     /// The tenant's hold for this request (stream slot, tokens): released when the entry goes.
     pub charge: Option<crate::session::limits::Charge>,
     /// The tenant's index, for the log line.
-    pub tenant: Option<usize>,
+    pub tenant: Option<std::sync::Arc<crate::ws::Tenant>>,
 }
 
 impl ReqEntry {
@@ -127,18 +127,17 @@ impl ReqEntry {
     /// one stream. Authentication off (`None`): nothing to take.
     pub(super) fn charge_tenant(
         &mut self,
-        shard: &Shard,
-        tenant: Option<usize>,
+        tenant: Option<std::sync::Arc<crate::ws::Tenant>>,
         max_tokens: u32,
     ) -> Result<(), ProtocolError> {
-        let Some(t) = tenant.and_then(|i| shard.shared.tenants.at(i)) else {
+        let Some(t) = tenant else {
             return Ok(());
         };
         let tokens = u64::from(self.prompt_tokens) + u64::from(max_tokens);
         match t.state.admit(tokens) {
             Ok(c) => {
                 self.charge = Some(c);
-                self.tenant = tenant;
+                self.tenant = Some(t);
                 Ok(())
             }
             Err(why) => Err(ProtocolError::limited(Some(&self.id), why, &t.id)),
@@ -181,7 +180,7 @@ pub(super) fn submit(
     params: SamplingParams,
 ) -> Result<SeqKey, ProtocolError> {
     let id = entry.id.clone();
-    let tenant = entry.tenant;
+    let tenant = entry.tenant.clone();
     let key = shard.insert_request(entry);
     let msg = EngineMsg::Generate(Box::new(GenerateRequest {
         key,
@@ -192,7 +191,7 @@ pub(super) fn submit(
     if shard.link.borrow_mut().send(msg).is_err() {
         shard.requests.borrow_mut().try_remove(key.slot as usize);
         shard.metrics.outcome("rejected");
-        tenant_outcome(shard, tenant, "rejected");
+        tenant_outcome(tenant.as_ref(), "rejected");
         return Err(ProtocolError::new(
             Some(&id),
             "overloaded",
@@ -253,9 +252,9 @@ pub fn start_ws(shard: &Rc<Shard>, conn: &Rc<Conn>, g: GenerateMsg) -> Result<()
     })?;
     check_context(shard, &g, prompt.len())?;
     let mut entry = ReqEntry::new(shard, conn, &g, mode, prompt.len(), Sink::Ws);
-    let tenant = conn.ws.borrow().as_ref().and_then(|ws| ws.tenant);
+    let tenant = conn.ws.borrow().as_ref().and_then(|ws| ws.tenant.clone());
     let max_tokens = g.params.max_tokens.unwrap_or(cfg.default_max_tokens);
-    entry.charge_tenant(shard, tenant, max_tokens)?;
+    entry.charge_tenant(tenant, max_tokens)?;
     let mut params = g.params.clone();
     let start = {
         let ws = conn.ws.borrow();
@@ -340,8 +339,8 @@ pub(super) fn journal_for(
 }
 
 /// Counts an ended request under its tenant too (`seedance_requests_total{tenant}`).
-fn tenant_outcome(shard: &Shard, tenant: Option<usize>, label: &str) {
-    if let Some(t) = tenant.and_then(|i| shard.shared.tenants.at(i)) {
+fn tenant_outcome(tenant: Option<&std::sync::Arc<crate::ws::Tenant>>, label: &str) {
+    if let Some(t) = tenant {
         t.state.outcome(label);
     }
 }
@@ -383,7 +382,7 @@ pub fn on_event(shard: &Shard, ev: TokenEvent, now: Instant) {
             let entry = reqs.remove(slot);
             drop(reqs);
             shard.metrics.outcome("rejected");
-            tenant_outcome(shard, entry.tenant, "rejected");
+            tenant_outcome(entry.tenant.as_ref(), "rejected");
             let (status, message) = match why {
                 RejectReason::Overloaded => (429, "the engine is at capacity; retry later"),
                 RejectReason::PromptTooLong => (
@@ -630,7 +629,7 @@ fn finish(shard: &Shard, mut e: ReqEntry, reason: FinishReason, now: Instant) {
         return;
     }
     shard.metrics.outcome(reason.as_str());
-    tenant_outcome(shard, e.tenant, reason.as_str());
+    tenant_outcome(e.tenant.as_ref(), reason.as_str());
     shard.metrics.e2e.observe(now.duration_since(e.arrived));
     if let Some(c) = e.charge.as_mut() {
         // What it used; the rest of its charge goes back when the entry is dropped.
@@ -639,7 +638,7 @@ fn finish(shard: &Shard, mut e: ReqEntry, reason: FinishReason, now: Instant) {
     tracing::debug!(
         target: "seedance::request",
         id = &*e.id,
-        tenant = e.tenant.and_then(|i| shard.shared.tenants.at(i)).map(|t| t.id.as_str()),
+        tenant = e.tenant.as_ref().map(|t| t.id.as_str()),
         reason = reason.as_str(),
         prompt_tokens = e.prompt_tokens,
         completion_tokens = e.tokens,

@@ -110,14 +110,14 @@ pub(super) fn finish_http(
 
 /// Who sent an HTTP request: its tenant (by key) and the key, whose hash guards what it
 /// logged (only the same key reads a response back).
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 pub struct Caller {
-    pub tenant: Option<usize>,
+    pub tenant: Option<std::sync::Arc<crate::ws::Tenant>>,
     pub token_hash: [u8; 32],
 }
 
 impl Caller {
-    pub fn new(tenant: Option<usize>, key: Option<&[u8]>) -> Self {
+    pub fn new(tenant: Option<std::sync::Arc<crate::ws::Tenant>>, key: Option<&[u8]>) -> Self {
         let d = ring::digest::digest(&ring::digest::SHA256, key.unwrap_or_default());
         let mut token_hash = [0u8; 32];
         token_hash.copy_from_slice(d.as_ref());
@@ -157,7 +157,7 @@ pub(crate) fn launch(
             .into());
         }
     }
-    let t = caller.tenant.and_then(|i| shared.tenants.at(i));
+    let t = caller.tenant.as_ref();
     let model = g
         .model
         .as_deref()
@@ -187,7 +187,7 @@ pub(crate) fn launch(
         .max_tokens
         .unwrap_or(shared.config.session.default_max_tokens);
     entry
-        .charge_tenant(shard, caller.tenant, max_tokens)
+        .charge_tenant(caller.tenant.clone(), max_tokens)
         .map_err(clear_id)?;
     let mut params = g.params.clone();
     let mut start = None;

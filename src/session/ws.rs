@@ -46,7 +46,7 @@ pub struct WsState {
     /// SIGTERM arrived: close with 1001 when the last generation ends.
     pub shutting_down: bool,
     /// The authenticated tenant (index into the shared tenant table).
-    pub tenant: Option<usize>,
+    pub tenant: Option<std::sync::Arc<crate::ws::Tenant>>,
 }
 
 /// Runs the session until the connection closes.
@@ -115,7 +115,7 @@ pub async fn run<R: ConnRead>(
         tenant: accepted
             .tenant
             .as_deref()
-            .and_then(|id| shard.shared.tenants.index_of(id)),
+            .and_then(|id| shard.shared.tenants.current().get(id).cloned()),
     });
     super::flow::pump(shard, conn, false);
     if let (Some(f), Some(w)) = (conn.flow.borrow_mut().as_deref_mut(), accepted.window) {

@@ -236,7 +236,7 @@ pub struct StoreHandle {
     pub local: Option<Arc<super::local::LogCounters>>,
     /// The tenants whose usage this instance shares with the others through the store, and
     /// how often (set once at start-up when tenants and a shared store are configured).
-    pub tenant_sync: std::sync::OnceLock<(crate::ws::tenant::Tenants, Duration)>,
+    pub tenant_sync: std::sync::OnceLock<(Arc<crate::ws::tenant::TenantTable>, Duration)>,
 }
 
 impl StoreHandle {
@@ -389,9 +389,9 @@ struct StateThread {
     backoff: Duration,
     /// When the tenants' usage is published next.
     next_sync: Instant,
-    /// Per (tenant index, other instance): the cumulative requests and tokens it published
-    /// last, so that only what it used since is applied.
-    seen: HashMap<(usize, String), (u64, u64)>,
+    /// Per (tenant, other instance): the cumulative requests and tokens it published last, so
+    /// that only what it used since is applied.
+    seen: HashMap<(String, String), (u64, u64)>,
 }
 
 fn shard_of(ticket: u64) -> u16 {
@@ -458,9 +458,10 @@ impl StateThread {
     /// they hold open to the concurrency caps).
     fn sync_tenants(&mut self) {
         let handle = self.handle.clone();
-        let Some((tenants, every)) = handle.tenant_sync.get() else {
+        let Some((table, every)) = handle.tenant_sync.get() else {
             return;
         };
+        let tenants = table.current();
         let now = Instant::now();
         if now < self.next_sync || !self.healthy {
             return;
@@ -486,14 +487,14 @@ impl StateThread {
                 return;
             }
         };
-        for (i, (t, others)) in tenants.iter().zip(others).enumerate() {
+        for (t, others) in tenants.iter().zip(others) {
             let (mut streams, mut conns, mut requests, mut tokens) = (0u32, 0u32, 0i64, 0i64);
             for o in others {
                 streams = streams.saturating_add(o.streams);
                 conns = conns.saturating_add(o.conns);
                 let (r0, k0) = self
                     .seen
-                    .insert((i, o.instance), (o.requests, o.tokens))
+                    .insert((t.id.clone(), o.instance), (o.requests, o.tokens))
                     .unwrap_or((o.requests, o.tokens));
                 // Requests only grow, so fewer than last time is a restarted instance (the same
                 // id): all it published is new. Tokens shrink with refunds.

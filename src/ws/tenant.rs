@@ -72,11 +72,11 @@ impl Tenant {
 
 /// The tenant table. Empty (the default) means authentication is off.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Tenants(Vec<Tenant>);
+pub struct Tenants(Vec<Arc<Tenant>>);
 
 impl Tenants {
     pub fn new(tenants: Vec<Tenant>) -> Self {
-        Tenants(tenants)
+        Tenants(tenants.into_iter().map(Arc::new).collect())
     }
 
     /// No tenants configured: anyone may connect without a key.
@@ -85,38 +85,45 @@ impl Tenants {
     }
 
     /// The tenant named `id`.
-    pub fn get(&self, id: &str) -> Option<&Tenant> {
+    pub fn get(&self, id: &str) -> Option<&Arc<Tenant>> {
         self.0.iter().find(|t| t.id == id)
     }
 
     /// The tenant holding `key`, for clients that send a key but no tenant
     /// subprotocol. Checks every tenant (constant time per key).
-    pub fn find_by_key(&self, key: &[u8]) -> Option<&Tenant> {
-        self.index_by_key(key).and_then(|i| self.0.get(i))
-    }
-
-    /// The index of the tenant holding `key` (see [`find_by_key`](Self::find_by_key)).
-    pub fn index_by_key(&self, key: &[u8]) -> Option<usize> {
+    pub fn find_by_key(&self, key: &[u8]) -> Option<&Arc<Tenant>> {
         let mut found = None;
-        for (i, t) in self.0.iter().enumerate() {
+        for t in &self.0 {
             if t.verify_key(key) && found.is_none() {
-                found = Some(i);
+                found = Some(t);
             }
         }
         found
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = &Tenant> {
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Tenant>> {
         self.0.iter()
     }
 
-    /// Index of tenant `id` (kept by sessions instead of the name).
-    pub fn index_of(&self, id: &str) -> Option<usize> {
-        self.0.iter().position(|t| t.id == id)
-    }
-
-    pub fn at(&self, i: usize) -> Option<&Tenant> {
-        self.0.get(i)
+    /// `new` (a reread tenants file) with the counters of this table carried over: a tenant
+    /// that keeps its id and its limits keeps its state (streams and connections open, what it
+    /// used of its rates); one whose limits changed starts afresh (what it holds open now is
+    /// counted against the old limits until it ends).
+    pub fn reloaded(&self, new: Tenants) -> Tenants {
+        Tenants(
+            new.0
+                .into_iter()
+                .map(|t| match self.get(&t.id) {
+                    Some(old) if old.state.limits == t.state.limits => Arc::new(Tenant {
+                        id: t.id.clone(),
+                        key_sha256: t.key_sha256.clone(),
+                        models: t.models.clone(),
+                        state: old.state.clone(),
+                    }),
+                    _ => t,
+                })
+                .collect(),
+        )
     }
 
     /// Reads the tenants file (`tenants_file`):
@@ -184,13 +191,47 @@ impl Tenants {
             };
             out.push(Tenant::new(e.id, keys, e.models, limits));
         }
-        Ok(Tenants(out))
+        Ok(Tenants::new(out))
     }
 }
 
 impl From<Vec<Tenant>> for Tenants {
     fn from(tenants: Vec<Tenant>) -> Self {
-        Tenants(tenants)
+        Tenants::new(tenants)
+    }
+}
+
+/// The tenants in force: read per connection or request (never per token), replaced whole by a
+/// reload (SIGHUP). A connection or request keeps the [`Tenant`] it was admitted under.
+#[derive(Debug, Default)]
+pub struct TenantTable(std::sync::RwLock<Arc<Tenants>>);
+
+impl TenantTable {
+    pub fn new(t: Tenants) -> Self {
+        TenantTable(std::sync::RwLock::new(Arc::new(t)))
+    }
+
+    pub fn current(&self) -> Arc<Tenants> {
+        match self.0.read() {
+            Ok(t) => t.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Rereads `path`. Authentication stays on: a file that does not parse, or lists no
+    /// tenant, leaves the current table in force (the error says why).
+    pub fn reload(&self, path: &std::path::Path) -> Result<usize, String> {
+        let new = Tenants::load(path)?;
+        if new.is_empty() {
+            return Err("it lists no tenant (authentication would turn off)".into());
+        }
+        let mut cur = match self.0.write() {
+            Ok(c) => c,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let n = new.0.len();
+        *cur = Arc::new(cur.reloaded(new));
+        Ok(n)
     }
 }
 
