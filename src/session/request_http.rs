@@ -118,10 +118,10 @@ pub struct Caller {
 
 impl Caller {
     pub fn new(tenant: Option<std::sync::Arc<crate::ws::Tenant>>, key: Option<&[u8]>) -> Self {
-        let d = ring::digest::digest(&ring::digest::SHA256, key.unwrap_or_default());
-        let mut token_hash = [0u8; 32];
-        token_hash.copy_from_slice(d.as_ref());
-        Caller { tenant, token_hash }
+        Caller {
+            tenant,
+            token_hash: crate::store::token_hash_of(key.unwrap_or_default()),
+        }
     }
 }
 

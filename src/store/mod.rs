@@ -37,7 +37,12 @@ pub fn gen_id(session: &str, id: &str) -> GenId {
 
 /// SHA-256 of a resume token: the store keeps only this.
 pub fn token_hash(token: &str) -> [u8; 32] {
-    let d = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
+    token_hash_of(token.as_bytes())
+}
+
+/// [`token_hash`] of raw bytes (an API key as it came in a header).
+pub fn token_hash_of(token: &[u8]) -> [u8; 32] {
+    let d = ring::digest::digest(&ring::digest::SHA256, token);
     let mut h = [0u8; 32];
     h.copy_from_slice(d.as_ref());
     h

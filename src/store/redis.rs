@@ -527,12 +527,16 @@ impl RedisStore {
         };
         if r.is_err() {
             // The next attempt (or call) reconnects, which reads a cluster's slots again.
-            match &mut self.link {
-                Link::Single { conn, .. } => *conn = None,
-                Link::Cluster { conn, .. } => *conn = None,
-            }
+            self.disconnect();
         }
         r
+    }
+
+    fn disconnect(&mut self) {
+        match &mut self.link {
+            Link::Single { conn, .. } => *conn = None,
+            Link::Cluster { conn, .. } => *conn = None,
+        }
     }
 
     /// Runs the commands `build` adds as one round trip. A single Redis fails at once (the
@@ -604,10 +608,7 @@ impl RedisStore {
             _ => return Err(unavailable("not connected")),
         };
         if let Err(e) = r {
-            match &mut self.link {
-                Link::Single { conn, .. } => *conn = None,
-                Link::Cluster { conn, .. } => *conn = None,
-            }
+            self.disconnect();
             return Err(unavailable(e));
         }
         Ok(())

@@ -63,6 +63,16 @@ def http_get(url: str, timeout: float = 5) -> tuple[int, bytes]:
         return e.code, e.read()
 
 
+def terminate(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL if it is still there after 10 s."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 def missing_tools() -> list[str]:
     """The Debian packages this stage needs that are not installed."""
     need = {"redis-server": "redis-server", "redis-cli": "redis-tools", "nginx": "nginx",
@@ -319,12 +329,7 @@ class Nginx:
         return f"ws://127.0.0.1:{self.port}/v1/chat"
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        terminate(self.proc)
 
 
 def prometheus_config(targets: list[str]) -> str:
@@ -384,12 +389,7 @@ class Prometheus:
         return float(r[0]["value"][1]) if r else None
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        terminate(self.proc)
 
 
 def percentile(xs: list[float], q: float) -> float:
