@@ -74,7 +74,7 @@ tenants:
     requests_per_minute: 600      # each limit optional; absent: unlimited
     tokens_per_minute: 200000     # prompt + max_tokens charged up front, unused part refunded
     max_concurrent_streams: 32    # generations running at once
-    max_connections: 64           # WebSocket connections open at once
+    max_connections: 64           # connections open at once (WebSocket; HTTP from its first request)
 ```
 
 `printf %s "$KEY" | sha256sum` gives a key's hash; keys themselves never appear in the file,

@@ -136,7 +136,7 @@ pub async fn serve<R: ConnRead>(
             None
         } else if let Some(r) = responses::route(&info.method, &info.path) {
             Some(r.map_err(method_not_allowed).and_then(|r| {
-                let caller = http_caller(shard, &info)?;
+                let caller = http_caller(shard, conn, &info)?;
                 responses_request(shard, conn, r, &info, &body, caller)
             }))
         } else {
@@ -235,7 +235,7 @@ fn openai_request(
             retry_after: None,
         });
     }
-    let caller = http_caller(shard, info)?;
+    let caller = http_caller(shard, conn, info)?;
     let id = format!("{}{}", endpoint.id_prefix(), random_hex());
     let req = openai::parse(endpoint, body, id, &shard.shared.config.session)?;
     crate::session::request_http::start_http(shard, conn, req, caller)
@@ -251,9 +251,31 @@ fn method_not_allowed(allow: &'static str) -> openai::OpenAiError {
     }
 }
 
-/// The tenant and key of an OpenAI request.
-fn http_caller(shard: &Shard, info: &RequestInfo) -> Result<Caller, openai::OpenAiError> {
+/// The tenant and key of an OpenAI request. The connection takes one of the tenant's
+/// connection slots with its first request (`max_connections` counts HTTP connections as it
+/// counts WebSocket ones) and holds it until it closes.
+fn http_caller(
+    shard: &Shard,
+    conn: &Conn,
+    info: &RequestInfo,
+) -> Result<Caller, openai::OpenAiError> {
     let tenant = http_tenant(shard, info)?;
+    if let Some(t) = &tenant {
+        let held = conn
+            .tenant_slot
+            .borrow()
+            .as_ref()
+            .is_some_and(|s| s.is_for(&t.state));
+        if !held {
+            let slot = t.state.connect().map_err(|why| {
+                openai::OpenAiError::from(crate::session::protocol::ProtocolError::limited(
+                    None, why, &t.id,
+                ))
+            })?;
+            // A connection that changed keys leaves the other tenant's slot.
+            *conn.tenant_slot.borrow_mut() = Some(slot);
+        }
+    }
     Ok(Caller::new(tenant, info.api_key.as_deref()))
 }
 

@@ -393,3 +393,46 @@ def test_sighup_reloads_the_tenants_file(tmp_path):
             assert status(srv, "nobody") == 401, "authentication must stay on"
     finally:
         srv.kill()
+
+
+def test_http_connections_count_against_max_connections(tmp_path):
+    """`max_connections` counts keep-alive HTTP connections (from their first request with the
+    tenant's key) as it counts WebSocket ones: with 2 allowed, a third connection's request is
+    429 `rate_limited` (`limit` max_connections) while the first two stay usable, and a
+    WebSocket is refused too; closing one makes room."""
+    f = tmp_path / "tenants.yaml"
+    f.write_text(f'tenants:\n  - id: acme\n    key_sha256: ["{sha(KEYS["acme"])}"]\n    max_connections: 2\n')
+    srv = Server("--tenants-file", str(f), cores=1)
+    body = json.dumps({"model": "null", "prompt": "x", "max_tokens": 2})
+    headers = {"content-type": "application/json", "authorization": f"Bearer {KEYS['acme']}"}
+
+    def ask(c: http.client.HTTPConnection) -> tuple[int, dict, dict]:
+        c.request("POST", "/v1/completions", body, headers)
+        r = c.getresponse()
+        return r.status, {k.lower(): v for k, v in r.getheaders()}, json.loads(r.read())
+
+    try:
+        a, b, c = (http.client.HTTPConnection(srv.host, srv.port, timeout=30) for _ in range(3))
+        assert ask(a)[0] == 200 and ask(b)[0] == 200
+        st, h, err = ask(c)
+        assert st == 429 and err["error"]["code"] == "rate_limited", err
+        assert h["retry-after"] == "1", h
+        assert ask(a)[0] == 200 and ask(b)[0] == 200, "the two holding slots keep them"
+
+        async def refused():
+            with pytest.raises(InvalidStatus) as e:
+                async with ws(srv, "", {"Authorization": f"Bearer {KEYS['acme']}"}):
+                    pass
+            return status_of(e.value)[0]
+
+        assert run(refused()) == 429
+        a.close()
+        import time
+        deadline = time.monotonic() + 5
+        while (st := ask(http.client.HTTPConnection(srv.host, srv.port, timeout=30))[0]) != 200:
+            assert time.monotonic() < deadline, st
+            time.sleep(0.05)
+        m = srv.metrics()
+        assert metric_value(m, 'seedance_tenant_rate_limited_total{tenant="acme",limit="max_connections"}') >= 2
+    finally:
+        srv.kill()
