@@ -94,7 +94,9 @@ buckets, and what they hold open to its concurrency caps. Within one instance a 
 across instances, requests admitted on different instances within the same interval do not see
 each other, so a limit can be exceeded by what the other instances admit in that interval (at
 most what was left of it, once per other instance). An instance that stops publishing (killed)
-stops counting after 4 intervals (at least 1 s).
+stops counting after 4 intervals (at least 1 s). An instance that starts (or restarts) learns
+what the others hold open at its first sync, but not what they used of a per-minute rate before
+it: in its first minute it may admit up to one more minute's allowance.
 `tenant_sync_ms: 0` makes every instance enforce the limits alone.
 
 `kill -HUP <pid>` (`systemctl reload`) rereads the file: keys added or removed take effect for

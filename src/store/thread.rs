@@ -487,15 +487,21 @@ impl StateThread {
                 return;
             }
         };
+        let mut seen = HashMap::with_capacity(self.seen.len());
         for (t, others) in tenants.iter().zip(others) {
             let (mut streams, mut conns, mut requests, mut tokens) = (0u32, 0u32, 0i64, 0i64);
             for o in others {
                 streams = streams.saturating_add(o.streams);
                 conns = conns.saturating_add(o.conns);
+                let key = (t.id.clone(), o.instance);
+                // First sight of an instance: what it used before is not known (its total is
+                // the baseline).
                 let (r0, k0) = self
                     .seen
-                    .insert((t.id.clone(), o.instance), (o.requests, o.tokens))
+                    .get(&key)
+                    .copied()
                     .unwrap_or((o.requests, o.tokens));
+                seen.insert(key, (o.requests, o.tokens));
                 // Requests only grow, so fewer than last time is a restarted instance (the same
                 // id): all it published is new. Tokens shrink with refunds.
                 if o.requests < r0 {
@@ -509,6 +515,8 @@ impl StateThread {
             t.state.set_remote(streams, conns);
             t.state.apply_remote(requests, tokens);
         }
+        // Instances gone stale (and tenants removed by a reload) are forgotten.
+        self.seen = seen;
     }
 
     /// Hands the turn's replies to their shards, one wake-up each.
