@@ -74,7 +74,7 @@ tenants:
     requests_per_minute: 600      # each limit optional; absent: unlimited
     tokens_per_minute: 200000     # prompt + max_tokens charged up front, unused part refunded
     max_concurrent_streams: 32    # generations running at once
-    max_connections: 64           # connections open at once (WebSocket; HTTP from its first request)
+    max_connections: 64           # WebSocket connections open at once
 ```
 
 `printf %s "$KEY" | sha256sum` gives a key's hash; keys themselves never appear in the file,
@@ -85,7 +85,10 @@ whole minute's allowance, then refill evenly. Over a limit: HTTP `429` with `Ret
 OpenAI error body (`code` `rate_limited`, `type` `rate_limit_error`), or a WebSocket `error` with
 `code`, `limit` and `retry_after_ms` (docs/protocol.md); a request asking for more tokens than a
 minute allows is `request_too_large` (no retry helps). Counters: `seedance_tenant_*` metrics
-(this instance's).
+(this instance's). `max_connections` counts WebSocket connections only: an HTTP connection
+behind a balancer is one of its pooled upstream connections, carrying whichever clients' requests
+it is given, so it is no measure of a tenant; `max_concurrent_streams` bounds a tenant's HTTP
+work (every OpenAI request holds a stream slot while it runs).
 
 With a shared store (`redis_url` or `redis_cluster`) the limits hold across every instance
 using it: each instance publishes its usage of each tenant every `tenant_sync_ms` (250 ms; one

@@ -98,7 +98,7 @@ pub async fn serve<R: ConnRead>(
                         return None;
                     }
                     let result = upgrade(shard, &head).and_then(|a| {
-                        take_tenant_connection(shard, conn, &a)?;
+                        take_tenant_connection(conn, &a)?;
                         Ok(a)
                     });
                     return match result {
@@ -136,7 +136,7 @@ pub async fn serve<R: ConnRead>(
             None
         } else if let Some(r) = responses::route(&info.method, &info.path) {
             Some(r.map_err(method_not_allowed).and_then(|r| {
-                let caller = http_caller(shard, conn, &info)?;
+                let caller = http_caller(shard, &info)?;
                 responses_request(shard, conn, r, &info, &body, caller)
             }))
         } else {
@@ -172,12 +172,10 @@ pub async fn serve<R: ConnRead>(
 
 /// A tenant's WebSocket connection takes one of its connection slots.
 fn take_tenant_connection(
-    shard: &Shard,
     conn: &Conn,
     accepted: &Accepted,
 ) -> Result<(), handshake::HandshakeError> {
-    let tenants = shard.shared.tenants.current();
-    let Some(tenant) = accepted.tenant.as_deref().and_then(|id| tenants.get(id)) else {
+    let Some(tenant) = accepted.tenant.as_ref() else {
         return Ok(());
     };
     match tenant.state.connect() {
@@ -235,7 +233,7 @@ fn openai_request(
             retry_after: None,
         });
     }
-    let caller = http_caller(shard, conn, info)?;
+    let caller = http_caller(shard, info)?;
     let id = format!("{}{}", endpoint.id_prefix(), random_hex());
     let req = openai::parse(endpoint, body, id, &shard.shared.config.session)?;
     crate::session::request_http::start_http(shard, conn, req, caller)
@@ -251,31 +249,11 @@ fn method_not_allowed(allow: &'static str) -> openai::OpenAiError {
     }
 }
 
-/// The tenant and key of an OpenAI request. The connection takes one of the tenant's
-/// connection slots with its first request (`max_connections` counts HTTP connections as it
-/// counts WebSocket ones) and holds it until it closes.
-fn http_caller(
-    shard: &Shard,
-    conn: &Conn,
-    info: &RequestInfo,
-) -> Result<Caller, openai::OpenAiError> {
+/// The tenant and key of an OpenAI request. HTTP connections take no `max_connections` slot:
+/// behind a balancer they are its pooled upstream connections, shared by whichever clients it
+/// sends down them; `max_concurrent_streams` bounds a tenant's HTTP work instead.
+fn http_caller(shard: &Shard, info: &RequestInfo) -> Result<Caller, openai::OpenAiError> {
     let tenant = http_tenant(shard, info)?;
-    if let Some(t) = &tenant {
-        let held = conn
-            .tenant_slot
-            .borrow()
-            .as_ref()
-            .is_some_and(|s| s.is_for(&t.state));
-        if !held {
-            let slot = t.state.connect().map_err(|why| {
-                openai::OpenAiError::from(crate::session::protocol::ProtocolError::limited(
-                    None, why, &t.id,
-                ))
-            })?;
-            // A connection that changed keys leaves the other tenant's slot.
-            *conn.tenant_slot.borrow_mut() = Some(slot);
-        }
-    }
     Ok(Caller::new(tenant, info.api_key.as_deref()))
 }
 

@@ -46,6 +46,9 @@ pub struct Conn {
     /// Sequences of this connection are paused in the engine (send backlog too large), since.
     pub paused: Cell<bool>,
     pub paused_since: Cell<Option<Instant>>,
+    /// `paused`, shared with the state thread: the logs this connection follows are not fed
+    /// to it meanwhile (a flag, not a message, so that no full queue can lose the resume).
+    pub backlogged: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// zstd and the credit window of a WebSocket session that asked for them.
     pub flow: RefCell<Option<Box<crate::session::flow::Flow>>>,
     /// Bytes the writer took and the socket has not accepted yet.
@@ -78,6 +81,7 @@ impl Conn {
             last_active: Cell::new(now),
             closing_since: Cell::new(None),
             paused: Cell::new(false),
+            backlogged: Default::default(),
             paused_since: Cell::new(None),
             flow: RefCell::new(None),
             in_flight: Cell::new(0),
@@ -326,24 +330,9 @@ pub fn apply_backpressure(shard: &Shard, conn: &Conn) {
     for key in active_keys(conn) {
         shard.send_control(EngineMsg::Pause(key));
     }
-    follows_to_store(shard, conn, crate::store::thread::StoreOp::Pause);
-}
-
-/// Tells the state thread to stop (or go on) feeding the generations this connection follows
-/// from the log: a resumed client that reads slowly holds no more than its own backlog bound.
-fn follows_to_store(shard: &Shard, conn: &Conn, op: fn(u64) -> crate::store::thread::StoreOp) {
-    let Some(store) = shard.shared.store.as_ref() else {
-        return;
-    };
-    let mut tickets: Vec<u64> = conn.http_follow.get().into_iter().collect();
-    if let Some(ws) = conn.ws.borrow().as_ref() {
-        tickets.extend(ws.follows.iter().map(|(_, t, _)| *t));
-    }
-    for t in tickets {
-        if !store.send(shard.id, op(t)) {
-            shard.metrics.store_drops.inc();
-        }
-    }
+    // The state thread stops feeding the logs this connection follows.
+    conn.backlogged
+        .store(true, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// Every generation this connection is waiting on.
@@ -367,7 +356,8 @@ fn relieve_backpressure(shard: &Shard, conn: &Conn) {
     for key in active_keys(conn) {
         shard.send_control(EngineMsg::Resume(key));
     }
-    follows_to_store(shard, conn, crate::store::thread::StoreOp::Unpause);
+    conn.backlogged
+        .store(false, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// The connection's pause ended (it drained, or it closed): the gauge follows.

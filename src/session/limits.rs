@@ -383,13 +383,6 @@ pub struct ConnSlot {
     state: Arc<TenantState>,
 }
 
-impl ConnSlot {
-    /// Whether this slot is one of `state`'s.
-    pub fn is_for(&self, state: &Arc<TenantState>) -> bool {
-        Arc::ptr_eq(&self.state, state)
-    }
-}
-
 impl Drop for ConnSlot {
     fn drop(&mut self) {
         self.state.conns.fetch_sub(1, Ordering::Relaxed);

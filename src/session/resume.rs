@@ -115,6 +115,7 @@ pub fn start(
         token_hash: crate::store::token_hash(&token),
         after,
         with_request: false,
+        backlogged: conn.backlogged.clone(),
     };
     if !store.send(shard.id, op) {
         shard.metrics.store_drops.inc();
@@ -132,10 +133,6 @@ pub fn start(
         .insert(ticket, Follower::new(conn, &id, gen.clone(), None));
     if let Some(ws) = conn.ws.borrow_mut().as_mut() {
         ws.follows.push((id.into_boxed_str(), ticket, gen));
-    }
-    // Already backlogged: this follow waits for the drain too.
-    if conn.paused.get() && !store.send(shard.id, StoreOp::Pause(ticket)) {
-        shard.metrics.store_drops.inc();
     }
     Ok(())
 }
@@ -340,7 +337,8 @@ fn on_owner_note(shard: &Shard, key: SeqKey, what: OwnerNote) {
 fn adopt(shard: &Shard, ticket: u64, gen: GenId, claimed: Claimed) {
     if shard.draining.get() {
         // Claimed while this instance drains: hand it straight back, so that the instance the
-        // client reconnects to claims at once instead of waiting for the lease.
+        // client reconnects to claims at once instead of waiting for the lease; and end the
+        // follow here (else its next read would claim it again).
         if let Some(store) = shard.shared.store.as_ref() {
             let lease = crate::store::Lease {
                 gen,
@@ -348,6 +346,19 @@ fn adopt(shard: &Shard, ticket: u64, gen: GenId, claimed: Claimed) {
             };
             if !store.send(shard.id, StoreOp::Release(vec![lease])) {
                 shard.metrics.store_drops.inc();
+            }
+            if !store.send(shard.id, StoreOp::Unfollow(ticket)) {
+                shard.metrics.store_drops.inc();
+            }
+        }
+        if let Some(f) = drop_follower(shard, ticket) {
+            if f.http.is_none() && !f.conn.is_closing() {
+                let e = ProtocolError::new(
+                    Some(&f.id),
+                    "shutting_down",
+                    "the server is shutting down: resume on another instance",
+                );
+                super::ws::send_error(shard, &f.conn, &e);
             }
         }
         return;

@@ -147,6 +147,7 @@ pub fn follow(
         token_hash,
         after,
         with_request: true,
+        backlogged: conn.backlogged.clone(),
     };
     if !store.send(shard.id, op) {
         shard.metrics.store_drops.inc();

@@ -112,10 +112,7 @@ pub async fn run<R: ConnRead>(
         ),
         close_sent: false,
         shutting_down: false,
-        tenant: accepted
-            .tenant
-            .as_deref()
-            .and_then(|id| shard.shared.tenants.current().get(id).cloned()),
+        tenant: accepted.tenant.clone(),
     });
     super::flow::pump(shard, conn, false);
     if let (Some(f), Some(w)) = (conn.flow.borrow_mut().as_deref_mut(), accepted.window) {

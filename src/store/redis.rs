@@ -26,9 +26,12 @@
 //!
 //! On a cluster, a failing call (a master died and its replica is not promoted yet, MOVED after
 //! a resharding, a dropped connection) is retried on a fresh connection, which reads the slot
-//! map again, for up to `--redis-retry-ms` before the store counts as unavailable. Every write
-//! is idempotent (explicit stream ids, epoch checks), so a retried pipeline whose first try
-//! partly ran leaves the same log.
+//! map again, for up to `--redis-retry-ms` before the store counts as unavailable. Appends,
+//! starts, renewals, releases and flags are idempotent (explicit stream ids, epoch checks), so
+//! a retried pipeline whose first try partly ran leaves the same log. A claim is not: one that
+//! succeeded but whose reply was lost finds the epoch moved on when retried and answers busy,
+//! so that generation waits one more lease before a follower claims it again (never two
+//! owners).
 
 use std::time::{Duration, Instant};
 
@@ -140,24 +143,25 @@ struct Library {
 
 impl Library {
     fn new() -> Self {
-        let mut code = String::new();
-        for (_, body, timed) in FUNCS {
-            code.push_str(body);
-            code.push(if timed { 't' } else { 'u' });
-        }
-        let digest = ring::digest::digest(&ring::digest::SHA256, code.as_bytes());
-        let tag = hex(&digest.as_ref()[..6]);
-        let mut source = format!("#!lua name=seedance_{tag}\n");
-        let mut names = Vec::with_capacity(FUNCS.len());
+        // The whole generated source with a placeholder for the tag is what gets hashed, so
+        // any change to a body, the clock prefix or the wrapper names a new library.
+        const TAG: &str = "@TAG@";
+        let mut template = format!("#!lua name=seedance_{TAG}\n");
         for (name, body, timed) in FUNCS {
-            let name = format!("seedance_{tag}_{name}");
             let now = if timed { NOW } else { "" };
-            source.push_str(&format!(
-                "redis.register_function('{name}', function(KEYS, ARGV) {now}{body} end)\n"
+            template.push_str(&format!(
+                "redis.register_function('seedance_{TAG}_{name}', function(KEYS, ARGV) {now}{body} end)\n"
             ));
-            names.push(name);
         }
-        Library { source, names }
+        let digest = ring::digest::digest(&ring::digest::SHA256, template.as_bytes());
+        let tag = hex(&digest.as_ref()[..6]);
+        Library {
+            source: template.replace(TAG, &tag),
+            names: FUNCS
+                .iter()
+                .map(|(name, _, _)| format!("seedance_{tag}_{name}"))
+                .collect(),
+        }
     }
 }
 
@@ -448,10 +452,16 @@ impl RedisStore {
         if nodes.is_empty() {
             return Err(unavailable("no cluster nodes given"));
         }
+        // The crate's own retries (16, with waits growing to seconds) would hold the state
+        // thread past `retry_for` inside one attempt: one quick retry there (a MOVED or ASK
+        // is followed at once), the waiting is done by `run`.
         let client = ClusterClient::builder(nodes.iter().map(|n| resp3(n)))
             .use_protocol(redis::ProtocolVersion::RESP3)
             .connection_timeout(CONNECT_TIMEOUT)
             .response_timeout(IO_TIMEOUT)
+            .retries(1)
+            .min_retry_wait(10)
+            .max_retry_wait(100)
             .build()
             .map_err(unavailable)?;
         Self::open(
@@ -624,10 +634,22 @@ impl RedisStore {
 /// Errors that a fresh connection or a promoted replica can cure; a reply the functions did not
 /// expect (a bug, or a server without functions) is not retried.
 fn retryable(e: &redis::RedisError) -> bool {
-    use redis::ErrorKind;
-    !matches!(e.kind(), ErrorKind::Parse | ErrorKind::Client)
-        && !e.to_string().contains("Function not found")
-        && !e.to_string().contains("unknown command")
+    use redis::{ErrorKind, ServerErrorKind as S};
+    matches!(
+        e.kind(),
+        ErrorKind::Io
+            | ErrorKind::ClusterConnectionNotFound
+            | ErrorKind::Server(
+                S::Moved
+                    | S::Ask
+                    | S::TryAgain
+                    | S::ClusterDown
+                    | S::MasterDown
+                    | S::ReadOnly
+                    | S::BusyLoading
+            )
+    ) || e.is_timeout()
+        || e.is_connection_dropped()
 }
 
 impl StateStore for RedisStore {

@@ -71,6 +71,9 @@ pub enum StoreOp {
         /// The first answer carries the generation's request blob (an HTTP view renders
         /// from it).
         with_request: bool,
+        /// Set by the shard while the follower's connection is backlogged: the follow is then
+        /// sent nothing (no pushes, no reads) and reads on from the log once it clears.
+        backlogged: Arc<AtomicBool>,
     },
     /// One read of a whole log as it is now (`GET /v1/responses/{id}`); a generation whose
     /// owner is gone is claimed for this shard first, as a follow would.
@@ -90,10 +93,6 @@ pub enum StoreOp {
         token_hash: [u8; 32],
     },
     Unfollow(u64),
-    /// The follower's connection is backlogged: send it nothing until [`StoreOp::Unpause`]
-    /// (it is then served from the log, from the last message it was sent).
-    Pause(u64),
-    Unpause(u64),
     Cancel(GenId),
     Trim(GenId, u64),
     Broken(GenId),
@@ -331,6 +330,7 @@ pub fn spawn(
                 backoff: BACKOFF_MIN,
                 next_sync: Instant::now(),
                 seen: HashMap::new(),
+                synced: Instant::now(),
             };
             t.run(inboxes, &parker);
         })?;
@@ -359,8 +359,14 @@ struct Follow {
     /// The owner pushed it a message (the embedded store's owner does from its first publish
     /// after the follow began, up to a tick later; until then the follower reads the log).
     pushed: bool,
-    /// Its connection is backlogged ([`StoreOp::Pause`]): no pushes, no reads.
-    paused: bool,
+    /// Its connection is backlogged (set by the shard): no pushes, no reads.
+    backlogged: Arc<AtomicBool>,
+}
+
+impl Follow {
+    fn paused(&self) -> bool {
+        self.backlogged.load(Ordering::Relaxed)
+    }
 }
 
 impl Follow {
@@ -389,9 +395,12 @@ struct StateThread {
     backoff: Duration,
     /// When the tenants' usage is published next.
     next_sync: Instant,
-    /// Per (tenant, other instance): the cumulative requests and tokens it published last, so
-    /// that only what it used since is applied.
-    seen: HashMap<(String, String), (u64, u64)>,
+    /// Per (tenant, other instance): the cumulative requests and tokens it published last (so
+    /// that only what it used since is applied) and the tokens charged here for it (what its
+    /// refunds may give back).
+    seen: HashMap<(String, String), (u64, u64, i64)>,
+    /// The last successful tenant sync.
+    synced: Instant,
 }
 
 fn shard_of(ticket: u64) -> u16 {
@@ -438,11 +447,9 @@ impl StateThread {
             if inboxes.iter().all(|q| q.is_empty()) && !self.handle.stop.load(Ordering::SeqCst) {
                 let wait = if self.follows.is_empty() {
                     Duration::from_millis(100)
-                } else if self
-                    .follows
-                    .values()
-                    .any(|f| f.poll_every(self.handle.local.is_some()) == CATCH_UP_POLL)
-                {
+                } else if self.follows.values().any(|f| {
+                    !f.paused() && f.poll_every(self.handle.local.is_some()) == CATCH_UP_POLL
+                }) {
                     CATCH_UP_POLL
                 } else {
                     POLL
@@ -463,10 +470,23 @@ impl StateThread {
         };
         let tenants = table.current();
         let now = Instant::now();
-        if now < self.next_sync || !self.healthy {
+        if now < self.next_sync {
             return;
         }
         self.next_sync = now + *every;
+        // An instance that stopped publishing for this long is gone: its streams no longer count.
+        let stale = (*every * 4).max(Duration::from_secs(1));
+        if !self.healthy {
+            // Without the store the others' last report ages: past `stale`, this instance
+            // stops counting what they hold open (its own limits stay exact).
+            if now.duration_since(self.synced) > stale {
+                for t in tenants.iter() {
+                    t.state.set_remote(0, 0);
+                }
+                self.seen.clear();
+            }
+            return;
+        }
         let reports: Vec<super::TenantReport> = tenants
             .iter()
             .map(|t| super::TenantReport {
@@ -477,8 +497,6 @@ impl StateThread {
                 tokens: t.state.tokens_charged.load(Ordering::Relaxed),
             })
             .collect();
-        // An instance that stopped publishing for this long is gone: its streams no longer count.
-        let stale = (*every * 4).max(Duration::from_secs(1));
         let instance = self.instance.clone();
         let others = match self.timed(|s| s.tenant_sync(&instance, &reports, stale)) {
             Ok(o) => o,
@@ -487,6 +505,7 @@ impl StateThread {
                 return;
             }
         };
+        self.synced = now;
         let mut seen = HashMap::with_capacity(self.seen.len());
         for (t, others) in tenants.iter().zip(others) {
             let (mut streams, mut conns, mut requests, mut tokens) = (0u32, 0u32, 0i64, 0i64);
@@ -494,23 +513,26 @@ impl StateThread {
                 streams = streams.saturating_add(o.streams);
                 conns = conns.saturating_add(o.conns);
                 let key = (t.id.clone(), o.instance);
-                // First sight of an instance: what it used before is not known (its total is
-                // the baseline).
-                let (r0, k0) = self
+                // First sight of an instance: what it used before is not known (its totals are
+                // the baseline, nothing of it charged here yet).
+                let (r0, k0, charged) = self
                     .seen
                     .get(&key)
                     .copied()
-                    .unwrap_or((o.requests, o.tokens));
-                seen.insert(key, (o.requests, o.tokens));
+                    .unwrap_or((o.requests, o.tokens, 0));
                 // Requests only grow, so fewer than last time is a restarted instance (the same
                 // id): all it published is new. Tokens shrink with refunds.
-                if o.requests < r0 {
-                    requests += o.requests as i64;
-                    tokens += o.tokens as i64;
+                let (dr, dk) = if o.requests < r0 {
+                    (o.requests as i64, o.tokens as i64)
                 } else {
-                    requests += (o.requests - r0) as i64;
-                    tokens += o.tokens as i64 - k0 as i64;
-                }
+                    ((o.requests - r0) as i64, o.tokens as i64 - k0 as i64)
+                };
+                // A refund gives back at most what was charged here for that instance (the
+                // refund of a charge made before its first sight was never charged).
+                let dk = dk.max(-charged);
+                seen.insert(key, (o.requests, o.tokens, charged + dk));
+                requests += dr;
+                tokens += dk;
             }
             t.state.set_remote(streams, conns);
             t.state.apply_remote(requests, tokens);
@@ -748,6 +770,7 @@ impl StateThread {
                 token_hash,
                 after,
                 with_request,
+                backlogged,
             } => {
                 let who = Who {
                     shard,
@@ -756,7 +779,7 @@ impl StateThread {
                     id,
                     token_hash,
                 };
-                self.follow(who, after, with_request);
+                self.follow(who, after, with_request, backlogged);
                 Ok(())
             }
             StoreOp::Read {
@@ -797,26 +820,6 @@ impl StateThread {
                 self.unfollow(ticket);
                 Ok(())
             }
-            StoreOp::Pause(ticket) => {
-                tracing::debug!(
-                    ticket,
-                    found = self.follows.contains_key(&ticket),
-                    "follow paused"
-                );
-                if let Some(f) = self.follows.get_mut(&ticket) {
-                    f.paused = true;
-                }
-                Ok(())
-            }
-            StoreOp::Unpause(ticket) => {
-                tracing::debug!(ticket, "follow unpaused");
-                if let Some(f) = self.follows.get_mut(&ticket) {
-                    f.paused = false;
-                    // What it missed meanwhile is read from the log.
-                    f.next_poll = Instant::now();
-                }
-                Ok(())
-            }
             StoreOp::Cancel(gen) => self.timed(|s| s.cancel(&gen)),
             StoreOp::Trim(gen, upto) => self.timed(|s| s.trim(&gen, upto)),
             StoreOp::Broken(gen) => self.timed(|s| s.mark_broken(&gen)),
@@ -854,7 +857,7 @@ impl StateThread {
         }
     }
 
-    fn follow(&mut self, who: Who, after: u64, with_request: bool) {
+    fn follow(&mut self, who: Who, after: u64, with_request: bool, backlogged: Arc<AtomicBool>) {
         let Who {
             shard,
             ticket,
@@ -927,7 +930,7 @@ impl StateThread {
             next_poll: Instant::now(),
             catch_up,
             pushed: false,
-            paused: false,
+            backlogged,
         };
         f.next_poll += f.poll_every(self.handle.local.is_some());
         let ended = self.send_found(ticket, &mut f, g, Some(request));
@@ -1136,7 +1139,7 @@ impl StateThread {
             let Some(f) = self.follows.get_mut(&ticket) else {
                 continue;
             };
-            if f.paused {
+            if f.paused() {
                 continue;
             }
             if a.first_seq > f.last_seq + 1 {
@@ -1180,12 +1183,17 @@ impl StateThread {
             return;
         }
         let now = Instant::now();
-        let due: Vec<u64> = self
-            .follows
-            .iter()
-            .filter(|(_, f)| f.next_poll <= now && !f.paused)
-            .map(|(t, _)| *t)
-            .collect();
+        let mut due = Vec::new();
+        for (t, f) in self.follows.iter_mut() {
+            if f.paused() {
+                // The time its client spends not reading does not count against catching up.
+                if let Some(c) = f.catch_up.as_mut() {
+                    *c = (*c).max(now + CATCH_UP);
+                }
+            } else if f.next_poll <= now {
+                due.push(*t);
+            }
+        }
         for ticket in due {
             let Some(mut f) = self.follows.remove(&ticket) else {
                 continue;

@@ -149,8 +149,9 @@ pub struct Accepted {
     /// The credit window the client opted into (SPEC 4 "Flow control"); `None`: the socket's
     /// own backlog is the only bound.
     pub window: Option<u32>,
-    /// The authenticated tenant; `None` when authentication is off.
-    pub tenant: Option<String>,
+    /// The authenticated tenant (as the table had it at the handshake; a reload does not
+    /// change it for this connection); `None` when authentication is off.
+    pub tenant: Option<std::sync::Arc<Tenant>>,
 }
 
 impl Accepted {
@@ -201,7 +202,7 @@ pub fn validate(
         .map_err(|e| HandshakeError::BadExtension(e.to_string()))?;
     let window = requested_window(req, ctx)?;
     let (tenant, subprotocol) = authenticate(req, ctx)?;
-    let model = choose_model(requested, tenant, ctx)?;
+    let model = choose_model(requested, tenant.map(|t| &**t), ctx)?;
     let (compression, deflate, compression_declined) = choose_compression(compression, offer, ctx);
     Ok(Accepted {
         accept: accept_key(key),
@@ -212,7 +213,7 @@ pub fn validate(
         deflate,
         compression_declined,
         window,
-        tenant: tenant.map(|t| t.id.clone()),
+        tenant: tenant.cloned(),
     })
 }
 

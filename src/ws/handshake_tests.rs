@@ -288,7 +288,7 @@ fn auth_off_echoes_first_tenant_subprotocol() {
     )]);
     let ok = run("GET", 1, None, &h, &none).unwrap();
     assert_eq!(
-        (ok.subprotocol.as_deref(), ok.tenant),
+        (ok.subprotocol.as_deref(), ok.tenant.map(|t| t.id.clone())),
         (Some("acme-corp.v2"), None)
     );
 }
@@ -307,7 +307,10 @@ fn tenants_and_credentials() {
     )
     .unwrap();
     assert_eq!(
-        (ok.subprotocol.as_deref(), ok.tenant.as_deref()),
+        (
+            ok.subprotocol.as_deref(),
+            ok.tenant.as_ref().map(|t| t.id.as_str())
+        ),
         (Some("acme-corp.v2"), Some("acme-corp"))
     );
     // Header and query keys.
@@ -334,7 +337,11 @@ fn tenants_and_credentials() {
     )
     .unwrap();
     assert_eq!(
-        (ok.subprotocol, ok.tenant.as_deref(), ok.model.as_str()),
+        (
+            ok.subprotocol,
+            ok.tenant.as_ref().map(|t| t.id.as_str()),
+            ok.model.as_str()
+        ),
         (None, Some("globex"), "llama3.2-1b")
     );
 
@@ -371,7 +378,7 @@ fn tenants_and_credentials() {
     ];
     let ok = run("GET", 1, None, &with(&h), &t).unwrap();
     assert_eq!(
-        (ok.subprotocol, ok.tenant.as_deref()),
+        (ok.subprotocol, ok.tenant.as_ref().map(|t| t.id.as_str())),
         (None, Some("acme-corp"))
     );
     // An empty Bearer header does not hide the bearer subprotocol.

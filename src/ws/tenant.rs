@@ -285,7 +285,7 @@ fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
 pub(crate) fn authenticate<'a, 'c>(
     req: &HandshakeRequest<'a>,
     ctx: &HandshakeContext<'c>,
-) -> Result<(Option<&'c Tenant>, Option<&'a str>), HandshakeError> {
+) -> Result<(Option<&'c Arc<Tenant>>, Option<&'a str>), HandshakeError> {
     let mut offers = fields::list(req.headers, "sec-websocket-protocol").filter_map(tenant_offer);
     if ctx.tenants.is_empty() {
         return Ok((None, offers.next().map(|(_, proto)| proto)));
