@@ -23,7 +23,7 @@ use crate::engine::{EngineMsg, GenerateRequest, SeqKey};
 use crate::http::sse;
 use crate::server::conn::Conn;
 use crate::server::shard::Shard;
-use crate::store::thread::{OwnerNote, StoreOp, StoreReply};
+use crate::store::thread::{OwnerNote, StoreOp, StoreReply, Who};
 use crate::store::{Claimed, GenId};
 
 /// A resumed client waiting on a generation's log.
@@ -108,11 +108,13 @@ pub fn start(
     }
     let ticket = shard.journal.ticket(shard.id);
     let op = StoreOp::Follow {
-        shard: shard.id,
-        ticket,
-        session: session.into(),
-        id: id.as_str().into(),
-        token_hash: crate::store::token_hash(&token),
+        who: Who {
+            shard: shard.id,
+            ticket,
+            session: session.into(),
+            id: id.as_str().into(),
+            token_hash: crate::store::token_hash(&token),
+        },
         after,
         with_request: false,
         backlogged: conn.backlogged.clone(),

@@ -17,7 +17,7 @@ use crate::http::responses::{self, End, HttpKind, HttpMeta, ResponsesRequest, Re
 use crate::http::sse::{self, SseMeta};
 use crate::server::conn::Conn;
 use crate::server::shard::Shard;
-use crate::store::thread::{Refusal, Snapshot, StoreOp};
+use crate::store::thread::{Refusal, Snapshot, StoreOp, Who};
 
 use super::request_http::Caller;
 
@@ -103,14 +103,23 @@ pub fn write_error(out: &mut BytesMut, e: &OpenAiError) {
     write_response(out, e.status, "application/json", &headers, &body, false);
 }
 
-fn queue_full() -> OpenAiError {
-    OpenAiError {
+/// Queues `op` for the state thread; a full queue is a 503 to retry.
+fn send(
+    shard: &Shard,
+    store: &crate::store::thread::StoreHandle,
+    op: StoreOp,
+) -> Result<(), OpenAiError> {
+    if store.send(shard.id, op) {
+        return Ok(());
+    }
+    shard.metrics.store_drops.inc();
+    Err(OpenAiError {
         status: 503,
         code: "store_unavailable",
         message: "the state queue is full; retry".into(),
         param: None,
         retry_after: Some(1),
-    }
+    })
 }
 
 fn store_off() -> OpenAiError {
@@ -140,19 +149,18 @@ pub fn follow(
     };
     let ticket = shard.journal.ticket(shard.id);
     let op = StoreOp::Follow {
-        shard: shard.id,
-        ticket,
-        session: id.into(),
-        id: id.into(),
-        token_hash,
+        who: Who {
+            shard: shard.id,
+            ticket,
+            session: id.into(),
+            id: id.into(),
+            token_hash,
+        },
         after,
         with_request: true,
         backlogged: conn.backlogged.clone(),
     };
-    if !store.send(shard.id, op) {
-        shard.metrics.store_drops.inc();
-        return Err(queue_full());
-    }
+    send(shard, store, op)?;
     let http = HttpFollow {
         want,
         view: None,
@@ -179,27 +187,18 @@ pub fn read(
 ) -> Result<(), OpenAiError> {
     let store = shard.shared.store.as_ref().ok_or_else(store_off)?;
     let ticket = shard.journal.ticket(shard.id);
-    let (session, gid) = (id.into(), id.into());
-    let op = match purpose {
-        Purpose::Delete => StoreOp::Delete {
-            shard: shard.id,
-            ticket,
-            session,
-            id: gid,
-            token_hash,
-        },
-        _ => StoreOp::Read {
-            shard: shard.id,
-            ticket,
-            session,
-            id: gid,
-            token_hash,
-        },
+    let who = Who {
+        shard: shard.id,
+        ticket,
+        session: id.into(),
+        id: id.into(),
+        token_hash,
     };
-    if !store.send(shard.id, op) {
-        shard.metrics.store_drops.inc();
-        return Err(queue_full());
-    }
+    let op = match purpose {
+        Purpose::Delete => StoreOp::Delete(who),
+        _ => StoreOp::Read(who),
+    };
+    send(shard, store, op)?;
     shard.journal.reads.borrow_mut().insert(
         ticket,
         PendingRead {

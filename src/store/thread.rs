@@ -60,13 +60,9 @@ pub enum StoreOp {
     Renew(Vec<(Lease, SeqKey)>),
     /// Graceful hand-over (SIGTERM): the leases end now.
     Release(Vec<Lease>),
-    /// A client resumes `id` of `session` after `after` on connection ticket `ticket`.
+    /// A client resumes a generation after `after`.
     Follow {
-        shard: u16,
-        ticket: u64,
-        session: Arc<str>,
-        id: Arc<str>,
-        token_hash: [u8; 32],
+        who: Who,
         after: u64,
         /// The first answer carries the generation's request blob (an HTTP view renders
         /// from it).
@@ -77,21 +73,9 @@ pub enum StoreOp {
     },
     /// One read of a whole log as it is now (`GET /v1/responses/{id}`); a generation whose
     /// owner is gone is claimed for this shard first, as a follow would.
-    Read {
-        shard: u16,
-        ticket: u64,
-        session: Arc<str>,
-        id: Arc<str>,
-        token_hash: [u8; 32],
-    },
+    Read(Who),
     /// Removes a generation (cancelling it first) for the holder of its token.
-    Delete {
-        shard: u16,
-        ticket: u64,
-        session: Arc<str>,
-        id: Arc<str>,
-        token_hash: [u8; 32],
-    },
+    Delete(Who),
     Unfollow(u64),
     Cancel(GenId),
     Trim(GenId, u64),
@@ -337,13 +321,14 @@ pub fn spawn(
     Ok((handle, join))
 }
 
-/// Who asks for a generation, and for which.
-struct Who {
-    shard: u16,
-    ticket: u64,
-    session: Arc<str>,
-    id: Arc<str>,
-    token_hash: [u8; 32],
+/// Who asks, for which generation: `id` of `session`, for connection ticket `ticket` of
+/// `shard`, proving it with the hash of the generation's token.
+pub struct Who {
+    pub shard: u16,
+    pub ticket: u64,
+    pub session: Arc<str>,
+    pub id: Arc<str>,
+    pub token_hash: [u8; 32],
 }
 
 struct Follow {
@@ -468,12 +453,12 @@ impl StateThread {
         let Some((table, every)) = handle.tenant_sync.get() else {
             return;
         };
-        let tenants = table.current();
         let now = Instant::now();
         if now < self.next_sync {
             return;
         }
         self.next_sync = now + *every;
+        let tenants = table.current();
         // An instance that stopped publishing for this long is gone: its streams no longer count.
         let stale = (*every * 4).max(Duration::from_secs(1));
         if !self.healthy {
@@ -739,20 +724,24 @@ impl StateThread {
         if !self.healthy {
             let why = unavailable;
             let reply = match op {
-                StoreOp::Follow { shard, ticket, .. } => {
-                    Some((shard, StoreReply::Refused { ticket, why: why() }))
-                }
-                StoreOp::Read { shard, ticket, .. } => Some((
-                    shard,
+                StoreOp::Follow { who, .. } => Some((
+                    who.shard,
+                    StoreReply::Refused {
+                        ticket: who.ticket,
+                        why: why(),
+                    },
+                )),
+                StoreOp::Read(who) => Some((
+                    who.shard,
                     StoreReply::Snapshot {
-                        ticket,
+                        ticket: who.ticket,
                         result: Err(why()),
                     },
                 )),
-                StoreOp::Delete { shard, ticket, .. } => Some((
-                    shard,
+                StoreOp::Delete(who) => Some((
+                    who.shard,
                     StoreReply::Deleted {
-                        ticket,
+                        ticket: who.ticket,
                         result: Err(why()),
                     },
                 )),
@@ -763,56 +752,19 @@ impl StateThread {
         }
         let r = match op {
             StoreOp::Follow {
-                shard,
-                ticket,
-                session,
-                id,
-                token_hash,
+                who,
                 after,
                 with_request,
                 backlogged,
             } => {
-                let who = Who {
-                    shard,
-                    ticket,
-                    session,
-                    id,
-                    token_hash,
-                };
                 self.follow(who, after, with_request, backlogged);
                 Ok(())
             }
-            StoreOp::Read {
-                shard,
-                ticket,
-                session,
-                id,
-                token_hash,
-            } => {
-                let who = Who {
-                    shard,
-                    ticket,
-                    session,
-                    id,
-                    token_hash,
-                };
+            StoreOp::Read(who) => {
                 self.read(who);
                 Ok(())
             }
-            StoreOp::Delete {
-                shard,
-                ticket,
-                session,
-                id,
-                token_hash,
-            } => {
-                let who = Who {
-                    shard,
-                    ticket,
-                    session,
-                    id,
-                    token_hash,
-                };
+            StoreOp::Delete(who) => {
                 self.delete(who);
                 Ok(())
             }

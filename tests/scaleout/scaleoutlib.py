@@ -235,13 +235,6 @@ class Instance:
 
     def wait(self, timeout: float) -> int:
         assert self.proc is not None
-        if os.environ.get("SEEDANCE_SCALEOUT_GDB"):
-            try:
-                return self.proc.wait(3)
-            except subprocess.TimeoutExpired:
-                out = subprocess.run(["gdb", "-p", str(self.proc.pid), "-batch", "-ex", "thread apply all bt 12"],
-                                     capture_output=True, text=True)
-                (self.log_dir / f"{self.name}.gdb.txt").write_text(out.stdout + out.stderr)
         return self.proc.wait(timeout)
 
     def metrics(self) -> str:
