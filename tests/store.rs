@@ -26,6 +26,7 @@ fn start(session: &str, id: &str) -> Start {
         owner: "test-a".into(),
         request: Bytes::from_static(br#"{"id":"x"}"#),
         log: None,
+        ack: None,
     }
 }
 

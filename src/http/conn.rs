@@ -389,7 +389,10 @@ fn random_hex() -> String {
 /// buffered. Returns false when the client went away.
 async fn wait_response<R: ConnRead>(conn: &Conn, rd: &mut R, buf: &mut BytesMut) -> bool {
     loop {
-        if conn.http_busy.get().is_none() && conn.http_follow.get().is_none() {
+        if conn.http_busy.get().is_none()
+            && conn.http_follow.get().is_none()
+            && !conn.http_stored.get()
+        {
             return true;
         }
         let done = std::pin::pin!(conn.response_done.notified());

@@ -58,7 +58,10 @@ pub struct Conn {
     /// The store ticket an HTTP response is waiting on instead (a read, or a follow of a
     /// logged generation: `GET /v1/responses/{id}`, a stream picked up again).
     pub http_follow: Cell<Option<u64>>,
-    /// Signalled when `http_busy` or `http_follow` clears.
+    /// An HTTP answer waits for the store to hold its generation's log (a background
+    /// response's `queued` object).
+    pub http_stored: Cell<bool>,
+    /// Signalled when `http_busy`, `http_follow` or `http_stored` clears.
     pub response_done: Notify,
     /// The tenant's connection slot, for a WebSocket session of a tenant (freed with the
     /// connection).
@@ -87,6 +90,7 @@ impl Conn {
             in_flight: Cell::new(0),
             http_busy: Cell::new(None),
             http_follow: Cell::new(None),
+            http_stored: Cell::new(false),
             response_done: Notify::default(),
             tenant_slot: RefCell::new(None),
             ip_slot: RefCell::new(None),

@@ -115,6 +115,8 @@ pub struct ShardJournal {
     /// (published at the next tick).
     stage: RefCell<Stage>,
     staged: RefCell<Vec<SeqKey>>,
+    /// Answers that wait for their generation's `Start` to reach the store.
+    pub stored_answers: RefCell<Vec<super::request_http::StoredAnswer>>,
 }
 
 impl ShardJournal {
@@ -356,6 +358,9 @@ pub fn flush(shard: &Shard) {
     if logged {
         // Messages logged in place are not lost: a follower that misses them reads the log.
         keys.clear();
+    }
+    for key in starts.iter().filter_map(|s| s.ack) {
+        super::request_http::on_stored(shard, key, false);
     }
     let gens: Vec<GenId> = starts.iter().map(|s| s.gen.clone()).collect();
     if keys.is_empty() && gens.is_empty() {

@@ -334,6 +334,7 @@ pub(super) fn journal_for(
         owner: store.instance.clone(),
         request,
         log: local,
+        ack: None,
     };
     Some((j, start))
 }

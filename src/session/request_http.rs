@@ -218,7 +218,9 @@ pub(crate) fn launch(
         start = Some(s);
     }
     let key = submit(shard, entry, prompt, params).map_err(clear_id)?;
-    if let Some(s) = start {
+    if let Some(mut s) = start {
+        // A detached generation's client is answered once its log is in the store.
+        s.ack = detached.then_some(key);
         journal::start(shard, s);
     }
     Ok(key)
@@ -321,14 +323,65 @@ pub fn start_response(
     let answer_now = background && !rr.stream;
     let key = launch(shard, conn, rr.gen, sink, caller, logged, answer_now)?;
     if answer_now {
-        let rv = ResponsesView::new(meta, None);
-        responses::write_json(
-            &mut conn.out.borrow_mut().buf,
-            &rv.object("queued", None, false),
-        );
-        conn.wake_writer.notify();
+        conn.http_stored.set(true);
+        shard
+            .journal
+            .stored_answers
+            .borrow_mut()
+            .push(StoredAnswer {
+                key,
+                conn: conn.clone(),
+                meta,
+            });
     } else {
         conn.http_busy.set(Some(key));
     }
     Ok(())
+}
+
+/// A background response's `queued` answer, held until the store has its log: the id the
+/// client gets is then readable (and resumable) on every instance sharing the store.
+pub struct StoredAnswer {
+    key: SeqKey,
+    conn: Rc<Conn>,
+    meta: Box<HttpMeta>,
+}
+
+/// The store wrote (`ok`) or failed to write the log of `key`'s generation: answers the
+/// response that waited for it. Unstored, the response is refused and its generation
+/// cancelled (nobody could ever read it).
+pub fn on_stored(shard: &Shard, key: SeqKey, ok: bool) {
+    let answer = {
+        let mut waiting = shard.journal.stored_answers.borrow_mut();
+        let Some(i) = waiting.iter().position(|a| a.key == key) else {
+            return;
+        };
+        waiting.swap_remove(i)
+    };
+    let StoredAnswer { conn, meta, .. } = answer;
+    if !ok {
+        shard.send_control(crate::engine::EngineMsg::Cancel(key));
+    }
+    conn.http_stored.set(false);
+    conn.response_done.notify();
+    if conn.is_closing() {
+        return;
+    }
+    {
+        let out = &mut conn.out.borrow_mut().buf;
+        if ok {
+            let rv = ResponsesView::new(meta, None);
+            responses::write_json(out, &rv.object("queued", None, false));
+        } else {
+            let e = OpenAiError {
+                status: 503,
+                code: "store_unavailable",
+                message: "the response could not be stored; retry".into(),
+                param: None,
+                retry_after: Some(1),
+            };
+            super::resume_http::write_error(out, &e);
+        }
+    }
+    conn.wake_writer.notify();
 }

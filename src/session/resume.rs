@@ -256,6 +256,7 @@ fn on_reply(shard: &Shard, r: StoreReply) {
             claimed,
         } => adopt(shard, ticket, gen, claimed),
         StoreReply::Owner { key, what } => on_owner_note(shard, key, what),
+        StoreReply::Started { key, ok } => super::request_http::on_stored(shard, key, ok),
         StoreReply::Snapshot { ticket, result } => {
             super::resume_http::on_snapshot(shard, ticket, result)
         }

@@ -64,6 +64,9 @@ pub struct Start {
     pub request: Bytes,
     /// The log its shard appends to (embedded store); `None`: the store makes it.
     pub log: Option<local::LocalLog>,
+    /// The request that waits until the log exists in the store (a background response's
+    /// `queued` answer: its id must be readable on every instance once the client has it).
+    pub ack: Option<crate::engine::SeqKey>,
 }
 
 /// One shard dispatch's log writes: the messages of every generation that sent any, their

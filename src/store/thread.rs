@@ -126,6 +126,8 @@ pub enum StoreReply {
     },
     /// An owner's append or renewal: stop (fenced), cancel, or keep alive (watched).
     Owner { key: SeqKey, what: OwnerNote },
+    /// A [`Start`] that asked for it (`ack`) is in the store (`ok`), or could not be written.
+    Started { key: SeqKey, ok: bool },
 }
 
 /// A whole log as one read found it.
@@ -647,6 +649,10 @@ impl StateThread {
         } else {
             Err(super::StoreError::Unavailable("reconnecting".into()))
         };
+        for key in starts.iter().filter_map(|s| s.ack) {
+            let ok = result.is_ok();
+            self.out.push((key.shard, StoreReply::Started { key, ok }));
+        }
         let results = match result {
             Ok(r) => r,
             Err(e) => {

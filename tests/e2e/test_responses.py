@@ -161,6 +161,19 @@ def test_background_resume_same_instance_other_instance_and_after_kill9(start_se
     assert done.status == "incomplete" and done.output_text == expected_text(n)
 
 
+def test_a_background_id_is_readable_everywhere_once_created(start_server, redis):
+    """The `queued` answer comes once the store holds the response: its id, retrieved on
+    another instance at once, is found every time (never a 404 that a retry would fix)."""
+    common = ("--redis-url", redis.url, "--null-tokens-per-s", "200")
+    a = start_server(*common, "--instance-id", "A")
+    b = start_server(*common, "--instance-id", "B")
+    ca, cb = client(a), client(b)
+    for _ in range(30):
+        r = ca.responses.create(model="null", input="x", background=True, max_output_tokens=4)
+        assert r.status == "queued"
+        assert cb.responses.retrieve(r.id).status in ("queued", "in_progress", "incomplete")
+
+
 def test_background_polled_to_the_end_after_its_owner_died(start_server, redis):
     """Nobody streams it: a plain `retrieve` on B claims the orphaned background response and
     B finishes it (a polling client sees it complete)."""
