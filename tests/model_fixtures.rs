@@ -19,7 +19,7 @@
 
 use seedance::backend::cpu::CpuBackend;
 use seedance::engine::kv::{BlockAllocator, BlockTable, KvCache};
-use seedance::model::transformer::{Logits, Scratch, SeqInput, Transformer};
+use seedance::model::transformer::{rope_freqs, Logits, Scratch, SeqInput, Transformer};
 use serde_json::Value;
 use std::path::PathBuf;
 
@@ -420,6 +420,19 @@ fn check_quantized(name: &str, ty: &str) {
         seedance::model::config::ModelConfig::from_file(&dir(name).join("config.json")).unwrap();
     let (mut got, mut want) = (model.config().clone(), hf);
     (got.dtype, want.dtype) = (None, None);
+    if got.rope_factors.is_some() {
+        // Llama 3.1 scaling comes as llama.cpp's per-frequency divisors: the same frequencies
+        // as transformers computes from the config's `rope_scaling` (f32 rounding apart).
+        let (a, b) = (rope_freqs(&got).inv_freq, rope_freqs(&want).inv_freq);
+        assert_eq!(a.len(), b.len());
+        for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+            assert!(
+                (x - y).abs() <= 1e-6 * y.abs(),
+                "{name}-{ty}: inv_freq[{i}] {x} vs {y}"
+            );
+        }
+        (got.rope_factors, got.rope_scaling) = (None, want.rope_scaling);
+    }
     assert_eq!(got, want, "{name}-{ty}: GGUF config differs");
     let expected = base.join(format!("{name}-{ty}.json"));
     let q8act = Tol {
@@ -489,4 +502,9 @@ fn gguf_phi3_q8_0_fused() {
 #[test]
 fn gguf_phi3_partial_rotary_q8_0() {
     check_quantized("phi3-partial", "q8_0");
+}
+
+#[test]
+fn gguf_llama3_rope_freqs_q8_0() {
+    check_quantized("llama3-rope", "q8_0");
 }

@@ -72,6 +72,9 @@ pub struct ModelConfig {
     pub rms_norm_eps: f32,
     pub rope_theta: f32,
     pub rope_scaling: RopeScaling,
+    /// Per-frequency divisors of the inverse frequencies (`rotary_dim / 2` of them): a GGUF
+    /// file's `rope_freqs.weight`, where llama.cpp's converter bakes Llama 3.1's scaling in.
+    pub rope_factors: Option<Vec<f32>>,
     /// Leading dims of each head that get rotated (Phi-3's `partial_rotary_factor`; 1.0 elsewhere).
     pub rotary_dim: usize,
     pub max_position_embeddings: usize,
@@ -157,6 +160,7 @@ impl ModelConfig {
             rms_norm_eps: f.f64("rms_norm_eps")? as f32,
             rope_theta,
             rope_scaling,
+            rope_factors: None,
             rotary_dim,
             max_position_embeddings: f.opt_usize("max_position_embeddings")?.unwrap_or(4096),
             tie_word_embeddings: f.opt_bool("tie_word_embeddings")?.unwrap_or(false),

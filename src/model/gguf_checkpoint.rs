@@ -44,13 +44,54 @@ impl GgufCheckpoint {
             reason: e.to_string(),
         })?;
         let cfg = read_config(&gguf, path)?;
-        Ok(Self {
+        let mut ck = Self {
             path: path.into(),
             mmap,
             gguf,
             cfg,
             dequantize: false,
-        })
+        };
+        ck.cfg.rope_factors = ck.rope_factors()?;
+        Ok(ck)
+    }
+
+    /// `rope_freqs.weight`, the divisor of each RoPE frequency (Llama 3.1 files; None where
+    /// absent): one positive number per frequency.
+    fn rope_factors(&self) -> Result<Option<Vec<f32>>, ModelError> {
+        const NAME: &str = "rope_freqs.weight";
+        let Some(t) = self.gguf.tensor(NAME) else {
+            return Ok(None);
+        };
+        let n = self.cfg.rotary_dim / 2;
+        if t.dims.len() != 1 || t.dims[0] as usize != n {
+            return Err(ModelError::WrongShape {
+                path: self.path.clone(),
+                tensor: NAME.into(),
+                found: t.dims.iter().rev().map(|&d| d as usize).collect(),
+                expected: vec![n],
+            });
+        }
+        if !matches!(t.ty, TensorType::F32 | TensorType::F16 | TensorType::BF16) {
+            return Err(ModelError::WrongDtype {
+                path: self.path.clone(),
+                tensor: NAME.into(),
+                dtype: format!("{} (F32, F16 or BF16 read)", t.ty.name()),
+            });
+        }
+        let mut out = vec![0f32; n];
+        dequantize(t.ty, &self.mmap[t.start..t.start + t.len], &mut out).map_err(|reason| {
+            ModelError::BadGguf {
+                path: self.path.clone(),
+                reason: format!("{NAME}: {reason}"),
+            }
+        })?;
+        if let Some(bad) = out.iter().find(|f| !(f.is_finite() && **f > 0.0)) {
+            return Err(ModelError::BadGguf {
+                path: self.path.clone(),
+                reason: format!("{NAME}: factor {bad} is not a positive number"),
+            });
+        }
+        Ok(Some(out))
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -229,12 +270,6 @@ impl Meta<'_> {
             }
         };
         let k = |s: &str| format!("{name}.{s}");
-        if self.gguf.tensor("rope_freqs.weight").is_some() {
-            return Err(self.bad(
-                "rope_freqs.weight",
-                "Llama 3.1-style RoPE scaling from GGUF is not supported yet",
-            ));
-        }
         if let Some(t) = self
             .gguf
             .get(&k("rope.scaling.type"))

@@ -90,6 +90,7 @@ pub fn shape_config(shape: &str) -> Result<ModelConfig, ModelError> {
             rms_norm_eps: eps,
             rope_theta: theta,
             rope_scaling: RopeScaling::None,
+            rope_factors: None,
             rotary_dim: h / heads,
             max_position_embeddings: 32768,
             tie_word_embeddings: tied,

@@ -325,10 +325,14 @@ fn invalid(path: &Path, message: &str) -> TokenizerError {
 
 impl Tokenizer {
     /// The tokenizer a GGUF file carries (`tokenizer.ggml.*`, `tokenizer.chat_template`), built
-    /// as the equivalent `tokenizer.json` for the `tokenizers` crate. Byte-level BPE (`gpt2`
-    /// model) with the `gpt2`/`default`, `smollm`, `qwen2` and `llama-bpe` (Llama 3)
-    /// pre-tokenizers is supported; others are
-    /// refused by name.
+    /// as the equivalent `tokenizer.json` for the `tokenizers` crate:
+    /// - byte-level BPE (`gpt2` model) with the `gpt2`/`default`, `smollm`, `qwen2` and
+    ///   `llama-bpe` (Llama 3) pre-tokenizers;
+    /// - SentencePiece BPE (`llama` model: Llama 2, Mistral, Phi-3), as Hugging Face converts
+    ///   it: merges ranked by the merged piece's score, byte fallback, `▁` for spaces with one
+    ///   prefixed (`tokenizer.ggml.add_space_prefix`, default on).
+    ///
+    /// Other models and pre-tokenizers are refused by name.
     pub fn from_gguf(g: &super::gguf::Gguf, path: &Path) -> Result<Self, TokenizerError> {
         use super::gguf::Value as G;
         let bad = |m: String| invalid(path, &m);
@@ -336,41 +340,12 @@ impl Tokenizer {
             .get("tokenizer.ggml.model")
             .and_then(G::as_str)
             .ok_or_else(|| bad("no tokenizer.ggml.model in the file".into()))?;
-        if model != "gpt2" {
-            return Err(bad(format!(
-                "tokenizer.ggml.model `{model}` is not supported yet (byte-level BPE `gpt2` is)"
-            )));
-        }
-        let pre = g
-            .get("tokenizer.ggml.pre")
-            .and_then(G::as_str)
-            .unwrap_or("default");
-        let byte_level = serde_json::json!({"type": "ByteLevel", "add_prefix_space": false,
-            "trim_offsets": true, "use_regex": true});
-        let pre_tokenizer = match pre {
-            "default" | "gpt2" => byte_level.clone(),
-            // SmolLM: digits one by one, then GPT-2's split (llama.cpp's LLAMA_VOCAB_PRE_TYPE_SMOLLM).
-            "smollm" => serde_json::json!({"type": "Sequence", "pretokenizers": [
-                {"type": "Digits", "individual_digits": true}, byte_level]}),
-            // Qwen2 and Llama 3 split by their own regex (their tokenizer.json's), then map bytes.
-            "qwen2" => split_then_bytes(QWEN2_SPLIT),
-            "llama-bpe" => split_then_bytes(LLAMA3_SPLIT),
-            p => {
-                return Err(bad(format!(
-                    "tokenizer.ggml.pre `{p}` is not supported yet (gpt2, default, smollm, qwen2, llama-bpe are)"
-                )))
-            }
-        };
         let tokens = g
             .get("tokenizer.ggml.tokens")
             .and_then(G::as_strs)
             .ok_or_else(|| bad("tokenizer.ggml.tokens missing or not strings".into()))?;
-        let merges = g
-            .get("tokenizer.ggml.merges")
-            .and_then(G::as_strs)
-            .ok_or_else(|| bad("tokenizer.ggml.merges missing or not strings".into()))?;
         let types = match g.get("tokenizer.ggml.token_type") {
-            None => vec![1; tokens.len()],
+            None => vec![TOKEN_NORMAL; tokens.len()],
             Some(v) => v
                 .as_ints()
                 .filter(|t| t.len() == tokens.len())
@@ -389,17 +364,54 @@ impl Tokenizer {
         let mut added = Vec::new();
         for (i, (t, ty)) in tokens.iter().zip(&types).enumerate() {
             vocab.insert(t.clone(), i.into());
-            // ggml token types: 3 control, 4 user-defined: matched whole, never split.
-            if *ty == 3 || *ty == 4 {
+            // Control and user-defined tokens are matched whole, never split.
+            if *ty == TOKEN_CONTROL || *ty == TOKEN_USER_DEFINED {
                 added.push(
                     serde_json::json!({"id": i, "content": t, "single_word": false,
-                    "lstrip": false, "rstrip": false, "normalized": false, "special": *ty == 3}),
+                    "lstrip": false, "rstrip": false, "normalized": false,
+                    "special": *ty == TOKEN_CONTROL}),
                 );
             }
         }
+        let unk = id("tokenizer.ggml.unknown_token_id")?;
+        let add_bos = g.get("tokenizer.ggml.add_bos_token").and_then(G::as_bool);
+        let (parts, add_bos) = match model {
+            "gpt2" => {
+                let pre = g
+                    .get("tokenizer.ggml.pre")
+                    .and_then(G::as_str)
+                    .unwrap_or("default");
+                let merges = g
+                    .get("tokenizer.ggml.merges")
+                    .and_then(G::as_strs)
+                    .ok_or_else(|| bad("tokenizer.ggml.merges missing or not strings".into()))?;
+                (byte_level_parts(pre, merges).map_err(bad)?, add_bos)
+            }
+            "llama" => {
+                let scores = g
+                    .get("tokenizer.ggml.scores")
+                    .and_then(G::as_floats)
+                    .filter(|s| s.len() == tokens.len())
+                    .ok_or_else(|| {
+                        bad("tokenizer.ggml.scores missing or not one per token".into())
+                    })?;
+                let space_prefix = g
+                    .get("tokenizer.ggml.add_space_prefix")
+                    .and_then(G::as_bool)
+                    .unwrap_or(true);
+                let unk = unk.and_then(|i| tokens.get(i as usize));
+                let parts = sentencepiece_parts(tokens, &types, &scores, space_prefix, unk);
+                // SentencePiece models add BOS unless the file says otherwise (llama.cpp's rule).
+                (parts, Some(add_bos.unwrap_or(true)))
+            }
+            m => {
+                return Err(bad(format!(
+                    "tokenizer.ggml.model `{m}` is not supported yet (byte-level BPE `gpt2` and SentencePiece `llama` are)"
+                )))
+            }
+        };
         let bos = id("tokenizer.ggml.bos_token_id")?;
         let eos = id("tokenizer.ggml.eos_token_id")?;
-        let add_bos = g.get("tokenizer.ggml.add_bos_token").and_then(G::as_bool);
         let name = |i: Option<u32>| i.map(|i| tokens[i as usize].clone());
         let post = match (add_bos.unwrap_or(false), name(bos)) {
             (true, Some(b)) => serde_json::json!({"type": "TemplateProcessing",
@@ -409,15 +421,13 @@ impl Tokenizer {
                 "special_tokens": {b.clone(): {"id": b, "ids": [bos], "tokens": [b]}}}),
             _ => serde_json::Value::Null,
         };
+        let mut model = parts.model;
+        model["vocab"] = vocab.into();
         let json = serde_json::json!({
             "version": "1.0", "truncation": null, "padding": null,
-            "added_tokens": added, "normalizer": null,
-            "pre_tokenizer": pre_tokenizer, "post_processor": post,
-            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-            "model": {"type": "BPE", "dropout": null, "unk_token": null,
-                "continuing_subword_prefix": null, "end_of_word_suffix": null,
-                "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
-                "vocab": vocab, "merges": merges},
+            "added_tokens": added, "normalizer": parts.normalizer,
+            "pre_tokenizer": parts.pre_tokenizer, "post_processor": post,
+            "decoder": parts.decoder, "model": model,
         });
         let bytes = serde_json::to_vec(&json).map_err(|e| bad(e.to_string()))?;
         let inner = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| bad(e.to_string()))?;
@@ -425,7 +435,7 @@ impl Tokenizer {
         tok.bos_token = name(bos);
         tok.eos_token = name(eos);
         tok.pad_token = name(id("tokenizer.ggml.padding_token_id")?);
-        tok.unk_token = name(id("tokenizer.ggml.unknown_token_id")?);
+        tok.unk_token = name(unk);
         tok.add_bos_token = add_bos;
         if let Some(e) = id("tokenizer.ggml.eot_token_id")? {
             tok.eos_ids.push(e);
@@ -435,6 +445,108 @@ impl Tokenizer {
         }
         tok.finish_ids();
         Ok(tok)
+    }
+}
+
+/// ggml token types (`tokenizer.ggml.token_type`).
+const TOKEN_NORMAL: i64 = 1;
+const TOKEN_CONTROL: i64 = 3;
+const TOKEN_USER_DEFINED: i64 = 4;
+
+/// The parts of a `tokenizer.json` that differ between tokenizer models (the vocabulary is
+/// added to `model` by the caller).
+struct Parts {
+    normalizer: serde_json::Value,
+    pre_tokenizer: serde_json::Value,
+    decoder: serde_json::Value,
+    model: serde_json::Value,
+}
+
+/// Byte-level BPE with the file's merges and the split of pre-tokenizer `pre`.
+fn byte_level_parts(pre: &str, merges: &[String]) -> Result<Parts, String> {
+    let byte_level = serde_json::json!({"type": "ByteLevel", "add_prefix_space": false,
+        "trim_offsets": true, "use_regex": true});
+    let pre_tokenizer = match pre {
+        "default" | "gpt2" | "gpt-2" => byte_level.clone(),
+        // SmolLM: digits one by one, then GPT-2's split (llama.cpp's LLAMA_VOCAB_PRE_TYPE_SMOLLM).
+        "smollm" => serde_json::json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Digits", "individual_digits": true}, byte_level]}),
+        // Qwen2 and Llama 3 split by their own regex (their tokenizer.json's), then map bytes.
+        "qwen2" => split_then_bytes(QWEN2_SPLIT),
+        "llama-bpe" => split_then_bytes(LLAMA3_SPLIT),
+        p => {
+            return Err(format!(
+                "tokenizer.ggml.pre `{p}` is not supported yet (gpt2, default, smollm, qwen2, llama-bpe are)"
+            ))
+        }
+    };
+    // Llama 3's tokenizer.json takes a word that is in the vocabulary whole, whatever the
+    // merges would make of it (llama.cpp does not: it splits "Cửa Việt" differently).
+    let ignore_merges = pre == "llama-bpe";
+    Ok(Parts {
+        normalizer: serde_json::Value::Null,
+        pre_tokenizer,
+        decoder: serde_json::json!({"type": "ByteLevel", "add_prefix_space": true,
+            "trim_offsets": true, "use_regex": true}),
+        model: serde_json::json!({"type": "BPE", "dropout": null, "unk_token": null,
+            "continuing_subword_prefix": null, "end_of_word_suffix": null,
+            "fuse_unk": false, "byte_fallback": false, "ignore_merges": ignore_merges,
+            "merges": merges}),
+    })
+}
+
+/// SentencePiece BPE as Hugging Face's converter writes it for Llama 2: the text with `▁`
+/// for spaces (one prefixed when `space_prefix`), merged pairwise, the pair whose merged
+/// piece scores highest first (the merges below, ranked by that score; llama.cpp's SPM
+/// tokenizer merges the same way), characters outside the vocabulary as `<0xNN>` bytes.
+fn sentencepiece_parts(
+    tokens: &[String],
+    types: &[i64],
+    scores: &[f32],
+    space_prefix: bool,
+    unk: Option<&String>,
+) -> Parts {
+    let normal = |i: usize| types[i] == TOKEN_NORMAL;
+    let ids: std::collections::HashMap<&str, usize> = tokens
+        .iter()
+        .enumerate()
+        .filter(|&(i, _)| normal(i))
+        .map(|(i, t)| (t.as_str(), i))
+        .collect();
+    // Every way to build a normal piece from two normal pieces, by the merged piece's score
+    // (descending, stable), each piece's splits by the ids of their halves.
+    let mut merges: Vec<(f32, usize, usize, &str, &str)> = Vec::new();
+    for (i, t) in tokens.iter().enumerate().filter(|&(i, _)| normal(i)) {
+        let start = merges.len();
+        for (cut, _) in t.char_indices().skip(1) {
+            let (l, r) = t.split_at(cut);
+            if let (Some(&li), Some(&ri)) = (ids.get(l), ids.get(r)) {
+                merges.push((scores[i], li, ri, l, r));
+            }
+        }
+        merges[start..].sort_by_key(|m| (m.1, m.2));
+    }
+    merges.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let merges: Vec<[&str; 2]> = merges.iter().map(|m| [m.3, m.4]).collect();
+    let mut normalizers = Vec::new();
+    if space_prefix {
+        normalizers.push(serde_json::json!({"type": "Prepend", "prepend": "\u{2581}"}));
+    }
+    normalizers.push(
+        serde_json::json!({"type": "Replace", "pattern": {"String": " "},
+        "content": "\u{2581}"}),
+    );
+    Parts {
+        normalizer: serde_json::json!({"type": "Sequence", "normalizers": normalizers}),
+        pre_tokenizer: serde_json::Value::Null,
+        decoder: serde_json::json!({"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
+            {"type": "ByteFallback"}, {"type": "Fuse"},
+            {"type": "Strip", "content": " ", "start": usize::from(space_prefix), "stop": 0}]}),
+        model: serde_json::json!({"type": "BPE", "dropout": null, "unk_token": unk,
+            "continuing_subword_prefix": null, "end_of_word_suffix": null,
+            "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
+            "merges": merges}),
     }
 }
 

@@ -67,6 +67,11 @@ pub fn rope_freqs(cfg: &ModelConfig) -> RopeFreqs {
             }
         }
     }
+    if let Some(factors) = &cfg.rope_factors {
+        for (f, d) in inv_freq.iter_mut().zip(factors) {
+            *f /= d;
+        }
+    }
     RopeFreqs {
         inv_freq,
         rotary_dim: dim,
