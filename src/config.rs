@@ -188,7 +188,8 @@ keys! {
     initial_window: u32 = 65_536, "SEEDANCE_INITIAL_WINDOW";
     /// Smallest credit window a client may ask for (`?initial_window=`).
     min_window: u32 = 1024, "SEEDANCE_MIN_WINDOW";
-    /// How often messages held in the coalescing tier (credit 8–64 KiB) are flushed (10 ms steps).
+    /// How often messages held in the coalescing tier are flushed (credit 8–64 KiB; or a send
+    /// backlog within 64 KiB of its bound: the wait before the next write), in 10 ms steps.
     throttle_delay_ms: u64 = 10, "SEEDANCE_THROTTLE_DELAY_MS";
     /// Grant compression to WebSocket clients that ask for it (`X-Compression: zstd`, or a
     /// permessage-deflate offer); off: every connection gets plain frames.

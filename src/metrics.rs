@@ -149,6 +149,7 @@ pub struct ShardMetrics {
     pub closes: [Counter; 8],
     pub state_time_ns: [Counter; 5],
     pub backpressure_pauses: Counter,
+    pub socket_throttles: Counter,
     /// Connections whose sequences are paused now (gauge).
     pub paused_connections: Counter,
     /// Output bytes connections hold (socket queue + held for credit), summed at each tick.
@@ -453,6 +454,13 @@ impl Registry {
             "counter",
             "Sequences paused because a client could not keep up.",
             sum(sh.iter().map(|s| &s.backpressure_pauses)),
+        );
+        simple(
+            w,
+            "seedance_socket_throttles_total",
+            "counter",
+            "Writes held back for the throttle delay because a client read slower than it was sent to.",
+            sum(sh.iter().map(|s| &s.socket_throttles)),
         );
         simple(
             w,

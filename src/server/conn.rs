@@ -315,8 +315,28 @@ async fn write_loop<W: ConnWrite>(shard: Rc<Shard>, conn: Rc<Conn>, mut wr: W) {
         }
         segs.clear();
         relieve_backpressure(&shard, &conn);
+        if reads_slowly(&shard, &conn) {
+            // What comes next waits for the throttle tick and goes out in one write.
+            shard.metrics.socket_throttles.inc();
+            monoio::time::sleep(shard.shared.config.session.throttle_delay).await;
+        }
     }
     let _ = wr.shutdown().await;
+}
+
+/// The send backlog's own tiers (SPEC 4 "Flow control", the same as a credit window's, the
+/// room left under `max_send_backlog_bytes` standing for the credit): with `SEND_NOW` or more
+/// of room, whatever is queued goes out at once; with less (and at least half the bound queued,
+/// so a small bound does not throttle every client) the client is reading slower than it is
+/// sent to, and the writer coalesces for `throttle_delay` before its next write; at the bound
+/// the connection's sequences pause (`apply_backpressure`). Checked after a write, when the
+/// queue holds only what arrived while the socket took the last one.
+fn reads_slowly(shard: &Shard, conn: &Conn) -> bool {
+    let bound = shard.shared.config.session.max_send_backlog_bytes;
+    let from = bound
+        .saturating_sub(crate::session::flow::SEND_NOW as usize)
+        .max(bound / 2);
+    !conn.is_closing() && conn.out.borrow().len() >= from
 }
 
 /// Pauses the connection's sequences in the engine when its send backlog passes the bound.

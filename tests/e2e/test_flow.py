@@ -293,14 +293,17 @@ def slow_socket(srv, query: str) -> socket.socket:
     return raw_ws(srv, query)
 
 
-def read_ws_stream(s: socket.socket, rid: str) -> list[dict]:
+def read_ws_stream(s: socket.socket, rid: str, sip: int = 1 << 20, pause: float = 0.0) -> list[dict]:
     """Reads server text frames until request `rid`'s done (a parser that keeps up with
-    megabytes: it walks the buffer by offset instead of re-slicing it per frame)."""
+    megabytes: it walks the buffer by offset instead of re-slicing it per frame), `sip` bytes
+    at a time with `pause` seconds between reads."""
     s.settimeout(30)
     msgs, buf, pos = [], bytearray(), 0
     while True:
-        chunk = s.recv(1 << 20)
+        chunk = s.recv(sip)
         assert chunk, f"connection closed after {len(msgs)} messages"
+        if pause:
+            time.sleep(pause)
         buf += chunk
         while len(buf) - pos >= 2:
             b0, n, i = buf[pos], buf[pos + 1] & 0x7F, pos + 2
@@ -361,6 +364,22 @@ def test_slow_reader_is_paused_bounded_and_loses_nothing(start_server):
     assert "".join(d["text"] for d in deltas) == expected_text(LONG)
     assert msgs[-1]["finish_reason"] == "length"
     slow.close()
+
+
+def test_a_reader_slower_than_its_stream_gets_coalesced_writes(start_server):
+    """No credit window: a client that reads slower than it is sent to (16 KiB every 5 ms) gets
+    its deltas in writes held back for the throttle delay once its backlog nears the bound (the
+    socket's own tiers), and every delta in order."""
+    srv = start_server("--max-send-backlog-bytes", str(BOUND), *LIMIT, cores=1)
+    s = slow_socket(srv, "?stream_mode=token")
+    s.sendall(client_frame(0x1, gen_msg("sip", LONG).encode()))
+    msgs = read_ws_stream(s, "sip", sip=16384, pause=0.005)
+    deltas = [x for x in msgs if x["type"] == "delta"]
+    assert [d["seq"] for d in deltas] == list(range(1, len(deltas) + 1))
+    assert "".join(d["text"] for d in deltas) == expected_text(LONG)
+    throttles = metric_value(srv.metrics(), "seedance_socket_throttles_total")
+    assert throttles > 0, "the slow reader's writes were never held back"
+    s.close()
 
 
 def test_slow_sse_reader_is_paused_and_loses_nothing(start_server):
