@@ -100,3 +100,27 @@ fn sentencepiece_files_add_bos() {
         assert_eq!(&ids[1..], &tok.encode("Hello world", false).unwrap()[..]);
     }
 }
+
+/// A chat turn's end token stops a generation even where the file's EOS is another token:
+/// Phi-3's `<|end|>`, Qwen2's `<|im_end|>`, Llama 3's `<|eot_id|>` (transformers reads them from
+/// generation_config.json, llama.cpp from its end-of-generation list).
+#[test]
+fn chat_turn_ends_stop_generation() {
+    let Some(dir) = vocab_dir() else { return };
+    for (name, turn_end, eos) in [
+        ("phi-3", "<|end|>", "<|endoftext|>"),
+        ("qwen2", "<|im_end|>", "<|endoftext|>"),
+        ("llama-bpe", "<|eot_id|>", "<|end_of_text|>"),
+    ] {
+        let tok = load(&dir, name);
+        for t in [turn_end, eos] {
+            let id = tok
+                .token_to_id(t)
+                .unwrap_or_else(|| panic!("{name}: no {t}"));
+            assert!(
+                tok.eos_ids().contains(&id),
+                "{name}: {t} ({id}) does not stop generation"
+            );
+        }
+    }
+}

@@ -362,10 +362,14 @@ impl Tokenizer {
         };
         let mut vocab = serde_json::Map::with_capacity(tokens.len());
         let mut added = Vec::new();
+        let mut end_of_turn = Vec::new();
         for (i, (t, ty)) in tokens.iter().zip(&types).enumerate() {
             vocab.insert(t.clone(), i.into());
             // Control and user-defined tokens are matched whole, never split.
             if *ty == TOKEN_CONTROL || *ty == TOKEN_USER_DEFINED {
+                if END_OF_TURN.contains(&t.as_str()) {
+                    end_of_turn.push(i as u32);
+                }
                 added.push(
                     serde_json::json!({"id": i, "content": t, "single_word": false,
                     "lstrip": false, "rstrip": false, "normalized": false,
@@ -440,6 +444,10 @@ impl Tokenizer {
         if let Some(e) = id("tokenizer.ggml.eot_token_id")? {
             tok.eos_ids.push(e);
         }
+        // A GGUF file names one EOS; the chat models' turn ends are other tokens (Phi-3's
+        // `<|end|>`, Qwen2's `<|im_end|>`, Llama 3's `<|eot_id|>`), which transformers gets
+        // from generation_config.json and llama.cpp from its list of end-of-generation texts.
+        tok.eos_ids.extend(end_of_turn);
         if let Some(t) = g.get("tokenizer.chat_template").and_then(G::as_str) {
             tok.chat_templates.insert("default".into(), t.to_string());
         }
@@ -447,6 +455,17 @@ impl Tokenizer {
         Ok(tok)
     }
 }
+
+/// Texts of control tokens that end a generation wherever a file has them (llama.cpp's
+/// end-of-generation list, for the architectures read here).
+const END_OF_TURN: [&str; 6] = [
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|im_end|>",
+    "<|end|>",
+    "<|endoftext|>",
+    "<end_of_turn>",
+];
 
 /// ggml token types (`tokenizer.ggml.token_type`).
 const TOKEN_NORMAL: i64 = 1;

@@ -296,7 +296,8 @@ async fn write_loop<W: ConnWrite>(shard: Rc<Shard>, conn: Rc<Conn>, mut wr: W) {
             continue;
         }
         conn.out.borrow_mut().take(&mut segs);
-        conn.in_flight.set(segs.iter().map(Bytes::len).sum());
+        let taken: usize = segs.iter().map(Bytes::len).sum();
+        conn.in_flight.set(taken);
         let written = wr.write_segs(&mut segs).await;
         conn.in_flight.set(0);
         match written {
@@ -315,7 +316,7 @@ async fn write_loop<W: ConnWrite>(shard: Rc<Shard>, conn: Rc<Conn>, mut wr: W) {
         }
         segs.clear();
         relieve_backpressure(&shard, &conn);
-        if reads_slowly(&shard, &conn) {
+        if reads_slowly(&shard, &conn, taken) {
             // What comes next waits for the throttle tick and goes out in one write.
             shard.metrics.socket_throttles.inc();
             monoio::time::sleep(shard.shared.config.session.throttle_delay).await;
@@ -328,15 +329,15 @@ async fn write_loop<W: ConnWrite>(shard: Rc<Shard>, conn: Rc<Conn>, mut wr: W) {
 /// room left under `max_send_backlog_bytes` standing for the credit): with `SEND_NOW` or more
 /// of room, whatever is queued goes out at once; with less (and at least half the bound queued,
 /// so a small bound does not throttle every client) the client is reading slower than it is
-/// sent to, and the writer coalesces for `throttle_delay` before its next write; at the bound
-/// the connection's sequences pause (`apply_backpressure`). Checked after a write, when the
-/// queue holds only what arrived while the socket took the last one.
-fn reads_slowly(shard: &Shard, conn: &Conn) -> bool {
+/// sent to, and once the write of that backlog (`taken` bytes) is done the writer coalesces
+/// for `throttle_delay` before the next; at the bound the connection's sequences pause
+/// (`apply_backpressure`).
+fn reads_slowly(shard: &Shard, conn: &Conn, taken: usize) -> bool {
     let bound = shard.shared.config.session.max_send_backlog_bytes;
     let from = bound
         .saturating_sub(crate::session::flow::SEND_NOW as usize)
         .max(bound / 2);
-    !conn.is_closing() && conn.out.borrow().len() >= from
+    !conn.is_closing() && taken >= from
 }
 
 /// Pauses the connection's sequences in the engine when its send backlog passes the bound.

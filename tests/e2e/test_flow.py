@@ -367,17 +367,20 @@ def test_slow_reader_is_paused_bounded_and_loses_nothing(start_server):
 
 
 def test_a_reader_slower_than_its_stream_gets_coalesced_writes(start_server):
-    """No credit window: a client that reads slower than it is sent to (16 KiB every 5 ms) gets
-    its deltas in writes held back for the throttle delay once its backlog nears the bound (the
-    socket's own tiers), and every delta in order."""
+    """No credit window: a client that reads slower than it is sent to (4 KiB every 5 ms, with a
+    small receive buffer so that the kernel does not absorb the stream) gets its deltas in
+    writes held back for the throttle delay once its backlog nears the bound (the socket's own
+    tiers), and every delta in order."""
     srv = start_server("--max-send-backlog-bytes", str(BOUND), *LIMIT, cores=1)
-    s = slow_socket(srv, "?stream_mode=token")
-    s.sendall(client_frame(0x1, gen_msg("sip", LONG).encode()))
-    msgs = read_ws_stream(s, "sip", sip=16384, pause=0.005)
+    s = raw_ws(srv, "?stream_mode=token", rcvbuf=4096)
+    n = 30_000
+    s.sendall(client_frame(0x1, gen_msg("sip", n).encode()))
+    msgs = read_ws_stream(s, "sip", sip=4096, pause=0.005)
     deltas = [x for x in msgs if x["type"] == "delta"]
     assert [d["seq"] for d in deltas] == list(range(1, len(deltas) + 1))
-    assert "".join(d["text"] for d in deltas) == expected_text(LONG)
+    assert "".join(d["text"] for d in deltas) == expected_text(n)
     throttles = metric_value(srv.metrics(), "seedance_socket_throttles_total")
+    print(f"\n{len(msgs)} messages read in 4 KiB sips; {throttles:.0f} writes held back")
     assert throttles > 0, "the slow reader's writes were never held back"
     s.close()
 

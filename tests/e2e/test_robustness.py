@@ -29,9 +29,15 @@ def wait_until(pred, timeout: float = 10, step: float = 0.05) -> bool:
     return pred()
 
 
-def raw_ws(server, query: str = "") -> socket.socket:
-    """A WebSocket opened by hand; returns the socket positioned after the 101 head."""
-    s = socket.create_connection((server.host, server.port), timeout=10)
+def raw_ws(server, query: str = "", rcvbuf: int | None = None) -> socket.socket:
+    """A WebSocket opened by hand; returns the socket positioned after the 101 head. `rcvbuf`:
+    its receive buffer, set before it connects (a small one keeps the kernel from buffering
+    megabytes of what the server sends)."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.settimeout(10)
+    if rcvbuf is not None:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    s.connect((server.host, server.port))
     key = base64.b64encode(os.urandom(16)).decode()
     s.sendall((f"GET /v1/chat{query} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
