@@ -58,7 +58,7 @@ pub struct ReqEntry {
     pub journal: Option<Journal>,
     /// The tenant's hold for this request (stream slot, tokens): released when the entry goes.
     pub charge: Option<crate::session::limits::Charge>,
-    /// The tenant's index, for the log line.
+    /// The tenant it was admitted under (its metrics and the log line).
     pub tenant: Option<std::sync::Arc<crate::ws::Tenant>>,
 }
 

@@ -45,7 +45,7 @@ pub struct WsState {
     pub close_sent: bool,
     /// SIGTERM arrived: close with 1001 when the last generation ends.
     pub shutting_down: bool,
-    /// The authenticated tenant (index into the shared tenant table).
+    /// The authenticated tenant, as the table had it at the handshake.
     pub tenant: Option<std::sync::Arc<crate::ws::Tenant>>,
 }
 

@@ -354,9 +354,7 @@ impl Follow {
     fn paused(&self) -> bool {
         self.backlogged.load(Ordering::Relaxed)
     }
-}
 
-impl Follow {
     /// How soon to read the log again: soon while ahead of it, or while an embedded store's
     /// owner has not begun pushing.
     fn poll_every(&self, local: bool) -> Duration {
